@@ -1,0 +1,31 @@
+# make demo | make test | make bench: each builds .venv first when it is missing or older than pyproject.toml.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.cil-installed
+# Offline copy of the datasets beside the checkout, when there is one; else the data root below.
+CIL_DATA_ROOT ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),$(CURDIR)/data)
+export CIL_DATA_ROOT
+
+.PHONY: demo test bench env clean-env
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if ! $(PY) -c "import sys" 2>/dev/null; then \
+	  echo "creating $(VENV) with $(PYTHON)"; rm -rf $(VENV); \
+	  $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV); fi
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m cil.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+bench: $(STAMP)
+	$(PY) -m cil.bench
+
+clean-env:
+	rm -rf $(VENV)

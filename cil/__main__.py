@@ -1,0 +1,65 @@
+"""`python -m cil` / `cil`: the Hydra entry point (the only module that imports hydra).
+
+Hydra composes conf/ against the typed schema in cil.config (wrong types and unknown keys fail here, naming the
+key), then `run_experiment` does the work in the Hydra run directory.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from cil.config import RunConfig
+from cil.errors import CilError
+
+ConfigStore.instance().store(name="cil_schema", node=RunConfig)
+log = logging.getLogger("cil")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _tidy_failed_run(out_dir: Path) -> None:
+    """A run that failed before producing anything leaves no folder that looks like a run."""
+    if (out_dir / "results.json").exists() or (out_dir / "checkpoint.pt").exists():
+        return
+    for name in ("metrics.csv", "__main__.log", "main.log"):
+        (out_dir / name).unlink(missing_ok=True)
+    hydra_dir = out_dir / ".hydra"
+    if hydra_dir.is_dir():
+        for f in hydra_dir.iterdir():
+            f.unlink()
+        hydra_dir.rmdir()
+    try:
+        out_dir.rmdir()  # only when now empty
+    except OSError:
+        pass
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(dcfg: DictConfig) -> dict:
+    from cil.run import run_experiment  # after Hydra has parsed the command line: `--help` stays fast
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    cfg: RunConfig = OmegaConf.to_object(dcfg)
+    resolved = OmegaConf.to_container(dcfg, resolve=True)
+    try:
+        results = run_experiment(cfg, out_dir, resolved_config=resolved)
+    except CilError as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        _tidy_failed_run(out_dir)
+        sys.exit(2)
+    summary = (f"final average accuracy {results['final_avg_acc']:.2f}%, forgetting "
+               f"{results['avg_forgetting'] if results['avg_forgetting'] is None else round(results['avg_forgetting'], 2)}"
+               f"%, anytime {results['anytime_acc']:.2f}%, {results['samples_per_s']:.0f} samples/s")
+    log.info("%s", summary)
+    print(f"{cfg.method.name} on {cfg.dataset.name}: {summary}\nrun folder: {out_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

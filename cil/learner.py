@@ -1,0 +1,216 @@
+"""The online loop: every incoming batch is observed once, then the method never sees it again except through
+the buffer. Evaluation after each task (accuracy matrix) and every `anytime_every` batches on a fixed test
+subsample (anytime accuracy). Losses and accuracies stay on the device and are read back only every
+`log.every` batches, so the loop never waits for the device between steps.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import time
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from cil import metrics
+from cil.config import RunConfig
+from cil.data.stream import ClassIncrementalStream
+from cil.errors import TrainingError
+from cil.logger import RunLogger
+from cil.methods.base import Method, to_float
+from cil.objectives.common import mask_logits
+
+
+@torch.inference_mode()
+def evaluate(method: Method, x: torch.Tensor, y: torch.Tensor, task_ids: torch.Tensor, n_tasks: int,
+             batch_size: int) -> torch.Tensor:
+    """Per-task accuracy in percent, argmax over the seen classes, in eval mode and large batches."""
+    model = method.model
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros(n_tasks, device=x.device)
+    total = torch.bincount(task_ids.clamp(min=0), minlength=n_tasks)[:n_tasks].float()
+    for i in range(0, len(y), batch_size):
+        with method.autocast():
+            logits = model(to_float(x[i:i + batch_size], method.channels_last)).float()
+        pred = mask_logits(logits, method.seen).argmax(1)
+        correct.index_add_(0, task_ids[i:i + batch_size].clamp(min=0), (pred == y[i:i + batch_size]).float())
+    model.train(was_training)
+    return 100.0 * correct / total.clamp(min=1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Learner:
+    def __init__(self, cfg: RunConfig, stream: ClassIncrementalStream, method: Method, logger: RunLogger):
+        self.cfg = cfg
+        self.stream = stream
+        self.method = method
+        self.logger = logger
+        self.device = stream.device
+        self.n_tasks = stream.n_tasks
+        self.test_x, self.test_y = stream.test_x, stream.test_y
+        self.test_task = stream.test_task_ids()
+        # A fixed, seeded test subsample for anytime evaluation, the same at every evaluation point.
+        g = torch.Generator().manual_seed(cfg.seed + 3)
+        n_any = min(cfg.eval.anytime_samples, len(self.test_y))
+        self.anytime_idx = torch.randperm(len(self.test_y), generator=g)[:n_any].to(self.device)
+
+        # Everything below is the run's progress: what a checkpoint must hold.
+        self.step = 0  # stream batches observed
+        self.acc_matrix: list[list[float]] = []
+        self.anytime_curve: list[dict] = []
+        self.train_time_s = 0.0
+        self.eval_time_s = 0.0
+        self.online_correct = torch.zeros((), device=self.device)
+        self.online_seen = 0
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.loss_count = 0
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.last_log = {"loss": math.nan, "online_acc": math.nan}
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    def evaluate_all(self) -> list[float]:
+        acc = evaluate(self.method, self.test_x, self.test_y, self.test_task, self.n_tasks, self.cfg.eval.batch_size)
+        return acc.tolist()
+
+    def evaluate_anytime(self, task: int) -> float:
+        idx = self.anytime_idx
+        acc = evaluate(self.method, self.test_x[idx], self.test_y[idx], self.test_task[idx], self.n_tasks,
+                       self.cfg.eval.batch_size)
+        # Average over the tasks seen so far that have samples in the subsample.
+        present = torch.bincount(self.test_task[idx].clamp(min=0), minlength=self.n_tasks)[:task + 1] > 0
+        return float(acc[:task + 1][present].mean())
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, method, stream = self.cfg, self.method, self.stream
+        bar = tqdm(total=len(stream), initial=self.step, disable=not cfg.log.progress, unit="batch",
+                   dynamic_ncols=True, leave=False)
+        task = stream.task_of_step(self.step) if self.step else -1
+        if self.step and self.step < len(stream):
+            method.on_task_start(task, stream.tasks[task].classes)
+        tick = time.perf_counter()
+        for batch in stream.batches(start=self.step):
+            if batch.task != task:
+                task = batch.task
+                method.on_task_start(task, stream.tasks[task].classes)
+            out = method.observe(batch)
+            if method.uses_buffer and method.buffer is not None:
+                method.buffer.add(batch.x, batch.y, batch.task)
+            self.step += 1
+            self.loss_sum += out.loss
+            self.loss_count += 1
+            self.nonfinite |= ~torch.isfinite(out.loss)
+            self.online_correct += (mask_logits(out.logits, method.seen).argmax(1) == batch.y).sum()
+            self.online_seen += len(batch.y)
+            bar.update(1)
+
+            task_ends = batch.step_in_task + 1 == stream.batches_per_task[task]
+            if self.step % cfg.log.every == 0 or task_ends:
+                tick = self._log(task, bar, tick)
+            if cfg.eval.anytime_every and self.step % cfg.eval.anytime_every == 0 and not task_ends:
+                tick = self._timed_eval(tick, lambda: self._anytime(task))
+            if task_ends:
+                tick = self._timed_eval(tick, lambda: self._task_end(task))
+                method.on_task_end(task)
+        self.train_time_s += time.perf_counter() - tick
+        bar.close()
+        return self.results()
+
+    def _timed_eval(self, tick: float, fn) -> float:
+        """Run an evaluation without counting it as training time; returns the new training-time origin."""
+        _sync(self.device)
+        start = time.perf_counter()
+        self.train_time_s += start - tick
+        fn()
+        end = time.perf_counter()
+        self.eval_time_s += end - start
+        return end
+
+    def _anytime(self, task: int) -> None:
+        acc = self.evaluate_anytime(task)
+        self.anytime_curve.append({"step": self.step, "samples": self.step * self.stream.batch_size, "acc": acc})
+        self.logger.scalar("anytime_acc", acc, self.step, task)
+
+    def _task_end(self, task: int) -> None:
+        row = self.evaluate_all()
+        self.acc_matrix.append(row)
+        avg = sum(row[:task + 1]) / (task + 1)
+        # The end of a task is also an anytime point (on the full test sets of the seen tasks).
+        self.anytime_curve.append({"step": self.step, "samples": self.step * self.stream.batch_size, "acc": avg})
+        for j, a in enumerate(row[:task + 1]):
+            self.logger.scalar(f"acc/task_{j}", a, self.step, task)
+        self.logger.scalar("avg_acc_seen", avg, self.step, task)
+        self.logger.accuracy_matrix(self.acc_matrix, self.step)
+        tqdm.write(f"task {task}: average accuracy on tasks 0..{task} = {avg:.2f}%  "
+                   f"[{' '.join(f'{a:.1f}' for a in row[:task + 1])}]")
+
+    def _log(self, task: int, bar, tick: float) -> float:
+        """Read the accumulated loss and online accuracy back from the device (the only per-interval sync)."""
+        if self.loss_count == 0:
+            return tick
+        nonfinite = bool(self.nonfinite)
+        loss = float(self.loss_sum) / self.loss_count
+        online = 100.0 * float(self.online_correct) / max(self.online_seen, 1)
+        if nonfinite:
+            raise TrainingError(
+                f"the training loss became non-finite (nan or inf) before stream batch {self.step} (task {task}); "
+                "the run stopped and the last checkpoint (if any) is kept. Lower optimizer.lr, or use "
+                "precision=fp32 if precision=bf16")
+        self.logger.scalar("loss", loss, self.step, task)
+        self.logger.scalar("online_acc", online, self.step, task)
+        self.last_log = {"loss": loss, "online_acc": online}
+        bar.set_postfix(task=task, loss=f"{loss:.3f}", online_acc=f"{online:.1f}%", refresh=False)
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        return tick
+
+    # -- results ---------------------------------------------------------------------------------------------
+    def results(self) -> dict:
+        acc = self.acc_matrix
+        curve = [p["acc"] for p in self.anytime_curve]
+        online = 100.0 * float(self.online_correct) / max(self.online_seen, 1)
+        peak_cuda = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
+        return {
+            "acc_matrix": acc,
+            "final_avg_acc": metrics.final_average_accuracy(acc),
+            "avg_forgetting": metrics.average_forgetting(acc),
+            "avg_incremental_acc": metrics.average_incremental_accuracy(acc),
+            "anytime_acc": metrics.anytime_accuracy(curve),
+            "anytime_curve": self.anytime_curve,
+            "online_acc": online,
+            "train_time_s": self.train_time_s,
+            "eval_time_s": self.eval_time_s,
+            "samples_per_s": self.stream.n_samples / self.train_time_s if self.train_time_s > 0 else None,
+            "stream_samples": self.stream.n_samples,
+            "stream_batches": len(self.stream),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "peak_cuda_mb": peak_cuda,
+            "class_order": self.stream.class_order,
+            **self.method.extra_results(),
+        }
+
+    # -- progress as state (checkpoints) ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step, "acc_matrix": self.acc_matrix, "anytime_curve": self.anytime_curve,
+            "train_time_s": self.train_time_s, "eval_time_s": self.eval_time_s,
+            "online_correct": self.online_correct.cpu(), "online_seen": self.online_seen,
+            "loss_sum": self.loss_sum.cpu(), "loss_count": self.loss_count,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.acc_matrix = state["acc_matrix"]
+        self.anytime_curve = state["anytime_curve"]
+        self.train_time_s = state["train_time_s"]
+        self.eval_time_s = state["eval_time_s"]
+        self.online_correct = state["online_correct"].to(self.device)
+        self.online_seen = state["online_seen"]
+        self.loss_sum = state["loss_sum"].to(self.device)
+        self.loss_count = state["loss_count"]

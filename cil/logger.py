@@ -1,0 +1,45 @@
+"""Where a run's numbers go while it runs: metrics.csv always (long format: step, task, key, value), and
+TensorBoard when enabled. Values arrive already on the host; nothing here touches the device."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Optional
+
+
+class RunLogger:
+    def __init__(self, out_dir: Path, tensorboard: bool = False, resume: bool = False):
+        self.out_dir = Path(out_dir)
+        path = self.out_dir / "metrics.csv"
+        new_file = not (resume and path.exists())
+        self._file = open(path, "w" if new_file else "a", newline="")
+        self._csv = csv.writer(self._file)
+        if new_file:
+            self._csv.writerow(["step", "task", "key", "value"])
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imported only when asked for: it is slow to load
+            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    def scalar(self, key: str, value: float, step: int, task: Optional[int] = None) -> None:
+        self._csv.writerow([step, "" if task is None else task, key, f"{value:.6g}"])
+        if self._tb is not None:
+            self._tb.add_scalar(key, value, step)
+
+    def accuracy_matrix(self, matrix: list[list[float]], step: int) -> None:
+        if self._tb is None:
+            return
+        rows = ["| after task | " + " | ".join(f"T{j}" for j in range(len(matrix[0]))) + " |",
+                "|---" * (len(matrix[0]) + 1) + "|"]
+        rows += [f"| {i} | " + " | ".join(f"{a:.1f}" for a in row) + " |" for i, row in enumerate(matrix)]
+        self._tb.add_text("acc_matrix", "\n".join(rows), step)
+
+    def flush(self) -> None:
+        self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()

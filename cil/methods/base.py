@@ -1,0 +1,126 @@
+"""What every online method shares: the seen-class mask, the forward pass in the chosen precision, one update.
+
+A method's `observe(batch)` does its `iters` updates on one incoming batch and returns the last loss and the
+incoming batch's logits from before the first update (for online accuracy), both detached and left on the
+device: nothing here reads a value back to the host.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from cil.buffer import ReplayBuffer
+from cil.config import MethodConfig
+from cil.data.stream import Batch
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar, detached
+    logits: torch.Tensor  # [B, num_classes] logits of the incoming batch before the update, detached
+
+
+def to_float(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 images -> float in [0, 1] (the online-CL code bases feed unnormalised [0, 1] inputs)."""
+    x = x.float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+class Method:
+    name = "base"
+    uses_buffer = True  # the learner adds each incoming batch to the buffer after `observe`
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, buffer: Optional[ReplayBuffer],
+                 cfg: MethodConfig, num_classes: int, device: torch.device, precision: str = "fp32",
+                 channels_last: bool = False, seed: int = 0, input_shape: Optional[tuple] = None):
+        self.model = model
+        self.optimizer = optimizer
+        self.buffer = buffer
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.device = torch.device(device)
+        self.precision = precision
+        self.channels_last = channels_last
+        self.input_shape = input_shape
+        # Seen classes are the labels observed so far, kept on the device (for masks) and on the host (for
+        # counting without a device read-back). Task classes are the current task's announced label set.
+        self.seen = torch.zeros(num_classes, dtype=torch.bool, device=self.device)
+        self.seen_host = torch.zeros(num_classes, dtype=torch.bool)
+        self.task_classes = torch.zeros(num_classes, dtype=torch.bool, device=self.device)
+        self.task_classes_host = torch.zeros(num_classes, dtype=torch.bool)
+        self.task = -1
+        # Random choices of the method itself (augmentation), on the device so no copy happens per step.
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    # -- task boundaries -------------------------------------------------------------------------------------
+    def on_task_start(self, task: int, classes: torch.Tensor) -> None:
+        """Called before the first batch of each task with the task's class labels (a training-time boundary;
+        no task id is used at test time)."""
+        self.task = task
+        self.task_classes.zero_()
+        self.task_classes[classes] = True
+        self.task_classes_host.zero_()
+        self.task_classes_host[classes.cpu()] = True
+
+    def on_task_end(self, task: int) -> None:
+        pass
+
+    # -- one incoming batch ----------------------------------------------------------------------------------
+    def observe(self, batch: Batch) -> StepOutput:
+        self.seen.index_fill_(0, batch.y, True)
+        self.seen_host[batch.y_host] = True
+        first = None
+        for _ in range(self.cfg.iters):
+            loss, logits = self.update(batch)
+            first = logits if first is None else first
+        return StepOutput(loss.detach(), first.detach())
+
+    def update(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step. Returns (loss, logits of the incoming batch)."""
+        raise NotImplementedError
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def forward(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.model(to_float(x_uint8, self.channels_last)).float()
+
+    def forward_float(self, x: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.model(x).float()
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def replay(self, n: int, **filters: Any):
+        """Up to n buffer samples (x, y, task), empty when the buffer is missing or empty."""
+        if self.buffer is None or n <= 0:
+            return None
+        x, y, t = self.buffer.sample(n, **filters)
+        return (x, y, t) if len(y) else None
+
+    def extra_results(self) -> dict:
+        """Method-specific summaries for results.json."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"seen": self.seen_host.clone(), "task_classes": self.task_classes_host.clone(), "task": self.task,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen_host.copy_(state["seen"])
+        self.seen.copy_(self.seen_host)
+        self.task_classes_host.copy_(state["task_classes"])
+        self.task_classes.copy_(self.task_classes_host)
+        self.task = state["task"]
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,21 @@
+"""Experience Replay (Chaudhry et al., 2019): the incoming batch plus `replay_batch_size` buffer samples,
+one cross-entropy over all seen classes, in one forward pass. A fresh replay sample is drawn for each of the
+`iters` updates."""
+import torch
+
+from cil.methods.base import Method
+from cil.objectives.er import er_loss
+
+
+class ER(Method):
+    name = "er"
+
+    def update(self, batch):
+        x, y, n = batch.x, batch.y, len(batch.y)
+        mem = self.replay(self.cfg.replay_batch_size)
+        if mem is not None:
+            x, y = torch.cat([x, mem[0]]), torch.cat([y, mem[1]])
+        logits = self.forward(x)
+        loss = er_loss(logits, y, self.seen)
+        self.step(loss)
+        return loss, logits[:n]

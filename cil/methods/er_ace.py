@@ -1,0 +1,21 @@
+"""ER-ACE (Caccia et al., ICLR 2022): asymmetric cross-entropy. The incoming batch is trained only against the
+classes present in it, so new data never push old-class logits down; the replay batch against all seen classes.
+One forward pass over the concatenation."""
+import torch
+
+from cil.methods.base import Method
+from cil.objectives.er_ace import er_ace_loss
+
+
+class ERACE(Method):
+    name = "er_ace"
+
+    def update(self, batch):
+        n = len(batch.y)
+        mem = self.replay(self.cfg.replay_batch_size)
+        x = batch.x if mem is None else torch.cat([batch.x, mem[0]])
+        logits = self.forward(x)
+        y_buf = batch.y[:0] if mem is None else mem[1]
+        loss = er_ace_loss(logits[:n], batch.y, logits[n:], y_buf, self.seen)
+        self.step(loss)
+        return loss, logits[:n]

@@ -1,0 +1,112 @@
+"""GSA (Guo, Liu, Zhao, CVPR 2023): the step of ../shared/gsa.md, one incoming batch at a time.
+
+Step numbers in comments refer to the spec. Choices of the official code that the spec leaves open:
+- Xc is the incoming batch first, then the current-task buffer samples, so "the first floor(R*r) items of Xc"
+  prefer fresh data (as the official code orders them).
+- The two views of a batch use two independent augmentation draws, [A(x), hflip(A'(x))], as the official code's
+  view function does; the new-data branch then gets one more augmentation pass (`new_branch_augment`).
+- The new-data and replay branches are separate forward passes (separate batch-norm statistics), as in the
+  official code.
+- "Seen classes" are the labels observed in the stream so far; r = |seen classes of task t| / |seen classes|.
+  The official code's softmax also spans the not-yet-observed classes of the current task (its head grows a task
+  at a time); with batches shuffled across a task's classes the two agree after a few batches.
+"""
+from __future__ import annotations
+
+import torch
+
+from cil.augment import GSAAugment, hflip
+from cil.methods.base import Method, to_float
+from cil.objectives.gsa import GradientStats, gsa_new_loss, gsa_replay_loss
+
+
+class GSA(Method):
+    name = "gsa"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = self.cfg
+        self.stats = GradientStats(self.num_classes, device=self.device)
+        size = tuple(self.input_shape[1:]) if self.input_shape else None
+        self.augment = GSAAugment(size, scale=tuple(cfg.crop_scale), grayscale_p=cfg.grayscale_p) \
+            if cfg.augment and size else None
+        self.last_weights = torch.ones(self.num_classes, device=self.device)
+
+    def views(self, x: torch.Tensor) -> torch.Tensor:
+        """[A(x), hflip(A'(x))] (or a single A(x) with two_views off); rows repeat in that order."""
+        aug = (lambda v: self.augment(v, self.generator)) if self.augment is not None else (lambda v: v)
+        if not self.cfg.two_views:
+            return aug(x)
+        return torch.cat([aug(x), hflip(aug(x))])
+
+    def repeat_labels(self, y: torch.Tensor) -> torch.Tensor:
+        return y.repeat(2) if self.cfg.two_views else y
+
+    def update(self, batch):
+        cfg, t = self.cfg, batch.task
+        x_new = to_float(batch.x, self.channels_last)
+        y_new = batch.y
+        n = len(y_new)
+
+        # 1. Xc: the incoming batch plus up to `current_task_replay` buffer samples of the current task.
+        cur = self.replay(cfg.current_task_replay, task=t)
+        xc = x_new if cur is None else torch.cat([x_new, to_float(cur[0], self.channels_last)])
+        yc = y_new if cur is None else torch.cat([y_new, cur[1]])
+
+        # 2. New-data loss over the current task's classes only.
+        v = self.views(xc)
+        if self.augment is not None and cfg.new_branch_augment:
+            v = self.augment(v, self.generator)
+        logits_new = self.forward_float(v)
+        new_mask = self.task_classes if cfg.task_only_new_loss else self.seen
+        loss = gsa_new_loss(logits_new, self.repeat_labels(yc), new_mask)
+
+        # 3. The balanced mixed replay batch (skipped on the very first batch: the buffer is empty).
+        if self.buffer is not None and len(self.buffer) > 0:
+            xm, ym = self.mixed_replay_batch(xc, yc, t)
+            # 4-7. Softmax over seen classes, statistics updated first, then the weighted replay loss.
+            logits_m = self.forward_float(self.views(xm))
+            ym = self.repeat_labels(ym)
+            self.stats.update(logits_m, ym, self.seen)
+            warm = batch.step_in_task < cfg.warmup_batches
+            if cfg.adaptive_weights and not warm:
+                self.last_weights = self.stats.weights()
+            else:
+                self.last_weights = torch.ones_like(self.last_weights)
+            loss = cfg.buffer_loss_weight * gsa_replay_loss(logits_m, ym, self.last_weights, self.seen) + loss
+
+        # 8. One optimizer step. (9. The learner adds the raw batch to the buffer afterwards.)
+        self.step(loss)
+        return loss, logits_new[:n].detach()
+
+    def mixed_replay_batch(self, xc: torch.Tensor, yc: torch.Tensor, task: int):
+        """floor(R(1-r)) samples of other tasks + the first floor(R r) items of Xc, r = seen current / seen."""
+        r_batch = self.cfg.replay_batch_size
+        if not self.cfg.balanced_replay:
+            mem = self.replay(r_batch)
+            return to_float(mem[0], self.channels_last), mem[1]
+        seen_task = int((self.seen_host & self.task_classes_host).sum())
+        r = seen_task / max(int(self.seen_host.sum()), 1)
+        n_old, n_cur = int(r_batch * (1 - r)), int(r_batch * r)
+        old = self.replay(n_old, exclude_task=task)
+        if old is None:
+            return xc[:n_cur], yc[:n_cur]
+        # Row order does not matter to a mean loss or to batch norm, so the spec's shuffle is left out.
+        return torch.cat([to_float(old[0], self.channels_last), xc[:n_cur]]), torch.cat([old[1], yc[:n_cur]])
+
+    def extra_results(self) -> dict:
+        seen = self.seen_host.nonzero().squeeze(1)
+        return {"gsa": {
+            "classes": seen.tolist(),
+            "positive": self.stats.positive.cpu()[seen].tolist(),
+            "negative": self.stats.negative.cpu()[seen].tolist(),
+            "weights": self.stats.weights().cpu()[seen].tolist(),
+        }}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "stats": self.stats.state_dict(), "last_weights": self.last_weights.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.stats.load_state_dict(state["stats"])
+        self.last_weights.copy_(state["last_weights"])
