@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from cil.data.datasets import ImageDataset
+from cil.data.stream import ClassIncrementalStream, class_order
+from cil.errors import ConfigError
+
+
+def toy_dataset(num_classes=6, per_class=7, test_per_class=3):
+    y = torch.arange(num_classes).repeat_interleave(per_class)
+    ty = torch.arange(num_classes).repeat_interleave(test_per_class)
+    # each image stores its own index so batches can be traced back to samples
+    x = torch.arange(len(y), dtype=torch.int64).view(-1, 1, 1, 1).to(torch.uint8)
+    tx = torch.zeros(len(ty), 1, 1, 1, dtype=torch.uint8)
+    return ImageDataset("toy", x, y, tx, ty, [f"c{i}" for i in range(num_classes)])
+
+
+def test_tasks_split_classes_evenly_in_class_order():
+    ds = toy_dataset()
+    s = ClassIncrementalStream(ds, n_tasks=3, batch_size=4, order=[5, 4, 3, 2, 1, 0])
+    assert [t.classes.tolist() for t in s.tasks] == [[5, 4], [3, 2], [1, 0]]
+    for t in s.tasks:
+        assert set(ds.train_y[t.train_idx].tolist()) == set(t.classes.tolist())
+        assert set(ds.test_y[t.test_idx].tolist()) == set(t.classes.tolist())
+
+
+def test_every_sample_seen_exactly_once_in_task_order():
+    ds = toy_dataset()
+    s = ClassIncrementalStream(ds, n_tasks=3, batch_size=4, order="natural", seed=1)
+    seen, tasks, steps = [], [], []
+    for b in s:
+        seen += b.x.view(-1).tolist()
+        tasks.append(b.task)
+        steps.append(b.step)
+        assert set(b.y.tolist()) <= set(s.tasks[b.task].classes.tolist())
+        assert torch.equal(b.y_host, b.y.cpu())
+    assert sorted(seen) == list(range(len(ds.train_y)))
+    assert tasks == sorted(tasks)
+    assert steps == list(range(len(s)))
+    # 14 samples a task, batch 4 -> 4 batches a task, the last one of 2
+    assert s.batches_per_task == [4, 4, 4]
+
+
+def test_random_order_is_seeded_and_within_task_shuffle_depends_on_seed():
+    assert class_order(10, "random", 3) == class_order(10, "random", 3)
+    assert class_order(10, "random", 3) != class_order(10, "random", 4)
+    ds = toy_dataset()
+    a = [b.x.view(-1).tolist() for b in ClassIncrementalStream(ds, 3, 4, "natural", seed=0)]
+    b = [b.x.view(-1).tolist() for b in ClassIncrementalStream(ds, 3, 4, "natural", seed=0)]
+    c = [b.x.view(-1).tolist() for b in ClassIncrementalStream(ds, 3, 4, "natural", seed=1)]
+    assert a == b and a != c
+
+
+def test_resume_from_position_continues_the_same_sequence():
+    ds = toy_dataset()
+    s = ClassIncrementalStream(ds, 3, 4, "random", seed=2)
+    full = [(b.step, b.task, b.x.view(-1).tolist()) for b in s.batches()]
+    tail = [(b.step, b.task, b.x.view(-1).tolist()) for b in s.batches(start=5)]
+    assert tail == full[5:]
+
+
+def test_bad_split_and_order_rejected_with_value_named():
+    ds = toy_dataset()
+    with pytest.raises(ConfigError, match="n_tasks=4"):
+        ClassIncrementalStream(ds, n_tasks=4)
+    with pytest.raises(ConfigError, match="permutation"):
+        ClassIncrementalStream(ds, n_tasks=3, order=[0, 1, 2, 3, 4, 4])
+    with pytest.raises(ConfigError, match="bogus"):
+        ClassIncrementalStream(ds, n_tasks=3, order="bogus")
