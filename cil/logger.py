@@ -10,6 +10,7 @@ from typing import Optional
 class RunLogger:
     def __init__(self, out_dir: Path, tensorboard: bool = False, resume: bool = False):
         self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / "metrics.csv"
         new_file = not (resume and path.exists())
         self._file = open(path, "w" if new_file else "a", newline="")
