@@ -31,7 +31,7 @@ def er_ace_loss(logits_new: Tensor, y_new: Tensor, logits_buf: Tensor | None, y_
     ``logits_buf`` [R, C], ``y_buf`` [R]: the replay batch, softmax over ``seen`` (bool [C]).
     An empty (R = 0) or missing replay batch gives just the incoming term.
     """
-    present = seen
+    present = classes_mask(y_new, logits_new.shape[1])
     loss = cross_entropy_masked(logits_new, y_new, present)
     if logits_buf is None or logits_buf.shape[0] == 0:
         return loss
