@@ -175,8 +175,12 @@ def hflip(x: Tensor) -> Tensor:
 
 
 def two_views(x: Tensor, augment: Callable[[Tensor, torch.Generator], Tensor],
-              generator: torch.Generator) -> Tensor:
+              generator: torch.Generator, independent: bool = False) -> Tensor:
     """The spec's "two views": ``cat([A(x), hflip(A(x))])`` with the SAME augmented batch A(x) in both halves
-    (labels are repeated by the caller: ``y.repeat(2)``)."""
+    (labels are repeated by the caller: ``y.repeat(2)``).
+
+    ``independent=True`` gives ``cat([A(x), hflip(A'(x))])`` with two independent draws, which is what the
+    official code's ``RandomFlip(x, 2)`` does (``simclr_aug(x)`` and ``flip_inner(simclr_aug(x), 1, 1)``)."""
     a = augment(x, generator)
-    return torch.cat([a, hflip(a)], dim=0)
+    b = augment(x, generator) if independent else a
+    return torch.cat([a, hflip(b)], dim=0)

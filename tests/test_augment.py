@@ -143,3 +143,9 @@ def test_two_views_and_hflip():
     assert torch.equal(v[6:], hflip(v[:6]))      # ... and its mirror image
     assert torch.equal(hflip(x)[..., 0], x[..., -1]) and torch.equal(hflip(hflip(x)), x)
     assert not torch.equal(hflip(x), x)
+    g = gen(13)
+    ind = two_views(x, aug, g, independent=True)
+    g2 = gen(13)
+    first, second = aug(x, g2), aug(x, g2)
+    assert torch.equal(ind[:6], first) and torch.equal(ind[6:], hflip(second))
+    assert not torch.equal(ind[6:], hflip(ind[:6]))
