@@ -66,6 +66,7 @@ class MethodConfig:
     balanced_replay: bool = True  # False: replay batch drawn uniformly from the whole buffer
     task_only_new_loss: bool = True  # False: new-data loss over all seen classes
     two_views: bool = True  # [A(x), hflip(A(x))]; False: one augmented view
+    independent_views: bool = False  # True: [A(x), hflip(A'(x))], two draws, as the official code does
     augment: bool = True  # random grayscale + random resized crop
     new_branch_augment: bool = True  # the official code's extra augmentation pass on the new-data branch
     crop_scale: List[float] = field(default_factory=lambda: [0.6, 1.0])

@@ -3,8 +3,10 @@
 Step numbers in comments refer to the spec. Choices of the official code that the spec leaves open:
 - Xc is the incoming batch first, then the current-task buffer samples, so "the first floor(R*r) items of Xc"
   prefer fresh data (as the official code orders them).
-- The two views of a batch use two independent augmentation draws, [A(x), hflip(A'(x))], as the official code's
-  view function does; the new-data branch then gets one more augmentation pass (`new_branch_augment`).
+- The two views are the augmented batch and its horizontal flip, [A(x), hflip(A(x))], as the spec and the issue
+  state. The official code's view function draws the augmentation twice, [A(x), hflip(A'(x))]:
+  `independent_views=true` reproduces that. The new-data branch then gets one more augmentation pass
+  (`new_branch_augment`), as in the official code.
 - The new-data and replay branches are separate forward passes (separate batch-norm statistics), as in the
   official code.
 - "Seen classes" are the labels observed in the stream so far; r = |seen classes of task t| / |seen classes|.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from cil.augment import GSAAugment, hflip
+from cil.augment import GSAAugment, two_views
 from cil.methods.base import Method, to_float
 from cil.objectives.gsa import GradientStats, gsa_new_loss, gsa_replay_loss
 
@@ -33,11 +35,11 @@ class GSA(Method):
         self.last_weights = torch.ones(self.num_classes, device=self.device)
 
     def views(self, x: torch.Tensor) -> torch.Tensor:
-        """[A(x), hflip(A'(x))] (or a single A(x) with two_views off); rows repeat in that order."""
-        aug = (lambda v: self.augment(v, self.generator)) if self.augment is not None else (lambda v: v)
+        """[A(x), hflip(A(x))] (or a single A(x) with two_views off); labels repeat in the same order."""
+        aug = self.augment if self.augment is not None else (lambda v, g: v)
         if not self.cfg.two_views:
-            return aug(x)
-        return torch.cat([aug(x), hflip(aug(x))])
+            return aug(x, self.generator)
+        return two_views(x, aug, self.generator, independent=self.cfg.independent_views)
 
     def repeat_labels(self, y: torch.Tensor) -> torch.Tensor:
         return y.repeat(2) if self.cfg.two_views else y
