@@ -27,6 +27,7 @@ class StreamConfig:
     batch_size: int = 10
     # "natural" (0..K-1), "random" (seeded permutation) or an explicit list of class labels
     class_order: Any = "random"
+    samples_per_class: Optional[int] = None  # train on a seeded subset of this many samples per class (null: all)
 
 
 @dataclass

@@ -82,7 +82,7 @@ def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset]
     dataset = dataset or load_run_dataset(cfg)
     validate(cfg, dataset.num_classes)
     stream = ClassIncrementalStream(dataset, cfg.stream.n_tasks, cfg.stream.batch_size, cfg.stream.class_order,
-                                    seed=cfg.seed, device=device)
+                                    seed=cfg.seed, device=device, samples_per_class=cfg.stream.samples_per_class)
     torch.manual_seed(cfg.seed)  # model initialisation
     kwargs = {"hidden": tuple(cfg.model.hidden)} if cfg.model.name == "mlp" else (
         {"nf": cfg.model.nf} if cfg.model.nf else {})

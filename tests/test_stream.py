@@ -67,3 +67,14 @@ def test_bad_split_and_order_rejected_with_value_named():
         ClassIncrementalStream(ds, n_tasks=3, order=[0, 1, 2, 3, 4, 4])
     with pytest.raises(ConfigError, match="bogus"):
         ClassIncrementalStream(ds, n_tasks=3, order="bogus")
+
+
+def test_samples_per_class_subsamples_each_class_with_a_seed():
+    ds = toy_dataset(per_class=7)
+    s = ClassIncrementalStream(ds, 3, 4, "natural", seed=0, samples_per_class=3)
+    labels = torch.cat([b.y for b in s])
+    assert torch.equal(torch.bincount(labels), torch.full((6,), 3))
+    again = [b.x.view(-1).tolist() for b in ClassIncrementalStream(ds, 3, 4, "natural", seed=0, samples_per_class=3)]
+    assert again == [b.x.view(-1).tolist() for b in s]
+    with pytest.raises(ConfigError, match="samples_per_class=0"):
+        ClassIncrementalStream(ds, 3, 4, samples_per_class=0)

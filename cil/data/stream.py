@@ -53,7 +53,8 @@ class ClassIncrementalStream:
     """Tasks of `num_classes / n_tasks` classes each; batches of `batch_size` yielded once, in a seeded order."""
 
     def __init__(self, dataset: ImageDataset, n_tasks: int, batch_size: int = 10,
-                 order: str | Sequence[int] = "random", seed: int = 0, device: str | torch.device = "cpu"):
+                 order: str | Sequence[int] = "random", seed: int = 0, device: str | torch.device = "cpu",
+                 samples_per_class: int | None = None):
         k = dataset.num_classes
         if n_tasks < 1 or k % n_tasks != 0:
             raise ConfigError(f"stream.n_tasks={n_tasks} does not divide the {k} classes of {dataset.name!r} evenly")
@@ -69,10 +70,12 @@ class ClassIncrementalStream:
 
         # Shuffle within each task with its own generator so the order does not depend on anything else.
         g = torch.Generator().manual_seed(seed + 1)
+        keep = self._subsample(dataset.train_y, samples_per_class, seed) if samples_per_class is not None else None
         self.tasks: list[Task] = []
         for t in range(n_tasks):
             classes = torch.tensor(self.class_order[t * self.classes_per_task:(t + 1) * self.classes_per_task])
-            train_idx = torch.nonzero(torch.isin(dataset.train_y, classes)).squeeze(1)
+            in_task = torch.isin(dataset.train_y, classes)
+            train_idx = torch.nonzero(in_task if keep is None else in_task & keep).squeeze(1)
             train_idx = train_idx[torch.randperm(len(train_idx), generator=g)]
             test_idx = torch.nonzero(torch.isin(dataset.test_y, classes)).squeeze(1)
             if len(train_idx) == 0:
@@ -90,6 +93,18 @@ class ClassIncrementalStream:
 
     def __len__(self) -> int:
         return self.n_batches
+
+    @staticmethod
+    def _subsample(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+        """A seeded choice of at most `per_class` training samples of every class (a shorter stream, same classes)."""
+        if per_class < 1:
+            raise ConfigError(f"stream.samples_per_class={per_class} must be >= 1 (or null for all samples)")
+        g = torch.Generator().manual_seed(seed + 7)
+        keep = torch.zeros(len(labels), dtype=torch.bool)
+        for c in labels.unique():
+            idx = torch.nonzero(labels == c).squeeze(1)
+            keep[idx[torch.randperm(len(idx), generator=g)[:per_class]]] = True
+        return keep
 
     def batches(self, start: int = 0) -> Iterator[Batch]:
         """Yield every batch once, from stream position `start` on (a resumed run continues where it stopped)."""
