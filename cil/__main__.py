@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cil.config import RunConfig
@@ -46,6 +47,9 @@ def main(dcfg: DictConfig) -> dict:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     cfg: RunConfig = OmegaConf.to_object(dcfg)
     resolved = OmegaConf.to_container(dcfg, resolve=True)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep job: skip if complete, record a failure, go on
+        from cil.sweep import run_sweep_job
+        return run_sweep_job(cfg, out_dir, resolved, list(HydraConfig.get().overrides.task))
     try:
         results = run_experiment(cfg, out_dir, resolved_config=resolved)
     except CilError as err:
