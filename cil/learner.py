@@ -164,6 +164,8 @@ class Learner:
                 "precision=fp32 if precision=bf16")
         self.logger.scalar("loss", loss, self.step, task)
         self.logger.scalar("online_acc", online, self.step, task)
+        for key, value in self.method.log_values().items():  # e.g. GSA's per-class weights and ratios
+            self.logger.scalar(key, value, self.step, task)
         self.last_log = {"loss": loss, "online_acc": online}
         bar.set_postfix(task=task, loss=f"{loss:.3f}", online_acc=f"{online:.1f}%", refresh=False)
         self.loss_sum.zero_()

@@ -113,6 +113,10 @@ class Method:
         """Method-specific summaries for results.json."""
         return {}
 
+    def log_values(self) -> dict[str, float]:
+        """Method-specific scalars for metrics.csv / TensorBoard; called only at log intervals (may sync)."""
+        return {}
+
     def state_dict(self) -> dict:
         return {"seen": self.seen_host.clone(), "task_classes": self.task_classes_host.clone(), "task": self.task,
                 "generator": self.generator.get_state()}

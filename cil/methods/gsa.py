@@ -105,6 +105,18 @@ class GSA(Method):
             "weights": self.stats.weights().cpu()[seen].tolist(),
         }}
 
+    def log_values(self) -> dict[str, float]:
+        """Per seen class c: w_c = 2 sigmoid(r_c - 1) from the accumulated statistics (the weight the replay loss
+        uses outside warm-up) and r_c = G+_c / G-_c; an infinite ratio (no negative mass yet) is left out."""
+        seen = self.seen_host.nonzero().squeeze(1).tolist()
+        weights, ratios = self.stats.weights().cpu(), self.stats.ratio().cpu()
+        out = {}
+        for c in seen:
+            out[f"gsa/weight/{c}"] = float(weights[c])
+            if torch.isfinite(ratios[c]):
+                out[f"gsa/ratio/{c}"] = float(ratios[c])
+        return out
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "stats": self.stats.state_dict(), "last_weights": self.last_weights.clone()}
 
