@@ -42,14 +42,14 @@ def _tidy_failed_run(out_dir: Path) -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> dict:
-    from cil.run import run_experiment  # after Hydra has parsed the command line: `--help` stays fast
-
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     cfg: RunConfig = OmegaConf.to_object(dcfg)
     resolved = OmegaConf.to_container(dcfg, resolve=True)
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep job: skip if complete, record a failure, go on
         from cil.sweep import run_sweep_job
         return run_sweep_job(cfg, out_dir, resolved, list(HydraConfig.get().overrides.task))
+    from cil.run import run_experiment  # after Hydra has parsed the command line: `--help` stays fast
+
     try:
         results = run_experiment(cfg, out_dir, resolved_config=resolved)
     except CilError as err:

@@ -34,6 +34,10 @@ class RunLogger:
                 "|---" * (len(matrix[0]) + 1) + "|"]
         rows += [f"| {i} | " + " | ".join(f"{a:.1f}" for a in row) + " |" for i, row in enumerate(matrix)]
         self._tb.add_text("acc_matrix", "\n".join(rows), step)
+        from cil.plots import accuracy_matrix_figure, figure_to_rgb  # matplotlib only when TensorBoard is on
+
+        image = figure_to_rgb(accuracy_matrix_figure(matrix, f"accuracy matrix after task {len(matrix) - 1}"))
+        self._tb.add_image("acc_matrix", image, step, dataformats="HWC")
 
     def flush(self) -> None:
         self._file.flush()

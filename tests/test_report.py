@@ -1,0 +1,144 @@
+"""`python -m cil.report` on synthetic sweep folders: mean and std over seeds, missing/failed/incomplete runs,
+groups that must not be averaged together, CSV, and the RESULTS.md regeneration that keeps hand-written text."""
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cil import report
+
+
+def config(method="er", memory=200, seed=0, experiment="split_mnist", **method_keys):
+    return {"experiment": experiment, "dataset": {"name": "mnist", "root": "/somewhere"},
+            "method": {"name": method, "replay_batch_size": 10, **method_keys}, "buffer": {"size": memory},
+            "stream": {"n_tasks": 2, "batch_size": 10}, "seed": seed, "device": "cpu",
+            "log": {"progress": False, "tensorboard": False}}
+
+
+def write_run(root: Path, name: str, acc: float, forgetting: float = 10.0, **cfg) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    curve = [{"step": 10, "samples": 100, "acc": 90.0}, {"step": 20, "samples": 200, "acc": acc}]
+    (d / "results.json").write_text(json.dumps({
+        "status": "complete", "config": config(**cfg), "acc_matrix": [[95.0, 0.0], [acc + 5, acc - 5]],
+        "final_avg_acc": acc, "avg_forgetting": forgetting, "anytime_acc": 90.0, "anytime_curve": curve}))
+    return d
+
+
+def write_failed(root: Path, name: str, **cfg) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "failed.json").write_text(json.dumps({"status": "failed", "error_type": "TrainingError",
+                                               "error": "the training loss became non-finite", "config": config(**cfg)}))
+    return d
+
+
+def write_incomplete(root: Path, name: str, **cfg) -> Path:
+    d = root / name / ".hydra"
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump(config(**cfg)))
+    return d.parent
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    s = tmp_path / "split_mnist_table"
+    for seed, acc in enumerate([60.0, 70.0, 80.0]):  # ER M=200: 3 seeds
+        write_run(s, f"method=er,seed={seed}", acc, forgetting=10.0 + seed, seed=seed)
+    write_run(s, "method=gsa,seed=0", 85.0, method="gsa", seed=0)  # GSA M=200: seed 1 failed, seed 2 missing
+    write_failed(s, "method=gsa,seed=1", method="gsa", seed=1)
+    write_run(s, "m500,seed=0", 90.0, memory=500, seed=0)  # ER M=500: seed 1 killed, seed 2 missing
+    write_incomplete(s, "m500,seed=1", memory=500, seed=1)
+    return s
+
+
+def rows_by(rows, method, memory, variant=""):
+    [row] = [r for r in rows if r["method"] == method and r["memory"] == memory and r["variant"] == variant]
+    return row
+
+
+def test_mean_std_and_missing_failed_incomplete(sweep):
+    [section] = report.collect_sections([sweep])
+    rows = report.summary_rows(section)
+    assert [(r["method"], r["memory"]) for r in rows] == [("er", 200), ("er", 500), ("gsa", 200)]
+    er = rows_by(rows, "er", 200)
+    assert er["n_seeds"] == 3 and er["seeds"] == "0-2"
+    assert er["final_avg_acc_mean"] == pytest.approx(70.0)
+    assert er["final_avg_acc_std"] == pytest.approx(10.0)  # sample std (ddof 1) of 60, 70, 80
+    assert er["avg_forgetting_mean"] == pytest.approx(11.0)
+    assert er["failed_seeds"] == "" and er["missing_seeds"] == "" and er["_problems"] == ""
+    gsa = rows_by(rows, "gsa", 200)
+    assert gsa["n_seeds"] == 1 and gsa["final_avg_acc_mean"] == 85.0 and gsa["final_avg_acc_std"] is None
+    assert gsa["failed_seeds"] == "1" and gsa["missing_seeds"] == "2"
+    assert gsa["_problems"] == "failed: s1; missing: s2"
+    assert any("non-finite" in e for e in gsa["_errors"])
+    er500 = rows_by(rows, "er", 500)
+    assert er500["n_seeds"] == 1 and er500["_problems"] == "missing: s2; incomplete: s1"
+
+    table = report.markdown_table(rows)
+    assert "| split_mnist | er | 200 | 70.00 ± 10.00 | 11.00 ± 1.00 | 90.00 ± 0.00 | 3 | 0-2 | - |" in table
+    assert "| split_mnist | gsa | 200 | 85.00 |" in table and "failed: s1; missing: s2" in table
+
+
+def test_different_configs_are_not_averaged_and_duplicates_count_once(tmp_path):
+    s = tmp_path / "ablation"
+    write_run(s, "a0", 50.0, method="gsa", seed=0, adaptive_weights=True)
+    write_run(s, "a1", 52.0, method="gsa", seed=1, adaptive_weights=True)
+    write_run(s, "b0", 40.0, method="gsa", seed=0, adaptive_weights=False)
+    write_run(s, "b0-again", 40.0, method="gsa", seed=0, adaptive_weights=False)  # same run, another folder
+    rows = report.summary_rows(report.collect_sections([s])[0])
+    assert len(rows) == 2
+    on = rows_by(rows, "gsa", 200, "method.adaptive_weights=True")
+    off = rows_by(rows, "gsa", 200, "method.adaptive_weights=False")
+    assert on["final_avg_acc_mean"] == pytest.approx(51.0) and on["n_seeds"] == 2
+    assert off["n_seeds"] == 1 and "missing: s1" in off["_problems"] and "counted once: s0" in off["_problems"]
+
+
+def test_cli_prints_and_writes_markdown_and_csv(sweep, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert report.main([str(sweep), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "70.00 ± 10.00" in printed and "7 runs, 5 complete, 1 failed, 1 incomplete" in printed
+    assert (out / "summary.md").read_text().startswith("### split_mnist_table")
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["memory"], r["n_seeds"]) for r in rows] == [("er", "200", "3"), ("er", "500", "1"),
+                                                                         ("gsa", "200", "1")]
+    assert math.isclose(float(rows[0]["final_avg_acc_std"]), 10.0)
+    assert rows[2]["failed_seeds"] == "1" and rows[2]["missing_seeds"] == "2"
+    assert report.main([str(tmp_path / "nope")]) == 2
+
+
+def test_results_md_regenerated_keeping_prose(sweep, tmp_path):
+    tables = {
+        "split_mnist_table": {"title": "Split MNIST table", "command": "python -m cil -m sweep=split_mnist_table",
+                              "paper": {"header": "paper", "source": "made up", "values": {"er": {200: "61.0"}}}},
+        "empty_table": {"title": "A table nobody ran yet", "paper": {"source": "GSA", "values": {"gsa": {1000: 31.4}}}},
+    }
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nHand-written intro.\n\n<!-- cil.report:begin split_mnist_table -->\nstale table\n"
+                  "<!-- cil.report:end split_mnist_table -->\n\n## Avalanche parity (hand-written)\nkeep me\n")
+    report.update_results_md(md, report.collect_sections([sweep]), tables, "python -m cil.report --results-md X")
+    text = md.read_text()
+    assert "Hand-written intro." in text and "## Avalanche parity (hand-written)\nkeep me" in text
+    assert "stale table" not in text
+    assert text.index("Hand-written intro.") < text.index("## Split MNIST table") < text.index("## Avalanche parity")
+    assert "`python -m cil -m sweep=split_mnist_table`" in text
+    assert "| split_mnist | er | 200 | 70.00 ± 10.00 |" in text and "| 61.0 |" in text  # ours beside the paper's
+    assert "## A table nobody ran yet" in text and "_No runs recorded yet._" in text and "M=1000 31.4" in text
+    # regenerating is idempotent: blocks are replaced, never duplicated
+    again = report.update_results_md(md, report.collect_sections([sweep]), tables, "python -m cil.report --results-md X")
+    assert again == text and text.count("cil.report:begin split_mnist_table") == 1
+
+
+def test_repository_tables_match_the_sweep_configs():
+    """Every table of experiments/tables.yaml has a sweep config writing into experiments/runs/<table>."""
+    tables = report.load_tables()
+    assert {"split_mnist_er_vs_naive", "split_mnist_fmnist", "split_cifar10_jpeg"} <= set(tables)
+    conf = Path(report.__file__).resolve().parent.parent / "conf" / "sweep"
+    for name in tables:
+        sweep_cfg = yaml.safe_load((conf / f"{name}.yaml").read_text())
+        assert sweep_cfg["hydra"]["sweep"]["dir"] == f"experiments/runs/{name}"
