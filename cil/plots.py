@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -144,33 +145,36 @@ def read_metrics(path: Path) -> list[tuple[int, Optional[int], str, float]]:
 def plot_gsa_stats(metrics_csv: Path, path: Path, title: str = "") -> Path:
     """GSA's per-class weight w_c and ratio G+_c/G-_c through the stream (keys gsa/weight/<c>, gsa/ratio/<c>)."""
     series: dict[str, dict[int, list[tuple[int, float]]]] = {"weight": defaultdict(list), "ratio": defaultdict(list)}
-    task_starts: dict[int, int] = {}
+    task_last_step: dict[int, int] = {}  # the learner logs at every task's last batch: its step is the boundary
     for step, task, key, value in read_metrics(metrics_csv):
-        if task is not None and task not in task_starts:
-            task_starts[task] = step
+        if task is not None:
+            task_last_step[task] = max(step, task_last_step.get(task, step))
         m = re.fullmatch(r"gsa/(weight|ratio)/(\d+)", key)
         if m and math.isfinite(value):
             series[m.group(1)][int(m.group(2))].append((step, value))
     if not series["weight"]:
         raise ValueError(f"{metrics_csv} holds no gsa/weight/<class> values: is it a GSA run?")
+    boundaries = sorted(task_last_step.values())[:-1]
     fig = _figure(7.0, 5.5)
     axes = fig.subplots(2, 1, sharex=True)
-    cmap = __import__("matplotlib").colormaps["tab20"]
+    cmap = matplotlib.colormaps["tab20"]
     for ax, kind, ylabel in ((axes[0], "weight", "weight w_c = 2 sigmoid(r_c - 1)"),
                              (axes[1], "ratio", "ratio r_c = G+_c / G-_c")):
         for c in sorted(series[kind]):
             pts = series[kind][c]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=cmap(c % 20), label=f"class {c}", linewidth=1.2)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=cmap(c % 20), label=f"class {c}",
+                    linewidth=1.2, marker=".", markersize=4)
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
-        for t, s in task_starts.items():
-            if t > 0:
-                ax.axvline(s, color="grey", linewidth=0.5, alpha=0.5)
+        for b in boundaries:
+            ax.axvline(b, color="black", linewidth=0.8, linestyle="--", alpha=0.5)
         ax.set_ylabel(ylabel, fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[1].set_yscale("log")
-    axes[1].yaxis.set_major_formatter(ScalarFormatter())
-    axes[1].yaxis.set_minor_formatter(NullFormatter())
-    axes[1].set_xlabel("stream batches (grey lines: task boundaries)")
+        ax.grid(axis="y", alpha=0.3)
+    ratios = [v for pts in series["ratio"].values() for _, v in pts if v > 0]
+    if ratios and max(ratios) / min(ratios) > 10:  # a wide range reads better on a log axis
+        axes[1].set_yscale("log")
+        axes[1].yaxis.set_major_formatter(ScalarFormatter())
+        axes[1].yaxis.set_minor_formatter(NullFormatter())
+    axes[1].set_xlabel("stream batches (dashed: task boundaries)")
     n_classes = len(series["weight"])
     axes[0].legend(fontsize=7, ncol=max(1, math.ceil(n_classes / 10)), loc="center left", bbox_to_anchor=(1.0, 0.5))
     if title:

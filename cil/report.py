@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import json
 import math
 import sys
@@ -344,7 +345,7 @@ def table_block(name: str, spec: dict, section: Optional[Section]) -> str:
     if not runs:
         lines += ["", "_No runs recorded yet._"]
         if paper:
-            lines += ["", f"Published ({paper.get('source', 'paper')}): " + "; ".join(
+            lines += ["", f"Published ({paper.get('source', 'paper').rstrip('. ')}): " + "; ".join(
                 f"{m}: " + ", ".join(f"M={k} {v}" for k, v in vals.items())
                 for m, vals in (paper.get("values") or {}).items())]
     else:
@@ -357,7 +358,7 @@ def table_block(name: str, spec: dict, section: Optional[Section]) -> str:
                       "incomplete. Mean ± sample std over seeds.", "",
                   markdown_table(rows, paper_header=paper.get("header", "paper") if paper else None)]
         if paper and paper.get("source"):
-            lines += ["", f"Paper column: {paper['source']}"]
+            lines += ["", f"Paper column: {paper['source'].rstrip('. ')}."]
         errors = [e for r in rows for e in r["_errors"]]
         if errors:
             lines += ["", "Failed runs:"] + [f"- {e}" for e in errors]
@@ -400,13 +401,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--results-md", type=Path, help="regenerate the tables of this RESULTS.md instead")
     p.add_argument("--tables", type=Path, default=TABLES_FILE, help="table definitions (experiments/tables.yaml)")
     args = p.parse_args(argv)
+    # A shell leaves a glob that matches nothing as it is (experiments/runs/* before any sweep was recorded).
+    args.dirs = [Path(m) for d in args.dirs
+                 for m in ([d] if d.exists() or not glob.has_magic(str(d)) else sorted(glob.glob(str(d))))]
+    if args.results_md and not args.dirs:
+        args.dirs = sorted(d for d in (args.results_md.parent / "runs").glob("*") if d.is_dir())
     missing = [d for d in args.dirs if not d.is_dir()]
     if missing:
         print(f"error: not a folder: {', '.join(map(str, missing))}", file=sys.stderr)
         return 2
     sections = collect_sections(args.dirs)
     if args.results_md:
-        cmd = "python -m cil.report --results-md " + " ".join(str(x) for x in [args.results_md, *args.dirs])
+        cmd = f"python -m cil.report --results-md {args.results_md} {args.results_md.parent / 'runs'}/*"
         update_results_md(args.results_md, sections, load_tables(args.tables), cmd)
         print(f"wrote {args.results_md} ({sum(len(s.runs) for s in sections)} runs in {len(sections)} folder(s))")
         return 0
