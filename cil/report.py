@@ -218,8 +218,8 @@ def group_runs(runs: list[Run]) -> list[Group]:
         if len(same) > 1:
             dicts = [dict(g.key) for g in same]
             keys = sorted({k for d in dicts for k in d if len({repr(x.get(k)) for x in dicts}) > 1})
-            for g, d in zip(same, dicts):
-                g.variant = ",".join(f"{k}={d.get(k)}" for k in keys)
+            for g, d in zip(same, dicts):  # a key absent from older runs' configs (added to the schema later)
+                g.variant = ",".join(f"{k}={d[k]}" if k in d else f"{k}=(absent)" for k in keys)
     seeds = {r.seed for r in runs if r.seed is not None}
     for g in groups.values():
         g.expected_seeds = set(seeds)
@@ -302,7 +302,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def section_text(section: Section, rows: list[dict]) -> str:
     n = {s: sum(r.status == s for r in section.runs) for s in ("complete", "failed", "incomplete")}
     out = [f"### {section.name}",
-           f"`{section.path}`: {len(section.runs)} runs, {n['complete']} complete, {n['failed']} failed, "
+           f"`{section.path}`: {len(section.runs)} run(s), {n['complete']} complete, {n['failed']} failed, "
            f"{n['incomplete']} incomplete. Mean ± sample std over seeds.", "", markdown_table(rows)]
     errors = [e for r in rows for e in r["_errors"]]
     if errors:
@@ -354,7 +354,7 @@ def table_block(name: str, spec: dict, section: Optional[Section]) -> str:
             lines += [f"Last launch into that folder: `{rec}`."]
         rows = summary_rows(section, paper)
         n = {s: sum(r.status == s for r in runs) for s in ("complete", "failed", "incomplete")}
-        lines += ["", f"{len(runs)} runs: {n['complete']} complete, {n['failed']} failed, {n['incomplete']} "
+        lines += ["", f"{len(runs)} run(s): {n['complete']} complete, {n['failed']} failed, {n['incomplete']} "
                       "incomplete. Mean ± sample std over seeds.", "",
                   markdown_table(rows, paper_header=paper.get("header", "paper") if paper else None)]
         if paper and paper.get("source"):

@@ -89,8 +89,10 @@ def test_different_configs_are_not_averaged_and_duplicates_count_once(tmp_path):
     write_run(s, "a1", 52.0, method="gsa", seed=1, adaptive_weights=True)
     write_run(s, "b0", 40.0, method="gsa", seed=0, adaptive_weights=False)
     write_run(s, "b0-again", 40.0, method="gsa", seed=0, adaptive_weights=False)  # same run, another folder
+    write_run(s, "old0", 45.0, method="gsa", seed=0)  # from before the key existed: not averaged with either
     rows = report.summary_rows(report.collect_sections([s])[0])
-    assert len(rows) == 2
+    assert len(rows) == 3
+    assert rows_by(rows, "gsa", 200, "method.adaptive_weights=(absent)")["final_avg_acc_mean"] == 45.0
     on = rows_by(rows, "gsa", 200, "method.adaptive_weights=True")
     off = rows_by(rows, "gsa", 200, "method.adaptive_weights=False")
     assert on["final_avg_acc_mean"] == pytest.approx(51.0) and on["n_seeds"] == 2
@@ -101,7 +103,7 @@ def test_cli_prints_and_writes_markdown_and_csv(sweep, tmp_path, capsys):
     out = tmp_path / "out"
     assert report.main([str(sweep), "-o", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "70.00 ± 10.00" in printed and "7 runs, 5 complete, 1 failed, 1 incomplete" in printed
+    assert "70.00 ± 10.00" in printed and "7 run(s), 5 complete, 1 failed, 1 incomplete" in printed
     assert (out / "summary.md").read_text().startswith("### split_mnist_table")
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
@@ -137,7 +139,8 @@ def test_results_md_regenerated_keeping_prose(sweep, tmp_path):
 def test_repository_tables_match_the_sweep_configs():
     """Every table of experiments/tables.yaml has a sweep config writing into experiments/runs/<table>."""
     tables = report.load_tables()
-    assert {"split_mnist_er_vs_naive", "split_mnist_fmnist", "split_cifar10_jpeg"} <= set(tables)
+    assert {"split_mnist_er", "split_mnist_methods", "split_fashion_mnist_methods",
+            "split_cifar10_jpeg_500pc"} <= set(tables)
     conf = Path(report.__file__).resolve().parent.parent / "conf" / "sweep"
     for name in tables:
         sweep_cfg = yaml.safe_load((conf / f"{name}.yaml").read_text())
