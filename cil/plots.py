@@ -163,7 +163,7 @@ def plot_gsa_stats(metrics_csv: Path, path: Path, title: str = "") -> Path:
         for c in sorted(series[kind]):
             pts = series[kind][c]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=cmap(c % 20), label=f"class {c}",
-                    linewidth=1.2, marker=".", markersize=4)
+                    linewidth=1.2, marker="." if len(pts) < 40 else None, markersize=4)
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
         for b in boundaries:
             ax.axvline(b, color="black", linewidth=0.8, linestyle="--", alpha=0.5)
