@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import yaml
 
-from cil.sweep import FAILED, RESULTS, find_run_dirs, run_status
+from cil.sweep import FAILED, RESULTS, _read_json, find_run_dirs, run_status
 
 # Keys that do not change what a run measures: runs differing only in these are the same experiment.
 IGNORED_PREFIXES = ("seed", "dataset.root", "dataset.download", "dataset.verify", "log.", "checkpoint.",
@@ -72,7 +72,7 @@ def load_run(run_dir: Path) -> Run:
         res = json.loads((run_dir / RESULTS).read_text())
         return Run(run_dir, status, res.get("config") or {}, results=res)
     if status == "failed":
-        info = json.loads((run_dir / FAILED).read_text())
+        info = _read_json(run_dir / FAILED) or {"error_type": "unreadable failed.json"}
         cfg = info.get("config") or _hydra_config(run_dir)
         return Run(run_dir, status, cfg, error=f"{info.get('error_type', '?')}: {info.get('error', '?')}")
     return Run(run_dir, status, _hydra_config(run_dir))
