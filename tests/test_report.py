@@ -145,3 +145,16 @@ def test_repository_tables_match_the_sweep_configs():
     for name in tables:
         sweep_cfg = yaml.safe_load((conf / f"{name}.yaml").read_text())
         assert sweep_cfg["hydra"]["sweep"]["dir"] == f"experiments/runs/{name}"
+
+
+def test_results_md_cli_before_any_sweep_was_recorded(tmp_path, capsys):
+    """`experiments/runs/*` left unexpanded by the shell (no runs yet) still regenerates every table."""
+    md = tmp_path / "experiments" / "RESULTS.md"
+    md.parent.mkdir()
+    md.write_text("# Results\n\nprose\n")
+    assert report.main(["--results-md", str(md), str(tmp_path / "experiments" / "runs" / "*")]) == 0
+    text = md.read_text()
+    assert text.startswith("# Results\n\nprose\n")
+    for name in report.load_tables():
+        assert f"<!-- cil.report:begin {name} -->" in text
+    assert text.count("_No runs recorded yet._") == len(report.load_tables())
