@@ -83,3 +83,11 @@ def test_submitit_local_two_jobs_one_fails_and_the_other_finishes(tmp_path):
     assert f"skipped (already complete): {ok}" in proc2.stdout
     assert (ok / "results.json").stat().st_mtime_ns == mtime
     assert (bad / "failed.json").stat().st_mtime_ns > failed_mtime
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cil", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                           "--cfg", "hydra"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "submitit_launcher.SlurmLauncher" in proc.stdout and "partition: gpu" in proc.stdout
+    assert "timeout_min: 240" in proc.stdout and "submitit_folder: ${hydra.sweep.dir}/.submitit/%j" in proc.stdout
