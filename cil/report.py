@@ -201,10 +201,20 @@ def _order(g: Group) -> tuple:
     return (str(g.name), m, g.method, g.memory if isinstance(g.memory, int) else -1, g.variant)
 
 
+def _schema_defaults() -> dict[str, Any]:
+    import dataclasses
+
+    from cil.config import RunConfig
+    return flatten(dataclasses.asdict(RunConfig()))
+
+
 def group_runs(runs: list[Run]) -> list[Group]:
     groups: dict[tuple, Group] = {}
+    # A key missing from a run's config was added to the schema after that run; new keys default to the old
+    # behaviour, so the run counts as having the default (else every schema addition would split the tables).
+    defaults = _schema_defaults()
     for r in runs:
-        flat = r.flat
+        flat = {**defaults, **r.flat}
         key = tuple(sorted((k, v) for k, v in flat.items() if not _ignored(k)))
         if key not in groups:
             groups[key] = Group(key, flat.get("experiment") or flat.get("dataset.name") or "?",
