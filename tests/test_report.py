@@ -89,14 +89,14 @@ def test_different_configs_are_not_averaged_and_duplicates_count_once(tmp_path):
     write_run(s, "a1", 52.0, method="gsa", seed=1, adaptive_weights=True)
     write_run(s, "b0", 40.0, method="gsa", seed=0, adaptive_weights=False)
     write_run(s, "b0-again", 40.0, method="gsa", seed=0, adaptive_weights=False)  # same run, another folder
-    write_run(s, "old0", 45.0, method="gsa", seed=0)  # from before the key existed: not averaged with either
+    # from before the key existed: counts as the schema default (adaptive_weights=True)
+    write_run(s, "old2", 45.0, method="gsa", seed=2)
     rows = report.summary_rows(report.collect_sections([s])[0])
-    assert len(rows) == 3
-    assert rows_by(rows, "gsa", 200, "method.adaptive_weights=(absent)")["final_avg_acc_mean"] == 45.0
+    assert len(rows) == 2
     on = rows_by(rows, "gsa", 200, "method.adaptive_weights=True")
     off = rows_by(rows, "gsa", 200, "method.adaptive_weights=False")
-    assert on["final_avg_acc_mean"] == pytest.approx(51.0) and on["n_seeds"] == 2
-    assert off["n_seeds"] == 1 and "missing: s1" in off["_problems"] and "counted once: s0" in off["_problems"]
+    assert on["final_avg_acc_mean"] == pytest.approx(49.0) and on["n_seeds"] == 3
+    assert off["n_seeds"] == 1 and "missing: s1, s2" in off["_problems"] and "counted once: s0" in off["_problems"]
 
 
 def test_cli_prints_and_writes_markdown_and_csv(sweep, tmp_path, capsys):
