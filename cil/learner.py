@@ -167,6 +167,7 @@ class Learner:
         for key, value in self.method.log_values().items():  # e.g. GSA's per-class weights and ratios
             self.logger.scalar(key, value, self.step, task)
         self.last_log = {"loss": loss, "online_acc": online}
+        self.logger.flush()  # a long run's progress is readable (and survives a kill) as it goes
         bar.set_postfix(task=task, loss=f"{loss:.3f}", online_acc=f"{online:.1f}%", refresh=False)
         self.loss_sum.zero_()
         self.loss_count = 0
