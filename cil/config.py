@@ -99,6 +99,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Gradient-imbalance diagnostics (cil/diagnostics.py, README "Diagnostics"); training is unchanged."""
+
+    enabled: bool = False
+    every: int = 50  # stream batches between parameter-gradient measurements and statistics snapshots
+    plots: bool = True  # write the PNGs into the run folder at the end
+
+
+@dataclass
 class RunConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
@@ -109,6 +118,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     precision: str = "fp32"  # fp32 | bf16 (autocast)
@@ -152,6 +162,7 @@ def validate(cfg: RunConfig, num_classes: Optional[int] = None) -> None:
     _require(cfg.eval.anytime_every >= 0, "eval.anytime_every", cfg.eval.anytime_every, "use 0 (off) or an integer >= 1")
     _require(cfg.eval.anytime_samples >= 1, "eval.anytime_samples", cfg.eval.anytime_samples, "use an integer >= 1")
     _require(cfg.log.every >= 1, "log.every", cfg.log.every, "use an integer >= 1")
+    _require(cfg.diagnostics.every >= 1, "diagnostics.every", cfg.diagnostics.every, "use an integer >= 1")
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "use 0 (task ends only) or >= 1")
     order = cfg.stream.class_order
     if isinstance(order, str):

@@ -51,6 +51,7 @@ class Learner:
         self.stream = stream
         self.method = method
         self.logger = logger
+        self.diagnostics = method.diagnostics  # cil.diagnostics.Diagnostics or None
         self.device = stream.device
         self.n_tasks = stream.n_tasks
         self.test_x, self.test_y = stream.test_x, stream.test_y
@@ -99,7 +100,11 @@ class Learner:
             if batch.task != task:
                 task = batch.task
                 method.on_task_start(task, stream.tasks[task].classes)
+            if self.diagnostics is not None:
+                self.diagnostics.begin_batch(batch)
             out = method.observe(batch)
+            if self.diagnostics is not None:
+                self.diagnostics.end_batch(self.logger)
             if method.uses_buffer and method.buffer is not None:
                 method.buffer.add(batch.x, batch.y, batch.task)
             self.step += 1
@@ -147,6 +152,8 @@ class Learner:
             self.logger.scalar(f"acc/task_{j}", a, self.step, task)
         self.logger.scalar("avg_acc_seen", avg, self.step, task)
         self.logger.accuracy_matrix(self.acc_matrix, self.step)
+        if self.diagnostics is not None:
+            self.diagnostics.on_evaluation(task, row, self.logger)
         tqdm.write(f"task {task}: average accuracy on tasks 0..{task} = {avg:.2f}%  "
                    f"[{' '.join(f'{a:.1f}' for a in row[:task + 1])}]")
 
@@ -196,6 +203,7 @@ class Learner:
             "peak_cuda_mb": peak_cuda,
             "class_order": self.stream.class_order,
             **self.method.extra_results(),
+            **({"diagnostics": self.diagnostics.summary()} if self.diagnostics is not None else {}),
         }
 
     # -- progress as state (checkpoints) ---------------------------------------------------------------------

@@ -20,6 +20,7 @@ from cil.buffer import ReplayBuffer
 from cil.config import RunConfig, validate
 from cil.data.datasets import ImageDataset, load_dataset
 from cil.data.stream import ClassIncrementalStream
+from cil.diagnostics import Diagnostics
 from cil.errors import ConfigError
 from cil.learner import Learner
 from cil.logger import RunLogger
@@ -100,6 +101,8 @@ def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset]
                           seed=cfg.seed + 1) if cls.uses_buffer and cfg.buffer.size > 0 else None
     method = cls(model, optimizer, buffer, cfg.method, dataset.num_classes, device, precision=cfg.precision,
                  channels_last=cfg.channels_last, seed=cfg.seed + 2, input_shape=dataset.input_shape)
+    if cfg.diagnostics.enabled:
+        method.diagnostics = Diagnostics.for_stream(cfg.diagnostics.every, stream, model)
     logger = RunLogger(out_dir, tensorboard=cfg.log.tensorboard)
     return Learner(cfg, stream, method, logger)
 
@@ -114,6 +117,8 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: 
         results = learner.run()
     finally:
         learner.logger.close()
+    if learner.diagnostics is not None:
+        learner.diagnostics.save(out_dir, plots=cfg.diagnostics.plots)
     results = {
         "status": "complete",
         "config": resolved_config if resolved_config is not None else dataclasses.asdict(cfg),

@@ -55,6 +55,7 @@ class Method:
         self.task = -1
         # Random choices of the method itself (augmentation), on the device so no copy happens per step.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.diagnostics = None  # a cil.diagnostics.Diagnostics when diagnostics.enabled (set by the run builder)
 
     # -- task boundaries -------------------------------------------------------------------------------------
     def on_task_start(self, task: int, classes: torch.Tensor) -> None:
@@ -97,7 +98,16 @@ class Method:
         with self.autocast():
             return self.model(x).float()
 
+    def report(self, source: str, logits: torch.Tensor, targets: torch.Tensor, mask, scale: float = 1.0,
+               class_weights: Optional[torch.Tensor] = None) -> None:
+        """Describe one term of the loss to the diagnostics (a no-op when they are off): the term is
+        scale * mean_i(class_weights[y_i] * CE of row i, softmax over `mask`); source is 'new' or 'replay'."""
+        if self.diagnostics is not None:
+            self.diagnostics.report(source, logits, targets, mask, scale, class_weights)
+
     def step(self, loss: torch.Tensor) -> None:
+        if self.diagnostics is not None:
+            self.diagnostics.before_backward(loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -17,5 +17,7 @@ class ERACE(Method):
         logits = self.forward(x)
         y_buf = batch.y[:0] if mem is None else mem[1]
         loss = er_ace_loss(logits[:n], batch.y, logits[n:], y_buf, self.seen)
+        self.report("new", logits[:n], batch.y, "present")
+        self.report("replay", logits[n:], y_buf, self.seen)
         self.step(loss)
         return loss, logits[:n]

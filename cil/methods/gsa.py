@@ -62,6 +62,7 @@ class GSA(Method):
         logits_new = self.forward_float(v)
         new_mask = self.task_classes if cfg.task_only_new_loss else self.seen
         loss = gsa_new_loss(logits_new, self.repeat_labels(yc), new_mask)
+        self.report("new", logits_new, self.repeat_labels(yc), new_mask)
 
         # 3. The balanced mixed replay batch (skipped on the very first batch: the buffer is empty).
         if self.buffer is not None and len(self.buffer) > 0:
@@ -76,6 +77,7 @@ class GSA(Method):
             else:
                 self.last_weights = torch.ones_like(self.last_weights)
             loss = cfg.buffer_loss_weight * gsa_replay_loss(logits_m, ym, self.last_weights, self.seen) + loss
+            self.report("replay", logits_m, ym, self.seen, cfg.buffer_loss_weight, self.last_weights)
 
         # 8. One optimizer step. (9. The learner adds the raw batch to the buffer afterwards.)
         self.step(loss)

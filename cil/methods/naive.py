@@ -10,5 +10,6 @@ class Naive(Method):
     def update(self, batch):
         logits = self.forward(batch.x)
         loss = er_loss(logits, batch.y, self.seen)
+        self.report("new", logits, batch.y, self.seen)
         self.step(loss)
         return loss, logits

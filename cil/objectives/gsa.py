@@ -81,7 +81,8 @@ class GradientStats:
             self.negative = F.pad(self.negative, pad)
 
     @torch.no_grad()
-    def update(self, logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> None:
+    def update(self, logits: Tensor, targets: Tensor, mask: Tensor | None = None,
+               row_weights: Tensor | None = None) -> None:
         """Step 5: accumulate the statistics of one batch.
 
         ``logits`` [B, C] (detached here; any float dtype), ``targets`` [B] labels in [0, C),
@@ -90,6 +91,9 @@ class GradientStats:
         ``G+_c += sum_{i: y_i = c} (1 - p_ic)`` and ``G-_c += sum_{i: y_i != c} p_ic``. Classes outside the
         mask get nothing (p = 0, and a target outside the mask, which would be a caller error, adds no G+).
         Every row counts (the spec: both views, current-task rows included).
+        ``row_weights`` [B] (optional, not used by GSA itself): multiply row i's contributions by
+        ``row_weights[i]``, e.g. a loss's per-row coefficient to get the magnitudes of that loss's own logit
+        gradient (cil.diagnostics uses it); None = every row counts 1, as in the spec.
         """
         n = logits.shape[1]
         self._fit(n, logits.device)
@@ -102,6 +106,9 @@ class GradientStats:
         if mask is not None:
             pos = pos * mask.to(self.dtype)
         neg = p * (1.0 - onehot)
+        if row_weights is not None:
+            rw = row_weights.detach().to(self.dtype).reshape(-1, 1)
+            pos, neg = pos * rw, neg * rw
         self.positive[:n] += pos.sum(0)
         self.negative[:n] += neg.sum(0)
 
