@@ -42,13 +42,23 @@ def group_ratios(series: dict, kind: str = "mass", sources=SOURCES, recent: bool
     if recent:
         pos = np.diff(pos, axis=0, prepend=0.0)
         neg = np.diff(neg, axis=0, prepend=0.0)
+    keep = long_windows(series) if recent else np.ones(len(snaps), dtype=bool)
     for i, s in enumerate(snaps):
+        if not keep[i]:
+            continue
         t = s["task"]
         steps.append(s["step"])
         for out, sel in ((old, task_of < t), (new, task_of == t)):
             p, n = pos[i, sel].sum(), neg[i, sel].sum()
             out.append(p / n if sel.any() and n > 0 else np.nan)
     return np.array(steps), np.array(old), np.array(new)
+
+
+def long_windows(series: dict) -> np.ndarray:
+    """Bool per snapshot: its window since the previous snapshot spans at least half of ``every`` batches (the
+    short windows cut by task ends give noisy ratios; the 'recent' plots leave them out)."""
+    steps = np.array([s["step"] for s in series["snapshots"]])
+    return np.diff(steps, prepend=0) >= series["every"] / 2
 
 
 def task_ends(series: dict) -> list[int]:
@@ -60,6 +70,50 @@ def task_ends(series: dict) -> list[int]:
 def _boundaries(ax, series):
     for step in task_ends(series):
         ax.axvline(step, color="0.8", lw=0.8, zorder=0)
+
+
+def smooth(values: np.ndarray, n: int) -> np.ndarray:
+    """Trailing mean over the last n points (fewer at the start)."""
+    c = np.cumsum(np.insert(np.asarray(values, dtype=float), 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    return (c[idx] - c[np.maximum(idx - n, 0)]) / np.minimum(idx, n)
+
+
+def old_class_pushes(series: dict, kind: str = "mass"):
+    """(steps, G- on old classes from new-data rows, G- from replay rows, G+ from replay rows), per snapshot
+    interval: where the downward and upward pushes on the old classes come from."""
+    snaps = series["snapshots"]
+    task_of = np.array(series["class_task"])
+    arr = {(src, key): np.diff(np.array([s["stats"][f"{kind}/{src}"][key] for s in snaps]), axis=0, prepend=0.0)
+           for src in SOURCES for key in ("pos", "neg")}
+    steps, neg_new, neg_rep, pos_rep = [], [], [], []
+    keep = long_windows(series)
+    for i, s in enumerate(snaps):
+        sel = task_of < s["task"]
+        if not sel.any() or not keep[i]:
+            continue
+        steps.append(s["step"])
+        neg_new.append(arr["new", "neg"][i, sel].sum())
+        neg_rep.append(arr["replay", "neg"][i, sel].sum())
+        pos_rep.append(arr["replay", "pos"][i, sel].sum() + arr["new", "pos"][i, sel].sum())
+    return tuple(np.array(a) for a in (steps, neg_new, neg_rep, pos_rep))
+
+
+def plot_old_class_pushes(ax, series: dict, kind: str = "mass", title: Optional[str] = None):
+    """Downward pushes on the old classes from new data and from replay, and their upward push."""
+    steps, neg_new, neg_rep, pos = old_class_pushes(series, kind)
+    for values, color, label in ((neg_new, "tab:red", "G- from new-data rows"),
+                                 (neg_rep, "tab:orange", "G- from replay rows"), (pos, "tab:blue", "G+")):
+        zero = not np.any(values > 0)  # a log axis cannot show 0: say it in the legend
+        ax.plot(steps, np.where(values > 0, values, np.nan), color=color, lw=1.0,
+                label=label + (" (always 0)" if zero else ""))
+    _boundaries(ax, series)
+    ax.set_yscale("log")
+    ax.set_xlabel("stream batch")
+    ax.set_ylabel(f"old classes, {kind} per snapshot interval")
+    ax.legend(fontsize=7, loc="best")
+    if title:
+        ax.set_title(title, fontsize=9)
 
 
 def plot_class_ratios(ax, series: dict, kind: str = "mass", recent: bool = False, title: Optional[str] = None):
@@ -75,7 +129,7 @@ def plot_class_ratios(ax, series: dict, kind: str = "mass", recent: bool = False
     ax.set_xlabel("stream batch")
     ax.set_ylabel(("recent " if recent else "") + "G+/G- per class")
     handles, labels = ax.get_legend_handles_labels()
-    uniq = dict(zip(labels, handles))
+    uniq = dict(sorted(zip(labels, handles), key=lambda kv: int(kv[0].split()[-1])))
     ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="best")
     if title:
         ax.set_title(title, fontsize=9)
@@ -97,15 +151,18 @@ def plot_group_ratios(ax, series: dict, title: Optional[str] = None):
         ax.set_title(title, fontsize=9)
 
 
-def plot_grad_norms(ax, series: dict, head: bool = False, title: Optional[str] = None, cos_ax=None):
+def plot_grad_norms(ax, series: dict, head: bool = False, title: Optional[str] = None, cos_ax=None,
+                    smooth_over: int = 5):
     """Norms of the parameter gradient from the new-data and the replay terms; cosine on ``cos_ax``."""
     g = series["grads"]
     if not g:
         return
     i = 1 if head else 0
     steps = [r["step"] for r in g]
-    ax.plot(steps, [r["new"][i] for r in g], color="tab:red", lw=1.0, label="new-data term")
-    ax.plot(steps, [r["replay"][i] for r in g], color="tab:blue", lw=1.0, label="replay term")
+    for src, color, label in (("new", "tab:red", "new-data term"), ("replay", "tab:blue", "replay term")):
+        values = np.array([r[src][i] for r in g])
+        ax.plot(steps, values, color=color, lw=0.6, alpha=0.3)
+        ax.plot(steps, smooth(values, smooth_over), color=color, lw=1.4, label=f"{label} ({smooth_over}-pt mean)")
     _boundaries(ax, series)
     ax.set_yscale("log")
     ax.set_xlabel("stream batch")
@@ -115,7 +172,9 @@ def plot_grad_norms(ax, series: dict, head: bool = False, title: Optional[str] =
         key = "head_cos" if head else "cos"
         pts = [(r["step"], r[key]) for r in g if r[key] is not None]
         if pts:
-            cos_ax.plot(*zip(*pts), color="tab:purple", lw=1.0)
+            steps_c, cos = map(np.array, zip(*pts))
+            cos_ax.plot(steps_c, cos, color="tab:purple", lw=0.6, alpha=0.3)
+            cos_ax.plot(steps_c, smooth(cos, smooth_over), color="tab:purple", lw=1.4)
         cos_ax.axhline(0.0, color="k", lw=0.8, ls="--")
         _boundaries(cos_ax, series)
         cos_ax.set_xlabel("stream batch")
@@ -147,9 +206,10 @@ def plot_run(series: dict, out_dir: str | Path) -> list[Path]:
     """diag_ratio.png, diag_grad_norms.png, diag_gain.png in ``out_dir``."""
     out_dir = Path(out_dir)
     written = []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
     plot_class_ratios(axes[0], series, title="cumulative logit-gradient G+/G- per class (mass, all sources)")
     plot_group_ratios(axes[1], series, title="old vs new classes, since the previous snapshot")
+    plot_old_class_pushes(axes[2], series, title="pushes on the old classes, since the previous snapshot")
     written.append(_save(fig, out_dir / "diag_ratio.png"))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     plot_grad_norms(axes[0], series, cos_ax=axes[2], title="all parameters")
