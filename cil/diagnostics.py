@@ -125,6 +125,7 @@ class Diagnostics:
         self.grads: list[dict] = []  # per measured step: gradient norms per source and task, cosines
         self.gains: list[dict] = []  # per task end and task: accuracy change against gradient norm
         self._pending_grad: Optional[dict] = None
+        self._queue: list[tuple] = []  # reported terms not yet in the statistics (see flush)
         self.last_grads: dict[str, Tensor] = {}
         self._interval: dict[int, list[float]] = {}  # task -> [sum of norms, sum of head norms] since last eval
         self._interval_steps = 0
@@ -152,15 +153,35 @@ class Diagnostics:
             raise ValueError(f"diagnostics: source={source!r} is not one of {SOURCES}")
         if logits.shape[0] == 0:
             return
-        if isinstance(mask, str):
-            if mask != "present":
-                raise ValueError(f"diagnostics: mask={mask!r}: pass a bool tensor or 'present'")
-            mask = classes_mask(targets, logits.shape[1])
-        coef = row_coefficients(targets, logits.shape[1], scale, class_weights)
-        self.stats["mass", source].update(logits, targets, mask)
-        self.stats["effective", source].update(logits, targets, mask, row_weights=coef)
+        if isinstance(mask, str) and mask != "present":
+            raise ValueError(f"diagnostics: mask={mask!r}: pass a bool tensor or 'present'")
+        # Queued and folded into the statistics many steps at a time (`flush`): a step costs list appends and a
+        # copy of the mask and weights (methods update those in place), not a dozen small ops per statistic.
+        weights = None if class_weights is None else class_weights.detach().clone()
+        self._queue.append((source, logits.detach(), targets, mask if isinstance(mask, str) else mask.clone(),
+                            float(scale), weights))
         if self.measuring:
+            if isinstance(mask, str):
+                mask = classes_mask(targets, logits.shape[1])
+            coef = row_coefficients(targets, logits.shape[1], scale, class_weights)
             self.terms.append(LossTerm(source, logits, targets, mask, coef))
+
+    def flush(self) -> None:
+        """Fold the queued terms into the statistics; called before anything reads them. The same sums as
+        per-step updates, up to float64 rounding."""
+        queue, self._queue = self._queue, []
+        for source in SOURCES:
+            items = [q for q in queue if q[0] == source]
+            if not items:
+                continue
+            c = items[0][1].shape[1]
+            logits = torch.cat([q[1].to(torch.float64) for q in items])
+            targets = torch.cat([q[2] for q in items])
+            masks = torch.cat([(classes_mask(q[2], c) if isinstance(q[3], str) else q[3]).expand(len(q[2]), c)
+                               for q in items])
+            coef = torch.cat([row_coefficients(q[2], c, q[4], q[5]) for q in items])
+            self.stats["mass", source].update(logits, targets, masks)
+            self.stats["effective", source].update(logits, targets, masks, row_weights=coef)
 
     def before_backward(self, loss: Tensor) -> None:
         """Called by ``Method.step`` just before ``loss.backward()``; measures on the first update of a
@@ -176,6 +197,8 @@ class Diagnostics:
             self._pending_grad = None
         if self.step % self.every == 0:
             self._snapshot(logger)
+        elif len(self._queue) >= 512:  # bound the queue when snapshots are rare
+            self.flush()
 
     def on_evaluation(self, task: int, acc_row: Sequence[float], logger) -> None:
         """At a task end: snapshot the statistics and record each seen task's gain since the previous one."""
@@ -262,6 +285,7 @@ class Diagnostics:
 
     # -- logit-gradient statistics ---------------------------------------------------------------------------
     def _host_stats(self) -> dict:
+        self.flush()
         return {f"{k}/{s}": {"pos": st.positive.cpu().tolist(), "neg": st.negative.cpu().tolist()}
                 for (k, s), st in self.stats.items()}
 
@@ -354,6 +378,7 @@ class Diagnostics:
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        self.flush()
         return {"stats": {f"{k}/{s}": st.state_dict() for (k, s), st in self.stats.items()},
                 "snapshots": self.snapshots, "grads": self.grads, "gains": self.gains, "interval": self._interval,
                 "interval_steps": self._interval_steps, "prev_acc": self._prev_acc}

@@ -184,20 +184,20 @@ def plot_grad_norms(ax, series: dict, head: bool = False, title: Optional[str] =
         ax.set_title(title, fontsize=9)
 
 
-def plot_gain(ax, series: dict, title: Optional[str] = None):
-    """Accuracy change of each task over each task interval against the gradient norm it contributed."""
-    pts = [r for r in series["gains"] if r["grad_norm"] is not None]
-    for label, sel, color in (("old task", lambda r: r["task"] < r["after_task"], "tab:blue"),
-                              ("current task", lambda r: r["task"] == r["after_task"], "tab:red")):
-        rs = [r for r in pts if sel(r)]
-        ax.scatter([r["grad_norm"] for r in rs], [r["gain"] for r in rs], color=color, s=18, label=label)
-        for r in rs:
-            ax.annotate(f"T{r['task']}@{r['after_task']}", (r["grad_norm"], r["gain"]), fontsize=6,
-                        xytext=(2, 2), textcoords="offset points")
+def plot_gain(ax, series: dict, title: Optional[str] = None, current: bool = False):
+    """Accuracy change of each task over each task interval against the mean gradient norm its rows contributed.
+    Old tasks by default (the question: does the gradient a task gets buy it accuracy?); ``current`` draws the
+    task being learned instead (its gain is from 0, an order of magnitude larger, so it gets its own axes)."""
+    pts = [r for r in series["gains"] if r["grad_norm"] is not None
+           and (r["task"] == r["after_task"]) == current]
+    cmap = plt.get_cmap("tab10")
+    for r in pts:
+        ax.scatter(r["grad_norm"], r["gain"], color=cmap(r["task"] % 10), s=20)
+        ax.annotate(f"T{r['task']}@{r['after_task']}", (r["grad_norm"], r["gain"]), fontsize=6,
+                    xytext=(2, 2), textcoords="offset points")
     ax.axhline(0.0, color="k", lw=0.8, ls="--")
-    ax.set_xlabel("mean gradient norm of the task's rows (all parameters)")
-    ax.set_ylabel("accuracy change over the task interval (points)")
-    ax.legend(fontsize=7, loc="best")
+    ax.set_xlabel("mean gradient norm of the task's rows")
+    ax.set_ylabel(("current" if current else "old") + "-task accuracy change (points)")
     if title:
         ax.set_title(title, fontsize=9)
 
@@ -215,8 +215,9 @@ def plot_run(series: dict, out_dir: str | Path) -> list[Path]:
     plot_grad_norms(axes[0], series, cos_ax=axes[2], title="all parameters")
     plot_grad_norms(axes[1], series, head=True, title="head only")
     written.append(_save(fig, out_dir / "diag_grad_norms.png"))
-    fig, ax = plt.subplots(figsize=(5, 3.8))
-    plot_gain(ax, series, title="learning gain vs gradient magnitude")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    plot_gain(axes[0], series, title="old tasks: gain over each task interval (T<task>@<interval>)")
+    plot_gain(axes[1], series, title="the task being learned", current=True)
     written.append(_save(fig, out_dir / "diag_gain.png"))
     return written
 

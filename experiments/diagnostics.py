@@ -3,6 +3,8 @@
     python experiments/diagnostics.py run        # the three runs with diagnostics on, into outputs/diagnostics/
     python experiments/diagnostics.py plots      # comparison figures into experiments/diagnostics/ + a table
     python experiments/diagnostics.py overhead er 2   # off / accounting only / on, interleaved, 2 rounds
+    python experiments/diagnostics.py overhead gsa 1 short   # off / on only
+    python experiments/diagnostics.py micro er 6      # per-batch cost in one process, variants interleaved
 
 Each run is an ordinary `python -m cil` call; extra `key=value` arguments go to every run (e.g. seed=1).
 """
@@ -41,11 +43,12 @@ def overhead(argv: list[str]) -> None:
     """Interleaved runs per variant (the machine is shared: compare neighbours, not a single pair).
     argv: [method [rounds]] then key=value overrides."""
     method = argv[0] if argv and "=" not in argv[0] else "er"
-    rounds = int(argv[1]) if len(argv) > 1 and "=" not in argv[1] else 2
+    rounds = int(argv[1]) if len(argv) > 1 and argv[1].isdigit() else 2
     extra = [a for a in argv if "=" in a]
+    variants = [VARIANTS[0], VARIANTS[2]] if "short" in argv else VARIANTS  # short: off and on only
     rows = []
     for r in range(rounds):
-        for i, (label, args) in enumerate(VARIANTS):
+        for i, (label, args) in enumerate(variants):
             res = cil(RUNS / "overhead" / f"{method}_{i}_{r}", f"method={method}", *args, *extra)
             rows.append((label, r, res["train_time_s"], res["final_avg_acc"], res["acc_matrix"]))
     print(f"| method | diagnostics | round | train time (s) | final avg acc (%) |\n|---|---|---|---|---|")
@@ -55,20 +58,83 @@ def overhead(argv: list[str]) -> None:
     print(f"{LABELS[method]}: accuracy matrices identical across all runs: {len(mats) == 1}")
 
 
+def micro(argv: list[str]) -> None:
+    """Per-batch cost in one process, variants interleaved in blocks of consecutive stream batches:
+    off / accounting only / accounting + a gradient measurement on every batch. argv: [method [blocks]]."""
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from cil.config import RunConfig
+    from cil.diagnostics import Diagnostics
+    from cil.run import build_learner
+
+    method = argv[0] if argv else "er"
+    blocks = int(argv[1]) if len(argv) > 1 else 6
+    torch.set_num_threads(1)
+    cfg = RunConfig()  # the split_mnist protocol: MNIST, MLP, SGD 0.1, batch 10, M = 500
+    cfg.method.name, cfg.log.progress = method, False
+    if method == "gsa":  # conf/method/gsa.yaml
+        cfg.method.replay_batch_size, cfg.method.current_task_replay = 64, 22
+    learner = build_learner(cfg, RUNS / "micro")
+    m, stream = learner.method, learner.stream
+    diag = Diagnostics.for_stream(1, stream, m.model)
+    batches = stream.batches()
+    task = -1
+
+    def observe(n: int, variant: str) -> float:
+        nonlocal task
+        m.diagnostics = None if variant == "off" else diag
+        diag.every = 1 if variant == "measure every batch" else 10**9
+        start = time.perf_counter()
+        for _ in range(n):
+            batch = next(batches)
+            if batch.task != task:
+                task = batch.task
+                m.on_task_start(task, stream.tasks[task].classes)
+            if m.diagnostics is not None:
+                diag.begin_batch(batch)
+            m.observe(batch)
+            m.buffer.add(batch.x, batch.y, batch.task)
+            if m.diagnostics is not None:
+                diag._pending_grad = None  # measured, not logged: the logger's CSV is not what is timed
+        if m.diagnostics is not None:
+            diag.flush()  # the statistics' update, once per block (in a run: once per `every` batches)
+        return (time.perf_counter() - start) / n * 1e3
+
+    observe(stream.batches_per_task[0] + 20, "off")  # into task 1: replay and two tasks present
+    variants = ("off", "accounting only", "measure every batch")
+    times = {v: [] for v in variants}
+    for _ in range(blocks):
+        for v in variants:
+            times[v].append(observe(40, v))
+    med = {v: sorted(t)[len(t) // 2] for v, t in times.items()}
+    print(f"{LABELS[method]}, ms per batch (median of {blocks} interleaved blocks of 40 batches, task 1-2):")
+    for v in variants:
+        print(f"  {v:20s} {med[v]:.3f}   blocks: {' '.join(f'{t:.2f}' for t in times[v])}")
+    measure = med["measure every batch"] - med["accounting only"]
+    on50 = med["accounting only"] + measure / 50
+    print(f"  -> accounting {100 * (med['accounting only'] / med['off'] - 1):+.1f}%, one measurement "
+          f"{measure:.2f} ms, diagnostics.every=50 estimated {100 * (on50 / med['off'] - 1):+.1f}%")
+
+
 def plots() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import matplotlib.pyplot as plt
 
-    from cil.diagnostics_plots import plot_class_ratios, plot_gain, plot_grad_norms, plot_group_ratios
+    from cil.diagnostics_plots import (plot_class_ratios, plot_gain, plot_grad_norms, plot_group_ratios,
+                                       plot_old_class_pushes)
 
     FIGS.mkdir(parents=True, exist_ok=True)
     series = {m: json.loads((RUNS / m / "diagnostics.json").read_text()) for m in METHODS}
     results = {m: json.loads((RUNS / m / "results.json").read_text()) for m in METHODS}
 
-    fig, axes = plt.subplots(2, 3, figsize=(14, 6.5), sharey="row")
+    fig, axes = plt.subplots(3, 3, figsize=(14, 9.5), sharey="row")
     for i, m in enumerate(METHODS):
         plot_class_ratios(axes[0, i], series[m], title=f"{LABELS[m]}: cumulative G+/G- per class (mass)")
         plot_group_ratios(axes[1, i], series[m], title=f"{LABELS[m]}: old vs new classes, last 50 batches")
+        plot_old_class_pushes(axes[2, i], series[m], title=f"{LABELS[m]}: pushes on the old classes, last 50 batches")
     save(fig, FIGS / "ratio.png")
 
     fig, axes = plt.subplots(2, 3, figsize=(14, 6.0), sharey="row")
@@ -77,27 +143,31 @@ def plots() -> None:
                         cos_ax=axes[1, i])
     save(fig, FIGS / "grad_norms.png")
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), sharey=True)
+    fig, axes = plt.subplots(2, 3, figsize=(14, 6.5), sharey="row", sharex="row")
     for i, m in enumerate(METHODS):
-        plot_gain(axes[i], series[m], title=f"{LABELS[m]}: accuracy change vs gradient norm per task interval")
+        plot_gain(axes[0, i], series[m], title=f"{LABELS[m]}: old tasks, gain vs gradient norm per task interval")
+        plot_gain(axes[1, i], series[m], title=f"{LABELS[m]}: the task being learned", current=True)
     save(fig, FIGS / "gain.png")
 
-    print("| method | final avg acc % | forgetting % | old-class G+/G- (mass) | old (effective) | new (mass) "
-          "| new (effective) | grad norm new | grad norm replay | cos(new, replay) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| method | final avg acc % | forgetting % | share of old-class G- from new data | old-class G+/G- "
+          "(mass / effective) | new-class G+/G- (mass / effective) | grad norm new / replay | cos(new, replay) |")
+    print("|---|---|---|---|---|---|---|---|")
     for m in METHODS:
-        per_task = [e for e in results[m]["diagnostics"]["per_task"] if e["task"] >= 1]
+        per_task = [e for e in results[m]["diagnostics"]["per_task"] if e["task"] >= 1]  # tasks with old classes
 
-        def mean(key, field="ratio"):
-            vals = [e[key][field] if field else e[key] for e in per_task if e.get(key) is not None]
-            vals = [v for v in vals if v is not None]
-            return sum(vals) / len(vals) if vals else float("nan")
+        def mean(values):
+            values = [v for v in values if v is not None]
+            return sum(values) / len(values) if values else float("nan")
 
+        def ratios(group):
+            return "/".join(f"{mean(e[f'{k}/all/{group}']['ratio'] for e in per_task):.3f}"
+                            for k in ("mass", "effective"))
+
+        share = mean(e["mass/new/old"]["neg"] / e["mass/all/old"]["neg"] for e in per_task)
         r = results[m]
-        print(f"| {LABELS[m]} | {r['final_avg_acc']:.2f} | {r['avg_forgetting']:.2f} "
-              f"| {mean('mass/all/old'):.3f} | {mean('effective/all/old'):.3f} | {mean('mass/all/new'):.3f} "
-              f"| {mean('effective/all/new'):.3f} | {mean('grad_norm/new', None):.3f} "
-              f"| {mean('grad_norm/replay', None):.3f} | {mean('grad_cos', None):.3f} |")
+        print(f"| {LABELS[m]} | {r['final_avg_acc']:.2f} | {r['avg_forgetting']:.2f} | {share:.2f} "
+              f"| {ratios('old')} | {ratios('new')} | {mean(e['grad_norm/new'] for e in per_task):.3f} / "
+              f"{mean(e['grad_norm/replay'] for e in per_task):.3f} | {mean(e['grad_cos'] for e in per_task):.3f} |")
 
 
 def save(fig, path: Path) -> None:
@@ -107,10 +177,11 @@ def save(fig, path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("run", "plots", "overhead"):
+    if not argv or argv[0] not in ("run", "plots", "overhead", "micro"):
         print(__doc__)
         return 2
-    {"run": lambda: run(argv[1:]), "plots": plots, "overhead": lambda: overhead(argv[1:])}[argv[0]]()
+    {"run": lambda: run(argv[1:]), "plots": plots, "overhead": lambda: overhead(argv[1:]),
+     "micro": lambda: micro(argv[1:])}[argv[0]]()
     return 0
 
 

@@ -92,10 +92,12 @@ def test_accounting_matches_autograd_of_the_methods_loss(tmp_path, digits, metho
         original(loss)
 
     diag.before_backward = capture
+    diag.flush()
     before = {k: (st.positive.clone(), st.negative.clone()) for k, st in diag.stats.items()}
     diag.begin_batch(batch)
     learner.method.observe(batch)
     hook.remove()
+    diag.flush()
 
     terms = captured["terms"]
     assert {t.source for t in terms} == {"new", "replay"}
@@ -130,10 +132,12 @@ def test_er_reports_incoming_and_replay_rows_separately(tmp_path, digits):
     diag.before_backward = lambda loss: (grads.setdefault("g", torch.autograd.grad(loss, outputs[0],
                                                                                    retain_graph=True)[0]),
                                          original(loss))
+    diag.flush()
     before = {s: diag.stats["effective", s].negative.clone() for s in ("new", "replay")}
     diag.begin_batch(batch)
     learner.method.observe(batch)
     hook.remove()
+    diag.flush()
     n = len(batch.y)
     g = grads["g"].double()
     torch.testing.assert_close(diag.stats["effective", "new"].negative - before["new"], g[:n].clamp(min=0).sum(0))
@@ -171,6 +175,7 @@ def test_diagnostics_leave_training_bit_identical(tmp_path, digits, method):
     assert [g["task"] for g in gains] == [0, 1, 2, 3, 4]
     acc = res_on["acc_matrix"]
     assert gains[1]["gain"] == pytest.approx(acc[4][1] - acc[3][1])
+    on.diagnostics.flush()
     if method == "gsa":  # the replay mass is GSA's own statistics
         torch.testing.assert_close(on.diagnostics.stats["mass", "replay"].positive, on.method.stats.positive)
         torch.testing.assert_close(on.diagnostics.stats["mass", "replay"].negative, on.method.stats.negative)
@@ -187,7 +192,7 @@ def test_cli_writes_diagnostics_logs_and_plots(tmp_path):
     cmd = [sys.executable, "-m", "cil", f"hydra.run.dir={run_dir}", "dataset=digits", "method=er",
            "buffer.size=100", "log.progress=false", "eval.anytime_every=0", "diagnostics.enabled=true",
            "diagnostics.every=10"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
     assert proc.returncode == 0, proc.stderr
     res = json.loads((run_dir / "results.json").read_text())
     assert len(res["diagnostics"]["per_task"]) == 5 and res["diagnostics"]["measured_steps"] >= 10
