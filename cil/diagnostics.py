@@ -16,10 +16,11 @@ and the reported terms add up to the method's loss (the tests check this for eve
 - GSA: 'new' = the new-data branch (incoming + current-task buffer rows, every view), softmax over the task's
   classes; 'replay' = the mixed replay batch (every view), seen classes, weights w, scale buffer_loss_weight.
 
-**1. Logit-gradient masses per class** (every update, on the device, no sync). For row i with softmax p over its
-term's mask, dCE_i/dz_ic = p_ic - 1[c = y_i]: its own class gets a *positive* gradient 1 - p_iy, every other
-class of the mask a *negative* one p_ic, classes outside the mask nothing. Two accountings, per source, each a
-``cil.objectives.gsa.GradientStats`` accumulated over the whole stream:
+**1. Logit-gradient masses per class** (every update; queued, and folded into the statistics at each snapshot,
+so no sync per step). For row i with softmax p over its term's mask, dCE_i/dz_ic = p_ic - 1[c = y_i]: its own
+class gets a *positive* gradient 1 - p_iy, every other class of the mask a *negative* one p_ic, classes outside
+the mask nothing. Two accountings, per source, each a ``cil.objectives.gsa.GradientStats`` accumulated over the
+whole stream:
 - ``mass``: every row counts 1: GSA's own statistics (for GSA, the 'replay' mass equals ``method.stats``);
 - ``effective``: row i weighted by its coefficient in the loss (scale * w[y_i] / N): exactly the positive and
   negative parts of dLoss/dlogits, the logit gradient the optimiser follows.
@@ -29,9 +30,10 @@ Ratio r_c = G+_c / G-_c (< 1: class c is pushed down more than up). At task t, *
 **2. Per-source parameter gradients** (every ``every`` batches, first update of the batch). The loss splits
 into groups of rows (source, task of the row's label), each the sum of its rows' share of the loss. Before the
 method's backward, ``torch.autograd.grad(group, parameters, retain_graph=True)`` gives each group's gradient
-with respect to *all* trainable parameters (and the head's slice of it: the head is where the imbalance acts,
-the body is where interference between tasks shows). Source gradient = sum of its groups, task gradient = sum
-of the task's groups over both sources; norms and the cosine of new vs replay. The groups add up to the loss,
+with respect to *all* trainable parameters (affordable: one backward per group, on measured batches only), and
+the head's slice of it (the head is where the imbalance acts, the body where interference between tasks
+shows). Source gradient = sum of its groups, task gradient = sum of the task's groups over both sources; norms
+and the cosine of new vs replay. The groups add up to the loss,
 so their gradients add up to the one the optimiser uses. Nothing here writes ``.grad``, runs a forward or
 draws a random number, so the optimiser step is the same with diagnostics on or off.
 

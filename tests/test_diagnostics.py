@@ -192,7 +192,8 @@ def test_cli_writes_diagnostics_logs_and_plots(tmp_path):
     cmd = [sys.executable, "-m", "cil", f"hydra.run.dir={run_dir}", "dataset=digits", "method=er",
            "buffer.size=100", "log.progress=false", "eval.anytime_every=0", "diagnostics.enabled=true",
            "diagnostics.every=10"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((run_dir / "results.json").read_text())
     assert len(res["diagnostics"]["per_task"]) == 5 and res["diagnostics"]["measured_steps"] >= 10
