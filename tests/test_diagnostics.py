@@ -204,3 +204,16 @@ def test_cli_writes_diagnostics_logs_and_plots(tmp_path):
     assert series["snapshots"] and series["grads"]
     for name in ("diag_ratio.png", "diag_grad_norms.png", "diag_gain.png"):
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_state_dict_round_trip_keeps_the_statistics(tmp_path, digits):
+    learner = build_learner(config("er_ace", True, every=5), tmp_path, dataset=digits)
+    feed(learner, 30)
+    state = learner.diagnostics.state_dict()
+    fresh = build_learner(config("er_ace", True, every=5), tmp_path / "b", dataset=digits).diagnostics
+    fresh.load_state_dict(state)
+    assert learner.diagnostics.stats["mass", "replay"].positive.sum() > 0  # something to lose
+    for key, st in learner.diagnostics.stats.items():
+        assert torch.equal(fresh.stats[key].positive, st.positive)
+        assert torch.equal(fresh.stats[key].negative, st.negative)
+    assert fresh.summary()["classes"] == learner.diagnostics.summary()["classes"]
