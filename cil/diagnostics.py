@@ -232,13 +232,10 @@ class Diagnostics:
     def _norms(self, g: Tensor) -> tuple[float, float]:
         return float(g.norm()), float(g[g.shape[0] - self.head_size:].norm())
 
-    @staticmethod
-    def _cos(a: Tensor, b: Tensor) -> Optional[float]:
-        na, nb = a.norm(), b.norm()
-        return float(a @ b / (na * nb)) if float(na) > 0 and float(nb) > 0 else None
-
     def _measure(self) -> dict:
-        """Gradients of the (source, task) groups of rows; one backward each, the graph kept for the method."""
+        """Gradients of the (source, task) groups of rows; one backward each, the graph kept for the method.
+        Accumulators are the first group's gradient itself (no zero-filled vectors), and the total's norm and
+        the cosines come from dot products, so the bookkeeping stays small next to the backward passes."""
         groups: dict[int, list[tuple[str, Tensor]]] = {}
         for term in self.terms:
             rows = term.row_losses()
@@ -246,24 +243,30 @@ class Diagnostics:
             for j in torch.unique(row_task).tolist():  # a sync, on measured steps only
                 groups.setdefault(j, []).append((term.source, (rows * (row_task == j)).sum()))
         size = sum(p.numel() for p in self.params)
-        total = {s: torch.zeros(size, device=self.device) for s in SOURCES}
+        total: dict[str, Tensor] = {}
         rec = {"step": self.step, "task": self.task, "tasks": {}, "replay_tasks": {}}
         for j in sorted(groups):  # one task at a time: at most one task-sized accumulator alive
-            task_grad = torch.zeros(size, device=self.device)
+            task_grad = None
             for source, group_loss in groups[j]:
                 g = self._flat_grad(group_loss)
-                total[source] += g
-                task_grad += g
+                total[source] = g.clone() if source not in total else total[source].add_(g)
+                task_grad = g if task_grad is None else task_grad + g
                 if source == "replay":
                     rec["replay_tasks"][j] = self._norms(g)
-            rec["tasks"][j] = self._norms(task_grad)
+            one_replay_group = len(groups[j]) == 1 and groups[j][0][0] == "replay"
+            rec["tasks"][j] = rec["replay_tasks"][j] if one_replay_group else self._norms(task_grad)
+        for s in SOURCES:
+            total.setdefault(s, torch.zeros(size, device=self.device))
         self.last_grads = total  # the flat per-source gradients of the last measured step (tests, notebooks)
         h = size - self.head_size
-        for s in SOURCES:
-            rec[s] = self._norms(total[s])
-        rec["cos"] = self._cos(total["new"], total["replay"])
-        rec["head_cos"] = self._cos(total["new"][h:], total["replay"][h:])
-        rec["total"] = self._norms(total["new"] + total["replay"])
+        a, b = total["new"], total["replay"]
+        for key, (x, y) in (("", (a, b)), ("head_", (a[h:], b[h:]))):
+            xx, yy, xy = float(x @ x), float(y @ y), float(x @ y)
+            rec[f"{key}cos"] = xy / math.sqrt(xx * yy) if xx > 0 and yy > 0 else None
+            rec[f"_{key}sq"] = (xx, yy, math.sqrt(max(xx + yy + 2 * xy, 0.0)))
+        for i, s in enumerate(SOURCES):
+            rec[s] = (math.sqrt(rec["_sq"][i]), math.sqrt(rec["_head_sq"][i]))
+        rec["total"] = (rec.pop("_sq")[2], rec.pop("_head_sq")[2])
         return rec
 
     def _log_grad(self, rec: dict, logger) -> None:

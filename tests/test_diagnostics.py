@@ -113,7 +113,7 @@ def test_accounting_matches_autograd_of_the_methods_loss(tmp_path, digits, metho
     total = diag.last_grads["new"] + diag.last_grads["replay"]
     torch.testing.assert_close(total, flat, rtol=1e-4, atol=1e-6)
     rec = diag._pending_grad
-    assert rec["new"][0] == pytest.approx(float(diag.last_grads["new"].norm()), rel=1e-6)
+    assert rec["new"][0] == pytest.approx(float(diag.last_grads["new"].norm()), rel=1e-5)
     assert rec["total"][0] == pytest.approx(float(flat.norm()), rel=1e-4)
     assert set(rec["replay_tasks"]) <= {0, 1} and 0 in rec["replay_tasks"]
     assert -1 <= rec["cos"] <= 1
