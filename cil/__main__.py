@@ -48,7 +48,8 @@ def main(dcfg: DictConfig) -> dict:
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep job: skip if complete, record a failure, go on
         from cil.sweep import run_sweep_job
         return run_sweep_job(cfg, out_dir, resolved, list(HydraConfig.get().overrides.task))
-    from cil.run import run_experiment  # after Hydra has parsed the command line: `--help` stays fast
+    from cil.checkpoint import EXIT_PREEMPTED, Preempted  # after Hydra has parsed the command line:
+    from cil.run import run_experiment  # `--help` stays fast
 
     try:
         results = run_experiment(cfg, out_dir, resolved_config=resolved)
@@ -57,6 +58,10 @@ def main(dcfg: DictConfig) -> dict:
         print(f"error: {err}", file=sys.stderr)
         _tidy_failed_run(out_dir)
         sys.exit(2)
+    except Preempted as stop:
+        log.warning("pre-empted: %s", stop)
+        print(f"pre-empted: {stop}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     summary = (f"final average accuracy {results['final_avg_acc']:.2f}%, forgetting "
                f"{results['avg_forgetting'] if results['avg_forgetting'] is None else round(results['avg_forgetting'], 2)}"
                f"%, anytime {results['anytime_acc']:.2f}%, {results['samples_per_s']:.0f} samples/s")

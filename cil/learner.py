@@ -73,6 +73,7 @@ class Learner:
         self.loss_count = 0
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.last_log = {"loss": math.nan, "online_acc": math.nan}
+        self.checkpointer = None  # a cil.checkpoint.Checkpointer, set by cil.run
 
     # -- evaluation ------------------------------------------------------------------------------------------
     def evaluate_all(self) -> list[float]:
@@ -123,6 +124,8 @@ class Learner:
             if task_ends:
                 tick = self._timed_eval(tick, lambda: self._task_end(task))
                 method.on_task_end(task)
+            if self.checkpointer is not None and self.checkpointer.due(self.step, task_ends):
+                tick = self._checkpoint(tick)
         self.train_time_s += time.perf_counter() - tick
         bar.close()
         return self.results()
@@ -136,6 +139,14 @@ class Learner:
         end = time.perf_counter()
         self.eval_time_s += end - start
         return end
+
+    def _checkpoint(self, tick: float) -> float:
+        """Write a checkpoint (cil.checkpoint), not counted as training time; it raises Preempted after writing
+        when SIGTERM asked the run to stop."""
+        _sync(self.device)
+        self.train_time_s += time.perf_counter() - tick
+        self.checkpointer.checkpoint(self)
+        return time.perf_counter()
 
     def _anytime(self, task: int) -> None:
         acc = self.evaluate_anytime(task)

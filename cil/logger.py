@@ -8,7 +8,8 @@ from typing import Optional
 
 
 class RunLogger:
-    def __init__(self, out_dir: Path, tensorboard: bool = False, resume: bool = False):
+    def __init__(self, out_dir: Path, tensorboard: bool = False, resume: bool = False,
+                 purge_step: Optional[int] = None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / "metrics.csv"
@@ -20,7 +21,8 @@ class RunLogger:
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported only when asked for: it is slow to load
-            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+            # purge_step: a resumed run hides the events an interrupted attempt logged after its checkpoint
+            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=purge_step)
 
     def scalar(self, key: str, value: float, step: int, task: Optional[int] = None) -> None:
         self._csv.writerow([step, "" if task is None else task, key, f"{value:.6g}"])

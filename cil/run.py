@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,15 +17,18 @@ import torch
 
 from cil import __version__
 from cil.buffer import ReplayBuffer
+from cil.checkpoint import Checkpointer, Preempted, config_differences
 from cil.config import RunConfig, validate
 from cil.data.datasets import ImageDataset, load_dataset
 from cil.data.stream import ClassIncrementalStream
 from cil.diagnostics import Diagnostics
-from cil.errors import ConfigError
+from cil.errors import ConfigError, TrainingError
 from cil.learner import Learner
 from cil.logger import RunLogger
 from cil.methods import method_class
 from cil.models import build_model
+
+log = logging.getLogger("cil")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,8 +80,10 @@ def load_run_dataset(cfg: RunConfig) -> ImageDataset:
     return load_dataset(d.name, d.root, download=d.download, verify=d.verify, image_size=d.image_size, path=d.path)
 
 
-def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset] = None) -> Learner:
-    """Everything a run needs, in the order that keeps runs reproducible from the seed."""
+def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset] = None,
+                  resume_step: Optional[int] = None) -> Learner:
+    """Everything a run needs, in the order that keeps runs reproducible from the seed. `resume_step`: the run
+    continues from a checkpoint at that stream position (logs are appended to, not started over)."""
     validate(cfg)
     device = resolve_device(cfg.device)
     if cfg.deterministic:
@@ -103,29 +108,72 @@ def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset]
                  channels_last=cfg.channels_last, seed=cfg.seed + 2, input_shape=dataset.input_shape)
     if cfg.diagnostics.enabled:
         method.diagnostics = Diagnostics.for_stream(cfg.diagnostics.every, stream, model)
-    logger = RunLogger(out_dir, tensorboard=cfg.log.tensorboard)
+    logger = RunLogger(out_dir, tensorboard=cfg.log.tensorboard, resume=resume_step is not None,
+                       purge_step=resume_step)
     return Learner(cfg, stream, method, logger)
 
 
 def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: Optional[dict] = None) -> dict:
-    """Run one experiment into `out_dir` and return (and write) its results.json content."""
+    """Run one experiment into `out_dir` and return (and write) its results.json content.
+
+    With checkpoint.resume (the default) a checkpoint in `out_dir` is continued, and a run folder that already
+    holds a complete run of the same config just returns its results. Raises Preempted (after writing a
+    checkpoint) when SIGTERM arrives, TrainingError when the loss becomes non-finite; both leave a results.json
+    whose status says so, never one that looks complete."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    learner = build_learner(cfg, out_dir)
+    config = resolved_config if resolved_config is not None else dataclasses.asdict(cfg)
+    done = completed_results(out_dir, cfg, config)
+    if done is not None:
+        return done
+    checkpointer = Checkpointer(out_dir, cfg, config)
+    state = checkpointer.load()
+    if state is not None:
+        checkpointer.rewind_logs(state)
+    learner = build_learner(cfg, out_dir, resume_step=None if state is None else state["learner"]["step"])
+    learner.checkpointer = checkpointer
+    if state is not None:
+        checkpointer.restore(learner, state)
     try:
-        results = learner.run()
+        with checkpointer.stop_on_signals():
+            results = learner.run()
+    except (Preempted, TrainingError) as err:
+        status = "preempted" if isinstance(err, Preempted) else "failed"
+        write_json_atomic(out_dir / "results.json", {
+            "status": status, "error": str(err), "step": learner.step, "stream_batches": len(learner.stream),
+            "checkpoint": str(checkpointer.path) if checkpointer.path.exists() else None, "config": config})
+        raise
     finally:
         learner.logger.close()
     if learner.diagnostics is not None:
         learner.diagnostics.save(out_dir, plots=cfg.diagnostics.plots)
     results = {
         "status": "complete",
-        "config": resolved_config if resolved_config is not None else dataclasses.asdict(cfg),
+        "config": config,
         **results,
-        "wall_time_s": time.time() - started,
+        "wall_time_s": checkpointer.wall_time(),
         "versions": {"cil": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "device": str(learner.device),
     }
     write_json_atomic(out_dir / "results.json", results)
+    checkpointer.finish()
     return results
+
+
+def completed_results(out_dir: Path, cfg: RunConfig, config: dict) -> Optional[dict]:
+    """The results of a complete run of this config already in `out_dir` (resuming it has nothing to do)."""
+    path = out_dir / "results.json"
+    if not cfg.checkpoint.resume or not path.exists():
+        return None
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: it cannot be a complete run's output (results.json is written atomically)
+    if previous.get("status") != "complete":
+        return None
+    diff = config_differences(previous.get("config", {}), config)
+    if diff:
+        raise ConfigError(f"{out_dir} already holds a complete run with other settings ({'; '.join(diff[:5])}); "
+                          "choose another hydra.run.dir, or set checkpoint.resume=false to overwrite it")
+    log.info("%s already holds a complete run of this config; nothing to do", out_dir)
+    return previous

@@ -1,0 +1,72 @@
+"""`python tests/_interrupt_cli.py WHERE:N:SIGNAL [cli overrides...]` runs `python -m cil` unchanged, except that
+the process sends itself SIGNAL (KILL or TERM) at the N-th occurrence (1-based, counted in this process) of WHERE:
+
+  observe  inside a method's update of an incoming batch (after the optimizer step, before the buffer add)
+  eval     inside an evaluation (anytime or end of task), after the model went to eval mode
+  saved    right after a checkpoint was renamed into place
+  writing  while a checkpoint is written: the temporary file is complete but not yet renamed
+
+Used by tests/test_resume.py to interrupt real CLI runs at chosen points.
+"""
+import os
+import signal
+import sys
+
+import cil.checkpoint
+import cil.learner
+from cil.methods.base import Method
+
+where, nth, signame = sys.argv.pop(1).split(":")
+nth, signum = int(nth), getattr(signal, f"SIG{signame}")
+count = 0
+
+
+def tick() -> None:
+    global count
+    count += 1
+    if count == nth:
+        os.kill(os.getpid(), signum)
+
+
+def wrap(owner, name, before=False):
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        if before:
+            tick()
+        out = original(*args, **kwargs)
+        if not before:
+            tick()
+        return out
+
+    setattr(owner, name, wrapper)
+
+
+if where == "observe":
+    wrap(Method, "observe")
+elif where == "eval":
+    original_eval = cil.learner.evaluate
+
+    def evaluate(method, *args, **kwargs):
+        method.model.eval()
+        tick()
+        return original_eval(method, *args, **kwargs)
+
+    cil.learner.evaluate = evaluate
+elif where == "saved":
+    wrap(cil.checkpoint.Checkpointer, "save")
+elif where == "writing":
+    original_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(cil.checkpoint.CHECKPOINT_NAME):
+            tick()
+        return original_replace(src, dst)
+
+    cil.checkpoint.os.replace = replace
+else:
+    raise SystemExit(f"unknown interruption point {where!r}")
+
+from cil.__main__ import main  # noqa: E402  (after the patches)
+
+main()

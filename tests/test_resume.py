@@ -1,0 +1,126 @@
+"""Killed, pre-empted and resumed CLI runs end exactly where an uninterrupted run ends (results.json and
+metrics.csv, timings aside), bit for bit on CPU; two runs of one seed agree."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS = Path(__file__).resolve().parent
+INTERRUPT = TESTS / "_interrupt_cli.py"
+# digits: 5 tasks of ~29 batches; checkpoints every 25 batches and at task ends, losses read back every 15
+# batches (so checkpoints fall between read-backs and carry accumulated loss), anytime evaluation every 20.
+FAST = ["dataset=digits", "log.progress=false", "log.every=15", "eval.anytime_every=20", "checkpoint.every=25",
+        "buffer.size=100"]
+METHODS = {"er": ["method=er", "method.replay_batch_size=10"],
+           "gsa": ["method=gsa", "method.replay_batch_size=32", "method.current_task_replay=8"]}
+TIMINGS = {"train_time_s", "eval_time_s", "samples_per_s", "wall_time_s", "peak_rss_mb", "peak_cuda_mb"}
+EXIT_PREEMPTED = 75
+
+
+def cli(run_dir: Path, args, interrupt=None, wait=True):
+    entry = [str(INTERRUPT), interrupt] if interrupt else ["-m", "cil"]
+    cmd = [sys.executable, *entry, f"hydra.run.dir={run_dir}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    return subprocess.run(cmd, cwd=run_dir.parent, capture_output=True, text=True, timeout=600, env=env)
+
+
+def comparable(run_dir: Path) -> dict:
+    res = json.loads((run_dir / "results.json").read_text())
+    return {k: v for k, v in res.items() if k not in TIMINGS}
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["learner"]["step"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs (checkpoints written along the way, as in the interrupted runs)."""
+    runs = {}
+    for name, args in METHODS.items():
+        run_dir = tmp_path_factory.mktemp(f"ref_{name}") / "run"
+        proc = cli(run_dir, [*FAST, *args])
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = run_dir
+    return runs
+
+
+def test_er_resumes_bit_for_bit_after_kills_at_many_points(tmp_path, reference):
+    run_dir, args = tmp_path / "run", [*FAST, *METHODS["er"]]
+    # 1. SIGKILL in the middle of a step (batch 37, task 1): the last checkpoint is the end of task 0 (batch ~29).
+    proc = cli(run_dir, args, "observe:37:KILL")
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "results.json").exists()
+    first = checkpoint_step(run_dir)
+    assert 25 <= first < 37
+    # 2. resumed, then SIGKILL right after its second checkpoint
+    proc = cli(run_dir, args, "saved:2:KILL")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    second = checkpoint_step(run_dir)
+    assert second > first
+    # 3. resumed, then SIGKILL during its second evaluation
+    proc = cli(run_dir, args, "eval:2:KILL")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    third = checkpoint_step(run_dir)
+    assert third >= second
+    # 4. resumed, then SIGKILL while its first checkpoint is being written (temporary file done, not renamed)
+    proc = cli(run_dir, args, "writing:1:KILL")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert list(run_dir.glob(".checkpoint.pt.*.tmp")), "the kill should have left the temporary file"
+    assert checkpoint_step(run_dir) == third  # the previous checkpoint is intact
+    # 5. resumed, then SIGTERM mid-step: checkpoint after the batch in flight, exit "pre-empted, resumable"
+    proc = cli(run_dir, args, "observe:5:TERM")
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr
+    assert "pre-empted" in proc.stderr and "resume" in proc.stderr
+    assert checkpoint_step(run_dir) == third + 5
+    status = json.loads((run_dir / "results.json").read_text())
+    assert status["status"] == "preempted" and status["step"] == third + 5
+    # 6. resumed to the end
+    proc = cli(run_dir, args)
+    assert proc.returncode == 0, proc.stderr
+    assert not list(run_dir.glob(".checkpoint.pt.*.tmp"))
+    assert not (run_dir / "checkpoint.pt").exists()  # checkpoint.keep=false: removed once results.json is written
+    assert comparable(run_dir) == comparable(reference["er"])
+    assert (run_dir / "metrics.csv").read_bytes() == (reference["er"] / "metrics.csv").read_bytes()
+
+
+def test_gsa_resumes_bit_for_bit_after_sigkill_and_external_sigterm(tmp_path, reference):
+    run_dir, args = tmp_path / "run", [*FAST, *METHODS["gsa"]]
+    # SIGKILL mid-step in task 1 (GSA's gradient statistics, buffer and augmentation generator all in flight)
+    proc = cli(run_dir, args, "observe:40:KILL")
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = checkpoint_step(run_dir)
+    # resumed, then SIGTERM from outside (as SLURM sends it) once the resumed run has written a checkpoint
+    proc = cli(run_dir, args, wait=False)
+    deadline = time.time() + 300
+    while checkpoint_step(run_dir) == killed_at and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "preempted"
+    proc = cli(run_dir, args)
+    assert proc.returncode == 0, proc.stderr
+    assert comparable(run_dir) == comparable(reference["gsa"])
+    assert (run_dir / "metrics.csv").read_bytes() == (reference["gsa"] / "metrics.csv").read_bytes()
+
+
+def test_same_seed_same_results_and_checkpoints_change_nothing(tmp_path, reference):
+    """A second GSA run of the same seed without any checkpoint equals the reference bit for bit (the config's
+    checkpoint keys aside), so neither run-to-run noise nor writing checkpoints changes a result."""
+    run_dir = tmp_path / "run"
+    proc = cli(run_dir, [*FAST, *METHODS["gsa"], "checkpoint.every=0", "checkpoint.at_task_end=false"])
+    assert proc.returncode == 0, proc.stderr
+    mine, ref = comparable(run_dir), comparable(reference["gsa"])
+    assert mine.pop("config").pop("checkpoint") != ref.pop("config").pop("checkpoint")
+    assert mine == ref
+    assert (run_dir / "metrics.csv").read_bytes() == (reference["gsa"] / "metrics.csv").read_bytes()
