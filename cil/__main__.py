@@ -6,16 +6,20 @@ key), then `run_experiment` does the work in the Hydra run directory.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from cil.config import RunConfig
+from cil.config_errors import describe, unknown_keys
 from cil.errors import CilError
 
 ConfigStore.instance().store(name="cil_schema", node=RunConfig)
@@ -43,6 +47,12 @@ def _tidy_failed_run(out_dir: Path) -> None:
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> dict:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        unknown_keys(dcfg)  # keys added with `+key=value` that the schema does not know
+    except CilError as err:
+        print(f"error: {err}", file=sys.stderr)
+        _tidy_failed_run(out_dir)
+        sys.exit(2)
     cfg: RunConfig = OmegaConf.to_object(dcfg)
     resolved = OmegaConf.to_container(dcfg, resolve=True)
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep job: skip if complete, record a failure, go on
@@ -70,5 +80,16 @@ def main(dcfg: DictConfig) -> dict:
     return results
 
 
+def cli() -> None:
+    """`python -m cil` and the `cil` script: config errors found while Hydra composes the config (wrong type,
+    unknown key or group option, bad override syntax) print one `error: ...` line and exit 2, like CilError."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra re-raises instead of printing its own report
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"error: {describe(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

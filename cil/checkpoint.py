@@ -45,7 +45,7 @@ FORMAT_VERSION = 1
 # wrote a checkpoint and continues when started again with the same command and run folder.
 EXIT_PREEMPTED = 75
 # Config keys that may change between a run and its resumption: they do not touch what the run computes.
-RESUMABLE_CHANGES = ("checkpoint.", "log.progress", "log.tensorboard")
+RESUMABLE_CHANGES = ("checkpoint.", "log.progress", "log.tensorboard", "dataset.download", "dataset.verify")
 
 
 class Preempted(Exception):
@@ -96,9 +96,9 @@ def check_finite(learner: "Learner") -> None:
     if bool(learner.nonfinite) or bad:
         where = f" (non-finite values in {', '.join(bad[:3])})" if bad else ""
         raise TrainingError(
-            f"the training loss became non-finite (nan or inf) before stream batch {learner.step}{where}; "
-            "the run stopped and the last good checkpoint (if any) is kept. Lower optimizer.lr, or use "
-            "precision=fp32 if precision=bf16")
+            f"training diverged: the loss or the weights became non-finite (nan or inf) by stream batch "
+            f"{learner.step}{where}; the run stopped without writing a checkpoint, the last good one (if any) is "
+            "kept. Lower optimizer.lr, or use precision=fp32 if precision=bf16")
 
 
 def _rng_state() -> dict:
@@ -155,8 +155,8 @@ class Checkpointer:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file becomes one clear error
-            raise DataError(f"cannot read checkpoint {self.path}: {type(e).__name__}: {e}. Delete it or set "
-                            "checkpoint.resume=false to start the run over") from e
+            raise DataError(f"cannot read checkpoint {self.path} ({type(e).__name__}): the file is corrupt or not "
+                            "a cil checkpoint. Delete it or set checkpoint.resume=false to start the run over") from e
         if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
             raise DataError(f"{self.path} is not a cil checkpoint of format {FORMAT_VERSION}; delete it or set "
                             "checkpoint.resume=false to start the run over")

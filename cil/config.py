@@ -124,12 +124,13 @@ class RunConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model (opt-in)
-    deterministic: bool = False  # torch.use_deterministic_algorithms (CUDA); CPU runs are deterministic anyway
+    deterministic: bool = False  # CUDA: deterministic kernels (cil.determinism); CPU runs are deterministic anyway
     experiment: Optional[str] = None  # name of the protocol, set by conf/experiment/*
 
 
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("sgd", "adam")
+BUFFER_POLICIES = ("reservoir", "class_balanced")
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -142,6 +143,11 @@ def validate(cfg: RunConfig, num_classes: Optional[int] = None) -> None:
     _require(cfg.stream.n_tasks >= 1, "stream.n_tasks", cfg.stream.n_tasks, "use an integer >= 1")
     _require(cfg.stream.batch_size >= 1, "stream.batch_size", cfg.stream.batch_size, "use an integer >= 1")
     _require(cfg.buffer.size >= 0, "buffer.size", cfg.buffer.size, "use an integer >= 0")
+    _require(cfg.buffer.policy in BUFFER_POLICIES, "buffer.policy", cfg.buffer.policy,
+             f"choose one of {BUFFER_POLICIES}")
+    _require(all(h >= 1 for h in cfg.model.hidden), "model.hidden", list(cfg.model.hidden),
+             "use a list of layer widths >= 1 ([] for a linear model)")
+    _require(cfg.model.nf is None or cfg.model.nf >= 1, "model.nf", cfg.model.nf, "use null or an integer >= 1")
     _require(cfg.method.iters >= 1, "method.iters", cfg.method.iters, "use an integer >= 1")
     _require(cfg.method.replay_batch_size >= 0, "method.replay_batch_size", cfg.method.replay_batch_size,
              "use an integer >= 0")
@@ -156,6 +162,10 @@ def validate(cfg: RunConfig, num_classes: Optional[int] = None) -> None:
              "use [lo, hi] with 0 < lo <= hi <= 1")
     _require(cfg.optimizer.name in OPTIMIZERS, "optimizer.name", cfg.optimizer.name, f"choose one of {OPTIMIZERS}")
     _require(cfg.optimizer.lr > 0, "optimizer.lr", cfg.optimizer.lr, "use a learning rate > 0")
+    _require(cfg.optimizer.momentum >= 0, "optimizer.momentum", cfg.optimizer.momentum, "use a value >= 0")
+    betas = list(cfg.optimizer.betas)
+    _require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "optimizer.betas", betas,
+             "use [beta1, beta2] with 0 <= beta < 1")
     _require(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", cfg.optimizer.weight_decay, "use a value >= 0")
     _require(cfg.precision in PRECISIONS, "precision", cfg.precision, f"choose one of {PRECISIONS}")
     _require(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "use an integer >= 1")

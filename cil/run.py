@@ -22,6 +22,7 @@ from cil.config import RunConfig, validate
 from cil.data.datasets import ImageDataset, load_dataset
 from cil.data.stream import ClassIncrementalStream
 from cil.diagnostics import Diagnostics
+from cil.determinism import enable_determinism
 from cil.errors import ConfigError, TrainingError
 from cil.learner import Learner
 from cil.logger import RunLogger
@@ -87,7 +88,7 @@ def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset]
     validate(cfg)
     device = resolve_device(cfg.device)
     if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        enable_determinism()
     dataset = dataset or load_run_dataset(cfg)
     validate(cfg, dataset.num_classes)
     stream = ClassIncrementalStream(dataset, cfg.stream.n_tasks, cfg.stream.batch_size, cfg.stream.class_order,
@@ -122,6 +123,7 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: 
     whose status says so, never one that looks complete."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    validate(cfg)  # before looking at what the run folder holds
     config = resolved_config if resolved_config is not None else dataclasses.asdict(cfg)
     done = completed_results(out_dir, cfg, config)
     if done is not None:

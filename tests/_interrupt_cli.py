@@ -1,5 +1,6 @@
-"""`python tests/_interrupt_cli.py WHERE:N:SIGNAL [cli overrides...]` runs `python -m cil` unchanged, except that
-the process sends itself SIGNAL (KILL or TERM) at the N-th occurrence (1-based, counted in this process) of WHERE:
+"""`python tests/_interrupt_cli.py WHERE:N:ACTION [cli overrides...]` runs `python -m cil` unchanged, except that
+at the N-th occurrence (1-based, counted in this process) of WHERE the process sends itself SIGKILL (ACTION=KILL)
+or SIGTERM (TERM), or sets the model's weights to NaN (NAN, a diverged update), where WHERE is one of:
 
   observe  inside a method's update of an incoming batch (after the optimizer step, before the buffer add)
   eval     inside an evaluation (anytime or end of task), after the model went to eval mode
@@ -16,27 +17,29 @@ import cil.checkpoint
 import cil.learner
 from cil.methods.base import Method
 
-where, nth, signame = sys.argv.pop(1).split(":")
-nth, signum = int(nth), getattr(signal, f"SIG{signame}")
+where, nth, action = sys.argv.pop(1).split(":")
+nth = int(nth)
 count = 0
 
 
-def tick() -> None:
+def tick(method=None) -> None:
     global count
     count += 1
-    if count == nth:
-        os.kill(os.getpid(), signum)
+    if count != nth:
+        return
+    if action == "NAN":
+        for p in method.model.parameters():
+            p.data.fill_(float("nan"))
+    else:
+        os.kill(os.getpid(), getattr(signal, f"SIG{action}"))
 
 
-def wrap(owner, name, before=False):
+def wrap(owner, name):
     original = getattr(owner, name)
 
-    def wrapper(*args, **kwargs):
-        if before:
-            tick()
-        out = original(*args, **kwargs)
-        if not before:
-            tick()
+    def wrapper(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        tick(getattr(self, "method", self))
         return out
 
     setattr(owner, name, wrapper)
@@ -49,7 +52,7 @@ elif where == "eval":
 
     def evaluate(method, *args, **kwargs):
         method.model.eval()
-        tick()
+        tick(method)
         return original_eval(method, *args, **kwargs)
 
     cil.learner.evaluate = evaluate

@@ -102,7 +102,7 @@ def _check_md5(path: Path, expected: str) -> None:
     actual = _md5(path)
     if actual != expected:
         raise DataError(f"checksum mismatch for {path}: md5 {actual}, expected {expected}. The file is corrupt "
-                        f"or a different version; replace it, or pass verify=False to load it anyway")
+                        f"or a different version; replace it, or set dataset.verify=false to load it anyway")
 
 
 @contextlib.contextmanager
