@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, Optional
 
 import torch
 
@@ -54,8 +54,8 @@ class Preempted(Exception):
     def __init__(self, step: int, path: Path, signum: int):
         self.step, self.path, self.signum = step, path, signum
         super().__init__(f"{signal.Signals(signum).name} received: checkpoint written at stream batch {step} to "
-                         f"{path}; run the same command again (same hydra.run.dir) to resume "
-                         f"(exit code {EXIT_PREEMPTED} means pre-empted, resumable)")
+                         f"{path}; to resume, run the same command with hydra.run.dir={path.parent} "
+                         f"(exit code {EXIT_PREEMPTED}: pre-empted, resumable)")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -112,14 +112,23 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """`write(file)` into a temporary file in the same folder, fsync, then rename over `path`: a reader, or a
+    run killed at any moment, sees the old file or the new one, never half of one."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the permissions of a normal file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -148,8 +157,9 @@ class Checkpointer:
     # -- resuming ----------------------------------------------------------------------------------------------
     def load(self) -> Optional[dict]:
         """The checkpoint to resume from, or None (none there, or checkpoint.resume=false)."""
-        for stale in self.out_dir.glob(f".{CHECKPOINT_NAME}.*.tmp"):  # a write that a kill interrupted
-            stale.unlink(missing_ok=True)
+        for name in (CHECKPOINT_NAME, "results.json"):  # temporary files of writes that a kill interrupted
+            for stale in self.out_dir.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
         if not self.cfg.resume or not self.path.exists():
             return None
         try:
@@ -213,7 +223,7 @@ class Checkpointer:
             "metrics_csv_bytes": metrics_csv.stat().st_size if metrics_csv.exists() else 0,
             "wall_time_s": self.wall_time(),
         }
-        atomic_torch_save(state, self.path)
+        atomic_write(self.path, lambda f: torch.save(state, f))
 
     def checkpoint(self, learner: "Learner") -> None:
         """Called by the learner when `due`: write the checkpoint, then stop if a signal asked for it."""

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,7 +16,7 @@ import torch
 
 from cil import __version__
 from cil.buffer import ReplayBuffer
-from cil.checkpoint import Checkpointer, Preempted, config_differences
+from cil.checkpoint import Checkpointer, Preempted, atomic_write, config_differences
 from cil.config import RunConfig, validate
 from cil.data.datasets import ImageDataset, load_dataset
 from cil.data.stream import ClassIncrementalStream
@@ -60,20 +59,7 @@ def build_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(Path(path), lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
 def load_run_dataset(cfg: RunConfig) -> ImageDataset:
@@ -129,36 +115,36 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: 
     if done is not None:
         return done
     checkpointer = Checkpointer(out_dir, cfg, config)
-    state = checkpointer.load()
-    if state is not None:
-        checkpointer.rewind_logs(state)
-    learner = build_learner(cfg, out_dir, resume_step=None if state is None else state["learner"]["step"])
-    learner.checkpointer = checkpointer
-    if state is not None:
-        checkpointer.restore(learner, state)
-    try:
-        with checkpointer.stop_on_signals():
+    with checkpointer.stop_on_signals():  # from here on SIGTERM means "checkpoint at the next batch, then stop"
+        state = checkpointer.load()
+        if state is not None:
+            checkpointer.rewind_logs(state)
+        learner = build_learner(cfg, out_dir, resume_step=None if state is None else state["learner"]["step"])
+        learner.checkpointer = checkpointer
+        if state is not None:
+            checkpointer.restore(learner, state)
+        try:
             results = learner.run()
-    except (Preempted, TrainingError) as err:
-        status = "preempted" if isinstance(err, Preempted) else "failed"
-        write_json_atomic(out_dir / "results.json", {
-            "status": status, "error": str(err), "step": learner.step, "stream_batches": len(learner.stream),
-            "checkpoint": str(checkpointer.path) if checkpointer.path.exists() else None, "config": config})
-        raise
-    finally:
-        learner.logger.close()
-    if learner.diagnostics is not None:
-        learner.diagnostics.save(out_dir, plots=cfg.diagnostics.plots)
-    results = {
-        "status": "complete",
-        "config": config,
-        **results,
-        "wall_time_s": checkpointer.wall_time(),
-        "versions": {"cil": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "device": str(learner.device),
-    }
-    write_json_atomic(out_dir / "results.json", results)
-    checkpointer.finish()
+        except (Preempted, TrainingError) as err:
+            write_json_atomic(out_dir / "results.json", {
+                "status": "preempted" if isinstance(err, Preempted) else "failed", "error": str(err),
+                "step": learner.step, "stream_batches": len(learner.stream),
+                "checkpoint": str(checkpointer.path) if checkpointer.path.exists() else None, "config": config})
+            raise
+        finally:
+            learner.logger.close()
+        if learner.diagnostics is not None:
+            learner.diagnostics.save(out_dir, plots=cfg.diagnostics.plots)
+        results = {
+            "status": "complete",
+            "config": config,
+            **results,
+            "wall_time_s": checkpointer.wall_time(),
+            "versions": {"cil": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "device": str(learner.device),
+        }
+        write_json_atomic(out_dir / "results.json", results)
+        checkpointer.finish()
     return results
 
 

@@ -157,14 +157,12 @@ def cli(tmp_path, *args, interrupt=None):
     return proc, run_dir
 
 
-@pytest.mark.parametrize("args, message", [
-    (["seed=1.5"], "error: seed=1.5 is not allowed: seed takes an integer"),
-    (["+stream.bogus=1"], "error: stream.bogus is not a setting of cil: stream takes n_tasks, batch_size"),
-])
-def test_cli_config_error_is_one_line_and_exit_2(tmp_path, args, message):
-    proc, run_dir = cli(tmp_path, "dataset=digits", *args)
+def test_cli_config_error_is_one_line_and_exit_2(tmp_path):
+    # (tests/test_cli.py runs type errors and unknown keys through the CLI too; this one was silently accepted)
+    proc, run_dir = cli(tmp_path, "dataset=digits", "+stream.bogus=1")
     assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert "error: stream.bogus is not a setting of cil: stream takes n_tasks, batch_size" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not run_dir.exists() or not any(run_dir.iterdir())
 
 
