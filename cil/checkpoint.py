@@ -152,7 +152,6 @@ class Checkpointer:
         self.stop_signal: Optional[int] = None  # set by the signal handler; the loop checks it after each batch
         self.started = time.time()
         self.wall_time_before = 0.0  # wall time spent in earlier attempts of this run (up to their checkpoint)
-        self.resumed_from: Optional[int] = None
 
     # -- resuming ----------------------------------------------------------------------------------------------
     def load(self) -> Optional[dict]:
@@ -160,7 +159,11 @@ class Checkpointer:
         for name in (CHECKPOINT_NAME, "results.json"):  # temporary files of writes that a kill interrupted
             for stale in self.out_dir.glob(f".{name}.*.tmp"):
                 stale.unlink(missing_ok=True)
-        if not self.cfg.resume or not self.path.exists():
+        if not self.path.exists():
+            return None
+        if not self.cfg.resume:  # starting over: an old checkpoint must not be resumed by a later attempt
+            log.info("checkpoint.resume=false: %s deleted, the run starts over", self.path)
+            self.path.unlink()
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -198,7 +201,6 @@ class Checkpointer:
         learner.load_state_dict(state["learner"])
         _set_rng_state(state["rng"])
         self.wall_time_before = state["wall_time_s"]
-        self.resumed_from = learner.step
         log.info("resumed from %s at stream batch %d of %d", self.path, learner.step, len(learner.stream))
 
     # -- writing -----------------------------------------------------------------------------------------------

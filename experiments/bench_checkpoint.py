@@ -1,0 +1,56 @@
+"""What a checkpoint costs: size, write time and load+restore time, next to the time of one training batch.
+
+    CIL_DATA_ROOT=../shared/data OMP_NUM_THREADS=1 python experiments/bench_checkpoint.py
+
+GSA with a full 500-sample buffer (60 batches observed first), MLP on MNIST and reduced ResNet-18 on cifar10_jpeg.
+"""
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from cil.checkpoint import Checkpointer
+from cil.config import RunConfig
+from cil.run import build_learner
+
+
+def timed(fn, n):
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(out)
+
+
+def main():
+    for model, dataset in [("mlp", "mnist"), ("reduced_resnet18", "cifar10_jpeg")]:
+        cfg = RunConfig()
+        cfg.dataset.name, cfg.model.name, cfg.method.name, cfg.method.replay_batch_size = dataset, model, "gsa", 64
+        cfg.log.progress = False
+        out = Path(tempfile.mkdtemp())
+        learner = build_learner(cfg, out)
+        ckpt = Checkpointer(out, cfg, dataclasses.asdict(cfg))
+        method, batches = learner.method, iter(learner.stream.batches())
+        method.on_task_start(0, learner.stream.tasks[0].classes)
+
+        def train_batch():
+            b = next(batches)
+            method.observe(b)
+            method.buffer.add(b.x, b.y, b.task)
+            learner.step += 1
+
+        for _ in range(60):
+            train_batch()
+        save = timed(lambda: ckpt.save(learner), 5)
+        restore = timed(lambda: ckpt.restore(learner, ckpt.load()), 3)
+        batch = timed(train_batch, 20)
+        print(f"{model} on {dataset}, GSA, buffer {len(method.buffer)}: checkpoint "
+              f"{os.path.getsize(ckpt.path) / 2**20:.2f} MB, write {save:.0f} ms, load+restore {restore:.0f} ms, "
+              f"one training batch {batch:.1f} ms (medians)")
+
+
+if __name__ == "__main__":
+    main()
