@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cil.config import RunConfig
 from cil.config_errors import describe, unknown_keys
-from cil.errors import CilError
+from cil.errors import EXIT_PREEMPTED, CilError, Preempted
 
 ConfigStore.instance().store(name="cil_schema", node=RunConfig)
 log = logging.getLogger("cil")
@@ -58,8 +58,7 @@ def main(dcfg: DictConfig) -> dict:
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep job: skip if complete, record a failure, go on
         from cil.sweep import run_sweep_job
         return run_sweep_job(cfg, out_dir, resolved, list(HydraConfig.get().overrides.task))
-    from cil.checkpoint import EXIT_PREEMPTED, Preempted  # after Hydra has parsed the command line:
-    from cil.run import run_experiment  # `--help` stays fast
+    from cil.run import run_experiment  # after Hydra has parsed the command line: `--help` stays fast
 
     try:
         results = run_experiment(cfg, out_dir, resolved_config=resolved)
@@ -68,10 +67,6 @@ def main(dcfg: DictConfig) -> dict:
         print(f"error: {err}", file=sys.stderr)
         _tidy_failed_run(out_dir)
         sys.exit(2)
-    except Preempted as stop:
-        log.warning("pre-empted: %s", stop)
-        print(f"pre-empted: {stop}", file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
     summary = (f"final average accuracy {results['final_avg_acc']:.2f}%, forgetting "
                f"{results['avg_forgetting'] if results['avg_forgetting'] is None else round(results['avg_forgetting'], 2)}"
                f"%, anytime {results['anytime_acc']:.2f}%, {results['samples_per_s']:.0f} samples/s")
@@ -82,13 +77,18 @@ def main(dcfg: DictConfig) -> dict:
 
 def cli() -> None:
     """`python -m cil` and the `cil` script: config errors found while Hydra composes the config (wrong type,
-    unknown key or group option, bad override syntax) print one `error: ...` line and exit 2, like CilError."""
+    unknown key or group option, bad override syntax) print one `error: ...` line and exit 2, like CilError;
+    a run (or sweep) stopped by SIGTERM exits EXIT_PREEMPTED after writing its checkpoint."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra re-raises instead of printing its own report
     try:
         main()
     except (HydraException, OmegaConfBaseException) as err:
         print(f"error: {describe(err)}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as stop:
+        log.warning("pre-empted: %s", stop)
+        print(f"pre-empted: {stop}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, Optional
 import torch
 
 from cil.config import RunConfig
-from cil.errors import ConfigError, DataError, TrainingError
+from cil.errors import EXIT_PREEMPTED, ConfigError, DataError, Preempted, TrainingError  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from cil.learner import Learner
@@ -41,21 +41,8 @@ log = logging.getLogger("cil")
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
-# sysexits.h EX_TEMPFAIL, "temporary failure, the user is invited to retry": the run was stopped by SIGTERM,
-# wrote a checkpoint and continues when started again with the same command and run folder.
-EXIT_PREEMPTED = 75
 # Config keys that may change between a run and its resumption: they do not touch what the run computes.
 RESUMABLE_CHANGES = ("checkpoint.", "log.progress", "log.tensorboard", "dataset.download", "dataset.verify")
-
-
-class Preempted(Exception):
-    """The run stopped on a signal after writing a checkpoint; starting it again continues it."""
-
-    def __init__(self, step: int, path: Path, signum: int):
-        self.step, self.path, self.signum = step, path, signum
-        super().__init__(f"{signal.Signals(signum).name} received: checkpoint written at stream batch {step} to "
-                         f"{path}; to resume, run the same command with hydra.run.dir={path.parent} "
-                         f"(exit code {EXIT_PREEMPTED}: pre-empted, resumable)")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

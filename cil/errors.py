@@ -1,4 +1,10 @@
-"""Errors a user can cause. Each message names the bad value and says what to do."""
+"""Errors a user can cause (each message names the bad value and says what to do), and the pre-emption stop."""
+import signal
+from pathlib import Path
+
+# sysexits.h EX_TEMPFAIL, "temporary failure, the user is invited to retry": the run was stopped by SIGTERM,
+# wrote a checkpoint, and continues when started again with the same command and run folder.
+EXIT_PREEMPTED = 75
 
 
 class CilError(Exception):
@@ -15,3 +21,15 @@ class DataError(CilError, RuntimeError):
 
 class TrainingError(CilError, RuntimeError):
     """Training cannot go on (for example the loss became NaN or infinite)."""
+
+
+class Preempted(BaseException):
+    """The run stopped on a signal after writing a checkpoint; starting it again continues it. A BaseException
+    (like KeyboardInterrupt): it is a request to stop, so `except Exception` handlers (a sweep recording failed
+    jobs and going on) must not catch it."""
+
+    def __init__(self, step: int, path: Path, signum: int):
+        self.step, self.path, self.signum = step, path, signum
+        super().__init__(f"{signal.Signals(signum).name} received: checkpoint written at stream batch {step} to "
+                         f"{path}; to resume, run the same command with hydra.run.dir={path.parent} "
+                         f"(exit code {EXIT_PREEMPTED}: pre-empted, resumable)")

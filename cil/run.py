@@ -16,13 +16,13 @@ import torch
 
 from cil import __version__
 from cil.buffer import ReplayBuffer
-from cil.checkpoint import Checkpointer, Preempted, atomic_write, config_differences
+from cil.checkpoint import Checkpointer, atomic_write, config_differences
 from cil.config import RunConfig, validate
 from cil.data.datasets import ImageDataset, load_dataset
 from cil.data.stream import ClassIncrementalStream
 from cil.diagnostics import Diagnostics
 from cil.determinism import enable_determinism
-from cil.errors import ConfigError, TrainingError
+from cil.errors import ConfigError, Preempted, TrainingError
 from cil.learner import Learner
 from cil.logger import RunLogger
 from cil.methods import method_class
