@@ -31,5 +31,6 @@ class Preempted(BaseException):
     def __init__(self, step: int, path: Path, signum: int):
         self.step, self.path, self.signum = step, path, signum
         super().__init__(f"{signal.Signals(signum).name} received: checkpoint written at stream batch {step} to "
-                         f"{path}; to resume, run the same command with hydra.run.dir={path.parent} "
+                         f"{path}; to resume, run the same command again with hydra.run.dir={path.parent} (a sweep: with the "
+                         "same hydra.sweep.dir) "
                          f"(exit code {EXIT_PREEMPTED}: pre-empted, resumable)")

@@ -70,6 +70,6 @@ elif where == "writing":
 else:
     raise SystemExit(f"unknown interruption point {where!r}")
 
-from cil.__main__ import main  # noqa: E402  (after the patches)
+from cil.__main__ import cli  # noqa: E402  (after the patches)
 
-main()
+cli()
