@@ -186,6 +186,8 @@ class Checkpointer:
         if method.buffer is not None:
             method.buffer.load_state_dict(state["buffer"])
         learner.load_state_dict(state["learner"])
+        if learner.diagnostics is not None:
+            learner.diagnostics.load_state_dict(state["diagnostics"])
         _set_rng_state(state["rng"])
         self.wall_time_before = state["wall_time_s"]
         log.info("resumed from %s at stream batch %d of %d", self.path, learner.step, len(learner.stream))
@@ -208,6 +210,7 @@ class Checkpointer:
             "method": method.state_dict(),
             "buffer": method.buffer.state_dict() if method.buffer is not None else None,
             "learner": learner.state_dict(),
+            "diagnostics": learner.diagnostics.state_dict() if learner.diagnostics is not None else None,
             "rng": _rng_state(),
             "metrics_csv_bytes": metrics_csv.stat().st_size if metrics_csv.exists() else 0,
             "wall_time_s": self.wall_time(),

@@ -124,3 +124,41 @@ def test_same_seed_same_results_and_checkpoints_change_nothing(tmp_path, referen
     assert mine.pop("config").pop("checkpoint") != ref.pop("config").pop("checkpoint")
     assert mine == ref
     assert (run_dir / "metrics.csv").read_bytes() == (reference["gsa"] / "metrics.csv").read_bytes()
+
+
+def test_crash_and_resume_in_process_with_diagnostics_and_class_balanced_buffer(tmp_path, monkeypatch):
+    """The same guarantee for the parts the CLI tests leave out (diagnostics state, the class-balanced buffer,
+    Adam's moments), with the crash simulated in process: an exception in the middle of batch 40."""
+    from cil.config import RunConfig
+    from cil.methods.base import Method
+    from cil.run import run_experiment
+
+    def cfg():
+        c = RunConfig()
+        c.dataset.name, c.log.progress, c.log.every, c.buffer.size, c.buffer.policy = "digits", False, 15, 60, \
+            "class_balanced"
+        c.method.name, c.method.replay_batch_size, c.method.current_task_replay = "gsa", 16, 4
+        c.optimizer.name, c.optimizer.lr = "adam", 1e-3
+        c.diagnostics.enabled, c.diagnostics.every, c.diagnostics.plots = True, 10, False
+        c.checkpoint.every = 25
+        return c
+
+    ref = run_experiment(cfg(), tmp_path / "ref")
+    observe, calls = Method.observe, []
+
+    def crashing_observe(self, batch):
+        calls.append(1)
+        if len(calls) == 40:
+            raise RuntimeError("simulated crash")
+        return observe(self, batch)
+
+    monkeypatch.setattr(Method, "observe", crashing_observe)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_experiment(cfg(), tmp_path / "run")
+    monkeypatch.setattr(Method, "observe", observe)
+    assert 25 <= checkpoint_step(tmp_path / "run") < 40
+    resumed = run_experiment(cfg(), tmp_path / "run")
+    assert {k: v for k, v in resumed.items() if k not in TIMINGS} == {k: v for k, v in ref.items() if k not in TIMINGS}
+    assert "diagnostics" in ref
+    for name in ("metrics.csv", "diagnostics.json"):
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
