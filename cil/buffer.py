@@ -35,6 +35,8 @@ POLICIES = ("reservoir", "class_balanced")
 
 def _later_writer_wins(slots: np.ndarray, trash: int) -> np.ndarray:
     """Route every item whose slot is written again later in the same batch to the trash row."""
+    if np.count_nonzero(slots != trash) < 2:  # one real write at most: no collision possible
+        return slots
     order = np.argsort(slots, kind="stable")  # stable: equal slots stay in batch order, the last one wins
     ordered = slots[order]
     slots[order[:-1][ordered[:-1] == ordered[1:]]] = trash
@@ -90,6 +92,9 @@ class ReplayBuffer:
         if self.policy == "reservoir":
             j = np.arange(self.n_seen, self.n_seen + b)
             slots = self._reservoir_slots(j, self._draw(j))
+            if not (slots < self._trash).any():  # nothing kept (most batches once the memory is full):
+                self.n_seen += b                 # the trash-row writes below would change nothing visible
+                return
             self._queue_labels(slots, y)
         else:
             self._sync_labels()
@@ -141,6 +146,9 @@ class ReplayBuffer:
 
     # ---------------------------------------------------------------- label mirror
     def _queue_labels(self, slots: np.ndarray, y: Tensor) -> None:
+        if y.device.type == "cpu" and not self._pending_labels:  # nothing to wait for: write the mirror now
+            self._y_np[slots] = y.numpy()
+            return
         self._sync_labels(block=False)  # fold in copies that already finished; keeps the queue short
         if y.device.type == "cuda":
             host = y.to("cpu", non_blocking=True)  # lands in pinned memory; valid once the event fires

@@ -124,6 +124,7 @@ class RunConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model (opt-in)
+    threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default (1 per run in sweeps)
     deterministic: bool = False  # CUDA: deterministic kernels (cil.determinism); CPU runs are deterministic anyway
     experiment: Optional[str] = None  # name of the protocol, set by conf/experiment/*
 
@@ -168,6 +169,8 @@ def validate(cfg: RunConfig, num_classes: Optional[int] = None) -> None:
              "use [beta1, beta2] with 0 <= beta < 1")
     _require(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", cfg.optimizer.weight_decay, "use a value >= 0")
     _require(cfg.precision in PRECISIONS, "precision", cfg.precision, f"choose one of {PRECISIONS}")
+    _require(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads,
+             "use null (torch's default) or an integer >= 1 (1 when several runs share the machine)")
     _require(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "use an integer >= 1")
     _require(cfg.eval.anytime_every >= 0, "eval.anytime_every", cfg.eval.anytime_every, "use 0 (off) or an integer >= 1")
     _require(cfg.eval.anytime_samples >= 1, "eval.anytime_samples", cfg.eval.anytime_samples, "use an integer >= 1")

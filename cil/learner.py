@@ -74,6 +74,22 @@ class Learner:
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.last_log = {"loss": math.nan, "online_acc": math.nan}
         self.checkpointer = None  # a cil.checkpoint.Checkpointer, set by cil.run
+        self._pending: list = []  # (loss, logits, labels, seen mask) of the steps since the last fold
+
+    def _fold(self) -> None:
+        """Add the pending steps' losses and online correct counts to the running sums, in a few batched ops
+        (device work only, no read-back). Same numbers as per-step accumulation, to float rounding of the loss."""
+        if not self._pending:
+            return
+        losses, logits, labels, seen = zip(*self._pending)
+        self.loss_sum += torch.stack(losses).sum()
+        self.nonfinite |= ~torch.isfinite(self.loss_sum)
+        self.loss_count += len(losses)
+        rows = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(y) for y in labels]))
+        masks = torch.stack(seen)[rows.to(self.device)]
+        pred = mask_logits(torch.cat(logits), masks).argmax(1)
+        self.online_correct += (pred == torch.cat(labels)).sum()
+        self._pending.clear()
 
     # -- evaluation ------------------------------------------------------------------------------------------
     def evaluate_all(self) -> list[float]:
@@ -109,10 +125,8 @@ class Learner:
             if method.uses_buffer and method.buffer is not None:
                 method.buffer.add(batch.x, batch.y, batch.task)
             self.step += 1
-            self.loss_sum += out.loss
-            self.loss_count += 1
-            self.nonfinite |= ~torch.isfinite(out.loss)
-            self.online_correct += (mask_logits(out.logits, method.seen).argmax(1) == batch.y).sum()
+            # Kept as they are and reduced in one go at the next read-back: ~7 small ops per step fewer.
+            self._pending.append((out.loss, out.logits, batch.y, method.seen.clone()))
             self.online_seen += len(batch.y)
             bar.update(1)
 
@@ -170,6 +184,7 @@ class Learner:
 
     def _log(self, task: int, bar, tick: float) -> float:
         """Read the accumulated loss and online accuracy back from the device (the only per-interval sync)."""
+        self._fold()
         if self.loss_count == 0:
             return tick
         nonfinite = bool(self.nonfinite)
@@ -193,6 +208,7 @@ class Learner:
 
     # -- results ---------------------------------------------------------------------------------------------
     def results(self) -> dict:
+        self._fold()
         acc = self.acc_matrix
         curve = [p["acc"] for p in self.anytime_curve]
         online = 100.0 * float(self.online_correct) / max(self.online_seen, 1)
@@ -219,6 +235,7 @@ class Learner:
 
     # -- progress as state (checkpoints) ---------------------------------------------------------------------
     def state_dict(self) -> dict:
+        self._fold()
         return {
             "step": self.step, "acc_matrix": self.acc_matrix, "anytime_curve": self.anytime_curve,
             "train_time_s": self.train_time_s, "eval_time_s": self.eval_time_s,

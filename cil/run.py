@@ -73,6 +73,8 @@ def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset]
     continues from a checkpoint at that stream position (logs are appended to, not started over)."""
     validate(cfg)
     device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # several runs on few cores: torch's default oversubscribes them
     if cfg.deterministic:
         enable_determinism()
     dataset = dataset or load_run_dataset(cfg)

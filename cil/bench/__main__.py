@@ -129,7 +129,8 @@ def summarise(runs: list[dict]) -> dict:
                 s["breakdown_s"] = {k: statistics.median(v["breakdown"].get(k, 0.0) for v in vals) for k in keys}
                 # Per run, then the median: a run's overhead compares times measured under the same load.
                 s["overhead_over_arithmetic"] = statistics.median(
-                    v["train_time_s"] / max(v["breakdown"]["arithmetic"], 1e-9) - 1.0 for v in vals)
+                    v["train_time_s" if v["device"].startswith("cuda") else "train_cpu_s"]
+                    / max(v["breakdown"]["arithmetic"], 1e-9) - 1.0 for v in vals)
             summary[wl][name] = s
     return summary
 
@@ -151,7 +152,7 @@ def print_table(summary: dict) -> None:
                   f"  {s['samples_per_s_all']}")
     print("\nsamples/s: stream samples per second of training wall time; per CPU-s: per second of the process's CPU "
           "time\n(steadier on a loaded machine); ratios are medians of ratios within a repeat. 'overhead': training "
-          "time over\nthe time inside the model's forward passes, backward and optimizer step, minus 1.")
+          "(CPU) time\nover the (CPU) time inside the model's forward passes, backward and optimizer step, minus 1.")
 
 
 def machine_info() -> dict:

@@ -59,17 +59,19 @@ def final_accuracy(model: torch.nn.Module, stream: ClassIncrementalStream, batch
 
 # ------------------------------------------------------------------------------------------------ ours
 class _Timed:
-    """Wrap a bound method or callable so its wall time (device-synchronised) accumulates under `key`."""
+    """Wrap a bound method or callable so its time accumulates under `key`: CPU time of this process on a CPU
+    device (steady when other jobs share the cores), device-synchronised wall time on CUDA."""
 
     def __init__(self, fn, totals: dict, key: str, device: torch.device):
         self.fn, self.totals, self.key, self.device = fn, totals, key, device
+        self.clock = time.perf_counter if device.type == "cuda" else time.process_time
 
     def __call__(self, *args, **kwargs):
         _sync(self.device)
-        start = time.perf_counter()
+        start = self.clock()
         out = self.fn(*args, **kwargs)
         _sync(self.device)
-        self.totals[self.key] = self.totals.get(self.key, 0.0) + time.perf_counter() - start
+        self.totals[self.key] = self.totals.get(self.key, 0.0) + self.clock() - start
         return out
 
 
@@ -120,7 +122,8 @@ def run_ours(cfg: RunConfig, dataset, batches_per_task, breakdown: bool = False)
            **final_accuracy(learner.method.model, learner.stream)}
     if breakdown:
         totals["arithmetic"] = totals.get("forward", 0.0) + totals.get("backward_step", 0.0)
-        totals["other"] = res["train_time_s"] - sum(v for k, v in totals.items() if k != "arithmetic")
+        total = res["train_time_s"] if learner.device.type == "cuda" else train_cpu
+        totals["other"] = total - sum(v for k, v in totals.items() if k != "arithmetic")
         out["breakdown"] = totals
     return out
 
@@ -151,12 +154,12 @@ def run_floor(cfg: RunConfig, stream: ClassIncrementalStream) -> dict:
         order = task.train_idx
         for lo in range(0, len(order), b):
             idx = order[lo:lo + b]
-            x, y = stream.train_x[idx], stream.train_y[idx]
+            x, y = stream.train_x.index_select(0, idx), stream.train_y.index_select(0, idx)
             seen.index_fill_(0, y, True)
             xb, yb = x, y
             if n_seen:
                 pick = torch.randperm(min(n_seen, m), generator=gen)[:r].to(dev)
-                xb, yb = torch.cat([x, buf_x[pick]]), torch.cat([y, buf_y[pick]])
+                xb, yb = torch.cat([x, buf_x.index_select(0, pick)]), torch.cat([y, buf_y.index_select(0, pick)])
             logits = model(xb.float().div_(255.0))
             loss = F.cross_entropy(logits.masked_fill(~seen, float("-inf")), yb)
             opt.zero_grad(set_to_none=True)

@@ -113,11 +113,12 @@ class ClassIncrementalStream:
             if step + n <= start:
                 step += n
                 continue
+            # The task's labels in stream order, gathered once: a batch's labels are then slices (views).
+            y_task, y_task_host = self.train_y[task.train_idx], self.dataset.train_y[task.train_idx_host]
             for i in range(max(0, start - step), n):
                 lo, hi = i * self.batch_size, (i + 1) * self.batch_size
-                idx = task.train_idx[lo:hi]
-                y_host = self.dataset.train_y[task.train_idx_host[lo:hi]]
-                yield Batch(self.train_x[idx], self.train_y[idx], y_host, task.index, step + i, i)
+                x = self.train_x.index_select(0, task.train_idx[lo:hi])  # ~4x cheaper than x[idx] for 10 rows
+                yield Batch(x, y_task[lo:hi], y_task_host[lo:hi], task.index, step + i, i)
             step += n
 
     def __iter__(self) -> Iterator[Batch]:

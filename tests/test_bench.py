@@ -1,0 +1,132 @@
+"""The benchmark command end to end on a tiny stream (no timing is asserted), and the loop's speed changes:
+they must not change what a run computes."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cil.bench.contestants import final_accuracy
+from cil.bench.workloads import shorten_stream, workload_config, workload_dataset
+from cil.config import validate
+from cil.data.stream import ClassIncrementalStream
+from cil.errors import ConfigError
+from cil.objectives.common import mask_logits
+from cil.run import build_learner
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_smoke_writes_json_with_expected_keys(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "cil.bench", "--workloads", "digits", "--contestants", "er,floor",
+           "--batches-per-task", "3", "--repeats", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    assert {"args", "machine", "load_before", "load_after", "summary", "runs"} <= set(res)
+    assert len(res["runs"]) == 2 and not any("error" in r for r in res["runs"])
+    er, floor = res["summary"]["digits"]["er"], res["summary"]["digits"]["floor"]
+    for s in (er, floor):
+        assert {"samples_per_s", "samples_per_cpu_s", "final_acc", "peak_rss_mb", "train_time_s"} <= set(s)
+        assert s["samples"] == 5 * 3 * 10  # 3 batches of 10 from each of the 5 tasks
+        assert s["samples_per_s"] > 0 and s["peak_rss_mb"] > 0 and 0 <= s["final_acc"] <= 100
+    assert er["vs_floor"] > 0 and "vs_floor" not in floor
+    assert {"forward", "backward_step", "buffer", "arithmetic", "other"} <= set(er["breakdown_s"])
+    assert "digits" in proc.stdout and "er" in proc.stdout
+
+
+def test_bench_rejects_unknown_contestant(tmp_path):
+    cmd = [sys.executable, "-m", "cil.bench", "--contestants", "er,warp_drive", "--out", str(tmp_path / "x.json")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "warp_drive" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_shorten_stream_keeps_the_first_batches_of_every_task():
+    cfg = workload_config("digits")
+    ds = workload_dataset("digits", cfg)
+    full = ClassIncrementalStream(ds, 5, 10, "random", seed=0)
+    short = shorten_stream(ClassIncrementalStream(ds, 5, 10, "random", seed=0), 2)
+    assert len(short) == 10 and short.n_samples == 100
+    for a, b in zip(full.tasks, short.tasks):
+        assert torch.equal(a.train_idx[:20], b.train_idx)
+    assert [b.task for b in short.batches()] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_final_accuracy_is_the_learners_final_average_accuracy(tmp_path):
+    cfg = workload_config("digits")
+    learner = build_learner(cfg, tmp_path, workload_dataset("digits", cfg))
+    shorten_stream(learner.stream, 8)
+    res = learner.run()
+    learner.logger.close()
+    acc = final_accuracy(learner.method.model, learner.stream)
+    assert acc["final_acc"] == pytest.approx(res["final_avg_acc"], abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["er", "gsa"])
+def test_deferred_online_accuracy_and_loss_match_per_step_accounting(tmp_path, method):
+    """The learner reduces losses and online accuracy at read-back time; the numbers must equal the
+    per-step computation (the seen-class mask as it was at each step)."""
+    cfg = workload_config("digits", method)
+    cfg.log.every = 7
+    cfg.method.replay_batch_size = 10
+    learner = build_learner(cfg, tmp_path, workload_dataset("digits", cfg))
+    shorten_stream(learner.stream, 9)
+    m = learner.method
+    observe, ref = m.observe, {"correct": 0, "losses": []}
+
+    def observe_and_count(batch):
+        out = observe(batch)
+        pred = mask_logits(out.logits, m.seen).argmax(1)
+        ref["correct"] += int((pred == batch.y).sum())
+        ref["losses"].append(float(out.loss))
+        return out
+
+    m.observe = observe_and_count
+    res = learner.run()
+    learner.logger.close()
+    assert res["online_acc"] == pytest.approx(100.0 * ref["correct"] / learner.stream.n_samples, abs=1e-9)
+    # the last read-back covers the steps since the previous multiple of log.every (or task end)
+    n_last = len(learner.stream) - max(k for k in range(len(learner.stream))
+                                       if k % 7 == 0 or k in _task_end_steps(learner.stream))
+    expected = sum(ref["losses"][-n_last:]) / n_last
+    assert learner.last_log["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def _task_end_steps(stream):
+    ends, total = set(), 0
+    for n in stream.batches_per_task:
+        total += n
+        ends.add(total)
+    return ends
+
+
+def test_nonfinite_loss_still_stops_the_run(tmp_path):
+    from cil.errors import TrainingError
+
+    cfg = workload_config("digits", "naive")
+    cfg.log.every = 5
+    learner = build_learner(cfg, tmp_path, workload_dataset("digits", cfg))
+    with torch.no_grad():
+        learner.method.model.head.bias.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="non-finite"):
+        learner.run()
+    learner.logger.close()
+    assert learner.step == 5  # stopped at the first read-back
+
+
+def test_threads_key_sets_torch_threads_and_is_validated(tmp_path):
+    cfg = workload_config("digits")
+    cfg.threads = 0
+    with pytest.raises(ConfigError, match="threads"):
+        validate(cfg)
+    before = torch.get_num_threads()
+    try:
+        cfg.threads = 1
+        build_learner(cfg, tmp_path, workload_dataset("digits", cfg)).logger.close()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
