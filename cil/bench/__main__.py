@@ -16,6 +16,7 @@ from typing import Any
 from cil.bench.contestants import AVALANCHE, CONTESTANTS, OURS
 
 DEFAULT_BATCHES = {"mnist": 0, "cifar": 40}  # per task; 0 = the whole stream
+TEST_PER_CLASS = {"cifar": 200}  # untimed evaluations of a ResNet on a CPU are slow: 2000 test images suffice
 QUICK_BATCHES = {"mnist": 100, "cifar": 8}
 
 
@@ -49,7 +50,7 @@ def run_one(spec: dict) -> dict:
     import torch
 
     from cil.bench.contestants import run_avalanche, run_floor, run_ours
-    from cil.bench.workloads import shorten_stream, workload_config, workload_dataset
+    from cil.bench.workloads import shorten_stream, subsample_test, workload_config, workload_dataset
     from cil.data.stream import ClassIncrementalStream
     from cil.run import resolve_device
 
@@ -58,7 +59,7 @@ def run_one(spec: dict) -> dict:
     name = spec["contestant"]
     cfg = workload_config(spec["workload"], name if name in OURS else "er", seed=spec["seed"], device=spec["device"])
     _apply_overrides(cfg, spec.get("overrides", []))
-    dataset = workload_dataset(spec["workload"], cfg)
+    dataset = subsample_test(workload_dataset(spec["workload"], cfg), spec.get("test_per_class"))
     rss_data = _rss_mb()
     if name in OURS:
         out = run_ours(cfg, dataset, spec["batches_per_task"], breakdown=spec.get("timers", False))
@@ -93,12 +94,17 @@ def _run_child(spec: dict, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
+def _group(run: dict) -> str:
+    """Summary rows are grouped by workload, and by sweep setting when there is one: 'mnist[buffer.size=200]'."""
+    return run["workload"] + (f"[{run['variant']}]" if run.get("variant") else "")
+
+
 def summarise(runs: list[dict]) -> dict:
     """Medians per (workload, contestant), and ratios paired within each repeat (drift cancels in a pair)."""
     summary: dict[str, dict[str, Any]] = {}
     ok = [r for r in runs if "error" not in r]
-    for wl in dict.fromkeys(r["workload"] for r in ok):
-        rows = [r for r in ok if r["workload"] == wl]
+    for wl in dict.fromkeys(_group(r) for r in ok):
+        rows = [r for r in ok if _group(r) == wl]
         by = {}
         for r in rows:
             by.setdefault(r["contestant"], {})[r["repeat"]] = r
@@ -117,6 +123,9 @@ def summarise(runs: list[dict]) -> dict:
                 "peak_rss_mb": statistics.median(v["peak_rss_mb"] for v in vals),
                 "rss_after_data_mb": statistics.median(v["rss_after_data_mb"] for v in vals),
             }
+            s["us_per_sample_cpu"] = 1e6 / s["samples_per_cpu_s"]
+            if all("eval_time_s" in v for v in vals):  # ours: evaluation time, outside the training time
+                s["eval_time_s"] = statistics.median(v["eval_time_s"] for v in vals)
             if any("peak_cuda_mb" in v for v in vals):
                 s["peak_cuda_mb"] = statistics.median(v.get("peak_cuda_mb", 0.0) for v in vals)
             for ref in ("floor", "avalanche_er"):
@@ -183,6 +192,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma list from {', '.join(CONTESTANTS)}")
     p.add_argument("--batches-per-task", type=int, default=None,
                    help="stream batches kept per task (0: whole stream); default: mnist whole, cifar 40")
+    p.add_argument("--test-per-class", type=int, default=None,
+                   help="test images kept per class for the (untimed) accuracy; default: cifar 200, others all")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every run (median reported)")
     p.add_argument("--quick", action="store_true",
                    help="a couple of minutes: 1 repeat, 100 batches per task on mnist, 8 on cifar")
@@ -191,6 +202,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per run (default: torch's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run, e.g. --set precision=bf16 --set buffer.size=2000")
+    p.add_argument("--sweep", metavar="KEY=V1,V2,...",
+                   help="repeat everything for each value of one config key (scaling figures), e.g. "
+                        "--sweep buffer.size=200,1000,10000; summary rows become 'workload[key=value]'")
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                    help="do not time forward/backward/augment/buffer separately inside our runs")
     p.add_argument("--out", default="bench_results.json", help="where to write the JSON")
@@ -211,10 +225,17 @@ def main(argv=None) -> int:
         print(f"bench: unknown contestant(s) {unknown}; choose from {', '.join(CONTESTANTS)}", file=sys.stderr)
         return 2
     repeats = 1 if args.quick and args.repeats == 3 else args.repeats
+    variants = [""]
+    if args.sweep:
+        key, _, values = args.sweep.partition("=")
+        variants = [f"{key}={v}" for v in values.split(",") if v]
+        if not key or not variants:
+            print(f"bench: --sweep {args.sweep!r} is not KEY=V1,V2,...", file=sys.stderr)
+            return 2
     started, load_before = time.time(), _load()
     runs = []
     for rep in range(repeats):
-        for wl in workloads:
+        for wl, variant in [(w, v) for w in workloads for v in variants]:
             if args.batches_per_task is not None:
                 bpt = args.batches_per_task
             else:
@@ -223,14 +244,17 @@ def main(argv=None) -> int:
             for name in order:
                 spec = {"workload": wl, "contestant": name, "repeat": rep, "batches_per_task": bpt,
                         "seed": args.seed, "device": args.device, "threads": args.threads,
-                        "overrides": args.overrides, "timers": args.breakdown and name in OURS}
+                        "test_per_class": args.test_per_class if args.test_per_class is not None
+                        else TEST_PER_CLASS.get(wl, 0),
+                        "overrides": args.overrides + ([variant] if variant else []), "variant": variant,
+                        "timers": args.breakdown and name in OURS}
                 t0 = time.time()
                 res = _run_child(spec, args.timeout)
                 res["load_before"] = _load()
                 runs.append(res)
                 msg = res.get("error") or (f"{res['samples_per_s']:.0f} samples/s, acc {res['final_acc']:.1f}%, "
                                            f"peak RSS {res['peak_rss_mb']:.0f} MB")
-                print(f"[{rep + 1}/{repeats}] {wl:<7} {name:<17} {msg}  ({time.time() - t0:.0f}s wall, "
+                print(f"[{rep + 1}/{repeats}] {_group(spec):<7} {name:<17} {msg}  ({time.time() - t0:.0f}s wall, "
                       f"load {res['load_before']})", flush=True)
     summary = summarise(runs)
     result = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "machine": machine_info(),
