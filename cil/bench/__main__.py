@@ -15,9 +15,9 @@ from typing import Any
 
 from cil.bench.contestants import AVALANCHE, CONTESTANTS, OURS
 
-DEFAULT_BATCHES = {"mnist": 0, "cifar": 40}  # per task; 0 = the whole stream
+DEFAULT_BATCHES = {"mnist": 0, "cifar": 20}  # per task; 0 = the whole stream
 TEST_PER_CLASS = {"cifar": 200}  # untimed evaluations of a ResNet on a CPU are slow: 2000 test images suffice
-QUICK_BATCHES = {"mnist": 100, "cifar": 8}
+QUICK_BATCHES = {"mnist": 100, "cifar": 4}
 
 
 # ------------------------------------------------------------------------------------------------ one run
@@ -183,6 +183,18 @@ def machine_info() -> dict:
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
 
+def _write(args, runs: list, load_before: list, started: float) -> dict:
+    result = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "machine": machine_info(),
+              "load_before": load_before, "load_after": _load(), "wall_s": time.time() - started,
+              "summary": summarise(runs), "runs": runs}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    return result
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cil.bench", description=__doc__.split("\n")[0] + " " + (
         "Times the training pass of our loop, a bare PyTorch ER loop (the floor) and Avalanche's online ER/ER-ACE "
@@ -191,12 +203,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--contestants", default="floor,er,gsa,avalanche_er,avalanche_er_ace",
                    help=f"comma list from {', '.join(CONTESTANTS)}")
     p.add_argument("--batches-per-task", type=int, default=None,
-                   help="stream batches kept per task (0: whole stream); default: mnist whole, cifar 40")
+                   help="stream batches kept per task (0: whole stream); default: mnist whole, cifar 20")
     p.add_argument("--test-per-class", type=int, default=None,
                    help="test images kept per class for the (untimed) accuracy; default: cifar 200, others all")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every run (median reported)")
     p.add_argument("--quick", action="store_true",
-                   help="a couple of minutes: 1 repeat, 100 batches per task on mnist, 8 on cifar")
+                   help="a couple of minutes: 1 repeat, 100 batches per task on mnist, 4 on cifar")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per run (default: torch's)")
@@ -252,19 +264,15 @@ def main(argv=None) -> int:
                 res = _run_child(spec, args.timeout)
                 res["load_before"] = _load()
                 runs.append(res)
+                _write(args, runs, load_before, started)  # a long benchmark stopped early keeps what it measured
                 msg = res.get("error") or (f"{res['samples_per_s']:.0f} samples/s, acc {res['final_acc']:.1f}%, "
                                            f"peak RSS {res['peak_rss_mb']:.0f} MB")
                 print(f"[{rep + 1}/{repeats}] {_group(spec):<7} {name:<17} {msg}  ({time.time() - t0:.0f}s wall, "
                       f"load {res['load_before']})", flush=True)
-    summary = summarise(runs)
-    result = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "machine": machine_info(),
-              "load_before": load_before, "load_after": _load(), "wall_s": time.time() - started,
-              "summary": summary, "runs": runs}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    result = _write(args, runs, load_before, started)
+    summary = result["summary"]
     print_table(summary)
-    print(f"\nload average before {load_before}, after {result['load_after']}; wrote {out}")
+    print(f"\nload average before {load_before}, after {result['load_after']}; wrote {args.out}")
     return 1 if any("error" in r for r in runs) else 0
 
 
