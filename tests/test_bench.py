@@ -21,19 +21,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_bench_smoke_writes_json_with_expected_keys(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "cil.bench", "--workloads", "digits", "--contestants", "er,floor",
+    cmd = [sys.executable, "-m", "cil.bench", "--workloads", "digits", "--contestants", "er",
            "--batches-per-task", "3", "--repeats", "1", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = json.loads(out.read_text())
     assert {"args", "machine", "load_before", "load_after", "summary", "runs"} <= set(res)
-    assert len(res["runs"]) == 2 and not any("error" in r for r in res["runs"])
-    er, floor = res["summary"]["digits"]["er"], res["summary"]["digits"]["floor"]
-    for s in (er, floor):
-        assert {"samples_per_s", "samples_per_cpu_s", "final_acc", "peak_rss_mb", "train_time_s"} <= set(s)
-        assert s["samples"] == 5 * 3 * 10  # 3 batches of 10 from each of the 5 tasks
-        assert s["samples_per_s"] > 0 and s["peak_rss_mb"] > 0 and 0 <= s["final_acc"] <= 100
-    assert er["vs_floor"] > 0 and "vs_floor" not in floor
+    assert len(res["runs"]) == 1 and "error" not in res["runs"][0]
+    er = res["summary"]["digits"]["er"]
+    assert {"samples_per_s", "samples_per_cpu_s", "final_acc", "peak_rss_mb", "train_time_s"} <= set(er)
+    assert er["samples"] == 5 * 3 * 10  # 3 batches of 10 from each of the 5 tasks
+    assert er["samples_per_s"] > 0 and er["peak_rss_mb"] > 0 and 0 <= er["final_acc"] <= 100
     assert {"forward", "backward_step", "buffer", "arithmetic", "other"} <= set(er["breakdown_s"])
     assert "digits" in proc.stdout and "er" in proc.stdout
 
