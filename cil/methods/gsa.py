@@ -45,14 +45,25 @@ class GSA(Method):
         return y.repeat(2) if self.cfg.two_views else y
 
     def update(self, batch):
-        cfg, t = self.cfg, batch.task
-        x_new = to_float(batch.x, self.channels_last)
-        y_new = batch.y
+        loss, logits_new = self.loss(batch.x, batch.y, batch.task, batch.step_in_task)
+        # 8. One optimizer step. (9. The learner adds the raw batch to the buffer afterwards.)
+        self.step(loss)
+        return loss, logits_new
+
+    def as_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw uint8 images -> float model input; float inputs (e.g. from Avalanche) pass unchanged."""
+        return to_float(x, self.channels_last) if x.dtype == torch.uint8 else x
+
+    def loss(self, x: torch.Tensor, y_new: torch.Tensor, t: int, step_in_task: int):
+        """Steps 1-7 on one incoming batch: returns (L, logits of the incoming rows). No optimizer step, no
+        buffer update: our learner and the Avalanche plugin (cil.avalanche.GSAPlugin) both call this."""
+        cfg = self.cfg
+        x_new = self.as_input(x)
         n = len(y_new)
 
         # 1. Xc: the incoming batch plus up to `current_task_replay` buffer samples of the current task.
         cur = self.replay(cfg.current_task_replay, task=t)
-        xc = x_new if cur is None else torch.cat([x_new, to_float(cur[0], self.channels_last)])
+        xc = x_new if cur is None else torch.cat([x_new, self.as_input(cur[0])])
         yc = y_new if cur is None else torch.cat([y_new, cur[1]])
 
         # 2. New-data loss over the current task's classes only.
@@ -71,7 +82,7 @@ class GSA(Method):
             logits_m = self.forward_float(self.views(xm))
             ym = self.repeat_labels(ym)
             self.stats.update(logits_m, ym, self.seen)
-            warm = batch.step_in_task < cfg.warmup_batches
+            warm = step_in_task < cfg.warmup_batches
             if cfg.adaptive_weights and not warm:
                 self.last_weights = self.stats.weights()
             else:
@@ -79,8 +90,6 @@ class GSA(Method):
             loss = cfg.buffer_loss_weight * gsa_replay_loss(logits_m, ym, self.last_weights, self.seen) + loss
             self.report("replay", logits_m, ym, self.seen, cfg.buffer_loss_weight, self.last_weights)
 
-        # 8. One optimizer step. (9. The learner adds the raw batch to the buffer afterwards.)
-        self.step(loss)
         return loss, logits_new[:n].detach()
 
     def mixed_replay_batch(self, xc: torch.Tensor, yc: torch.Tensor, task: int):
@@ -88,7 +97,7 @@ class GSA(Method):
         r_batch = self.cfg.replay_batch_size
         if not self.cfg.balanced_replay:
             mem = self.replay(r_batch)
-            return to_float(mem[0], self.channels_last), mem[1]
+            return self.as_input(mem[0]), mem[1]
         seen_task = int((self.seen_host & self.task_classes_host).sum())
         r = seen_task / max(int(self.seen_host.sum()), 1)
         n_old, n_cur = int(r_batch * (1 - r)), int(r_batch * r)
@@ -96,7 +105,7 @@ class GSA(Method):
         if old is None:
             return xc[:n_cur], yc[:n_cur]
         # Row order does not matter to a mean loss or to batch norm, so the spec's shuffle is left out.
-        return torch.cat([to_float(old[0], self.channels_last), xc[:n_cur]]), torch.cat([old[1], yc[:n_cur]])
+        return torch.cat([self.as_input(old[0]), xc[:n_cur]]), torch.cat([old[1], yc[:n_cur]])
 
     def extra_results(self) -> dict:
         seen = self.seen_host.nonzero().squeeze(1)
