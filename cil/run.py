@@ -90,13 +90,20 @@ def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset]
     optimizer = build_optimizer(cfg, model.parameters())
     if cfg.compile:
         model = torch.compile(model)
-    cls = method_class(cfg.method.name)
-    buffer = ReplayBuffer(cfg.buffer.size, dataset.input_shape, device=device, policy=cfg.buffer.policy,
-                          seed=cfg.seed + 1) if cls.uses_buffer and cfg.buffer.size > 0 else None
-    method = cls(model, optimizer, buffer, cfg.method, dataset.num_classes, device, precision=cfg.precision,
-                 channels_last=cfg.channels_last, seed=cfg.seed + 2, input_shape=dataset.input_shape)
-    if cfg.diagnostics.enabled:
-        method.diagnostics = Diagnostics.for_stream(cfg.diagnostics.every, stream, model)
+    if cfg.method.name.startswith("avalanche_"):  # Avalanche's own strategies as peers (docs/avalanche.md)
+        from cil.avalanche.peers import build_peer
+        if cfg.diagnostics.enabled:
+            raise ConfigError(f"diagnostics.enabled=true with method.name={cfg.method.name!r}: diagnostics hook into "
+                              "our methods' updates, which Avalanche peers do not use; set diagnostics.enabled=false")
+        method = build_peer(cfg, model, stream, device, lambda params: build_optimizer(cfg, params))
+    else:
+        cls = method_class(cfg.method.name)
+        buffer = ReplayBuffer(cfg.buffer.size, dataset.input_shape, device=device, policy=cfg.buffer.policy,
+                              seed=cfg.seed + 1) if cls.uses_buffer and cfg.buffer.size > 0 else None
+        method = cls(model, optimizer, buffer, cfg.method, dataset.num_classes, device, precision=cfg.precision,
+                     channels_last=cfg.channels_last, seed=cfg.seed + 2, input_shape=dataset.input_shape)
+        if cfg.diagnostics.enabled:
+            method.diagnostics = Diagnostics.for_stream(cfg.diagnostics.every, stream, model)
     logger = RunLogger(out_dir, tensorboard=cfg.log.tensorboard, resume=resume_step is not None,
                        purge_step=resume_step)
     return Learner(cfg, stream, method, logger)
@@ -122,7 +129,8 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: 
         if state is not None:
             checkpointer.rewind_logs(state)
         learner = build_learner(cfg, out_dir, resume_step=None if state is None else state["learner"]["step"])
-        learner.checkpointer = checkpointer
+        if not cfg.method.name.startswith("avalanche_"):  # Avalanche peers keep state we cannot checkpoint
+            learner.checkpointer = checkpointer
         if state is not None:
             checkpointer.restore(learner, state)
         try:

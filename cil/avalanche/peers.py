@@ -1,0 +1,266 @@
+"""`method=avalanche_<name>`: Avalanche's own strategy implementations as peers on our streams.
+
+The learner, the stream, the model (cil.models.build_model), the optimizer settings, the evaluation and
+results.json are ours; only the update rule is Avalanche's. Each task becomes one Avalanche experience whose
+dataset is the task's training samples as float tensors *in our stream's order* (with
+`classes_in_this_experience`), so Avalanche sees exactly our batches:
+
+- online strategies (naive, replay, er_ace, er_aml, scr, mir, der): `split_online_stream(task, batch_size,
+  shuffle=False, access_task_boundaries=True)`; each of our batches is one sub-experience, trained with
+  `strategy.train(sub_exp)` (one pass, train_mb_size = batch size) - Avalanche's online-CL recipe.
+- task strategies (gdumb, agem, lwf): their memory or teacher is updated once per experience
+  (`after_training_exp`), which per mini-batch would be a different method (LwF distilling from the model one
+  batch ago, A-GEM storing every batch). They get the whole task as one experience at the task's last batch,
+  with train_mb_size = batch size, shuffle=False and one epoch: the same batches in the same order.
+See docs/avalanche.md for every knob and what maps.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from cil.config import RunConfig
+from cil.data.stream import Batch, ClassIncrementalStream
+from cil.errors import ConfigError
+from cil.methods.base import Method, StepOutput, to_float
+
+ONLINE = ("naive", "replay", "er_ace", "er_aml", "scr", "mir", "der")
+PER_TASK = ("gdumb", "agem", "lwf")
+STRATEGIES = ONLINE + PER_TASK
+
+# method.params each strategy accepts, with defaults (Avalanche's own unless docs/avalanche.md says otherwise)
+PARAMS: dict[str, dict[str, Any]] = {
+    "naive": {},
+    "replay": {"storage": "reservoir"},
+    "er_ace": {},
+    "er_aml": {"temp": 0.1, "base_temp": 0.07, "same_task_neg": True},
+    "scr": {"temperature": 0.1, "projection_dim": 128},
+    "mir": {"subsample": 50},
+    "der": {"alpha": 0.1, "beta": 0.5},
+    "gdumb": {"train_epochs": 10},
+    "agem": {},
+    "lwf": {"alpha": 1.0, "temperature": 2.0},
+}
+
+
+def strategy_name(method_name: str) -> str:
+    name = method_name[len("avalanche_"):]
+    if name not in STRATEGIES:
+        raise ConfigError(f"method.name={method_name!r}: Avalanche strategy {name!r} is not wired; choose one of "
+                          f"{['avalanche_' + s for s in STRATEGIES]} (docs/avalanche.md)")
+    return name
+
+
+def strategy_params(cfg: RunConfig) -> dict[str, Any]:
+    name = strategy_name(cfg.method.name)
+    given = dict(cfg.method.params or {})
+    unknown = sorted(set(given) - set(PARAMS[name]))
+    if unknown:
+        raise ConfigError(f"method.params {unknown} are not knobs of {cfg.method.name}; it takes "
+                          f"{sorted(PARAMS[name]) or 'none'} (docs/avalanche.md)")
+    return {**PARAMS[name], **given}
+
+
+class Features(nn.Module):
+    """Our backbone without its head (`model.features`), for strategies that need a feature extractor."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x)
+
+
+class StrategyModel(nn.Module):
+    """Evaluation view of a strategy's *current* model (GDumb swaps in a fresh copy each experience), with the
+    outputs padded by -inf up to the benchmark's classes (SCR's NCM classifier only has columns up to the
+    largest class it holds a mean for)."""
+
+    def __init__(self, strategy, num_classes: int):
+        super().__init__()
+        self.strategy, self.num_classes = strategy, num_classes  # a plain attribute: not a submodule
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        self.strategy.model.train(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.strategy.model(x)
+        if out.shape[1] < self.num_classes:
+            out = nn.functional.pad(out, (0, self.num_classes - out.shape[1]), value=float("-inf"))
+        return out
+
+
+def er_aml_class():
+    """Avalanche 0.6's ER_AML with one fix: it cycles a `drop_last=True` DataLoader of batch train_mb_size over
+    each class's memory; a class holding fewer samples (every new class right after its first batch) yields no
+    batch and `avalanche.training.utils.cycle` then spins forever. Here those loaders keep the last, smaller
+    batch (`drop_last=False`); nothing else changes."""
+    from avalanche.training import ER_AML
+    from avalanche.training.utils import cycle
+    from torch.utils.data import DataLoader
+
+    class ER_AML_NoHang(ER_AML):
+        def _before_training_exp(self, **kwargs):
+            super()._before_training_exp(**kwargs)
+            if self.replay_loader is not None:
+                self.pos_neg_loaders = [
+                    cycle(DataLoader(group.buffer, batch_size=self.train_mb_size, shuffle=True, drop_last=False))
+                    for group in self.storage_policy.buffer_groups.values()]
+
+    return ER_AML_NoHang
+
+
+def task_experiences(stream: ClassIncrementalStream):
+    """One Avalanche experience per task: float inputs in [0, 1] (what our models take) in our stream order."""
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+    from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
+    from avalanche.benchmarks.utils.classification_dataset import (
+        _make_taskaware_tensor_classification_dataset as tensor_dataset)
+
+    datasets = []
+    for task in stream.tasks:
+        idx = task.train_idx_host
+        x = to_float(stream.dataset.train_x[idx])
+        y = stream.dataset.train_y[idx].long()
+        datasets.append(tensor_dataset(x, y, task_labels=0, targets=y.tolist()))
+    return list(with_classes_timeline(benchmark_from_datasets(train=datasets)).train_stream)
+
+
+def build_strategy(name: str, params: dict, cfg: RunConfig, model: nn.Module, num_classes: int,
+                   make_optimizer: Callable, device: torch.device):
+    """One Avalanche strategy with our batch size, buffer size and replay batch size where it has them."""
+    from avalanche.training import AGEM, DER, ER_ACE, GDumb, LwF, MIR, Naive, SCR
+    from avalanche.training.plugins import ReplayPlugin
+    from avalanche.training.storage_policy import (ClassBalancedBuffer, ExperienceBalancedBuffer,
+                                                   ReservoirSamplingBuffer)
+
+    mb, mem, rb = cfg.stream.batch_size, cfg.buffer.size, cfg.method.replay_batch_size
+    common = dict(train_mb_size=mb, train_epochs=1, eval_mb_size=cfg.eval.batch_size, device=device,
+                  evaluator=None)
+    ce = nn.CrossEntropyLoss()
+    if name in ("replay", "er_ace", "er_aml", "scr", "mir", "der", "gdumb", "agem") and mem < 1:
+        raise ConfigError(f"buffer.size={mem}: avalanche_{name} needs a memory; use buffer.size >= 1")
+    if name == "naive":
+        return Naive(model=model, optimizer=make_optimizer(model), criterion=ce, **common)
+    if name == "replay":
+        policies = {"reservoir": ReservoirSamplingBuffer, "class_balanced": ClassBalancedBuffer,
+                    "experience_balanced": ExperienceBalancedBuffer}
+        if params["storage"] not in policies:
+            raise ConfigError(f"method.params.storage={params['storage']!r}: choose one of {sorted(policies)}")
+        policy = policies[params["storage"]](max_size=mem)
+        plugin = ReplayPlugin(mem_size=mem, batch_size=mb, batch_size_mem=rb, storage_policy=policy)
+        return Naive(model=model, optimizer=make_optimizer(model), criterion=ce, plugins=[plugin], **common)
+    if name == "er_ace":
+        return ER_ACE(model=model, optimizer=make_optimizer(model), criterion=ce, mem_size=mem, batch_size_mem=rb,
+                      **common)
+    if name == "er_aml":
+        return er_aml_class()(model=model, feature_extractor=Features(model), optimizer=make_optimizer(model), criterion=ce,
+                      mem_size=mem, batch_size_mem=rb, temp=params["temp"], base_temp=params["base_temp"],
+                      same_task_neg=params["same_task_neg"], **common)
+    if name == "scr":
+        from avalanche.models import SCRModel
+
+        if not hasattr(model, "features") or not hasattr(model, "feature_dim"):
+            raise ConfigError(f"model.name={cfg.model.name!r} has no features(); avalanche_scr needs a backbone")
+        d = model.feature_dim
+        projection = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, params["projection_dim"]))
+        scr_model = SCRModel(feature_extractor=Features(model), projection=projection).to(device)
+        return SCR(model=scr_model, optimizer=make_optimizer(scr_model), mem_size=mem, batch_size_mem=rb,
+                   temperature=params["temperature"], **common)
+    if name == "mir":
+        return MIR(model=model, optimizer=make_optimizer(model), criterion=ce, mem_size=mem,
+                   subsample=params["subsample"], batch_size_mem=rb, **common)
+    if name == "der":
+        return DER(model=model, optimizer=make_optimizer(model), criterion=ce, mem_size=mem, batch_size_mem=rb,
+                   alpha=params["alpha"], beta=params["beta"], **common)
+    if name == "gdumb":
+        return GDumb(model=model, optimizer=make_optimizer(model), criterion=ce, mem_size=mem,
+                     **{**common, "train_epochs": params["train_epochs"]})
+    if name == "agem":
+        # A-GEM keeps patterns_per_exp samples of every experience: buffer.size spread over the tasks.
+        return AGEM(model=model, optimizer=make_optimizer(model), criterion=ce,
+                    patterns_per_exp=max(1, mem // cfg.stream.n_tasks), sample_size=rb, **common)
+    if name == "lwf":
+        return LwF(model=model, optimizer=make_optimizer(model), criterion=ce, alpha=params["alpha"],
+                   temperature=params["temperature"], **common)
+    raise AssertionError(name)
+
+
+class AvalanchePeer(Method):
+    """Our Method interface around an Avalanche strategy: `observe(batch)` hands the batch to Avalanche."""
+
+    uses_buffer = False  # Avalanche keeps its own memory
+
+    def __init__(self, strategy, name: str, stream: ClassIncrementalStream,
+                 cfg: RunConfig, device: torch.device, seed: int):
+        super().__init__(StrategyModel(strategy, stream.num_classes), strategy.optimizer, None, cfg.method,
+                         stream.num_classes, device, seed=seed, input_shape=stream.dataset.input_shape)
+        self.strategy, self.strategy_name = strategy, name
+        self.online = name in ONLINE
+        self.stream = stream
+        self.experiences = task_experiences(stream)
+        self.sub_experiences = None
+        self.params: dict = {}
+
+    def on_task_start(self, task: int, classes: torch.Tensor) -> None:
+        super().on_task_start(task, classes)
+        if self.online:
+            from avalanche.benchmarks.scenarios.online import split_online_stream
+
+            self.sub_experiences = iter(split_online_stream(
+                [self.experiences[task]], experience_size=self.stream.batch_size, shuffle=False,
+                access_task_boundaries=True))
+
+    @torch.no_grad()
+    def _online_logits(self, batch: Batch) -> torch.Tensor:
+        """Prediction on the incoming batch before it is learned (eval mode; SCR: its NCM classifier)."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            logits = self.model(to_float(batch.x)).float()
+        except (AssertionError, RuntimeError, ValueError, IndexError):  # SCR's NCM before any class mean
+            logits = torch.zeros(len(batch.y), self.num_classes, device=self.device)
+        self.model.train(was)
+        return logits
+
+    def observe(self, batch: Batch) -> StepOutput:
+        self.seen.index_fill_(0, batch.y, True)
+        self.seen_host[batch.y_host] = True
+        logits = self._online_logits(batch)
+        if self.online:
+            sub = next(self.sub_experiences)
+            if batch.step_in_task == 0 and list(sub.dataset.targets) != batch.y_host.tolist():
+                raise AssertionError("Avalanche sub-experience differs from our batch")  # order is the contract
+            self.strategy.train(sub, shuffle=False)
+        elif batch.step_in_task + 1 == self.stream.batches_per_task[batch.task]:
+            self.strategy.train(self.experiences[batch.task], shuffle=False)
+        loss = self.strategy.loss if torch.is_tensor(getattr(self.strategy, "loss", None)) else None
+        loss = torch.zeros((), device=self.device) if loss is None else loss.detach().float().reshape(-1)[0]
+        return StepOutput(loss, logits)
+
+    def update(self, batch):  # not used: observe hands the batch to Avalanche
+        raise NotImplementedError
+
+    def extra_results(self) -> dict:
+        return {"avalanche": {"strategy": type(self.strategy).__name__, "mode": "online" if self.online else "task",
+                              "params": self.params}}
+
+    def state_dict(self) -> dict:
+        raise ConfigError(f"method.name={self.cfg.name!r}: Avalanche peers do not checkpoint inside our learner; "
+                          "run them with checkpoint.at_task_end=false and checkpoint.every=0")
+
+
+def build_peer(cfg: RunConfig, model: nn.Module, stream: ClassIncrementalStream, device: torch.device,
+               make_optimizer: Callable[[Any], torch.optim.Optimizer]) -> AvalanchePeer:
+    name = strategy_name(cfg.method.name)
+    params = strategy_params(cfg)
+    strategy = build_strategy(name, params, cfg, model, stream.num_classes,
+                              lambda m: make_optimizer(m.parameters()), device)
+    peer = AvalanchePeer(strategy, name, stream, cfg, device, seed=cfg.seed + 2)
+    peer.params = params
+    return peer
