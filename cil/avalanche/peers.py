@@ -26,12 +26,13 @@ from cil.data.stream import Batch, ClassIncrementalStream
 from cil.errors import ConfigError
 from cil.methods.base import Method, StepOutput, to_float
 
-ONLINE = ("naive", "replay", "er_ace", "er_aml", "scr", "mir", "der")
+ONLINE = ("gsa", "naive", "replay", "er_ace", "er_aml", "scr", "mir", "der")
 PER_TASK = ("gdumb", "agem", "lwf")
 STRATEGIES = ONLINE + PER_TASK
 
 # method.params each strategy accepts, with defaults (Avalanche's own unless docs/avalanche.md says otherwise)
 PARAMS: dict[str, dict[str, Any]] = {
+    "gsa": {},  # GSA's knobs are the method config's own (conf/method/avalanche_gsa.yaml mirrors gsa.yaml)
     "naive": {},
     "replay": {"storage": "reservoir"},
     "er_ace": {},
@@ -145,6 +146,12 @@ def build_strategy(name: str, params: dict, cfg: RunConfig, model: nn.Module, nu
     ce = nn.CrossEntropyLoss()
     if name in ("replay", "er_ace", "er_aml", "scr", "mir", "der", "gdumb", "agem") and mem < 1:
         raise ConfigError(f"buffer.size={mem}: avalanche_{name} needs a memory; use buffer.size >= 1")
+    if name == "gsa":  # our GSAPlugin inside Avalanche's Naive: the plugin-vs-learner parity check
+        from cil.avalanche.plugin import GSA_OPTIONS, GSAPlugin
+
+        plugin = GSAPlugin(mem_size=mem, num_classes=num_classes, seed=cfg.seed,
+                           **{k: getattr(cfg.method, k) for k in GSA_OPTIONS})
+        return Naive(model=model, optimizer=make_optimizer(model), criterion=ce, plugins=[plugin], **common)
     if name == "naive":
         return Naive(model=model, optimizer=make_optimizer(model), criterion=ce, **common)
     if name == "replay":
@@ -247,8 +254,12 @@ class AvalanchePeer(Method):
         raise NotImplementedError
 
     def extra_results(self) -> dict:
-        return {"avalanche": {"strategy": type(self.strategy).__name__, "mode": "online" if self.online else "task",
-                              "params": self.params}}
+        out = {"avalanche": {"strategy": type(self.strategy).__name__, "mode": "online" if self.online else "task",
+                             "params": self.params}}
+        gsa = [p for p in self.strategy.plugins if type(p).__name__ == "GSAPlugin"]
+        if gsa:
+            out["gsa"] = gsa[0].summary()
+        return out
 
     def state_dict(self) -> dict:
         raise ConfigError(f"method.name={self.cfg.name!r}: Avalanche peers do not checkpoint inside our learner; "
