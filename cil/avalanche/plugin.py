@@ -35,25 +35,22 @@ GSA_OPTIONS = {f.name for f in fields(MethodConfig)} - {"name", "params"}
 
 
 def task_of(experience) -> tuple[int, list[int]]:
-    """(task index, task classes) of a classic experience or of an online sub-experience's origin."""
-    origin = experience
-    if hasattr(type(experience), "origin_experience") or "origin_experience" in getattr(experience, "__dict__", {}):
-        try:
-            origin = experience.origin_experience
-        except (AttributeError, ValueError):  # Avalanche masks it unless access_task_boundaries=True
-            origin = None
-    classes = None
-    if origin is not None:
-        try:
-            classes = origin.classes_in_this_experience
-        except (AttributeError, ValueError):
-            classes = None
-    if origin is None or classes is None:
+    """(task index, task classes) of a classic experience or of an online sub-experience's origin.
+
+    GSA is boundary-aware (warm-up per task, current-task replay, task-only new loss): an online stream must grant
+    the boundaries (Avalanche 0.6 leaves origin_experience readable even when it does not, so we check the flag).
+    """
+    if getattr(experience, "access_task_boundaries", True) is False:
         raise ConfigError(
-            "GSAPlugin needs the current task's classes: a classic experience must have "
-            "classes_in_this_experience (Avalanche's class-incremental benchmarks, or with_classes_timeline), and an "
-            "online stream must be made with split_online_stream(..., access_task_boundaries=True) so that "
-            "experience.origin_experience is readable during training")
+            "GSAPlugin needs task boundaries: make the online stream with split_online_stream(..., "
+            "access_task_boundaries=True) so that experience.origin_experience names the current task")
+    origin = getattr(experience, "origin_experience", experience)
+    classes = getattr(origin, "classes_in_this_experience", None)
+    if classes is None:
+        raise ConfigError(
+            "GSAPlugin needs the current task's classes: the (origin) experience has no classes_in_this_experience; "
+            "use Avalanche's class-incremental benchmarks (e.g. SplitMNIST) or decorate the benchmark with "
+            "avalanche.benchmarks.scenarios.supervised.with_classes_timeline")
     return int(origin.current_experience), sorted(int(c) for c in classes)
 
 
