@@ -164,7 +164,7 @@ def test_avalanche_peers_through_cli(tmp_path):
         assert res["status"] == "complete"
         assert res["avalanche"]["strategy"] == strategy and res["avalanche"]["mode"] == mode
         assert len(res["acc_matrix"]) == 5 and all(len(r) == 5 for r in res["acc_matrix"])
-        assert res["samples_per_s"] > 0 and res["stream_samples"] == 1797
+        assert res["samples_per_s"] > 0 and res["stream_samples"] == er_ace["stream_samples"] > 1000
     assert lwf["avalanche"]["params"] == {"alpha": 0.5, "temperature": 2.0}
     # ER-ACE keeps old tasks alive; LwF (no memory) in class-incremental mostly does not
     assert er_ace["final_avg_acc"] > 55 and er_ace["final_avg_acc"] > lwf["final_avg_acc"] + 15
@@ -178,10 +178,16 @@ def test_gsa_plugin_matches_our_learner_on_the_same_stream(tmp_path):
     assert plugin["gsa"] == ours["gsa"]
 
 
-def test_unknown_peer_or_knob_is_one_clear_error(tmp_path):
-    for args, needle in ((["method=avalanche_er_ace", "method.name=avalanche_nope"], "avalanche_nope"),
-                         (["method=avalanche_er_ace", "+method.params.bogus=1"], "bogus")):
-        proc = subprocess.run([sys.executable, "-m", "cil", f"hydra.run.dir={tmp_path / 'bad'}", "dataset=digits",
-                               *args], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
+def test_unknown_peer_or_knob_is_one_clear_error():
+    from cil.avalanche.peers import strategy_params
+    from cil.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.method.name = "avalanche_nope"
+    with pytest.raises(ConfigError, match="avalanche_nope"):
+        strategy_params(cfg)
+    cfg.method.name, cfg.method.params = "avalanche_der", {"alpha": 0.3, "bogus": 1}
+    with pytest.raises(ConfigError, match="bogus"):
+        strategy_params(cfg)
+    cfg.method.params = {"alpha": 0.3}
+    assert strategy_params(cfg) == {"alpha": 0.3, "beta": 0.5}
