@@ -191,3 +191,12 @@ def test_unknown_peer_or_knob_is_one_clear_error():
         strategy_params(cfg)
     cfg.method.params = {"alpha": 0.3}
     assert strategy_params(cfg) == {"alpha": 0.3, "beta": 0.5}
+
+
+def test_core_does_not_import_avalanche():
+    code = ("import sys, cil, cil.run, cil.learner, cil.methods, cil.config; "
+            "print(sorted(m for m in ('avalanche', 'hydra') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
