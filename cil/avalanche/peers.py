@@ -209,6 +209,11 @@ class AvalanchePeer(Method):
                          stream.num_classes, device, seed=seed, input_shape=stream.dataset.input_shape)
         self.strategy, self.strategy_name = strategy, name
         self.online = name in ONLINE
+        # `shuffle` also reaches the loaders Avalanche builds over its memory (ReplayPlugin, GDumb): False there
+        # would replay the same first memory rows at every step. An online sub-experience is one batch, so
+        # shuffling only permutes rows inside it. Kept False where our exact order matters: GSA (parity with our
+        # learner) and the per-task strategies that train on our batches (LwF, A-GEM: same batches in order).
+        self.shuffle = name not in ("gsa", "lwf", "agem")
         self.stream = stream
         self.experiences = task_experiences(stream)
         self.sub_experiences = None
@@ -243,9 +248,9 @@ class AvalanchePeer(Method):
             sub = next(self.sub_experiences)
             if batch.step_in_task == 0 and list(sub.dataset.targets) != batch.y_host.tolist():
                 raise AssertionError("Avalanche sub-experience differs from our batch")  # order is the contract
-            self.strategy.train(sub, shuffle=False)
+            self.strategy.train(sub, shuffle=self.shuffle)
         elif batch.step_in_task + 1 == self.stream.batches_per_task[batch.task]:
-            self.strategy.train(self.experiences[batch.task], shuffle=False)
+            self.strategy.train(self.experiences[batch.task], shuffle=self.shuffle)
         loss = self.strategy.loss if torch.is_tensor(getattr(self.strategy, "loss", None)) else None
         loss = torch.zeros((), device=self.device) if loss is None else loss.detach().float().reshape(-1)[0]
         return StepOutput(loss, logits)
