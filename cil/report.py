@@ -73,7 +73,7 @@ def load_run(run_dir: Path) -> Run:
         res = json.loads((run_dir / RESULTS).read_text())
         return Run(run_dir, status, res.get("config") or {}, results=res)
     if status == "failed":
-        info = _read_json(run_dir / FAILED) or {"error_type": "unreadable failed.json"}
+        info = _read_json(run_dir / FAILED) or _read_json(run_dir / RESULTS) or {"error_type": "unreadable failed.json"}
         cfg = info.get("config") or _hydra_config(run_dir)
         return Run(run_dir, status, cfg, error=f"{info.get('error_type', '?')}: {info.get('error', '?')}")
     return Run(run_dir, status, _hydra_config(run_dir))

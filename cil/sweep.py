@@ -35,11 +35,12 @@ def _read_json(path: Path) -> Optional[dict]:
 
 
 def run_status(run_dir: Path) -> str:
-    """`complete` (results.json with status complete), `failed` (failed.json), else `incomplete`."""
+    """`complete` (results.json with status complete), `failed` (failed.json from the sweep callback, or a
+    results.json whose status says the run stopped on an error, e.g. a diverged loss), else `incomplete`."""
     res = _read_json(run_dir / RESULTS)
     if res is not None and res.get("status") == "complete":
         return "complete"
-    if (run_dir / FAILED).exists():
+    if (run_dir / FAILED).exists() or (res is not None and res.get("status") == "failed"):
         return "failed"
     return "incomplete"
 

@@ -158,3 +158,14 @@ def test_results_md_cli_before_any_sweep_was_recorded(tmp_path, capsys):
     for name in report.load_tables():
         assert f"<!-- cil.report:begin {name} -->" in text
     assert text.count("_No runs recorded yet._") == len(report.load_tables())
+
+
+def test_results_json_with_failed_status_counts_as_failed(tmp_path):
+    """A run stopped by the learner (e.g. a diverged loss) writes results.json with status "failed"."""
+    run = tmp_path / "sec" / "gsa_s0"
+    run.mkdir(parents=True)
+    cfg = {"experiment": "split_mnist", "seed": 0, "method": {"name": "gsa"}, "buffer": {"size": 200}}
+    (run / "results.json").write_text(json.dumps({"status": "failed", "error": "loss became non-finite",
+                                                   "config": cfg}))
+    r = report.load_run(run)
+    assert r.status == "failed" and "non-finite" in r.error
