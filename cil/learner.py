@@ -30,12 +30,15 @@ def evaluate(method: Method, x: torch.Tensor, y: torch.Tensor, task_ids: torch.T
     was_training = model.training
     model.eval()
     correct = torch.zeros(n_tasks, device=x.device)
-    total = torch.bincount(task_ids.clamp(min=0), minlength=n_tasks)[:n_tasks].float()
+    # Test samples outside every task (id -1) count towards no task.
+    inside = (task_ids >= 0).float()
+    total = torch.bincount(task_ids.clamp(min=0), weights=inside, minlength=n_tasks)[:n_tasks].float()
     for i in range(0, len(y), batch_size):
         with method.autocast():
             logits = model(to_float(x[i:i + batch_size], method.channels_last)).float()
         pred = mask_logits(logits, method.seen).argmax(1)
-        correct.index_add_(0, task_ids[i:i + batch_size].clamp(min=0), (pred == y[i:i + batch_size]).float())
+        hit = (pred == y[i:i + batch_size]).float() * inside[i:i + batch_size]
+        correct.index_add_(0, task_ids[i:i + batch_size].clamp(min=0), hit)
     model.train(was_training)
     return 100.0 * correct / total.clamp(min=1)
 

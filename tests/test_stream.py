@@ -78,3 +78,23 @@ def test_samples_per_class_subsamples_each_class_with_a_seed():
     assert again == [b.x.view(-1).tolist() for b in s]
     with pytest.raises(ConfigError, match="samples_per_class=0"):
         ClassIncrementalStream(ds, 3, 4, samples_per_class=0)
+
+
+def test_evaluate_ignores_test_samples_outside_every_task():
+    from types import SimpleNamespace
+    from contextlib import nullcontext
+    from cil.learner import evaluate
+
+    class Const(torch.nn.Module):  # always predicts class 0
+        def forward(self, x):
+            out = torch.zeros(len(x), 2)
+            out[:, 0] = 1.0
+            return out
+
+    method = SimpleNamespace(model=Const(), seen=torch.tensor([True, True]), channels_last=False,
+                             autocast=nullcontext)
+    x = torch.zeros(4, 1, 1, 1, dtype=torch.uint8)
+    y = torch.tensor([0, 1, 0, 0])
+    tasks = torch.tensor([0, 0, -1, -1])  # the last two belong to no task: they must not count for task 0
+    acc = evaluate(method, x, y, tasks, n_tasks=1, batch_size=3)
+    assert acc.tolist() == [50.0]
