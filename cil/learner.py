@@ -23,24 +23,33 @@ from cil.objectives.common import mask_logits
 
 
 @torch.inference_mode()
-def evaluate(method: Method, x: torch.Tensor, y: torch.Tensor, task_ids: torch.Tensor, n_tasks: int,
-             batch_size: int) -> torch.Tensor:
-    """Per-task accuracy in percent, argmax over the seen classes, in eval mode and large batches."""
+def predict(method: Method, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Predicted label of every row of ``x``: argmax over the seen classes, in eval mode and large batches."""
     model = method.model
     was_training = model.training
     model.eval()
-    correct = torch.zeros(n_tasks, device=x.device)
-    # Test samples outside every task (id -1) count towards no task.
-    inside = (task_ids >= 0).float()
-    total = torch.bincount(task_ids.clamp(min=0), weights=inside, minlength=n_tasks)[:n_tasks].float()
-    for i in range(0, len(y), batch_size):
+    preds = []
+    for i in range(0, len(x), batch_size):
         with method.autocast():
             logits = model(to_float(x[i:i + batch_size], method.channels_last)).float()
-        pred = mask_logits(logits, method.seen).argmax(1)
-        hit = (pred == y[i:i + batch_size]).float() * inside[i:i + batch_size]
-        correct.index_add_(0, task_ids[i:i + batch_size].clamp(min=0), hit)
+        preds.append(mask_logits(logits, method.seen).argmax(1))
     model.train(was_training)
-    return 100.0 * correct / total.clamp(min=1)
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=x.device)
+
+
+def task_accuracy(pred: torch.Tensor, y: torch.Tensor, task_ids: torch.Tensor, n_tasks: int) -> torch.Tensor:
+    """Per-task accuracy in percent. Test samples outside every task (id -1) count towards no task."""
+    inside = (task_ids >= 0).float()
+    ids = task_ids.clamp(min=0)
+    total = torch.bincount(ids, weights=inside, minlength=n_tasks)[:n_tasks]
+    correct = torch.bincount(ids, weights=(pred == y).float() * inside, minlength=n_tasks)[:n_tasks]
+    return 100.0 * correct.float() / total.float().clamp(min=1)
+
+
+def evaluate(method: Method, x: torch.Tensor, y: torch.Tensor, task_ids: torch.Tensor, n_tasks: int,
+             batch_size: int) -> torch.Tensor:
+    """Per-task accuracy in percent, argmax over the seen classes, in eval mode and large batches."""
+    return task_accuracy(predict(method, x, batch_size), y, task_ids, n_tasks)
 
 
 def _sync(device: torch.device) -> None:
@@ -59,6 +68,10 @@ class Learner:
         self.n_tasks = stream.n_tasks
         self.test_x, self.test_y = stream.test_x, stream.test_y
         self.test_task = stream.test_task_ids()
+        self.class_task = [-1] * stream.num_classes  # task of every head class (-1: in no task)
+        for t in stream.tasks:
+            for c in t.classes.tolist():
+                self.class_task[c] = t.index
         # A fixed, seeded test subsample for anytime evaluation, the same at every evaluation point.
         g = torch.Generator().manual_seed(cfg.seed + 3)
         n_any = min(cfg.eval.anytime_samples, len(self.test_y))
@@ -76,6 +89,8 @@ class Learner:
         self.loss_count = 0
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.last_log = {"loss": math.nan, "online_acc": math.nan}
+        self.errors: Optional[dict] = None  # metrics.error_breakdown at the last task end
+        self.confusion = None  # its confusion matrix (numpy [C, C])
         self.checkpointer = None  # a cil.checkpoint.Checkpointer, set by cil.run
         self._pending: list = []  # (loss, logits, labels, seen mask) of the steps since the last fold
 
@@ -95,9 +110,13 @@ class Learner:
         self._pending.clear()
 
     # -- evaluation ------------------------------------------------------------------------------------------
-    def evaluate_all(self) -> list[float]:
-        acc = evaluate(self.method, self.test_x, self.test_y, self.test_task, self.n_tasks, self.cfg.eval.batch_size)
-        return acc.tolist()
+    def evaluate_all(self, tasks_seen: int) -> list[float]:
+        """Per-task accuracy on the full test sets; also where the errors go (`self.errors`, `self.confusion`)."""
+        pred = predict(self.method, self.test_x, self.cfg.eval.batch_size)
+        self.confusion = metrics.confusion_matrix(self.test_y.cpu().numpy(), pred.cpu().numpy(),
+                                                  self.stream.num_classes)
+        self.errors = metrics.error_breakdown(self.confusion, self.class_task, tasks_seen)
+        return task_accuracy(pred, self.test_y, self.test_task, self.n_tasks).tolist()
 
     def evaluate_anytime(self, task: int) -> float:
         idx = self.anytime_idx
@@ -171,7 +190,7 @@ class Learner:
         self.logger.scalar("anytime_acc", acc, self.step, task)
 
     def _task_end(self, task: int) -> None:
-        row = self.evaluate_all()
+        row = self.evaluate_all(task + 1)
         self.acc_matrix.append(row)
         avg = sum(row[:task + 1]) / (task + 1)
         # The end of a task is also an anytime point (on the full test sets of the seen tasks).
@@ -179,6 +198,8 @@ class Learner:
         for j, a in enumerate(row[:task + 1]):
             self.logger.scalar(f"acc/task_{j}", a, self.step, task)
         self.logger.scalar("avg_acc_seen", avg, self.step, task)
+        for kind, share in self.errors.items():
+            self.logger.scalar(f"errors/{kind}", share, self.step, task)
         self.logger.accuracy_matrix(self.acc_matrix, self.step)
         if self.diagnostics is not None:
             self.diagnostics.on_evaluation(task, row, self.logger)
@@ -232,6 +253,9 @@ class Learner:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
             "peak_cuda_mb": peak_cuda,
             "class_order": self.stream.class_order,
+            # Where the test samples go after the last task end; the confusion matrix only up to 100 classes.
+            "errors": self.errors,
+            "confusion": self.confusion.tolist() if self.confusion is not None and len(self.confusion) <= 100 else None,
             **self.method.extra_results(),
             **({"diagnostics": self.diagnostics.summary()} if self.diagnostics is not None else {}),
         }
@@ -244,6 +268,8 @@ class Learner:
             "train_time_s": self.train_time_s, "eval_time_s": self.eval_time_s,
             "online_correct": self.online_correct.cpu(), "online_seen": self.online_seen,
             "loss_sum": self.loss_sum.cpu(), "loss_count": self.loss_count,
+            "errors": self.errors,
+            "confusion": None if self.confusion is None else torch.from_numpy(self.confusion),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -256,3 +282,6 @@ class Learner:
         self.online_seen = state["online_seen"]
         self.loss_sum = state["loss_sum"].to(self.device)
         self.loss_count = state["loss_count"]
+        self.errors = state.get("errors")  # absent in older checkpoints
+        confusion = state.get("confusion")
+        self.confusion = None if confusion is None else confusion.numpy()

@@ -46,3 +46,29 @@ def average_forgetting(acc) -> Optional[float]:
 def anytime_accuracy(curve: Sequence[float]) -> Optional[float]:
     """Mean of the average accuracy over seen tasks measured at regular points through the stream."""
     return float(np.mean(curve)) if len(curve) else None
+
+
+def confusion_matrix(targets, preds, num_classes: int) -> np.ndarray:
+    """counts[i, j] = test samples of class i predicted as class j (labels are head indices)."""
+    t, p = np.asarray(targets, dtype=np.int64), np.asarray(preds, dtype=np.int64)
+    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def error_breakdown(confusion: np.ndarray, class_task: Sequence[int], tasks_seen: int) -> dict:
+    """Where the test samples of the seen tasks go, in percent of them (the four parts add up to 100):
+    ``correct``; ``within_task`` (a wrong class of the same task); ``to_newer_task`` (a class of a later task:
+    the recency bias that GSA's cross-task balancing targets); ``to_older_task`` (a class of an earlier task).
+
+    ``class_task[c]`` is the task of class c (-1: in no task; such rows are left out and such predictions
+    cannot occur, since only seen classes are predicted)."""
+    task = np.asarray(class_task, dtype=np.int64)
+    rows = (task >= 0) & (task < tasks_seen)
+    c = confusion[rows]
+    true_task, pred_task = task[rows][:, None], task[None, :]
+    total = max(int(c.sum()), 1)
+    correct = int(np.trace(confusion[np.ix_(rows, rows)]))
+    same = int(c[np.broadcast_to(true_task == pred_task, c.shape)].sum()) - correct
+    newer = int(c[np.broadcast_to(pred_task > true_task, c.shape)].sum())
+    older = int(c[np.broadcast_to((pred_task < true_task) & (pred_task >= 0), c.shape)].sum())
+    return {"correct": 100.0 * correct / total, "within_task": 100.0 * same / total,
+            "to_newer_task": 100.0 * newer / total, "to_older_task": 100.0 * older / total}

@@ -48,14 +48,14 @@ def wrap(owner, name):
 if where == "observe":
     wrap(Method, "observe")
 elif where == "eval":
-    original_eval = cil.learner.evaluate
+    original_predict = cil.learner.predict
 
-    def evaluate(method, *args, **kwargs):
+    def predict(method, *args, **kwargs):
         method.model.eval()
         tick(method)
-        return original_eval(method, *args, **kwargs)
+        return original_predict(method, *args, **kwargs)
 
-    cil.learner.evaluate = evaluate
+    cil.learner.predict = predict
 elif where == "saved":
     wrap(cil.checkpoint.Checkpointer, "save")
 elif where == "writing":

@@ -35,6 +35,13 @@ def test_short_run_writes_sane_results(tmp_path, method):
     assert 0 < res["anytime_acc"] <= 100 and len(res["anytime_curve"]) >= 5
     assert res["train_time_s"] > 0 and res["samples_per_s"] > 0 and res["peak_rss_mb"] > 0
     assert sorted(res["class_order"]) == list(range(10))
+    # The confusion matrix agrees with the accuracy matrix: per task, its diagonal over its rows.
+    conf, order = res["confusion"], res["class_order"]
+    for t in range(5):
+        cls = order[2 * t:2 * t + 2]
+        hits, total = sum(conf[c][c] for c in cls), sum(sum(conf[c]) for c in cls)
+        assert 100 * hits / total == pytest.approx(acc[-1][t], abs=1e-3)
+    assert sum(res["errors"].values()) == pytest.approx(100.0)
     assert (run_dir / "metrics.csv").read_text().startswith("step,task,key,value")
     assert "run folder" in proc.stdout
 
