@@ -37,6 +37,18 @@ METHOD_ORDER = ["naive", "er", "er_ace", "gsa"]
 METRICS = [("final_avg_acc", "final acc. %"), ("avg_forgetting", "forgetting %"), ("anytime_acc", "anytime acc. %")]
 
 
+# Where the final test errors go (results.json "errors"; runs from before it existed have none).
+ERROR_KINDS = [("errors.correct", "correct %"), ("errors.within_task", "within task %"),
+               ("errors.to_newer_task", "to a newer task %"), ("errors.to_older_task", "to an older task %")]
+
+
+def _result(results: dict, metric: str) -> Any:
+    """results[metric], where a dotted metric ("errors.within_task") reaches into nested dicts."""
+    for part in metric.split("."):
+        results = results.get(part) if isinstance(results, dict) else None
+    return results
+
+
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(cfg, dict):
         out = {}
@@ -142,7 +154,7 @@ class Group:
         return len(self.complete)
 
     def values(self, metric: str) -> list[float]:
-        vals = [r.results.get(metric) for r in self.complete]
+        vals = [_result(r.results, metric) for r in self.complete]
         return [float(v) for v in vals if v is not None and math.isfinite(float(v))]
 
     def mean(self, metric: str) -> Optional[float]:
@@ -297,6 +309,21 @@ def markdown_table(rows: list[dict], paper_header: Optional[str] = None) -> str:
     return "\n".join(lines)
 
 
+def errors_table(groups: list) -> Optional[str]:
+    """Mean ± std over seeds of where the final test samples go, for the groups whose runs recorded it."""
+    groups = [g for g in groups if g.values("errors.correct")]
+    if not groups:
+        return None
+    show_variant = any(g.variant for g in groups)
+    head = ["experiment", "method", "M"] + (["variant"] if show_variant else []) + [h for _, h in ERROR_KINDS] + ["n"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        cells = [str(g.name), g.method, str(g.memory)] + ([g.variant] if show_variant else [])
+        cells += [_fmt(g.mean(k), g.std(k)) for k, _ in ERROR_KINDS] + [str(len(g.values("errors.correct")))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 CSV_FIELDS = ["section", "experiment", "method", "memory", "variant", "n_seeds", "seeds", "failed_seeds",
               "missing_seeds", "incomplete_seeds"] + [f"{m}_{s}" for m, _ in METRICS for s in ("mean", "std")]
 
@@ -370,6 +397,10 @@ def table_block(name: str, spec: dict, section: Optional[Section]) -> str:
                   markdown_table(rows, paper_header=paper.get("header", "paper") if paper else None)]
         if paper and paper.get("source"):
             lines += ["", f"Paper column: {paper['source'].rstrip('. ')}."]
+        errors_md = errors_table(group_runs(runs)) if spec.get("errors") else None
+        if errors_md:
+            lines += ["", "Where the final model's test samples go (percent of all test samples; runs recorded "
+                          "before results.json had `errors` are not in `n`):", "", errors_md]
         errors = [e for r in rows for e in r["_errors"]]
         if errors:
             lines += ["", "Failed runs:"] + [f"- {e}" for e in errors]

@@ -169,3 +169,16 @@ def test_results_json_with_failed_status_counts_as_failed(tmp_path):
                                                    "config": cfg}))
     r = report.load_run(run)
     assert r.status == "failed" and "non-finite" in r.error
+
+
+def test_errors_breakdown_table_averages_runs_that_recorded_it(tmp_path):
+    s = tmp_path / "errors_table"
+    for seed, within in enumerate([10.0, 20.0]):
+        d = write_run(s, f"er_s{seed}", 70.0, seed=seed)
+        res = json.loads((d / "results.json").read_text())
+        res["errors"] = {"correct": 70.0, "within_task": within, "to_newer_task": 25.0 - within, "to_older_task": 5.0}
+        (d / "results.json").write_text(json.dumps(res))
+    write_run(s, "er_s2", 75.0, seed=2)  # recorded before results.json had "errors": not averaged in
+    block = report.table_block("errors_table", {"errors": True}, report.collect_sections([s])[0])
+    assert "| split_mnist | er | 200 | 70.00 ± 0.00 | 15.00 ± 7.07 | 10.00 ± 7.07 | 5.00 ± 0.00 | 2 |" in block
+    assert "to a newer task" not in report.table_block("errors_table", {}, report.collect_sections([s])[0])
