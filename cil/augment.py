@@ -18,6 +18,7 @@ batch (interleaved runs, minimum of 15 rounds, on a loaded machine).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -25,10 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GSAAugment", "sample_crop_boxes", "hflip", "two_views", "LUMA_WEIGHTS"]
+__all__ = ["GSAAugment", "PreDrawn", "sample_crop_boxes", "hflip", "two_views", "LUMA_WEIGHTS"]
 
 #: ITU-R BT.601 luma weights, as in torchvision's rgb_to_grayscale.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant tensor, made once: building it from a Python list costs as much as a small op (~5 us),
+    and on CUDA a host-to-device copy. Never modified in place."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _fallback_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
@@ -47,26 +55,28 @@ def _fallback_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[
 
 def _boxes_from_uniforms(u_area: Tensor, u_ratio: Tensor, u_pos: Tensor, height: int, width: int,
                          scale: tuple[float, float], ratio: tuple[float, float]) -> Tensor:
-    """Crop boxes from uniforms in [0, 1): ``u_area``, ``u_ratio`` [B, A] (A attempts), ``u_pos`` [B, 2]."""
+    """Crop boxes from uniforms in [0, 1): ``u_area``, ``u_ratio`` [B, A] (A attempts), ``u_pos`` [B, 2].
+
+    Heights and widths travel stacked on a last axis of size 2 so that each elementwise op runs once for both
+    (the per-call cost is dispatch, not arithmetic); the elementwise operations are those of the per-axis
+    formulation, so the boxes are the same bit for bit."""
     area = float(height * width)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u_ratio)
-    w = torch.round(torch.sqrt(target_area * aspect))
-    h = torch.round(torch.sqrt(target_area / aspect))
-    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)  # index of the first valid attempt (0 if none)
-    any_valid = valid.any(dim=1)
+    # (h, w) of every attempt: h = round(sqrt(A / r)), w = round(sqrt(A * r))
+    hw = torch.stack([target_area / aspect, target_area * aspect], dim=-1).sqrt_().round_()  # [B, A, 2]
+    limit = _constant((height, width), hw.dtype, hw.device)
+    valid = ((hw > 0) & (hw <= limit)).all(dim=-1)  # [B, A]
+    first = valid.to(torch.uint8).argmax(dim=1)  # index of the first valid attempt (0 if none)
+    hw = hw.gather(1, first[:, None, None].expand(-1, 1, 2)).squeeze(1)  # [B, 2]
+    # Uniform integer offsets (top, left) in [0, H - h] x [0, W - w] (torchvision: randint(0, H - h + 1)).
+    room = limit - hw
+    pos = torch.minimum(torch.floor(u_pos * (room + 1)), room)
+    # No valid attempt: torchvision's central crop of the whole image, clamped to the ratio bounds.
     fh, fw = _fallback_box(height, width, ratio)
-    h = torch.where(any_valid, h.gather(1, first).squeeze(1), torch.full_like(any_valid, fh, dtype=h.dtype))
-    w = torch.where(any_valid, w.gather(1, first).squeeze(1), torch.full_like(any_valid, fw, dtype=w.dtype))
-    # Uniform integer offsets in [0, H - h] x [0, W - w] (torchvision: randint(0, H - h + 1)); the fallback is
-    # centred ((H - h) // 2).
-    top = torch.floor(u_pos[:, 0] * (height - h + 1)).clamp(max=height - h)
-    left = torch.floor(u_pos[:, 1] * (width - w + 1)).clamp(max=width - w)
-    top = torch.where(any_valid, top, torch.floor((height - h) / 2))
-    left = torch.where(any_valid, left, torch.floor((width - w) / 2))
-    return torch.stack([top, left, h, w], dim=1).long()
+    fallback = _constant(((height - fh) // 2, (width - fw) // 2, fh, fw), hw.dtype, hw.device)
+    return torch.where(valid.any(dim=1, keepdim=True), torch.cat([pos, hw], dim=1), fallback).long()
 
 
 def sample_crop_boxes(batch: int, height: int, width: int, generator: torch.Generator,
@@ -84,25 +94,22 @@ def sample_crop_boxes(batch: int, height: int, width: int, generator: torch.Gene
                                 height, width, scale, ratio)
 
 
-def _source_coords(start: Tensor, length: Tensor, out: int) -> Tensor:
-    """Source pixel coordinates [B, out] of bilinear resize with half-pixel centres of the crop
-    [start, start + length), clamped to the crop (as ``F.interpolate`` on the cropped image does)."""
-    d = torch.arange(out, device=start.device, dtype=start.dtype)
-    s = start[:, None] + (d[None, :] + 0.5) * (length[:, None] / out) - 0.5
-    return torch.minimum(torch.maximum(s, start[:, None]), (start + length - 1)[:, None])
-
-
 def resized_crop(x: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
     """Crop every image of ``x`` [B, C, H, W] to its box (long [B, 4]: top, left, h, w) and resize it to
-    ``size`` with bilinear interpolation, all in one ``grid_sample`` call."""
+    ``size`` with bilinear interpolation, all in one ``grid_sample`` call.
+
+    The source coordinates of bilinear resize with half-pixel centres, clamped to the crop (as
+    ``F.interpolate`` on the cropped image does), are computed for y and x together (axis 1), each elementwise
+    op once for both, then mapped to ``grid_sample``'s normalised coordinates (``align_corners=False``)."""
     b, _, height, width = x.shape
     oh, ow = size
     bx = boxes.to(x.dtype)
-    sy = _source_coords(bx[:, 0], bx[:, 2], oh)
-    sx = _source_coords(bx[:, 1], bx[:, 3], ow)
-    gx = (2 * sx + 1) / width - 1   # to normalised coordinates, align_corners=False
-    gy = (2 * sy + 1) / height - 1
-    grid = torch.stack([gx[:, None, :].expand(b, oh, ow), gy[:, :, None].expand(b, oh, ow)], dim=-1)
+    start, length = bx[:, :2, None], bx[:, 2:, None]  # [B, 2, 1]: (top, left), (h, w)
+    d = torch.arange(max(oh, ow), device=x.device, dtype=x.dtype)
+    s = start + (d + 0.5) * (length / _constant(((oh,), (ow,)), x.dtype, x.device)) - 0.5
+    s = torch.minimum(torch.maximum(s, start), start + length - 1)
+    g = (2 * s + 1) / _constant(((height,), (width,)), x.dtype, x.device) - 1  # [B, 2, max(oh, ow)]
+    grid = torch.stack([g[:, None, 1, :ow].expand(b, oh, ow), g[:, 0, :oh, None].expand(b, oh, ow)], dim=-1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -122,7 +129,8 @@ class GSAAugment:
     (C = 1 or 3) on any device; the generator must live on the tensor's device.
 
     All random numbers of a call come from one ``torch.rand(B, 23)`` draw on the generator: column 0 decides
-    grayscale, then 10 area and 10 aspect-ratio uniforms (attempts), then 2 position uniforms.
+    grayscale, then 10 area and 10 aspect-ratio uniforms (attempts), then 2 position uniforms. Several calls
+    can be drawn at once with :class:`PreDrawn`.
     """
 
     def __init__(self, size: tuple[int, int], scale: tuple[float, float] = (0.6, 1.0),
@@ -142,8 +150,13 @@ class GSAAugment:
     def sample(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Draw the random parameters for batch ``x``: (grayscale bool [B], boxes long [B, 4])."""
         b, _, height, width = x.shape
+        return self.draw(b, height, width, generator)
+
+    def draw(self, n: int, height: int, width: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The random parameters of ``n`` images of ``height`` x ``width``: (grayscale bool [n], boxes long
+        [n, 4])."""
         a = self.attempts
-        u = torch.rand(b, 2 * a + 3, generator=generator, device=generator.device)
+        u = torch.rand(n, 2 * a + 3, generator=generator, device=generator.device)
         gray = u[:, 0] < self.grayscale_p
         boxes = _boxes_from_uniforms(u[:, 1:1 + a], u[:, 1 + a:1 + 2 * a], u[:, 1 + 2 * a:],
                                      height, width, self.scale, self.ratio)
@@ -167,6 +180,37 @@ class GSAAugment:
     def __repr__(self) -> str:
         return (f"GSAAugment(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
                 f"grayscale_p={self.grayscale_p})")
+
+
+class PreDrawn:
+    """The random parameters of several consecutive augmentation calls on ``height`` x ``width`` images, drawn
+    at once (``n`` rows in all); called like the augmentation (``pre(x, generator)``, the generator unused), it
+    applies the next ``len(x)`` rows, in order. The point: one ``torch.rand`` and one batched box sampling (~25
+    small ops) instead of one per call.
+
+    On a CPU generator this equals calling ``augment(x, generator)`` each time, bit for bit: the generator's
+    stream is sequential, so one ``torch.rand(a + b, 23)`` holds ``torch.rand(a, 23)`` then
+    ``torch.rand(b, 23)``, and the box sampling is row-wise (``tests/test_augment.py`` checks both). On CUDA the
+    draws are as random but not equal to the per-call ones (Philox hands out numbers per launch)."""
+
+    def __init__(self, augment: GSAAugment, n: int, height: int, width: int, generator: torch.Generator):
+        self.augment, self.height, self.width = augment, height, width
+        self.gray, self.boxes = augment.draw(n, height, width, generator)
+        self.used = 0
+
+    @property
+    def left(self) -> int:
+        """Rows not applied yet."""
+        return len(self.boxes) - self.used
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        n = len(x)
+        if tuple(x.shape[-2:]) != (self.height, self.width) or n > self.left:
+            raise ValueError(f"PreDrawn holds {self.left} more draws for {self.height}x{self.width} images, "
+                             f"asked for {n} of shape {tuple(x.shape)}; draw as many rows as the calls need")
+        rows = slice(self.used, self.used + n)
+        self.used += n
+        return self.augment.apply(x, self.gray[rows], self.boxes[rows])
 
 
 def hflip(x: Tensor) -> Tensor:

@@ -6,8 +6,10 @@ import torch
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from cil.augment import (GSAAugment, _boxes_from_uniforms, hflip, resized_crop, sample_crop_boxes,
-                         two_views)
+import torch.nn.functional as F
+
+from cil.augment import (GSAAugment, PreDrawn, _boxes_from_uniforms, _fallback_box, hflip, resized_crop,
+                         sample_crop_boxes, two_views)
 
 SCALE = (0.6, 1.0)
 RATIO = (3 / 4, 4 / 3)
@@ -149,3 +151,91 @@ def test_two_views_and_hflip():
     first, second = aug(x, g2), aug(x, g2)
     assert torch.equal(ind[:6], first) and torch.equal(ind[6:], hflip(second))
     assert not torch.equal(ind[6:], hflip(ind[:6]))
+
+
+# -- the batched code against a straightforward formulation, bit for bit --------------------------------------
+
+def reference_augment(x, generator, size, scale=SCALE, ratio=RATIO, grayscale_p=0.2, attempts=10):
+    """GSAAugment written one axis at a time (as before its ops were stacked and its draws fused): the same
+    draws and the same float operations, so the batched code must match it exactly."""
+    b, _, height, width = x.shape
+    u = torch.rand(b, 2 * attempts + 3, generator=generator)
+    u_area, u_ratio, u_pos = u[:, 1:1 + attempts], u[:, 1 + attempts:1 + 2 * attempts], u[:, 1 + 2 * attempts:]
+    target_area = float(height * width) * (scale[0] + (scale[1] - scale[0]) * u_area)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u_ratio)
+    w = torch.round(torch.sqrt(target_area * aspect))
+    h = torch.round(torch.sqrt(target_area / aspect))
+    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)
+    any_valid = valid.any(dim=1)
+    fh, fw = _fallback_box(height, width, ratio)
+    h = torch.where(any_valid, h.gather(1, first).squeeze(1), torch.full_like(h[:, 0], fh))
+    w = torch.where(any_valid, w.gather(1, first).squeeze(1), torch.full_like(w[:, 0], fw))
+    top = torch.floor(u_pos[:, 0] * (height - h + 1)).clamp(max=height - h)
+    left = torch.floor(u_pos[:, 1] * (width - w + 1)).clamp(max=width - w)
+    top = torch.where(any_valid, top, torch.floor((height - h) / 2)).to(x.dtype)
+    left = torch.where(any_valid, left, torch.floor((width - w) / 2)).to(x.dtype)
+    h, w = h.to(x.dtype), w.to(x.dtype)
+    if x.shape[1] == 3:
+        luma = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+        x = torch.where((u[:, 0] < grayscale_p)[:, None, None, None], luma.expand_as(x), x)
+
+    def source(start, length, out):  # half-pixel centres, clamped to the crop, then normalised coordinates
+        s = start[:, None] + (torch.arange(out, dtype=x.dtype)[None, :] + 0.5) * (length[:, None] / out) - 0.5
+        return torch.minimum(torch.maximum(s, start[:, None]), (start + length - 1)[:, None])
+
+    (oh, ow) = size
+    gy = (2 * source(top, h, oh) + 1) / height - 1
+    gx = (2 * source(left, w, ow) + 1) / width - 1
+    grid = torch.stack([gx[:, None, :].expand(b, oh, ow), gy[:, :, None].expand(b, oh, ow)], dim=-1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+@pytest.mark.parametrize("c, hw, size, scale, ratio", [
+    (1, (28, 28), (28, 28), SCALE, RATIO),
+    (3, (32, 32), (32, 32), SCALE, RATIO),
+    (3, (40, 36), (32, 24), (0.08, 1.0), RATIO),  # non-square, downscaling crops
+    (1, (32, 64), (20, 30), (0.9, 1.0), (2.0, 3.0)),  # mostly the fallback box
+])
+def test_batched_augmentation_equals_the_per_axis_formulation(c, hw, size, scale, ratio):
+    aug = GSAAugment(size, scale, ratio)
+    for seed in range(5):
+        for b in (1, 17, 64):
+            x = images(b, c, *hw, seed=seed)
+            for dtype in (torch.float32, torch.float64):
+                ours = aug(x.to(dtype), gen(seed))
+                assert torch.equal(ours, reference_augment(x.to(dtype), gen(seed), size, scale, ratio)), \
+                    (seed, b, dtype)
+
+
+@pytest.mark.parametrize("c", [1, 3])
+@pytest.mark.parametrize("independent", [False, True])
+def test_predrawn_equals_drawing_call_by_call(c, independent):
+    """GSA's step (views of Xc, the new-branch pass over them, views of the replay batch) with all draws made
+    at once gives exactly the images of one draw per call, and leaves the generator where they leave it."""
+    aug = GSAAugment((16, 16))
+    for n_c, n_m in ((32, 64), (17, 33), (5, 0)):
+        xc, xm = images(n_c, c, 16, 16, seed=1), images(n_m, c, 16, 16, seed=2)
+        g_ref = gen(14)
+        ref_views = two_views(xc, aug, g_ref, independent)
+        ref = [ref_views, aug(ref_views, g_ref), two_views(xm, aug, g_ref, independent)]
+        g = gen(14)
+        per_views = 2 if independent else 1
+        pre = PreDrawn(aug, per_views * (n_c + n_m) + 2 * n_c, 16, 16, g)
+        views = two_views(xc, pre, None, independent)
+        ours = [views, pre(views), two_views(xm, pre, None, independent)]
+        assert pre.left == 0
+        for a, b in zip(ours, ref):
+            assert torch.equal(a, b), (n_c, n_m)
+        assert torch.equal(g.get_state(), g_ref.get_state())
+
+
+def test_predrawn_refuses_more_rows_or_another_size():
+    pre = PreDrawn(GSAAugment((8, 8)), 10, 8, 8, gen())
+    pre(images(6, 1, 8, 8))
+    with pytest.raises(ValueError, match="4 more draws"):
+        pre(images(5, 1, 8, 8))
+    with pytest.raises(ValueError, match="8x8"):
+        pre(images(2, 1, 9, 8))
+    assert pre.left == 4

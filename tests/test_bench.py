@@ -128,3 +128,13 @@ def test_threads_key_sets_torch_threads_and_is_validated(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_breakdown_times_gsa_augmentation():
+    """The breakdown finds GSA's augmentation however the step calls it (per call or drawn at once)."""
+    from cil.bench.contestants import run_ours
+
+    cfg = workload_config("digits", method="gsa")
+    res = run_ours(cfg, workload_dataset("digits", cfg), 3, breakdown=True)
+    times = res["breakdown"]
+    assert times["augment"] > 0 and times["forward"] > 0

@@ -140,3 +140,31 @@ def test_state_dict_round_trip_continues_identically():
     m2.load_state_dict(state)
     assert torch.equal(m2.stats.positive, m.stats.positive)
     assert torch.equal(m2.generator.get_state(), m.generator.get_state())
+
+
+class _PerCall:
+    """Stands in for the step's pre-drawn augmentations: one draw from the method's generator per call."""
+    left = 0
+
+    def __init__(self, method):
+        self.method = method
+
+    def __call__(self, x, generator=None):
+        return self.method.augment(x, self.method.generator)
+
+
+@pytest.mark.parametrize("cfg", [{}, {"independent_views": True}, {"two_views": False}])
+def test_step_draws_at_once_equal_drawing_per_call(cfg, monkeypatch):
+    """The step's augmentations drawn at once (GSA.draw_augmentations) train exactly the model that drawing
+    them call by call trains: same weights, statistics and generator state, bit for bit."""
+    _, stream = digits_stream()
+    n = stream.batches_per_task[0] + 12  # task 0, then replay of an old task in task 1
+    fused, _ = run_gsa(stream, n, **cfg)
+    monkeypatch.setattr(GSA, "draw_augmentations", lambda self, x, n_replay: _PerCall(self))
+    per_call, _ = run_gsa(stream, n, **cfg)
+    assert torch.equal(fused.generator.get_state(), per_call.generator.get_state())
+    assert torch.equal(fused.stats.positive, per_call.stats.positive)
+    assert torch.equal(fused.stats.negative, per_call.stats.negative)
+    for a, b in zip(fused.model.parameters(), per_call.model.parameters()):
+        assert torch.equal(a, b)
+    assert float(fused.stats.negative.sum()) > 0

@@ -84,8 +84,10 @@ def _instrument(method, totals: dict) -> None:
     method.forward = _Timed(method.forward, totals, "forward", dev)
     method.forward_float = _Timed(method.forward_float, totals, "forward", dev)
     method.step = _Timed(method.step, totals, "backward_step", dev)
-    if getattr(method, "augment", None) is not None:
-        method.augment = _Timed(method.augment, totals, "augment", dev)
+    aug = getattr(method, "augment", None)
+    if aug is not None:  # the augmentation's two stages, however the method calls them (cil.augment.PreDrawn)
+        aug.draw = _Timed(aug.draw, totals, "augment", dev)
+        aug.apply = _Timed(aug.apply, totals, "augment", dev)
     if method.buffer is not None:
         method.buffer.sample = _Timed(method.buffer.sample, totals, "buffer", dev)
         method.buffer.add = _Timed(method.buffer.add, totals, "buffer", dev)
