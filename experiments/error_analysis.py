@@ -1,4 +1,4 @@
-"""Which class pairs the cross-task errors are made of, per method, from the confusion matrices in results.json.
+"""Which class pairs the cross-task errors are made of, per run label (the folder name without `_m<M>_s<seed>`: the method or a variant of it), from the confusion matrices in results.json.
 
     python experiments/error_analysis.py experiments/runs/split_fashion_mnist_methods --memory 500 [--top 8]
 
@@ -6,13 +6,14 @@ For every run folder under the given folders whose results.json has a `confusion
 that buffer size), a test sample of class i predicted as class j counts towards the unordered pair {i, j} when
 i and j were in different tasks *in that run* (class orders differ between seeds). Printed as a markdown table:
 the pairs with the most such errors over all methods, in percent of the test samples (mean over the runs of a
-method), and per method the total cross-task and within-task error. Class names come from torchvision for
+method), and per label the total cross-task and within-task error. Class names come from torchvision for
 MNIST and Fashion-MNIST.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def runs(folders: list[Path], memory: int | None):
                 continue
             if memory is not None and res["config"]["buffer"]["size"] != memory:
                 continue
-            yield res
+            # label: the run folder's name up to "_m<M>_s<seed>" (e.g. gsa, er_ace, gsa-two-views-false)
+            yield re.sub(r"_m\d+_s\d+$", "", path.parent.name), res
 
 
 def cross_task_pairs(res: dict) -> tuple[dict, float, float]:
@@ -65,8 +67,8 @@ def main() -> None:
 
     by_method: dict[str, list] = defaultdict(list)
     dataset = None
-    for res in runs(args.folders, args.memory):
-        by_method[res["config"]["method"]["name"]].append(cross_task_pairs(res))
+    for label, res in runs(args.folders, args.memory):
+        by_method[label].append(cross_task_pairs(res))
         dataset = res["config"]["dataset"]["name"]
     if not by_method:
         raise SystemExit("no complete runs with a confusion matrix found (results.json 'confusion')")
