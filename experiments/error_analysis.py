@@ -1,4 +1,4 @@
-"""Which class pairs the cross-task errors are made of, per run label (the folder name without `_m<M>_s<seed>`: the method or a variant of it), from the confusion matrices in results.json.
+"""Which class pairs the cross-task errors are made of, per method (or variant), from results.json confusions.
 
     python experiments/error_analysis.py experiments/runs/split_fashion_mnist_methods --memory 500 [--top 8]
 
@@ -6,8 +6,8 @@ For every run folder under the given folders whose results.json has a `confusion
 that buffer size), a test sample of class i predicted as class j counts towards the unordered pair {i, j} when
 i and j were in different tasks *in that run* (class orders differ between seeds). Printed as a markdown table:
 the pairs with the most such errors over all methods, in percent of the test samples (mean over the runs of a
-method), and per label the total cross-task and within-task error. Class names come from torchvision for
-MNIST and Fashion-MNIST.
+method), and per label the total cross-task and within-task error. A label is a run folder's name
+without `_m<M>_s<seed>` (gsa, er_ace, gsa-two-views-false, ...). Class names are Fashion-MNIST's for that dataset.
 """
 from __future__ import annotations
 
