@@ -39,23 +39,18 @@ def runs(folders: list[Path], memory: int | None):
 
 
 def cross_task_pairs(res: dict) -> tuple[dict, float, float]:
-    """({(i, j): percent of test samples confused between i and j across tasks}, cross %, within %)."""
+    """({(i, j): percent of test samples confused between i and j across tasks}, cross %, within %); the two
+    totals are the run's own `errors` breakdown."""
     conf = np.asarray(res["confusion"], dtype=np.float64)
     order, n_tasks = res["class_order"], res["config"]["stream"]["n_tasks"]
     per_task = len(order) // n_tasks
     task = {c: k // per_task for k, c in enumerate(order)}
-    total = conf.sum()
-    pairs, cross, within = defaultdict(float), 0.0, 0.0
+    pairs = defaultdict(float)
     for i, j in zip(*np.nonzero(conf)):
-        if i == j:
-            continue
-        share = 100.0 * conf[i, j] / total
         if task[int(i)] != task[int(j)]:
-            pairs[(min(i, j), max(i, j))] += share
-            cross += share
-        else:
-            within += share
-    return pairs, cross, within
+            pairs[(min(i, j), max(i, j))] += 100.0 * conf[i, j] / conf.sum()
+    errors = res["errors"]
+    return pairs, errors["to_newer_task"] + errors["to_older_task"], errors["within_task"]
 
 
 def main() -> None:
@@ -65,13 +60,18 @@ def main() -> None:
     p.add_argument("--top", type=int, default=8)
     args = p.parse_args()
 
+    missing = [str(f) for f in args.folders if not f.is_dir()]
+    if missing:
+        raise SystemExit(f"not a folder: {', '.join(missing)}; pass sweep folders such as experiments/runs/<table>")
     by_method: dict[str, list] = defaultdict(list)
     dataset = None
     for label, res in runs(args.folders, args.memory):
         by_method[label].append(cross_task_pairs(res))
         dataset = res["config"]["dataset"]["name"]
     if not by_method:
-        raise SystemExit("no complete runs with a confusion matrix found (results.json 'confusion')")
+        raise SystemExit(f"no complete run with a confusion matrix under {', '.join(map(str, args.folders))}"
+                         + (f" with buffer size {args.memory}" if args.memory is not None else "")
+                         + "; results.json has 'confusion' only for runs made since it was added")
     names = CLASS_NAMES.get(dataset, None)
     label = (lambda c: names[c]) if names else str
 
