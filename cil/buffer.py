@@ -13,9 +13,11 @@ Design (add/sample run every stream step, so they must not stall the device):
   folded into the mirror later (when finished, or when a label query such as ``classes=`` or
   ``class_counts()`` needs it). The class-balanced policy decides by label, so it copies labels at once
   (a device sync on CUDA; pass CPU labels to avoid it). Pass ``classes=`` as a CPU tensor or a list.
-- Reservoir (Vitter's algorithm R) is vectorised over the batch: item i has stream index j = n_seen + i and
+- Reservoir (Vitter's algorithm R) draws for the whole batch at once: item i has stream index j = n_seen + i and
   goes to slot j while j < capacity, else to slot r ~ U{0..j} if r < capacity. When two items of one batch
   pick the same slot the later one wins, as in the sequential algorithm; the earlier one goes to the trash row.
+  The slot choice runs on Python ints: for ~10 items that is cheaper than any array op (measured in
+  docs/performance.md), and most batches of a long stream keep nothing, so they stop there.
 - Class-balanced reservoir (CBRS, Chrysakis & Moens, ICML 2020) is sequential by nature; it loops over the
   batch in Python on CPU ints, which is fine for batches of ~10.
 """
@@ -90,10 +92,9 @@ class ReplayBuffer:
             return
         task = int(task)
         if self.policy == "reservoir":
-            j = np.arange(self.n_seen, self.n_seen + b)
-            slots = self._reservoir_slots(j, self._draw(j))
-            if not (slots < self._trash).any():  # nothing kept (most batches once the memory is full):
-                self.n_seen += b                 # the trash-row writes below would change nothing visible
+            slots = self._reservoir_slots(self._draw(self.n_seen, b))
+            if slots is None:  # nothing kept (most batches once the memory is full): the trash-row writes
+                self.n_seen += b  # below would change nothing visible
                 return
             self._queue_labels(slots, y)
         else:
@@ -107,14 +108,26 @@ class ReplayBuffer:
         self._y.index_copy_(0, idx, y.to(self.device, dtype=torch.long, non_blocking=True))
         self._task.index_fill_(0, idx, task)
 
-    def _draw(self, j: np.ndarray) -> np.ndarray:
-        """r_i uniform in [0, j_i] for each stream index (one draw per item, used or not)."""
+    def _draw(self, first: int, b: int) -> list[int]:
+        """r_i uniform in [0, j_i] for the stream indices j_i = first, ..., first + b - 1 (one draw per item,
+        used or not)."""
         # 62 random bits modulo j+1: the modulo bias is below j / 2**62, far under anything measurable.
-        return torch.randint(0, 2**62, j.shape, generator=self._gen).numpy() % (j + 1)
+        # Python ints, not numpy: for ~10 items a handful of int operations beats any array op.
+        bits = torch.randint(0, 2**62, (b,), generator=self._gen).tolist()
+        return [r % (j + 1) for j, r in enumerate(bits, start=first)]
 
-    def _reservoir_slots(self, j: np.ndarray, r: np.ndarray) -> np.ndarray:
-        slots = np.where(j < self.capacity, j, np.where(r < self.capacity, r, self._trash))
-        return _later_writer_wins(slots, self._trash)
+    def _reservoir_slots(self, draws: list[int]) -> np.ndarray | None:
+        """Slot of every item of the batch (the trash row for items not kept), or None when none is kept."""
+        owner = {}  # slot -> the batch item that writes it last (the later writer wins, as in sequential R)
+        for j, r in enumerate(draws, start=self.n_seen):
+            slot = j if j < self.capacity else r
+            if slot < self.capacity:
+                owner[slot] = j - self.n_seen
+        if not owner:
+            return None
+        slots = np.full(len(draws), self._trash, dtype=np.int64)
+        slots[list(owner.values())] = list(owner.keys())
+        return slots
 
     def _cbrs_slots(self, labels: list[int]) -> np.ndarray:
         slots = np.full(len(labels), self._trash, dtype=np.int64)
@@ -201,7 +214,8 @@ class ReplayBuffer:
         idx = torch.randperm(available, generator=self._gen)[:k]
         if cand is not None:
             idx = torch.from_numpy(cand[idx.numpy()])
-        idx = idx.to(self.device, non_blocking=True)
+        if self.device.type != "cpu":
+            idx = idx.to(self.device, non_blocking=True)
         return self._x.index_select(0, idx), self._y.index_select(0, idx), self._task.index_select(0, idx)
 
     def count(self, *, task: int | None = None, exclude_task: int | None = None) -> int:

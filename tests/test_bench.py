@@ -27,12 +27,17 @@ def test_bench_smoke_writes_json_with_expected_keys(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = json.loads(out.read_text())
     assert {"args", "machine", "load_before", "load_after", "summary", "runs"} <= set(res)
-    assert len(res["runs"]) == 1 and "error" not in res["runs"][0]
+    # one timed run without timers, then one instrumented run for the breakdown that the timing ignores
+    assert [r.get("profile", False) for r in res["runs"]] == [False, True]
+    assert all("error" not in r for r in res["runs"])
+    assert "breakdown" not in res["runs"][0] and "breakdown" in res["runs"][1]
     er = res["summary"]["digits"]["er"]
     assert {"samples_per_s", "samples_per_cpu_s", "final_acc", "peak_rss_mb", "train_time_s"} <= set(er)
     assert er["samples"] == 5 * 3 * 10  # 3 batches of 10 from each of the 5 tasks
     assert er["samples_per_s"] > 0 and er["peak_rss_mb"] > 0 and 0 <= er["final_acc"] <= 100
     assert {"forward", "backward_step", "buffer", "arithmetic", "other"} <= set(er["breakdown_s"])
+    assert er["runs"] == 1 and er["profile_runs"] == 1
+    assert er["train_time_s"] == res["runs"][0]["train_time_s"]  # the timing comes from the timed run only
     assert "digits" in proc.stdout and "er" in proc.stdout
 
 

@@ -75,9 +75,9 @@ def test_batch_collisions_match_sequential_reference():
     draws = []
     real_draw = buf._draw
 
-    def recording_draw(j):
-        r = real_draw(j)
-        draws.append((j.copy(), r.copy()))
+    def recording_draw(first, b):
+        r = real_draw(first, b)
+        draws.append((np.arange(first, first + b), np.array(r)))
         return r
 
     buf._draw = recording_draw

@@ -243,8 +243,7 @@ class AvalanchePeer(Method):
         return logits
 
     def observe(self, batch: Batch) -> StepOutput:
-        self.seen.index_fill_(0, batch.y, True)
-        self.seen_host[batch.y_host] = True
+        self.mark_seen(batch.y, batch.y_host)
         logits = self._online_logits(batch)
         if self.online:
             sub = next(self.sub_experiences)

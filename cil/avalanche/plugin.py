@@ -153,8 +153,7 @@ class GSAPlugin(SupervisedPlugin):
         x, y = strategy.mb_x, strategy.mb_y
         y_host = y.cpu()
         self._grow(int(y_host.max()) + 1)
-        g.seen.index_fill_(0, y, True)
-        g.seen_host[y_host] = True
+        g.mark_seen(y, y_host)
         g.model = _PaddedModel(self, strategy.model)
         strategy.loss, _ = g.loss(x, y, self.task, self.step_in_task)
 

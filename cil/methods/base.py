@@ -47,9 +47,11 @@ class Method:
         self.channels_last = channels_last
         self.input_shape = input_shape
         # Seen classes are the labels observed so far, kept on the device (for masks) and on the host (for
-        # counting without a device read-back). Task classes are the current task's announced label set.
+        # counting without a device read-back); `mark_seen` replaces both masks rather than changing them in
+        # place. Task classes are the current task's announced label set.
         self.seen = torch.zeros(num_classes, dtype=torch.bool, device=self.device)
         self.seen_host = torch.zeros(num_classes, dtype=torch.bool)
+        self._seen_labels: set[int] = set()
         self.task_classes = torch.zeros(num_classes, dtype=torch.bool, device=self.device)
         self.task_classes_host = torch.zeros(num_classes, dtype=torch.bool)
         self.task = -1
@@ -71,9 +73,19 @@ class Method:
         pass
 
     # -- one incoming batch ----------------------------------------------------------------------------------
+    def mark_seen(self, y: torch.Tensor, y_host: torch.Tensor) -> None:
+        """Add labels (the same on the device and on the host) to the seen classes. Only a batch with a new
+        class costs tensor work; the masks are then replaced, not changed in place, so a mask handed out
+        earlier (the learner keeps each step's until it counts online accuracy) stays as it was."""
+        labels = y_host.tolist()
+        if self._seen_labels.issuperset(labels):
+            return
+        self._seen_labels.update(labels)
+        self.seen = self.seen.index_fill(0, y, True)
+        self.seen_host = self.seen_host.index_fill(0, y_host, True)
+
     def observe(self, batch: Batch) -> StepOutput:
-        self.seen.index_fill_(0, batch.y, True)
-        self.seen_host[batch.y_host] = True
+        self.mark_seen(batch.y, batch.y_host)
         first = None
         for _ in range(self.cfg.iters):
             loss, logits = self.update(batch)
@@ -99,10 +111,13 @@ class Method:
             return self.model(x).float()
 
     def report(self, source: str, logits: torch.Tensor, targets: torch.Tensor, mask, scale: float = 1.0,
-               class_weights: Optional[torch.Tensor] = None) -> None:
+               class_weights: Optional[torch.Tensor] = None, rows: Optional[slice] = None) -> None:
         """Describe one term of the loss to the diagnostics (a no-op when they are off): the term is
-        scale * mean_i(class_weights[y_i] * CE of row i, softmax over `mask`); source is 'new' or 'replay'."""
+        scale * mean_i(class_weights[y_i] * CE of row i, softmax over `mask`); source is 'new' or 'replay'.
+        `rows`: the term covers only these rows of `logits` and `targets` (sliced here, only when needed)."""
         if self.diagnostics is not None:
+            if rows is not None:
+                logits, targets = logits[rows], targets[rows]
             self.diagnostics.report(source, logits, targets, mask, scale, class_weights)
 
     def step(self, loss: torch.Tensor) -> None:
@@ -132,8 +147,9 @@ class Method:
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.seen_host.copy_(state["seen"])
-        self.seen.copy_(self.seen_host)
+        self.seen_host = state["seen"].clone()
+        self.seen = self.seen_host.to(self.device)
+        self._seen_labels = set(self.seen_host.nonzero().squeeze(1).tolist())
         self.task_classes_host.copy_(state["task_classes"])
         self.task_classes.copy_(self.task_classes_host)
         self.task = state["task"]

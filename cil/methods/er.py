@@ -17,7 +17,7 @@ class ER(Method):
             x, y = torch.cat([x, mem[0]]), torch.cat([y, mem[1]])
         logits = self.forward(x)
         loss = er_loss(logits, y, self.seen)
-        self.report("new", logits[:n], y[:n], self.seen, scale=n / len(y))
-        self.report("replay", logits[n:], y[n:], self.seen, scale=1 - n / len(y))
+        self.report("new", logits, y, self.seen, scale=n / len(y), rows=slice(None, n))
+        self.report("replay", logits, y, self.seen, scale=1 - n / len(y), rows=slice(n, None))
         self.step(loss)
         return loss, logits[:n]

@@ -16,8 +16,9 @@ class ERACE(Method):
         x = batch.x if mem is None else torch.cat([batch.x, mem[0]])
         logits = self.forward(x)
         y_buf = batch.y[:0] if mem is None else mem[1]
-        loss = er_ace_loss(logits[:n], batch.y, logits[n:], y_buf, self.seen)
-        self.report("new", logits[:n], batch.y, "present")
-        self.report("replay", logits[n:], y_buf, self.seen)
+        logits_new, logits_buf = logits[:n], logits[n:]
+        loss = er_ace_loss(logits_new, batch.y, logits_buf, y_buf, self.seen)
+        self.report("new", logits_new, batch.y, "present")
+        self.report("replay", logits_buf, y_buf, self.seen)
         self.step(loss)
-        return loss, logits[:n]
+        return loss, logits_new
