@@ -94,23 +94,40 @@ def sample_crop_boxes(batch: int, height: int, width: int, generator: torch.Gene
                                 height, width, scale, ratio)
 
 
-def resized_crop(x: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
-    """Crop every image of ``x`` [B, C, H, W] to its box (long [B, 4]: top, left, h, w) and resize it to
-    ``size`` with bilinear interpolation, all in one ``grid_sample`` call.
+@functools.lru_cache(maxsize=64)
+def _pixel_centres(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """0.5, 1.5, ..., n - 0.5 (output pixel centres), made once. Never modified in place."""
+    return torch.arange(n, device=device, dtype=dtype) + 0.5
+
+
+def crop_grid(boxes: Tensor, in_size: tuple[int, int], size: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """The ``grid_sample`` grid [B, oh, ow, 2] that crops images of ``in_size`` (H, W) to ``boxes`` (long
+    [B, 4]: top, left, h, w) and resizes the crops to ``size`` (oh, ow), bilinear with half-pixel centres.
 
     The source coordinates of bilinear resize with half-pixel centres, clamped to the crop (as
     ``F.interpolate`` on the cropped image does), are computed for y and x together (axis 1), each elementwise
-    op once for both, then mapped to ``grid_sample``'s normalised coordinates (``align_corners=False``)."""
-    b, _, height, width = x.shape
+    op once for both, then mapped to ``grid_sample``'s normalised coordinates (``align_corners=False``). Every
+    row depends on its own box only, so grids of many boxes can be built at once and sliced."""
+    height, width = in_size
     oh, ow = size
-    bx = boxes.to(x.dtype)
+    b, device = boxes.shape[0], boxes.device
+    bx = boxes.to(dtype)
     start, length = bx[:, :2, None], bx[:, 2:, None]  # [B, 2, 1]: (top, left), (h, w)
-    d = torch.arange(max(oh, ow), device=x.device, dtype=x.dtype)
-    s = start + (d + 0.5) * (length / _constant(((oh,), (ow,)), x.dtype, x.device)) - 0.5
+    s = start + _pixel_centres(max(oh, ow), dtype, device) * (length / _constant(((oh,), (ow,)), dtype, device)) - 0.5
     s = torch.minimum(torch.maximum(s, start), start + length - 1)
-    g = (2 * s + 1) / _constant(((height,), (width,)), x.dtype, x.device) - 1  # [B, 2, max(oh, ow)]
-    grid = torch.stack([g[:, None, 1, :ow].expand(b, oh, ow), g[:, 0, :oh, None].expand(b, oh, ow)], dim=-1)
+    g = (2 * s + 1) / _constant(((height,), (width,)), dtype, device) - 1  # [B, 2, max(oh, ow)]
+    return torch.stack([g[:, None, 1, :ow].expand(b, oh, ow), g[:, 0, :oh, None].expand(b, oh, ow)], dim=-1)
+
+
+def resample(x: Tensor, grid: Tensor) -> Tensor:
+    """Bilinear resampling of ``x`` [B, C, H, W] on a grid from :func:`crop_grid`."""
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def resized_crop(x: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Crop every image of ``x`` [B, C, H, W] to its box (long [B, 4]: top, left, h, w) and resize it to
+    ``size`` with bilinear interpolation, all in one ``grid_sample`` call."""
+    return resample(x, crop_grid(boxes, tuple(x.shape[-2:]), size, x.dtype))
 
 
 def random_grayscale(x: Tensor, apply: Tensor) -> Tensor:
@@ -162,9 +179,17 @@ class GSAAugment:
                                      height, width, self.scale, self.ratio)
         return gray, boxes
 
+    def grid(self, boxes: Tensor, in_size: tuple[int, int], dtype: torch.dtype) -> Tensor:
+        """The resampling grid of ``boxes`` on images of ``in_size`` (see :func:`crop_grid`)."""
+        return crop_grid(boxes, in_size, self.size, dtype)
+
+    def apply_grid(self, x: Tensor, gray: Tensor, grid: Tensor) -> Tensor:
+        """Apply grayscale flags and a grid from :meth:`grid` to ``x``."""
+        return resample(random_grayscale(x, gray), grid)
+
     def apply(self, x: Tensor, gray: Tensor, boxes: Tensor) -> Tensor:
         """Apply given parameters (from :meth:`sample`) to ``x``."""
-        return resized_crop(random_grayscale(x, gray), boxes, self.size)
+        return self.apply_grid(x, gray, self.grid(boxes, tuple(x.shape[-2:]), x.dtype))
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         if x.dim() != 4 or x.shape[1] not in (1, 3):
@@ -188,14 +213,19 @@ class PreDrawn:
     applies the next ``len(x)`` rows, in order. The point: one ``torch.rand`` and one batched box sampling (~25
     small ops) instead of one per call.
 
+    The resampling grids of all rows are built at once too, on the first call (with its dtype), and sliced per
+    call: ~15 small ops per step instead of per call.
+
     On a CPU generator this equals calling ``augment(x, generator)`` each time, bit for bit: the generator's
     stream is sequential, so one ``torch.rand(a + b, 23)`` holds ``torch.rand(a, 23)`` then
-    ``torch.rand(b, 23)``, and the box sampling is row-wise (``tests/test_augment.py`` checks both). On CUDA the
-    draws are as random but not equal to the per-call ones (Philox hands out numbers per launch)."""
+    ``torch.rand(b, 23)``, and the box sampling and the grids are row-wise (``tests/test_augment.py`` checks
+    both). On CUDA the draws are as random but not equal to the per-call ones (Philox hands out numbers per
+    launch)."""
 
     def __init__(self, augment: GSAAugment, n: int, height: int, width: int, generator: torch.Generator):
         self.augment, self.height, self.width = augment, height, width
         self.gray, self.boxes = augment.draw(n, height, width, generator)
+        self.grid = None
         self.used = 0
 
     @property
@@ -208,9 +238,11 @@ class PreDrawn:
         if tuple(x.shape[-2:]) != (self.height, self.width) or n > self.left:
             raise ValueError(f"PreDrawn holds {self.left} more draws for {self.height}x{self.width} images, "
                              f"asked for {n} of shape {tuple(x.shape)}; draw as many rows as the calls need")
+        if self.grid is None or self.grid.dtype != x.dtype:
+            self.grid = self.augment.grid(self.boxes, (self.height, self.width), x.dtype)
         rows = slice(self.used, self.used + n)
         self.used += n
-        return self.augment.apply(x, self.gray[rows], self.boxes[rows])
+        return self.augment.apply_grid(x, self.gray[rows], self.grid[rows])
 
 
 def hflip(x: Tensor) -> Tensor:

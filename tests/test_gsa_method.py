@@ -38,8 +38,8 @@ def test_balanced_replay_batch_composition(seen_old, seen_cur, expect_old, expec
         fill(m.buffer, label // 2, label, 40)
     fill(m.buffer, 2, 4, 30)  # current-task samples in the buffer must not count as "old"
     m.on_task_start(2, torch.tensor([4, 5, 6, 7]))
-    m.seen_host[:seen_old] = True
-    m.seen_host[4:4 + seen_cur] = True
+    seen = torch.tensor(list(range(seen_old)) + list(range(4, 4 + seen_cur)))
+    m.mark_seen(seen, seen)
     xc = torch.rand(32, 1, 8, 8) + 5.0  # recognisable: values > 1 never come from the uint8/255 buffer path
     yc = torch.full((32,), 4)
     xm, ym = m.mixed_replay_batch(xc, yc, task=2)
@@ -54,7 +54,7 @@ def test_first_task_replay_is_current_data_only():
     m = make_gsa()
     fill(m.buffer, 0, 0, 50)
     m.on_task_start(0, torch.tensor([0, 1]))
-    m.seen_host[[0, 1]] = True
+    m.mark_seen(torch.tensor([0, 1]), torch.tensor([0, 1]))
     xc, yc = torch.rand(32, 1, 8, 8), torch.zeros(32, dtype=torch.long)
     xm, ym = m.mixed_replay_batch(xc, yc, task=0)  # r = 1: no old samples, all of Xc (32 < 64)
     assert torch.equal(xm, xc)

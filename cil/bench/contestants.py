@@ -85,9 +85,9 @@ def _instrument(method, totals: dict) -> None:
     method.forward_float = _Timed(method.forward_float, totals, "forward", dev)
     method.step = _Timed(method.step, totals, "backward_step", dev)
     aug = getattr(method, "augment", None)
-    if aug is not None:  # the augmentation's two stages, however the method calls them (cil.augment.PreDrawn)
-        aug.draw = _Timed(aug.draw, totals, "augment", dev)
-        aug.apply = _Timed(aug.apply, totals, "augment", dev)
+    if aug is not None:  # the augmentation's stages, however the method calls them (cil.augment.PreDrawn)
+        for stage in ("draw", "grid", "apply_grid"):
+            setattr(aug, stage, _Timed(getattr(aug, stage), totals, "augment", dev))
     if method.buffer is not None:
         method.buffer.sample = _Timed(method.buffer.sample, totals, "buffer", dev)
         method.buffer.add = _Timed(method.buffer.add, totals, "buffer", dev)

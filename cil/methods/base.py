@@ -52,6 +52,7 @@ class Method:
         self.seen = torch.zeros(num_classes, dtype=torch.bool, device=self.device)
         self.seen_host = torch.zeros(num_classes, dtype=torch.bool)
         self._seen_labels: set[int] = set()
+        self._task_labels: set[int] = set()
         self.task_classes = torch.zeros(num_classes, dtype=torch.bool, device=self.device)
         self.task_classes_host = torch.zeros(num_classes, dtype=torch.bool)
         self.task = -1
@@ -68,6 +69,7 @@ class Method:
         self.task_classes[classes] = True
         self.task_classes_host.zero_()
         self.task_classes_host[classes.cpu()] = True
+        self._task_labels = set(classes.tolist())
 
     def on_task_end(self, task: int) -> None:
         pass
@@ -152,5 +154,6 @@ class Method:
         self._seen_labels = set(self.seen_host.nonzero().squeeze(1).tolist())
         self.task_classes_host.copy_(state["task_classes"])
         self.task_classes.copy_(self.task_classes_host)
+        self._task_labels = set(self.task_classes_host.nonzero().squeeze(1).tolist())
         self.task = state["task"]
         self.generator.set_state(state["generator"])
