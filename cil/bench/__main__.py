@@ -167,8 +167,8 @@ def print_table(summary: dict) -> None:
                   f"  {s['samples_per_s_all']}")
     print("\nsamples/s: stream samples per second of training wall time; per CPU-s: per second of the process's CPU "
           "time\n(steadier on a loaded machine); ratios are medians of ratios within a repeat. 'overhead': training "
-          "(CPU) time\nover the (CPU) time inside the model's forward passes, backward and optimizer step, minus 1, from one "
-          "extra\ninstrumented run (the timed runs carry no timers).")
+          "(CPU) time\nover the (CPU) time inside the model's forward passes, backward and optimizer step, "
+          "minus 1, from one extra\ninstrumented run (the timed runs carry no timers).")
 
 
 def machine_info() -> dict:

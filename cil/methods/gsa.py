@@ -77,13 +77,19 @@ class GSA(Method):
         """Steps 1-7 on one incoming batch: returns (L, logits of the incoming rows). No optimizer step, no
         buffer update: our learner and the Avalanche plugin (cil.avalanche.GSAPlugin) both call this."""
         cfg = self.cfg
-        x_new = self.as_input(x)
         n = len(y_new)
 
-        # 1. Xc: the incoming batch plus up to `current_task_replay` buffer samples of the current task.
+        # 1. Xc: the incoming batch plus up to `current_task_replay` buffer samples of the current task
+        # (converted to float once, after the concatenation, when both are raw images).
         cur = self.replay(cfg.current_task_replay, task=t)
-        xc = x_new if cur is None else torch.cat([x_new, self.as_input(cur[0])])
-        yc = y_new if cur is None else torch.cat([y_new, cur[1]])
+        if cur is None:
+            xc, yc = self.as_input(x), y_new
+        else:
+            if x.dtype == cur[0].dtype:
+                xc = self.as_input(torch.cat([x, cur[0]]))
+            else:  # float incoming rows (the Avalanche plugin) and raw buffer rows
+                xc = torch.cat([self.as_input(x), self.as_input(cur[0])])
+            yc = torch.cat([y_new, cur[1]])
 
         # 3 (composed first, so the step's augmentations can be drawn at once). The balanced mixed replay batch,
         # skipped on the very first batch: the buffer is empty.
