@@ -25,8 +25,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
+# One intra-op thread per run unless OMP_NUM_THREADS says otherwise (the figures in docs/performance.md).
 bench: $(STAMP)
-	$(PY) -m cil.bench
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m cil.bench $(BENCH_ARGS)
 
 clean-env:
 	rm -rf $(VENV)
