@@ -143,3 +143,27 @@ def test_breakdown_times_gsa_augmentation():
     res = run_ours(cfg, workload_dataset("digits", cfg), 3, breakdown=True)
     times = res["breakdown"]
     assert times["augment"] > 0 and times["forward"] > 0
+
+
+def test_seen_masks_are_replaced_when_a_class_is_new_and_never_changed_in_place(tmp_path):
+    """The learner keeps each step's seen mask by reference until it counts online accuracy, so `mark_seen` must
+    hand out a new mask when a class is new (old references keep their classes) and may keep the same object
+    otherwise (no tensor work for the usual batch)."""
+    cfg = workload_config("digits")
+    m = build_learner(cfg, tmp_path, workload_dataset("digits", cfg)).method
+    labels = torch.tensor([0, 1, 1])
+    m.mark_seen(labels, labels)
+    first, first_host = m.seen, m.seen_host
+    assert first.nonzero().squeeze(1).tolist() == [0, 1] and first_host.tolist() == first.tolist()
+    m.mark_seen(torch.tensor([1, 0]), torch.tensor([1, 0]))  # nothing new
+    assert m.seen is first and m.seen_host is first_host
+    m.mark_seen(torch.tensor([2, 1]), torch.tensor([2, 1]))
+    assert first.nonzero().squeeze(1).tolist() == [0, 1], "a mask handed out earlier was changed in place"
+    assert m.seen.nonzero().squeeze(1).tolist() == [0, 1, 2] == m.seen_host.nonzero().squeeze(1).tolist()
+    # a checkpoint round trip restores both masks and the label set that decides what is new
+    state = m.state_dict()
+    fresh = build_learner(cfg, tmp_path / "b", workload_dataset("digits", cfg)).method
+    fresh.load_state_dict(state)
+    restored = fresh.seen
+    fresh.mark_seen(torch.tensor([2]), torch.tensor([2]))
+    assert fresh.seen is restored and restored.nonzero().squeeze(1).tolist() == [0, 1, 2]
