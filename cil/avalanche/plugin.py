@@ -130,8 +130,7 @@ class GSAPlugin(SupervisedPlugin):
         def grow(t: torch.Tensor, value=0) -> torch.Tensor:
             return torch.cat([t, torch.full((pad,), value, dtype=t.dtype, device=t.device)])
 
-        g.seen, g.seen_host = grow(g.seen, False), grow(g.seen_host, False)
-        g.task_classes, g.task_classes_host = grow(g.task_classes, False), grow(g.task_classes_host, False)
+        g.seen, g.task_classes = grow(g.seen, False), grow(g.task_classes, False)
         g.last_weights = grow(g.last_weights, 1.0)
         g.stats._fit(width, g.stats.device)
         g.num_classes = width

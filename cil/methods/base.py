@@ -46,15 +46,13 @@ class Method:
         self.precision = precision
         self.channels_last = channels_last
         self.input_shape = input_shape
-        # Seen classes are the labels observed so far, kept on the device (for masks) and on the host (for
-        # counting without a device read-back); `mark_seen` replaces both masks rather than changing them in
-        # place. Task classes are the current task's announced label set.
+        # Seen classes are the labels observed so far; task classes the current task's announced labels. Each is
+        # a bool mask over the head on the device (for the losses) and a set of labels on the host (for counting
+        # without a device read-back). `mark_seen` replaces the seen mask rather than changing it in place.
         self.seen = torch.zeros(num_classes, dtype=torch.bool, device=self.device)
-        self.seen_host = torch.zeros(num_classes, dtype=torch.bool)
-        self._seen_labels: set[int] = set()
-        self._task_labels: set[int] = set()
+        self.seen_labels: set[int] = set()
         self.task_classes = torch.zeros(num_classes, dtype=torch.bool, device=self.device)
-        self.task_classes_host = torch.zeros(num_classes, dtype=torch.bool)
+        self.task_labels: set[int] = set()
         self.task = -1
         # Random choices of the method itself (augmentation), on the device so no copy happens per step.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -67,9 +65,7 @@ class Method:
         self.task = task
         self.task_classes.zero_()
         self.task_classes[classes] = True
-        self.task_classes_host.zero_()
-        self.task_classes_host[classes.cpu()] = True
-        self._task_labels = set(classes.tolist())
+        self.task_labels = set(classes.tolist())
 
     def on_task_end(self, task: int) -> None:
         pass
@@ -77,14 +73,13 @@ class Method:
     # -- one incoming batch ----------------------------------------------------------------------------------
     def mark_seen(self, y: torch.Tensor, y_host: torch.Tensor) -> None:
         """Add labels (the same on the device and on the host) to the seen classes. Only a batch with a new
-        class costs tensor work; the masks are then replaced, not changed in place, so a mask handed out
-        earlier (the learner keeps each step's until it counts online accuracy) stays as it was."""
+        class costs tensor work; the mask is then replaced, not changed in place, so a mask handed out earlier
+        (the learner keeps each step's until it counts online accuracy) stays as it was."""
         labels = y_host.tolist()
-        if self._seen_labels.issuperset(labels):
+        if self.seen_labels.issuperset(labels):
             return
-        self._seen_labels.update(labels)
+        self.seen_labels.update(labels)
         self.seen = self.seen.index_fill(0, y, True)
-        self.seen_host = self.seen_host.index_fill(0, y_host, True)
 
     def observe(self, batch: Batch) -> StepOutput:
         self.mark_seen(batch.y, batch.y_host)
@@ -145,15 +140,13 @@ class Method:
         return {}
 
     def state_dict(self) -> dict:
-        return {"seen": self.seen_host.clone(), "task_classes": self.task_classes_host.clone(), "task": self.task,
+        return {"seen": self.seen.cpu(), "task_classes": self.task_classes.cpu(), "task": self.task,
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.seen_host = state["seen"].clone()
-        self.seen = self.seen_host.to(self.device)
-        self._seen_labels = set(self.seen_host.nonzero().squeeze(1).tolist())
-        self.task_classes_host.copy_(state["task_classes"])
-        self.task_classes.copy_(self.task_classes_host)
-        self._task_labels = set(self.task_classes_host.nonzero().squeeze(1).tolist())
+        self.seen = state["seen"].to(self.device, copy=True)
+        self.seen_labels = set(state["seen"].nonzero().squeeze(1).tolist())
+        self.task_classes.copy_(state["task_classes"])
+        self.task_labels = set(state["task_classes"].nonzero().squeeze(1).tolist())
         self.task = state["task"]
         self.generator.set_state(state["generator"])

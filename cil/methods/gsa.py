@@ -84,12 +84,10 @@ class GSA(Method):
         cur = self.replay(cfg.current_task_replay, task=t)
         if cur is None:
             xc, yc = self.as_input(x), y_new
-        else:
-            if x.dtype == cur[0].dtype:
-                xc = self.as_input(torch.cat([x, cur[0]]))
-            else:  # float incoming rows (the Avalanche plugin) and raw buffer rows
-                xc = torch.cat([self.as_input(x), self.as_input(cur[0])])
-            yc = torch.cat([y_new, cur[1]])
+        elif x.dtype == cur[0].dtype:
+            xc, yc = self.as_input(torch.cat([x, cur[0]])), torch.cat([y_new, cur[1]])
+        else:  # float incoming rows (the Avalanche plugin) and raw buffer rows
+            xc, yc = torch.cat([self.as_input(x), self.as_input(cur[0])]), torch.cat([y_new, cur[1]])
 
         # 3 (composed first, so the step's augmentations can be drawn at once). The balanced mixed replay batch,
         # skipped on the very first batch: the buffer is empty.
@@ -130,8 +128,7 @@ class GSA(Method):
         if not self.cfg.balanced_replay:
             mem = self.replay(r_batch)
             return self.as_input(mem[0]), mem[1]
-        seen_task = len(self._seen_labels & self._task_labels)  # Python sets: no tensor ops per step
-        r = seen_task / max(len(self._seen_labels), 1)
+        r = len(self.seen_labels & self.task_labels) / max(len(self.seen_labels), 1)
         n_old, n_cur = int(r_batch * (1 - r)), int(r_batch * r)
         old = self.replay(n_old, exclude_task=task)
         if old is None:
@@ -140,9 +137,9 @@ class GSA(Method):
         return torch.cat([self.as_input(old[0]), xc[:n_cur]]), torch.cat([old[1], yc[:n_cur]])
 
     def extra_results(self) -> dict:
-        seen = self.seen_host.nonzero().squeeze(1)
+        seen = sorted(self.seen_labels)
         return {"gsa": {
-            "classes": seen.tolist(),
+            "classes": seen,
             "positive": self.stats.positive.cpu()[seen].tolist(),
             "negative": self.stats.negative.cpu()[seen].tolist(),
             "weights": self.stats.weights().cpu()[seen].tolist(),
@@ -151,7 +148,7 @@ class GSA(Method):
     def log_values(self) -> dict[str, float]:
         """Per seen class c: w_c = 2 sigmoid(r_c - 1) from the accumulated statistics (the weight the replay loss
         uses outside warm-up) and r_c = G+_c / G-_c; an infinite ratio (no negative mass yet) is left out."""
-        seen = self.seen_host.nonzero().squeeze(1).tolist()
+        seen = sorted(self.seen_labels)
         weights, ratios = self.stats.weights().cpu(), self.stats.ratio().cpu()
         out = {}
         for c in seen:
