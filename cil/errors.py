@@ -34,3 +34,9 @@ class Preempted(BaseException):
                          f"{path}; to resume, run the same command again with hydra.run.dir={path.parent} (a sweep: with the "
                          "same hydra.sweep.dir) "
                          f"(exit code {EXIT_PREEMPTED}: pre-empted, resumable)")
+
+
+def require(ok: bool, key: str, value, allowed: str) -> None:
+    """Raise ConfigError `key=value is not allowed: allowed` unless `ok` (config checks in one line each)."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")

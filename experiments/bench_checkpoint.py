@@ -11,9 +11,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from cil.checkpoint import Checkpointer
-from cil.config import RunConfig
-from cil.run import build_learner
+from cil.run.checkpoint import Checkpointer
+from cil.schema import RunConfig
+from cil.run.experiment import build_learner
 
 
 def timed(fn, n):

@@ -1,7 +1,7 @@
 """Does torch.compile pay for GSA's augmentation bookkeeping (box sampling + sampling grids) on a CPU?
 (docs/performance.md, "Where GSA's time goes")  OMP_NUM_THREADS=1 python experiments/compile_probe_gsa_augment.py"""
 import time, torch
-from cil.augment import _boxes_from_uniforms, crop_grid
+from cil.core.augment import _boxes_from_uniforms, crop_grid
 torch.manual_seed(0)
 def draw_and_grid(u, ):
     b = _boxes_from_uniforms(u[:, 1:11], u[:, 11:21], u[:, 21:], 28, 28, (0.6, 1.0), (3/4, 4/3))

@@ -51,7 +51,7 @@ def overhead(argv: list[str]) -> None:
         for i, (label, args) in enumerate(variants):
             res = cil(RUNS / "overhead" / f"{method}_{i}_{r}", f"method={method}", *args, *extra)
             rows.append((label, r, res["train_time_s"], res["final_avg_acc"], res["acc_matrix"]))
-    print(f"| method | diagnostics | round | train time (s) | final avg acc (%) |\n|---|---|---|---|---|")
+    print("| method | diagnostics | round | train time (s) | final avg acc (%) |\n|---|---|---|---|---|")
     for label, r, t, acc, _ in rows:
         print(f"| {LABELS[method]} | {label} | {r} | {t:.1f} | {acc:.2f} |")
     mats = {json.dumps(x[4]) for x in rows}
@@ -66,9 +66,9 @@ def micro(argv: list[str]) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from cil.config import RunConfig
-    from cil.diagnostics import Diagnostics
-    from cil.run import build_learner
+    from cil.schema import RunConfig
+    from cil.core.diagnostics import Diagnostics
+    from cil.run.experiment import build_learner
 
     method = argv[0] if argv else "er"
     blocks = int(argv[1]) if len(argv) > 1 else 6
@@ -123,7 +123,7 @@ def plots() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import matplotlib.pyplot as plt
 
-    from cil.diagnostics_plots import (plot_class_ratios, plot_gain, plot_grad_norms, plot_group_ratios,
+    from cil.analysis.diagnostics_plots import (plot_class_ratios, plot_gain, plot_grad_norms, plot_group_ratios,
                                        plot_old_class_pushes)
 
     FIGS.mkdir(parents=True, exist_ok=True)

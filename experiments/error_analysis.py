@@ -84,15 +84,15 @@ def main() -> None:
     every_pair = {pair for m in methods for pair in mean_pairs[m]}
     top = sorted(every_pair, key=lambda pr: -sum(mean_pairs[m][pr] for m in methods))[:args.top]
 
-    print(f"| class pair (cross-task errors, % of test samples) | " + " | ".join(methods) + " |")
+    print("| class pair (cross-task errors, % of test samples) | " + " | ".join(methods) + " |")
     print("|---|" + "---|" * len(methods))
     for i, j in top:
         print(f"| {label(i)} / {label(j)} | " + " | ".join(f"{mean_pairs[m][(i, j)]:.2f}" for m in methods) + " |")
-    print(f"| **all cross-task errors** | " + " | ".join(
+    print("| **all cross-task errors** | " + " | ".join(
         f"**{np.mean([c for _, c, _ in by_method[m]]):.2f}**" for m in methods) + " |")
-    print(f"| within-task errors | " + " | ".join(
+    print("| within-task errors | " + " | ".join(
         f"{np.mean([w for _, _, w in by_method[m]]):.2f}" for m in methods) + " |")
-    print(f"| runs | " + " | ".join(str(len(by_method[m])) for m in methods) + " |")
+    print("| runs | " + " | ".join(str(len(by_method[m])) for m in methods) + " |")
 
 
 if __name__ == "__main__":

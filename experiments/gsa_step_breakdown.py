@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python experiments/gsa_step_breakdown.py [--workload mnist] [--batches-per-task 100]
 
-Runs GSA through the real learner on the benchmark workload (cil.bench.workloads) with `time.thread_time` around
+Runs GSA through the real learner on the benchmark workload (cil.run.bench.workloads) with `time.thread_time` around
 each piece and prints CPU microseconds per step. Pieces nest (e.g. `views` holds two `grid_sample` calls; `loss`
 holds everything up to the optimizer step), and the timers themselves add to the total, so read the pieces
 against each other, not as a sum.
@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import cil.augment as augment
-import cil.methods.gsa as gsa_method
-import cil.objectives.gsa as gsa_objective
-from cil.bench.contestants import run_ours
-from cil.bench.workloads import workload_config, workload_dataset
+import cil.core.augment as augment
+import cil.core.methods.gsa as gsa_method
+import cil.core.objectives.gsa as gsa_objective
+from cil.run.bench.contestants import run_ours
+from cil.run.bench.workloads import workload_config, workload_dataset
 
 PIECES = [
     (gsa_method.GSA, "loss", "GSA.loss (steps 1-7, forward passes included)"),

@@ -13,9 +13,10 @@ import os
 import signal
 import sys
 
-import cil.checkpoint
-import cil.learner
-from cil.methods.base import Method
+import cil.run.checkpoint
+import cil.runfolder
+import cil.core.learner
+from cil.core.methods.base import Method
 
 where, nth, action = sys.argv.pop(1).split(":")
 nth = int(nth)
@@ -48,25 +49,25 @@ def wrap(owner, name):
 if where == "observe":
     wrap(Method, "observe")
 elif where == "eval":
-    original_predict = cil.learner.predict
+    original_predict = cil.core.learner.predict
 
     def predict(method, *args, **kwargs):
         method.model.eval()
         tick(method)
         return original_predict(method, *args, **kwargs)
 
-    cil.learner.predict = predict
+    cil.core.learner.predict = predict
 elif where == "saved":
-    wrap(cil.checkpoint.Checkpointer, "save")
+    wrap(cil.run.checkpoint.Checkpointer, "save")
 elif where == "writing":
     original_replace = os.replace
 
     def replace(src, dst):
-        if str(dst).endswith(cil.checkpoint.CHECKPOINT_NAME):
+        if str(dst).endswith(cil.runfolder.CHECKPOINT):
             tick()
         return original_replace(src, dst)
 
-    cil.checkpoint.os.replace = replace
+    cil.run.checkpoint.os.replace = replace
 else:
     raise SystemExit(f"unknown interruption point {where!r}")
 

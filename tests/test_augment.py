@@ -1,4 +1,4 @@
-"""Tests of cil.augment: batched per-sample augmentation with torchvision RandomResizedCrop semantics."""
+"""Tests of cil.core.augment: batched per-sample augmentation with torchvision RandomResizedCrop semantics."""
 import math
 
 import pytest
@@ -8,7 +8,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import torch.nn.functional as F
 
-from cil.augment import (GSAAugment, PreDrawn, _boxes_from_uniforms, _fallback_box, hflip, resized_crop,
+from cil.core.augment import (GSAAugment, PreDrawn, _boxes_from_uniforms, _fallback_box, hflip, resized_crop,
                          sample_crop_boxes, two_views)
 
 SCALE = (0.6, 1.0)

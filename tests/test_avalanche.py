@@ -25,7 +25,7 @@ from avalanche.models import IncrementalClassifier  # noqa: E402
 from avalanche.training import Naive  # noqa: E402
 
 from cil.avalanche import GSAPlugin  # noqa: E402
-from cil.data.datasets import load_dataset  # noqa: E402
+from cil.core.data import load_dataset  # noqa: E402
 from cil.errors import ConfigError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def test_plugin_online_permuted_classes_stats_and_weights_evolve(digits_stream):
         if t > 0:  # task 0 has no replay step (the buffer is empty on its first batch only; later batches replay)
             assert has_mass == seen
         assert gsa.summary()["classes"] == seen
-        assert sorted(gsa.gsa.task_labels) == sorted(ORDER[t])
+        assert sorted(gsa.classes.task_labels) == sorted(ORDER[t])
         assert set(gsa.buffer.class_counts()) <= set(seen)
         weights_after.append(gsa.weights.clone())
     unseen = [c for c in range(10) if c not in sum(ORDER, [])]
@@ -111,7 +111,7 @@ def test_plugin_classic_stream_with_incremental_classifier(digits_stream):
     for exp in digits_stream[:2]:
         strategy.train(exp)  # a classic experience: 20 mini-batches of 10, one epoch
     assert model[-1].classifier.out_features == 10  # grown to label 9 + 1 by Avalanche
-    assert gsa.gsa.num_classes == 10
+    assert gsa.classes.num_classes == 10
     assert (gsa.stats.positive > 0).nonzero().squeeze(1).tolist() == [1, 3, 7, 9]
     assert gsa.weights[[1, 9]].ne(1).all()  # second task, past warm-up: adaptive weights in use
     assert len(gsa.buffer) == 60 and gsa.buffer.n_seen == 400
@@ -180,9 +180,9 @@ def test_gsa_plugin_matches_our_learner_on_the_same_stream(tmp_path):
 
 def test_unknown_peer_or_knob_is_one_clear_error():
     from cil.avalanche.peers import strategy_params
-    from cil.config import RunConfig
+    from cil.run.config import default_config
 
-    cfg = RunConfig()
+    cfg = default_config("avalanche_der")
     cfg.method.name = "avalanche_nope"
     with pytest.raises(ConfigError, match="avalanche_nope"):
         strategy_params(cfg)
@@ -194,7 +194,7 @@ def test_unknown_peer_or_knob_is_one_clear_error():
 
 
 def test_core_does_not_import_avalanche():
-    code = ("import sys, cil, cil.run, cil.learner, cil.methods, cil.config; "
+    code = ("import sys, cil, cil.run.experiment, cil.core.learner, cil.core.methods, cil.run.config; "
             "print(sorted(m for m in ('avalanche', 'hydra') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(REPO)})

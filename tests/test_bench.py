@@ -8,20 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from cil.bench.contestants import final_accuracy
-from cil.bench.workloads import shorten_stream, workload_config, workload_dataset
-from cil.config import validate
-from cil.data.stream import ClassIncrementalStream
+from cil.run.bench.contestants import final_accuracy
+from cil.run.bench.workloads import shorten_stream, workload_config, workload_dataset
+from cil.run.config import validate
+from cil.core.data.stream import ClassIncrementalStream
 from cil.errors import ConfigError
-from cil.objectives.common import mask_logits
-from cil.run import build_learner
+from cil.core.objectives.common import mask_logits
+from cil.run.experiment import build_learner
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_smoke_writes_json_with_expected_keys(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "cil.bench", "--workloads", "digits", "--contestants", "er",
+    cmd = [sys.executable, "-m", "cil", "bench", "--workloads", "digits", "--contestants", "er",
            "--batches-per-task", "3", "--repeats", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -42,7 +42,7 @@ def test_bench_smoke_writes_json_with_expected_keys(tmp_path):
 
 
 def test_bench_rejects_unknown_contestant(tmp_path):
-    cmd = [sys.executable, "-m", "cil.bench", "--contestants", "er,warp_drive", "--out", str(tmp_path / "x.json")]
+    cmd = [sys.executable, "-m", "cil", "bench", "--contestants", "er,warp_drive", "--out", str(tmp_path / "x.json")]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "warp_drive" in proc.stderr
     assert not (tmp_path / "x.json").exists()
@@ -137,7 +137,7 @@ def test_threads_key_sets_torch_threads_and_is_validated(tmp_path):
 
 def test_breakdown_times_gsa_augmentation():
     """The breakdown finds GSA's augmentation however the step calls it (per call or drawn at once)."""
-    from cil.bench.contestants import run_ours
+    from cil.run.bench.contestants import run_ours
 
     cfg = workload_config("digits", method="gsa")
     res = run_ours(cfg, workload_dataset("digits", cfg), 3, breakdown=True)
@@ -152,18 +152,18 @@ def test_seen_masks_are_replaced_when_a_class_is_new_and_never_changed_in_place(
     cfg = workload_config("digits")
     m = build_learner(cfg, tmp_path, workload_dataset("digits", cfg)).method
     labels = torch.tensor([0, 1, 1])
-    m.mark_seen(labels, labels)
+    m.classes.mark_seen(labels, labels)
     first = m.seen
-    assert first.nonzero().squeeze(1).tolist() == [0, 1] and m.seen_labels == {0, 1}
-    m.mark_seen(torch.tensor([1, 0]), torch.tensor([1, 0]))  # nothing new
+    assert first.nonzero().squeeze(1).tolist() == [0, 1] and m.classes.seen_labels == {0, 1}
+    m.classes.mark_seen(torch.tensor([1, 0]), torch.tensor([1, 0]))  # nothing new
     assert m.seen is first
-    m.mark_seen(torch.tensor([2, 1]), torch.tensor([2, 1]))
+    m.classes.mark_seen(torch.tensor([2, 1]), torch.tensor([2, 1]))
     assert first.nonzero().squeeze(1).tolist() == [0, 1], "a mask handed out earlier was changed in place"
-    assert m.seen.nonzero().squeeze(1).tolist() == [0, 1, 2] and m.seen_labels == {0, 1, 2}
+    assert m.seen.nonzero().squeeze(1).tolist() == [0, 1, 2] and m.classes.seen_labels == {0, 1, 2}
     # a checkpoint round trip restores both masks and the label set that decides what is new
     state = m.state_dict()
     fresh = build_learner(cfg, tmp_path / "b", workload_dataset("digits", cfg)).method
     fresh.load_state_dict(state)
     restored = fresh.seen
-    fresh.mark_seen(torch.tensor([2]), torch.tensor([2]))
+    fresh.classes.mark_seen(torch.tensor([2]), torch.tensor([2]))
     assert fresh.seen is restored and restored.nonzero().squeeze(1).tolist() == [0, 1, 2]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cil.buffer import ReplayBuffer
+from cil.core.buffer import ReplayBuffer
 from cil.errors import ConfigError
 
 

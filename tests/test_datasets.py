@@ -1,4 +1,4 @@
-"""Tests for cil.data.datasets: real MNIST from the shared folder, everything else on small synthetic files."""
+"""Tests for the loaders of cil.core.data: real MNIST from the shared folder, everything else on small synthetic files."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 from torchvision.io import encode_jpeg, encode_png
 
-from cil.data import datasets
-from cil.data.datasets import DATASET_NAMES, ImageDataset, cache_dir, data_root, load_dataset
+from cil.core.data import folders
+from cil.core.data import DATASET_NAMES, ImageDataset, cache_dir, data_root, load_dataset
 from cil.errors import ConfigError, DataError
 
 SHARED_DATA = Path(os.environ.get("CIL_TEST_DATA_ROOT", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -371,8 +371,8 @@ def test_imagefolder_second_load_uses_cache_until_files_change(tmp_path, monkeyp
     tree = _tree(tmp_path / "tree", {"train": {"a": [_solid(1)], "b": [_solid(2)]}, "test": {"a": [_solid(3)]}},
                  ext=".jpg")
     calls = []
-    real_decode = datasets._decode_images
-    monkeypatch.setattr(datasets, "_decode_images", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
+    real_decode = folders.decode_images
+    monkeypatch.setattr(folders, "decode_images", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
     before = _snapshot(tree)
 
     first = load_dataset("imagefolder", path=str(tree))

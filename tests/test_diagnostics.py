@@ -1,4 +1,4 @@
-"""cil.diagnostics: the accounting against autograd on the methods' real losses, and training unchanged by it."""
+"""cil.core.diagnostics: the accounting against autograd on the methods' real losses, and training unchanged by it."""
 import json
 import os
 import subprocess
@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cil.config import RunConfig, validate
+from cil.run.config import default_config, validate
+from cil.schema import RunConfig
 from cil.errors import ConfigError
-from cil.data.datasets import load_dataset
-from cil.objectives import GradientStats
-from cil.run import build_learner
+from cil.core.data import load_dataset
+from cil.core.objectives import GradientStats
+from cil.run.experiment import build_learner
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("er", "er_ace", "gsa")
@@ -25,9 +26,8 @@ def digits():
 
 
 def config(method: str, enabled: bool, every: int = 1, **method_kw) -> RunConfig:
-    cfg = RunConfig()
+    cfg = default_config(method)
     cfg.dataset.name = "digits"
-    cfg.method.name = method
     cfg.buffer.size = 60
     cfg.log.progress = False
     cfg.eval.anytime_every = 0
@@ -177,8 +177,8 @@ def test_diagnostics_leave_training_bit_identical(tmp_path, digits, method):
     assert gains[1]["gain"] == pytest.approx(acc[4][1] - acc[3][1])
     on.diagnostics.flush()
     if method == "gsa":  # the replay mass is GSA's own statistics
-        torch.testing.assert_close(on.diagnostics.stats["mass", "replay"].positive, on.method.stats.positive)
-        torch.testing.assert_close(on.diagnostics.stats["mass", "replay"].negative, on.method.stats.negative)
+        torch.testing.assert_close(on.diagnostics.stats["mass", "replay"].positive, on.method.gsa.stats.positive)
+        torch.testing.assert_close(on.diagnostics.stats["mass", "replay"].negative, on.method.gsa.stats.negative)
 
 
 def test_every_must_be_positive():

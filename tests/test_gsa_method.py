@@ -1,16 +1,15 @@
-"""GSA's online step (cil/methods/gsa.py) against ../shared/gsa.md: replay-batch composition, warm-up, the buffer
+"""GSA's online step (cil/core/methods/gsa.py) against docs/gsa.md: replay-batch composition, warm-up, the buffer
 of the current task, and invariance of the whole method to how classes are labelled."""
 import copy
 
 import pytest
 import torch
 
-from cil.buffer import ReplayBuffer
-from cil.config import MethodConfig
-from cil.data.datasets import ImageDataset, load_dataset
-from cil.data.stream import ClassIncrementalStream
-from cil.methods.gsa import GSA
-from cil.models import build_model
+from cil.core.buffer import ReplayBuffer
+from cil.core.data import ImageDataset, load_dataset
+from cil.core.data.stream import ClassIncrementalStream
+from cil.core.methods.gsa import GSA, GSAConfig, GSAStep
+from cil.core.models import build_model
 
 
 def make_gsa(num_classes=10, shape=(1, 8, 8), buffer_size=200, seed=0, **cfg):
@@ -18,7 +17,7 @@ def make_gsa(num_classes=10, shape=(1, 8, 8), buffer_size=200, seed=0, **cfg):
     model = build_model("mlp", shape, num_classes, hidden=(32,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     buf = ReplayBuffer(buffer_size, shape, seed=seed + 1)
-    mcfg = MethodConfig(name="gsa", replay_batch_size=64, **cfg)
+    mcfg = GSAConfig(**cfg)
     return GSA(model, opt, buf, mcfg, num_classes, torch.device("cpu"), seed=seed + 2, input_shape=shape)
 
 
@@ -39,10 +38,10 @@ def test_balanced_replay_batch_composition(seen_old, seen_cur, expect_old, expec
     fill(m.buffer, 2, 4, 30)  # current-task samples in the buffer must not count as "old"
     m.on_task_start(2, torch.tensor([4, 5, 6, 7]))
     seen = torch.tensor(list(range(seen_old)) + list(range(4, 4 + seen_cur)))
-    m.mark_seen(seen, seen)
+    m.classes.mark_seen(seen, seen)
     xc = torch.rand(32, 1, 8, 8) + 5.0  # recognisable: values > 1 never come from the uint8/255 buffer path
     yc = torch.full((32,), 4)
-    xm, ym = m.mixed_replay_batch(xc, yc, task=2)
+    xm, ym = m.gsa.mixed_replay_batch(xc, yc, task=2)
     assert len(ym) == expect_old + expect_cur
     old_rows = xm[:expect_old]
     assert bool((old_rows <= 1).all()), "first part comes from the buffer"
@@ -54,9 +53,9 @@ def test_first_task_replay_is_current_data_only():
     m = make_gsa()
     fill(m.buffer, 0, 0, 50)
     m.on_task_start(0, torch.tensor([0, 1]))
-    m.mark_seen(torch.tensor([0, 1]), torch.tensor([0, 1]))
+    m.classes.mark_seen(torch.tensor([0, 1]), torch.tensor([0, 1]))
     xc, yc = torch.rand(32, 1, 8, 8), torch.zeros(32, dtype=torch.long)
-    xm, ym = m.mixed_replay_batch(xc, yc, task=0)  # r = 1: no old samples, all of Xc (32 < 64)
+    xm, ym = m.gsa.mixed_replay_batch(xc, yc, task=0)  # r = 1: no old samples, all of Xc (32 < 64)
     assert torch.equal(xm, xc)
 
 
@@ -82,7 +81,7 @@ def run_gsa(stream, n_batches, model_hook=None, **cfg):
             m.on_task_start(task, stream.tasks[task].classes)
         m.observe(b)
         m.buffer.add(b.x, b.y, b.task)
-        history.append(m.last_weights.clone())
+        history.append(m.gsa.last_weights.clone())
     return m, history
 
 
@@ -94,8 +93,8 @@ def test_warmup_uses_unit_weights_then_statistics():
     for step in list(range(1, 5)) + list(range(per_task, per_task + 5)):
         assert torch.equal(hist[step], torch.ones(10)), step
     assert not torch.equal(hist[per_task + 5], torch.ones(10))
-    assert torch.allclose(m.last_weights, m.stats.weights())
-    assert float(m.stats.positive.sum()) > 0 and float(m.stats.negative.sum()) > 0
+    assert torch.allclose(m.gsa.last_weights, m.gsa.stats.weights())
+    assert float(m.gsa.stats.positive.sum()) > 0 and float(m.gsa.stats.negative.sum()) > 0
 
 
 def test_adaptive_weights_off_keeps_unit_weights():
@@ -126,10 +125,10 @@ def test_relabelling_the_stream_permutes_the_weights():
             break
     ma, _ = run_gsa(stream_a, n)
     mb, _ = run_gsa(stream_b, n, model_hook=permute_head)
-    assert torch.allclose(mb.stats.positive[pi], ma.stats.positive, rtol=1e-5, atol=1e-8)
-    assert torch.allclose(mb.stats.negative[pi], ma.stats.negative, rtol=1e-5, atol=1e-8)
-    assert torch.allclose(mb.stats.weights()[pi], ma.stats.weights(), rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(ma.stats.weights(), torch.ones(10))
+    assert torch.allclose(mb.gsa.stats.positive[pi], ma.gsa.stats.positive, rtol=1e-5, atol=1e-8)
+    assert torch.allclose(mb.gsa.stats.negative[pi], ma.gsa.stats.negative, rtol=1e-5, atol=1e-8)
+    assert torch.allclose(mb.gsa.stats.weights()[pi], ma.gsa.stats.weights(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ma.gsa.stats.weights(), torch.ones(10))
 
 
 def test_state_dict_round_trip_continues_identically():
@@ -138,7 +137,7 @@ def test_state_dict_round_trip_continues_identically():
     m2 = copy.deepcopy(m)
     state = m.state_dict()
     m2.load_state_dict(state)
-    assert torch.equal(m2.stats.positive, m.stats.positive)
+    assert torch.equal(m2.gsa.stats.positive, m.gsa.stats.positive)
     assert torch.equal(m2.generator.get_state(), m.generator.get_state())
 
 
@@ -146,25 +145,25 @@ class _PerCall:
     """Stands in for the step's pre-drawn augmentations: one draw from the method's generator per call."""
     left = 0
 
-    def __init__(self, method):
-        self.method = method
+    def __init__(self, step):
+        self.step = step
 
     def __call__(self, x, generator=None):
-        return self.method.augment(x, self.method.generator)
+        return self.step.augment(x, self.step.generator)
 
 
 @pytest.mark.parametrize("cfg", [{}, {"independent_views": True}, {"two_views": False}])
 def test_step_draws_at_once_equal_drawing_per_call(cfg, monkeypatch):
-    """The step's augmentations drawn at once (GSA.draw_augmentations) train exactly the model that drawing
+    """The step's augmentations drawn at once (GSAStep.draw_augmentations) train exactly the model that drawing
     them call by call trains: same weights, statistics and generator state, bit for bit."""
     _, stream = digits_stream()
     n = stream.batches_per_task[0] + 12  # task 0, then replay of an old task in task 1
     fused, _ = run_gsa(stream, n, **cfg)
-    monkeypatch.setattr(GSA, "draw_augmentations", lambda self, x, n_replay: _PerCall(self))
+    monkeypatch.setattr(GSAStep, "draw_augmentations", lambda self, x, n_replay: _PerCall(self))
     per_call, _ = run_gsa(stream, n, **cfg)
     assert torch.equal(fused.generator.get_state(), per_call.generator.get_state())
-    assert torch.equal(fused.stats.positive, per_call.stats.positive)
-    assert torch.equal(fused.stats.negative, per_call.stats.negative)
+    assert torch.equal(fused.gsa.stats.positive, per_call.gsa.stats.positive)
+    assert torch.equal(fused.gsa.stats.negative, per_call.gsa.stats.negative)
     for a, b in zip(fused.model.parameters(), per_call.model.parameters()):
         assert torch.equal(a, b)
-    assert float(fused.stats.negative.sum()) > 0
+    assert float(fused.gsa.stats.negative.sum()) > 0

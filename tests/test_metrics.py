@@ -1,9 +1,8 @@
-import math
 
 import numpy as np
 import pytest
 
-from cil import metrics
+from cil.core import metrics
 
 # Hand-computed: 3 tasks. After task 0: [90]; after 1: [70, 80]; after 2: [60, 50, 85].
 ACC = [[90.0, 0.0, 0.0], [70.0, 80.0, 0.0], [60.0, 50.0, 85.0]]

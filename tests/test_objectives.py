@@ -1,11 +1,11 @@
-"""Tests of cil.objectives: every assertion checks a property that breaks if the feature breaks."""
+"""Tests of cil.core.objectives: every assertion checks a property that breaks if the feature breaks."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cil.objectives import (GradientStats, balance_weights, classes_mask, cross_entropy_masked, er_ace_loss,
+from cil.core.objectives import (GradientStats, balance_weights, classes_mask, cross_entropy_masked, er_ace_loss,
                             er_loss, gsa_new_loss, gsa_replay_loss, mask_logits)
 
 C = 10

@@ -1,5 +1,5 @@
 """Each plot is written as a non-blank PNG: from synthetic results, from GSA's logged statistics, and the whole
-set for a sweep folder through `python -m cil.plots`."""
+set for a sweep folder through `cil plots`."""
 import csv
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from cil import plots
+from cil.analysis import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

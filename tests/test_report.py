@@ -1,4 +1,4 @@
-"""`python -m cil.report` on synthetic sweep folders: mean and std over seeds, missing/failed/incomplete runs,
+"""`cil report` on synthetic sweep folders: mean and std over seeds, missing/failed/incomplete runs,
 groups that must not be averaged together, CSV, and the RESULTS.md regeneration that keeps hand-written text."""
 import csv
 import json
@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cil import report
+from cil.analysis import report
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def config(method="er", memory=200, seed=0, experiment="split_mnist", **method_keys):
@@ -123,7 +125,7 @@ def test_results_md_regenerated_keeping_prose(sweep, tmp_path):
     md = tmp_path / "RESULTS.md"
     md.write_text("# Results\n\nHand-written intro.\n\n<!-- cil.report:begin split_mnist_table -->\nstale table\n"
                   "<!-- cil.report:end split_mnist_table -->\n\n## Avalanche parity (hand-written)\nkeep me\n")
-    report.update_results_md(md, report.collect_sections([sweep]), tables, "python -m cil.report --results-md X")
+    report.update_results_md(md, report.collect_sections([sweep]), tables, "cil report --results-md X")
     text = md.read_text()
     assert "Hand-written intro." in text and "## Avalanche parity (hand-written)\nkeep me" in text
     assert "stale table" not in text
@@ -132,16 +134,16 @@ def test_results_md_regenerated_keeping_prose(sweep, tmp_path):
     assert "| split_mnist | er | 200 | 70.00 ± 10.00 |" in text and "| 61.0 |" in text  # ours beside the paper's
     assert "## A table nobody ran yet" in text and "_No runs recorded yet._" in text and "M=1000 31.4" in text
     # regenerating is idempotent: blocks are replaced, never duplicated
-    again = report.update_results_md(md, report.collect_sections([sweep]), tables, "python -m cil.report --results-md X")
+    again = report.update_results_md(md, report.collect_sections([sweep]), tables, "cil report --results-md X")
     assert again == text and text.count("cil.report:begin split_mnist_table") == 1
 
 
 def test_repository_tables_match_the_sweep_configs():
     """Every table of experiments/tables.yaml has a sweep config writing into experiments/runs/<table>."""
-    tables = report.load_tables()
+    tables = report.load_tables(REPO / "experiments" / "tables.yaml")
     assert {"split_mnist_er", "split_mnist_methods", "split_fashion_mnist_methods",
             "split_cifar10_jpeg_500pc"} <= set(tables)
-    conf = Path(report.__file__).resolve().parent.parent / "conf" / "sweep"
+    conf = REPO / "cil" / "conf" / "sweep"
     for name in tables:
         sweep_cfg = yaml.safe_load((conf / f"{name}.yaml").read_text())
         assert sweep_cfg["hydra"]["sweep"]["dir"] == f"experiments/runs/{name}"
@@ -152,12 +154,14 @@ def test_results_md_cli_before_any_sweep_was_recorded(tmp_path, capsys):
     md = tmp_path / "experiments" / "RESULTS.md"
     md.parent.mkdir()
     md.write_text("# Results\n\nprose\n")
-    assert report.main(["--results-md", str(md), str(tmp_path / "experiments" / "runs" / "*")]) == 0
+    tables = REPO / "experiments" / "tables.yaml"
+    assert report.main(["--results-md", str(md), "--tables", str(tables),
+                        str(tmp_path / "experiments" / "runs" / "*")]) == 0
     text = md.read_text()
     assert text.startswith("# Results\n\nprose\n")
-    for name in report.load_tables():
+    for name in report.load_tables(tables):
         assert f"<!-- cil.report:begin {name} -->" in text
-    assert text.count("_No runs recorded yet._") == len(report.load_tables())
+    assert text.count("_No runs recorded yet._") == len(report.load_tables(tables))
 
 
 def test_results_json_with_failed_status_counts_as_failed(tmp_path):

@@ -129,15 +129,15 @@ def test_same_seed_same_results_and_checkpoints_change_nothing(tmp_path, referen
 def test_crash_and_resume_in_process_with_diagnostics_and_class_balanced_buffer(tmp_path, monkeypatch):
     """The same guarantee for the parts the CLI tests leave out (diagnostics state, the class-balanced buffer,
     Adam's moments), with the crash simulated in process: an exception in the middle of batch 40."""
-    from cil.config import RunConfig
-    from cil.methods.base import Method
-    from cil.run import run_experiment
+    from cil.core.methods.base import Method
+    from cil.run.config import default_config
+    from cil.run.experiment import run_experiment
 
     def cfg():
-        c = RunConfig()
+        c = default_config("gsa")
         c.dataset.name, c.log.progress, c.log.every, c.buffer.size, c.buffer.policy = "digits", False, 15, 60, \
             "class_balanced"
-        c.method.name, c.method.replay_batch_size, c.method.current_task_replay = "gsa", 16, 4
+        c.method.replay_batch_size, c.method.current_task_replay = 16, 4
         c.optimizer.name, c.optimizer.lr = "adam", 1e-3
         c.diagnostics.enabled, c.diagnostics.every, c.diagnostics.plots = True, 10, False
         c.checkpoint.every = 25

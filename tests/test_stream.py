@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from cil.data.datasets import ImageDataset
-from cil.data.stream import ClassIncrementalStream, class_order
+from cil.core.data import ImageDataset
+from cil.core.data.stream import ClassIncrementalStream, class_order
 from cil.errors import ConfigError
 
 
@@ -83,7 +83,7 @@ def test_samples_per_class_subsamples_each_class_with_a_seed():
 def test_evaluate_ignores_test_samples_outside_every_task():
     from types import SimpleNamespace
     from contextlib import nullcontext
-    from cil.learner import evaluate
+    from cil.core.learner import evaluate
 
     class Const(torch.nn.Module):  # always predicts class 0
         def forward(self, x):
@@ -91,8 +91,8 @@ def test_evaluate_ignores_test_samples_outside_every_task():
             out[:, 0] = 1.0
             return out
 
-    method = SimpleNamespace(model=Const(), seen=torch.tensor([True, True]), channels_last=False,
-                             autocast=nullcontext)
+    method = SimpleNamespace(model=Const(), seen=torch.tensor([True, True]), autocast=nullcontext,
+                             to_input=lambda x: x.float())
     x = torch.zeros(4, 1, 1, 1, dtype=torch.uint8)
     y = torch.tensor([0, 1, 0, 0])
     tasks = torch.tensor([0, 0, -1, -1])  # the last two belong to no task: they must not count for task 0

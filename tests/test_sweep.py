@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 TINY = ["dataset=digits", "log.progress=false", "eval.anytime_every=20", "buffer.size=100",
         "method.replay_batch_size=10", "stream.batch_size=50"]

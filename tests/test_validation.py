@@ -11,13 +11,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import cil.__main__  # noqa: F401  registers the schema with Hydra
-from cil.config import RunConfig, validate
-from cil.config_errors import describe, unknown_keys
+from cil.core.methods.gsa import GSAConfig
 from cil.errors import ConfigError, DataError
-from cil.run import run_experiment
-
-CONF_DIR = str(Path(cil.__main__.__file__).resolve().parent.parent / "conf")
+from cil.run.cli import CONF_DIR  # importing the CLI registers the schemas with Hydra
+from cil.run.config import default_config, validate
+from cil.run.config_errors import describe, unknown_keys
+from cil.run.experiment import run_experiment
+from cil.schema import RunConfig
 
 
 def hydra_error(*overrides) -> str:
@@ -56,7 +56,7 @@ def test_unknown_group_option_lists_the_available_ones():
 
 
 def cfg_with(**changes) -> RunConfig:
-    cfg = RunConfig()
+    cfg = default_config("er")
     for key, value in changes.items():
         group, _, name = key.partition("__")
         if name:
@@ -77,7 +77,8 @@ def cfg_with(**changes) -> RunConfig:
     ({"optimizer__betas": [0.9]}, "optimizer.betas=[0.9] is not allowed: use [beta1, beta2] with 0 <= beta < 1"),
     ({"checkpoint__every": -3}, "checkpoint.every=-3 is not allowed"),
     ({"eval__anytime_every": -1}, "eval.anytime_every=-1 is not allowed"),
-    ({"method__grayscale_p": 1.5}, "method.grayscale_p=1.5 is not allowed: use 0 <= p <= 1"),
+    ({"method": GSAConfig(grayscale_p=1.5)}, "method.grayscale_p=1.5 is not allowed: use 0 <= p <= 1"),
+    ({"method": GSAConfig(name="er")}, "method.name='er' needs its own config (ERConfig)"),
     ({"precision": "fp16"}, "precision='fp16' is not allowed: choose one of ('fp32', 'bf16')"),
     ({"buffer__size": 5, "method__replay_batch_size": 10},
      "buffer.size=5 is smaller than method.replay_batch_size=10"),
@@ -88,9 +89,9 @@ def test_ranges_and_combinations_are_checked(changes, message):
     assert message in str(info.value)
 
 
-def test_split_that_does_not_divide_the_classes_lists_the_divisors():
+def test_split_that_does_not_divide_the_classes_lists_the_divisors(tmp_path):
     with pytest.raises(ConfigError, match=r"stream.n_tasks=3 does not divide the 10 classes .* \[1, 2, 5, 10\]"):
-        validate(cfg_with(stream__n_tasks=3), num_classes=10)
+        run_experiment(digits_cfg(stream__n_tasks=3), tmp_path)
 
 
 # -- resuming with other settings, unreadable checkpoints (in process: a digits run is ~2 s) ---------------------
@@ -134,7 +135,7 @@ def test_corrupt_checkpoint_is_named_and_resume_false_starts_over(tmp_path):
 
 
 def test_deterministic_switch_sets_torch_and_cublas(monkeypatch):
-    from cil.determinism import enable_determinism
+    from cil.run.determinism import enable_determinism
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)

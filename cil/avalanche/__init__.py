@@ -2,8 +2,17 @@
 
 - `GSAPlugin`: GSA inside an Avalanche strategy (cil/avalanche/plugin.py).
 - `method=avalanche_<name>`: Avalanche's own strategies on our streams, through our learner (cil/avalanche/peers.py).
-See docs/avalanche.md.
+`cil.avalanche.peers` imports avalanche only when a strategy is built, so the runner can read the peers' configs
+without paying Avalanche's import time; `GSAPlugin` imports it on first use. See docs/avalanche.md.
 """
-from cil.avalanche.plugin import GSAPlugin, task_of
+
+
+def __getattr__(name: str):
+    if name in ("GSAPlugin", "task_of"):
+        from cil.avalanche import plugin
+
+        return getattr(plugin, name)
+    raise AttributeError(f"module 'cil.avalanche' has no attribute {name!r}")
+
 
 __all__ = ["GSAPlugin", "task_of"]

@@ -1,6 +1,6 @@
 """`method=avalanche_<name>`: Avalanche's own strategy implementations as peers on our streams.
 
-The learner, the stream, the model (cil.models.build_model), the optimizer settings, the evaluation and
+The learner, the stream, the model (cil.core.models.build_model), the optimizer settings, the evaluation and
 results.json are ours; only the update rule is Avalanche's. Each task becomes one Avalanche experience whose
 dataset is the task's training samples as float tensors *in our stream's order* (with
 `classes_in_this_experience`), so Avalanche sees exactly our batches:
@@ -16,15 +16,16 @@ See docs/avalanche.md for every knob and what maps.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict
 
 import torch
 from torch import nn
 
-from cil.config import RunConfig
-from cil.data.stream import Batch, ClassIncrementalStream
+from cil.core.data.stream import Batch, ClassIncrementalStream
+from cil.core.methods.base import Method, MethodConfig, StepOutput, to_float
+from cil.core.methods.gsa import GSAConfig
 from cil.errors import ConfigError
-from cil.methods.base import Method, StepOutput, to_float
 
 ONLINE = ("gsa", "naive", "replay", "er_ace", "er_aml", "scr", "mir", "der")
 PER_TASK = ("gdumb", "agem", "lwf")
@@ -46,6 +47,25 @@ PARAMS: dict[str, dict[str, Any]] = {
 }
 
 
+# replay_batch_size where Avalanche's own default differs from ER's 10 (A-GEM's sample_size, SCR's batch_size_mem)
+REPLAY_DEFAULTS = {"agem": 64, "scr": 100}
+
+
+@dataclass
+class AvalancheConfig(MethodConfig):
+    """`method=avalanche_<name>`: the strategy's knobs go in `params` (PARAMS lists them with their defaults)."""
+
+    replay_batch_size: int = 10  # batch_size_mem / sample_size where the strategy has one
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AvalancheGSAConfig(GSAConfig):
+    """`method=avalanche_gsa`: our GSAPlugin inside Avalanche's Naive, with every knob of `method=gsa`."""
+
+    name: str = "avalanche_gsa"
+
+
 def strategy_name(method_name: str) -> str:
     name = method_name[len("avalanche_"):]
     if name not in STRATEGIES:
@@ -54,9 +74,23 @@ def strategy_name(method_name: str) -> str:
     return name
 
 
-def strategy_params(cfg: RunConfig) -> dict[str, Any]:
+def peer_config_class(method_name: str) -> type:
+    return AvalancheGSAConfig if strategy_name(method_name) == "gsa" else AvalancheConfig
+
+
+def peer_configs() -> dict[str, MethodConfig]:
+    """The default config of every `method=avalanche_<name>` option."""
+    out: dict[str, MethodConfig] = {}
+    for s in STRATEGIES:
+        name = f"avalanche_{s}"
+        out[name] = AvalancheGSAConfig() if s == "gsa" else AvalancheConfig(
+            name=name, replay_batch_size=REPLAY_DEFAULTS.get(s, 10), params=dict(PARAMS[s]))
+    return out
+
+
+def strategy_params(cfg) -> dict[str, Any]:
     name = strategy_name(cfg.method.name)
-    given = dict(cfg.method.params or {})
+    given = dict(getattr(cfg.method, "params", None) or {})
     unknown = sorted(set(given) - set(PARAMS[name]))
     if unknown:
         raise ConfigError(f"method.params {unknown} are not knobs of {cfg.method.name}; it takes "
@@ -132,7 +166,7 @@ def task_experiences(stream: ClassIncrementalStream):
     return list(with_classes_timeline(benchmark_from_datasets(train=datasets)).train_stream)
 
 
-def build_strategy(name: str, params: dict, cfg: RunConfig, model: nn.Module, num_classes: int,
+def build_strategy(name: str, params: dict, cfg, model: nn.Module, num_classes: int,
                    make_optimizer: Callable, device: torch.device):
     """One Avalanche strategy with our batch size, buffer size and replay batch size where it has them."""
     from avalanche.training import AGEM, DER, ER_ACE, GDumb, LwF, MIR, Naive, SCR
@@ -204,7 +238,7 @@ class AvalanchePeer(Method):
     uses_buffer = False  # Avalanche keeps its own memory
 
     def __init__(self, strategy, name: str, stream: ClassIncrementalStream,
-                 cfg: RunConfig, device: torch.device, seed: int):
+                 cfg, device: torch.device, seed: int):
         super().__init__(StrategyModel(strategy, stream.num_classes), strategy.optimizer, None, cfg.method,
                          stream.num_classes, device, seed=seed, input_shape=stream.dataset.input_shape)
         self.strategy, self.strategy_name = strategy, name
@@ -243,7 +277,7 @@ class AvalanchePeer(Method):
         return logits
 
     def observe(self, batch: Batch) -> StepOutput:
-        self.mark_seen(batch.y, batch.y_host)
+        self.classes.mark_seen(batch.y, batch.y_host)
         logits = self._online_logits(batch)
         if self.online:
             sub = next(self.sub_experiences)
@@ -272,7 +306,7 @@ class AvalanchePeer(Method):
                           "run them with checkpoint.at_task_end=false and checkpoint.every=0")
 
 
-def build_peer(cfg: RunConfig, model: nn.Module, stream: ClassIncrementalStream, device: torch.device,
+def build_peer(cfg, model: nn.Module, stream: ClassIncrementalStream, device: torch.device,
                make_optimizer: Callable[[Any], torch.optim.Optimizer]) -> AvalanchePeer:
     name = strategy_name(cfg.method.name)
     params = strategy_params(cfg)

@@ -1,10 +1,11 @@
-"""`GSAPlugin`: GSA (../shared/gsa.md) inside any Avalanche supervised strategy, e.g. `Naive`.
+"""`GSAPlugin`: GSA (docs/gsa.md) inside any Avalanche supervised strategy, e.g. `Naive`.
 
-The plugin runs the very step our own learner runs (`cil.methods.gsa.GSA.loss`: current-task replay, the
+The plugin drives the very step our own learner drives (`cil.core.methods.gsa.GSAStep`: current-task replay, the
 task-only new-data loss, the balanced mixed replay batch, the gradient statistics and the weighted replay loss)
 and replaces the strategy's loss with it in `before_backward`; the strategy then does its usual backward and
-optimizer step. Replay comes from our tensor `cil.buffer.ReplayBuffer` (reservoir, raw mini-batches as the
-strategy's data loader gives them), not from Avalanche's dataset-concatenating replay.
+optimizer step. The plugin owns the step's inputs: the class sets, a tensor `ReplayBuffer` (reservoir, the
+mini-batches as the strategy's data loader gives them, so already model input) and the forward function (the
+strategy's current model, its logits padded to the label range).
 
 Where the task comes from (a training-time boundary; nothing at test time):
 - a classic experience: `experience.current_experience` and `experience.classes_in_this_experience`;
@@ -26,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 
-from cil.buffer import ReplayBuffer
-from cil.config import MethodConfig
+from cil.core.buffer import ReplayBuffer
+from cil.core.methods.base import ClassSets
+from cil.core.methods.gsa import GSAConfig, GSAStep
 from cil.errors import ConfigError
-from cil.methods.gsa import GSA
 
-GSA_OPTIONS = {f.name for f in fields(MethodConfig)} - {"name", "params"}
+GSA_OPTIONS = {f.name for f in fields(GSAConfig)} - {"name"}
 
 
 def task_of(experience) -> tuple[int, list[int]]:
@@ -54,26 +55,13 @@ def task_of(experience) -> tuple[int, list[int]]:
     return int(origin.current_experience), sorted(int(c) for c in classes)
 
 
-class _PaddedModel:
-    """Calls the strategy's model and pads its logits to the plugin's class range (IncrementalClassifier heads
-    are narrower than the largest label until they grow). Padded columns are unseen classes: always masked."""
-
-    def __init__(self, plugin: "GSAPlugin", model: torch.nn.Module):
-        self.plugin, self.model = plugin, model
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
-        width = self.plugin._grow(logits.shape[1])
-        return logits if logits.shape[1] == width else F.pad(logits, (0, width - logits.shape[1]))
-
-
 class GSAPlugin(SupervisedPlugin):
     """GSA as an Avalanche plugin. Use it with `Naive` (it replaces the loss; other strategies' losses are lost).
 
     mem_size: reservoir buffer size (M). num_classes: the label range, or None to grow it with the labels and
     the head. seed: the buffer's and the augmentation's random streams. Every other keyword is a GSA knob of
-    `cil.config.MethodConfig` (replay_batch_size=64, current_task_replay=22, warmup_batches=5, augment, ...),
-    with the same defaults as `method=gsa`.
+    `cil.core.methods.gsa.GSAConfig` (replay_batch_size=64, current_task_replay=22, warmup_batches=5, augment,
+    ...), with the same defaults as `method=gsa`.
     """
 
     def __init__(self, mem_size: int = 500, num_classes: Optional[int] = None, seed: int = 0, **gsa_options: Any):
@@ -81,13 +69,14 @@ class GSAPlugin(SupervisedPlugin):
         unknown = sorted(set(gsa_options) - GSA_OPTIONS)
         if unknown:
             raise ConfigError(f"GSAPlugin got unknown option(s) {unknown}; GSA options are {sorted(GSA_OPTIONS)}")
-        defaults = {"replay_batch_size": 64}  # conf/method/gsa.yaml's R, not ER's 10
-        self.cfg = MethodConfig(name="gsa", **{**defaults, **gsa_options})
+        self.cfg = GSAConfig(**gsa_options)
+        self.cfg.validate()
         self.mem_size = int(mem_size)
         self.num_classes = num_classes
         self.seed = int(seed)
-        self.gsa: Optional[GSA] = None
+        self.gsa: Optional[GSAStep] = None
         self.buffer: Optional[ReplayBuffer] = None
+        self.classes: Optional[ClassSets] = None
         self.task = -1
         self.step_in_task = 0
         self._saved: Optional[dict] = None  # state restored from a checkpoint, applied when rebuilt
@@ -105,36 +94,34 @@ class GSAPlugin(SupervisedPlugin):
 
     def summary(self) -> dict:
         """Seen classes with their G+, G- and current weights (as in a `method=gsa` results.json)."""
-        return {} if self.gsa is None else self.gsa.extra_results()["gsa"]
+        return {} if self.gsa is None else self.gsa.summary()
 
     # -- construction ----------------------------------------------------------------------------------------
     def _build(self, sample: torch.Tensor, device: torch.device, width: int) -> None:
         shape = tuple(sample.shape)
         saved, self._saved = self._saved, None
         self.buffer = ReplayBuffer(self.mem_size, shape, device=device, seed=self.seed + 1, dtype=sample.dtype)
-        # GSA's model is set per mini-batch; no optimizer: the strategy steps.
-        self.gsa = GSA(None, None, self.buffer, self.cfg, saved["num_classes"] if saved else 1, device,
-                       seed=self.seed + 2, input_shape=shape)
+        self.classes = ClassSets(saved["num_classes"] if saved else 1, device)
+        generator = torch.Generator(device=device).manual_seed(self.seed + 2)
+        # The buffer holds mini-batches as the strategy feeds them: already model input.
+        self.gsa = GSAStep(self.cfg, self.buffer, self.classes, generator, shape[1:] if len(shape) == 3 else None,
+                           to_input=lambda x: x)
         if saved is not None:
             self.buffer.load_state_dict(saved["buffer"])
+            self.classes.load_state_dict(saved["classes"])
+            generator.set_state(saved["generator"])
             self.gsa.load_state_dict(saved["gsa"])
-        self._grow(max(width, self.num_classes or 0))
+        self.gsa.grow(max(width, self.num_classes or 0))
 
-    def _grow(self, width: int) -> int:
-        """Widen every per-class tensor to `width` classes (new classes unseen, weight 1). Returns the width."""
-        g = self.gsa
-        if width <= g.num_classes:
-            return g.num_classes
-        pad = width - g.num_classes
-
-        def grow(t: torch.Tensor, value=0) -> torch.Tensor:
-            return torch.cat([t, torch.full((pad,), value, dtype=t.dtype, device=t.device)])
-
-        g.seen, g.task_classes = grow(g.seen, False), grow(g.task_classes, False)
-        g.last_weights = grow(g.last_weights, 1.0)
-        g.stats._fit(width, g.stats.device)
-        g.num_classes = width
-        return width
+    def _forward(self, strategy):
+        """The strategy's current model, its logits padded to the label range (an IncrementalClassifier head is
+        narrower than the largest label until it grows; padded columns are unseen classes, always masked)."""
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            logits = strategy.model(x)
+            width = max(self.classes.num_classes, logits.shape[1])
+            self.gsa.grow(width)
+            return logits if logits.shape[1] == width else F.pad(logits, (0, width - logits.shape[1]))
+        return forward
 
     # -- Avalanche callbacks ---------------------------------------------------------------------------------
     def before_training_exp(self, strategy, **kwargs):
@@ -142,19 +129,17 @@ class GSAPlugin(SupervisedPlugin):
         if self.gsa is None:
             x0 = strategy.experience.dataset[0][0]
             self._build(torch.as_tensor(x0), torch.device(strategy.device), max(classes) + 1)
-        self._grow(max(classes) + 1)
+        self.gsa.grow(max(classes) + 1)
         if task != self.task:  # a new task (an online stream calls this once per sub-experience)
             self.task, self.step_in_task = task, 0
-            self.gsa.on_task_start(task, torch.tensor(classes, device=self.gsa.device))
+            self.classes.start_task(task, torch.tensor(classes, device=self.classes.seen.device))
 
     def before_backward(self, strategy, **kwargs):
-        g = self.gsa
         x, y = strategy.mb_x, strategy.mb_y
         y_host = y.cpu()
-        self._grow(int(y_host.max()) + 1)
-        g.mark_seen(y, y_host)
-        g.model = _PaddedModel(self, strategy.model)
-        strategy.loss, _ = g.loss(x, y, self.task, self.step_in_task)
+        self.gsa.grow(int(y_host.max()) + 1)
+        self.classes.mark_seen(y, y_host)
+        strategy.loss, _ = self.gsa.loss(self._forward(strategy), x, y, self.task, self.step_in_task)
 
     def after_training_iteration(self, strategy, **kwargs):
         # Step 9: the raw mini-batch enters the reservoir once (only in the first epoch of a multi-epoch run).
@@ -167,8 +152,9 @@ class GSAPlugin(SupervisedPlugin):
         state = self.__dict__.copy()
         if self.gsa is not None:  # the buffer shares numpy views with tensors: store state dicts, not objects
             state["_saved"] = {"buffer": self.buffer.state_dict(), "gsa": self.gsa.state_dict(),
-                               "num_classes": self.gsa.num_classes}
-        state["gsa"] = state["buffer"] = None
+                               "classes": self.classes.state_dict(), "generator": self.gsa.generator.get_state(),
+                               "num_classes": self.classes.num_classes}
+        state["gsa"] = state["buffer"] = state["classes"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:

@@ -1,0 +1,1 @@
+"""Analysis: tables and plots read from run folders (never imports the runner)."""

@@ -1,0 +1,103 @@
+"""The in-memory dataset (uint8 image tensors plus int64 labels), where data live, and the loader registry.
+
+Every loader returns an :class:`ImageDataset` whose images are ``uint8 [N, C, H, W]`` CPU tensors, so
+normalisation and augmentation can happen in batch on the device later. Files are read once; nothing is
+ever written into the data root (it may be a read-only shared copy). A loader family is one module of this
+package that registers its names with :func:`register_loader`; image trees are decoded once and cached
+(cil.core.data.decode).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cil.errors import ConfigError, DataError
+
+__all__ = ["ImageDataset", "data_root", "cache_dir", "register_loader", "load_dataset", "LOADERS"]
+
+
+@dataclass
+class ImageDataset:
+    name: str
+    train_x: torch.Tensor  # uint8 [N, C, H, W], contiguous, CPU
+    train_y: torch.Tensor  # int64 [N]
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    class_names: list[str]  # index = label
+
+    def __post_init__(self) -> None:
+        # Catch a malformed dataset here rather than as a shape error deep inside training.
+        for split in ("train", "test"):
+            x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+            if x.dtype != torch.uint8 or x.dim() != 4:
+                raise DataError(f"{self.name}: {split}_x must be uint8 [N, C, H, W], got {x.dtype} {list(x.shape)}")
+            if y.dtype != torch.int64 or y.dim() != 1 or len(y) != len(x):
+                raise DataError(f"{self.name}: {split}_y must be int64 [{len(x)}], got {y.dtype} {list(y.shape)}")
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(self.class_names)):
+                raise DataError(f"{self.name}: {split} labels outside [0, {len(self.class_names)})")
+        if self.train_x.shape[1:] != self.test_x.shape[1:]:
+            raise DataError(f"{self.name}: train images {list(self.train_x.shape[1:])} "
+                            f"and test images {list(self.test_x.shape[1:])} differ in shape")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.train_x.shape[1:]
+        return (int(c), int(h), int(w))
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    """The data root: the explicit argument, else ``$CIL_DATA_ROOT``, else ``./data``."""
+    if root is None or str(root) == "":
+        root = os.environ.get("CIL_DATA_ROOT") or "data"
+    return Path(root).expanduser().resolve()
+
+
+def cache_dir() -> Path:
+    """Where decoded tensors are cached: ``$CIL_CACHE_DIR``, else ``~/.cache/cil``. Never the data root."""
+    return Path(os.environ.get("CIL_CACHE_DIR") or Path.home() / ".cache" / "cil").expanduser()
+
+
+LOADERS: dict[str, Callable[..., ImageDataset]] = {}
+_RESIZES_ITSELF: set[str] = set()  # loaders that resize while decoding (and cache the resized tensors)
+
+
+def register_loader(name: str, resizes: bool = False):
+    """Decorator: make `loader(root, download, verify, image_size, path)` available as dataset `name`."""
+    def deco(fn):
+        LOADERS[name] = fn
+        if resizes:
+            _RESIZES_ITSELF.add(name)
+        return fn
+    return deco
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, *, download: bool = True, verify: bool = True,
+                 image_size: int | None = None, path: str | None = None) -> ImageDataset:
+    """Load a dataset by name into memory as uint8 tensors.
+
+    root: data root (see :func:`data_root`). download: let torchvision fetch missing MNIST/CIFAR files.
+    verify: check md5s of MNIST/CIFAR files. image_size: resize all images to image_size x image_size.
+    path: the folder for ``imagefolder`` (relative paths are taken from the data root).
+    """
+    key = str(name).strip().lower()
+    if key not in LOADERS:
+        raise ConfigError(f"unknown dataset {name!r}; valid names: {', '.join(LOADERS)}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or image_size <= 0):
+        raise ConfigError(f"dataset.image_size must be a positive integer or null, got {image_size!r}")
+    ds = LOADERS[key](root=data_root(root), download=download, verify=verify, image_size=image_size, path=path)
+    ds.name = key
+    if image_size is not None and key not in _RESIZES_ITSELF:
+        from cil.core.data.decode import resize_tensor
+
+        ds.train_x = resize_tensor(ds.train_x, image_size)
+        ds.test_x = resize_tensor(ds.test_x, image_size)
+    return ds

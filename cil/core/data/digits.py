@@ -1,0 +1,28 @@
+"""scikit-learn's 8x8 digits: shipped inside scikit-learn, so always available offline (tests, quick runs)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from cil.core.data.dataset import ImageDataset, register_loader
+
+
+@register_loader("digits")
+def load_digits(**_: Any) -> ImageDataset:
+    """sklearn's 8x8 digits (shipped inside the package, so always available offline)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]  # 0..16 -> 0..255
+    y = digits.target.astype(np.int64)
+    # A fixed random_state makes the split independent of any global RNG; stratified keeps 80/20 per class.
+    train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=0)
+    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+    return ImageDataset("digits", torch.from_numpy(x[train_idx]), torch.from_numpy(y[train_idx]),
+                        torch.from_numpy(x[test_idx]), torch.from_numpy(y[test_idx]),
+                        [str(d) for d in digits.target_names])
+
+

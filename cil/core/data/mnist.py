@@ -1,0 +1,86 @@
+"""MNIST and Fashion-MNIST from their idx files (torchvision's layout), parsed in place: nothing is extracted into
+the data root."""
+from __future__ import annotations
+
+import gzip
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+
+from cil.core.data.dataset import ImageDataset, register_loader
+from cil.core.data.sources import check_md5, missing_error, torchvision_download
+from cil.errors import DataError
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """Parse an idx file (optionally gzipped) ourselves, so nothing is extracted into the data root."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"cannot read {path}: {e}; the file is corrupt or truncated, replace it") from e
+    # Header: two zero bytes, type code (0x08 = uint8), number of dims, then each dim as big-endian int32.
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not a uint8 idx file (bad header); replace it")
+    ndim = raw[3]
+    offset = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", raw[4:offset]) if len(raw) >= offset else ()
+    if len(dims) != ndim or len(raw) - offset != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: header promises {list(dims)} but the file has "
+                        f"{len(raw) - offset} data bytes; replace it")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=offset).reshape(dims)
+
+
+def _load_mnist_family(name: str, tv_cls: type, root: Path, download: bool, verify: bool) -> ImageDataset:
+    raw_dir = root / tv_cls.__name__ / "raw"  # torchvision's layout: root/MNIST/raw, root/FashionMNIST/raw
+
+    def locate() -> dict[str, Path | None]:
+        # Prefer the original .gz (md5-verifiable); accept an already extracted idx file too.
+        found = {}
+        for gz_name, _ in tv_cls.resources:
+            gz, plain = raw_dir / gz_name, raw_dir / gz_name.removesuffix(".gz")
+            found[gz_name] = gz if gz.is_file() else plain if plain.is_file() else None
+        return found
+
+    files = locate()
+    missing = [n for n, p in files.items() if p is None]
+    if missing:
+        error = torchvision_download(tv_cls, root) if download else None
+        files = locate()
+        missing = [n for n, p in files.items() if p is None]
+        if missing:
+            raise missing_error(tv_cls.__name__, missing, raw_dir, error if download else None)
+    if verify:
+        # torchvision's md5s are of the .gz files; an extracted file is checked only by its idx header.
+        for gz_name, md5 in tv_cls.resources:
+            if files[gz_name].suffix == ".gz":
+                check_md5(files[gz_name], md5)
+
+    def split(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x = _read_idx(files[f"{prefix}-images-idx3-ubyte.gz"])
+        y = _read_idx(files[f"{prefix}-labels-idx1-ubyte.gz"])
+        if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
+            raise DataError(f"{raw_dir}: {prefix} images {list(x.shape)} and labels {list(y.shape)} do not match")
+        return x.unsqueeze(1).contiguous(), y.long()
+
+    train_x, train_y = split("train")
+    test_x, test_y = split("t10k")
+    return ImageDataset(name, train_x, train_y, test_x, test_y, list(tv_cls.classes))
+
+
+@register_loader("mnist")
+def load_mnist(root: Path, download: bool, verify: bool, **_: Any) -> ImageDataset:
+    return _load_mnist_family("mnist", torchvision.datasets.MNIST, root, download, verify)
+
+
+@register_loader("fashion_mnist")
+def load_fashion_mnist(root: Path, download: bool, verify: bool, **_: Any) -> ImageDataset:
+    return _load_mnist_family("fashion_mnist", torchvision.datasets.FashionMNIST, root, download, verify)
+
+

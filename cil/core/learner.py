@@ -1,0 +1,309 @@
+"""The online loop: every incoming batch is observed once, then the method never sees it again except through
+the buffer. Evaluation after each task (accuracy matrix) and every `anytime_every` batches on a fixed test
+subsample (anytime accuracy). Losses and accuracies stay on the device and are read back only every
+`log.every` batches, so the loop never waits for the device between steps.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import time
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from cil.core import metrics
+from cil.core.data.stream import ClassIncrementalStream
+from cil.core.methods.base import Method
+from cil.core.objectives.common import mask_logits
+from cil.errors import TrainingError
+
+
+@torch.inference_mode()
+def predict(method: Method, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Predicted label of every row of ``x``: argmax over the seen classes, in eval mode and large batches."""
+    model = method.model
+    was_training = model.training
+    model.eval()
+    preds = []
+    for i in range(0, len(x), batch_size):
+        with method.autocast():
+            logits = model(method.to_input(x[i:i + batch_size])).float()
+        preds.append(mask_logits(logits, method.seen).argmax(1))
+    model.train(was_training)
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=x.device)
+
+
+def task_accuracy(pred: torch.Tensor, y: torch.Tensor, task_ids: torch.Tensor, n_tasks: int) -> torch.Tensor:
+    """Per-task accuracy in percent. Test samples outside every task (id -1) count towards no task."""
+    inside = (task_ids >= 0).float()
+    ids = task_ids.clamp(min=0)
+    total = torch.bincount(ids, weights=inside, minlength=n_tasks)[:n_tasks]
+    correct = torch.bincount(ids, weights=(pred == y).float() * inside, minlength=n_tasks)[:n_tasks]
+    return 100.0 * correct.float() / total.float().clamp(min=1)
+
+
+def evaluate(method: Method, x: torch.Tensor, y: torch.Tensor, task_ids: torch.Tensor, n_tasks: int,
+             batch_size: int) -> torch.Tensor:
+    """Per-task accuracy in percent, argmax over the seen classes, in eval mode and large batches."""
+    return task_accuracy(predict(method, x, batch_size), y, task_ids, n_tasks)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class MetricsLog:
+    """Where the loop's numbers go: the runner's RunLogger writes metrics.csv and TensorBoard; this one drops
+    them (a loop driven from a script or a test)."""
+
+    def scalar(self, key: str, value: float, step: int, task: Optional[int] = None) -> None:
+        pass
+
+    def accuracy_matrix(self, matrix: list[list[float]], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Learner:
+    """Feeds the stream to the method once, evaluates, and keeps the run's progress.
+
+    seed: picks the anytime-evaluation subsample. eval_batch_size: rows per evaluation forward pass.
+    anytime_every / anytime_samples: anytime evaluation every N stream batches (0: off) on a fixed subsample of
+    that many test samples. log_every: stream batches between read-backs of the loss. progress: a tqdm bar.
+    `checkpointer`: anything with `due(step, task_ends)` and `checkpoint(learner)` (the runner's Checkpointer)."""
+
+    def __init__(self, stream: ClassIncrementalStream, method: Method, logger: Optional[MetricsLog] = None, *,
+                 seed: int = 0, eval_batch_size: int = 256, anytime_every: int = 100, anytime_samples: int = 500,
+                 log_every: int = 50, progress: bool = True):
+        self.stream = stream
+        self.method = method
+        self.logger = logger if logger is not None else MetricsLog()
+        self.eval_batch_size, self.anytime_every, self.log_every = eval_batch_size, anytime_every, log_every
+        self.progress = progress
+        self.diagnostics = method.diagnostics  # cil.core.diagnostics.Diagnostics or None
+        self.device = stream.device
+        self.n_tasks = stream.n_tasks
+        self.test_x, self.test_y = stream.test_x, stream.test_y
+        self.test_task = stream.test_task_ids()
+        self.class_task = stream.class_task  # task of every head class (-1: in no task)
+        # A fixed, seeded test subsample for anytime evaluation, the same at every evaluation point.
+        g = torch.Generator().manual_seed(seed + 3)
+        n_any = min(anytime_samples, len(self.test_y))
+        self.anytime_idx = torch.randperm(len(self.test_y), generator=g)[:n_any].to(self.device)
+
+        # Everything below is the run's progress: what a checkpoint must hold.
+        self.step = 0  # stream batches observed
+        self.acc_matrix: list[list[float]] = []
+        self.anytime_curve: list[dict] = []
+        self.train_time_s = 0.0
+        self.eval_time_s = 0.0
+        self.online_correct = torch.zeros((), device=self.device)
+        self.online_seen = 0
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.loss_count = 0
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.last_log = {"loss": math.nan, "online_acc": math.nan}
+        self.errors: Optional[dict] = None  # metrics.error_breakdown at the last task end
+        self.confusion = None  # its confusion matrix (numpy [C, C])
+        self.checkpointer = None  # set by the runner (cil.run.checkpoint.Checkpointer)
+        self._pending: list = []  # (loss, logits, labels, seen mask) of the steps since the last fold
+
+    def _fold(self) -> None:
+        """Add the pending steps' losses and online correct counts to the running sums, in a few batched ops
+        (device work only, no read-back). Same numbers as per-step accumulation, to float rounding of the loss."""
+        if not self._pending:
+            return
+        losses, logits, labels, seen = zip(*self._pending)
+        self.loss_sum += torch.stack(losses).sum()
+        self.nonfinite |= ~torch.isfinite(self.loss_sum)
+        self.loss_count += len(losses)
+        rows = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(y) for y in labels]))
+        masks = torch.stack(seen)[rows.to(self.device)]
+        pred = mask_logits(torch.cat(logits), masks).argmax(1)
+        self.online_correct += (pred == torch.cat(labels)).sum()
+        self._pending.clear()
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    def evaluate_all(self, tasks_seen: int) -> list[float]:
+        """Per-task accuracy on the full test sets; also where the errors go (`self.errors`, `self.confusion`)."""
+        pred = predict(self.method, self.test_x, self.eval_batch_size)
+        self.confusion = metrics.confusion_matrix(self.test_y.cpu().numpy(), pred.cpu().numpy(),
+                                                  self.stream.num_classes)
+        self.errors = metrics.error_breakdown(self.confusion, self.class_task, tasks_seen)
+        return task_accuracy(pred, self.test_y, self.test_task, self.n_tasks).tolist()
+
+    def evaluate_anytime(self, task: int) -> float:
+        idx = self.anytime_idx
+        acc = evaluate(self.method, self.test_x[idx], self.test_y[idx], self.test_task[idx], self.n_tasks,
+                       self.eval_batch_size)
+        # Average over the tasks seen so far that have samples in the subsample.
+        present = torch.bincount(self.test_task[idx].clamp(min=0), minlength=self.n_tasks)[:task + 1] > 0
+        return float(acc[:task + 1][present].mean())
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        method, stream = self.method, self.stream
+        bar = tqdm(total=len(stream), initial=self.step, disable=not self.progress, unit="batch",
+                   dynamic_ncols=True, leave=False)
+        task = stream.task_of_step(self.step) if self.step else -1
+        if self.step and self.step < len(stream):
+            method.on_task_start(task, stream.tasks[task].classes)
+        tick = time.perf_counter()
+        for batch in stream.batches(start=self.step):
+            if batch.task != task:
+                task = batch.task
+                method.on_task_start(task, stream.tasks[task].classes)
+            if self.diagnostics is not None:
+                self.diagnostics.begin_batch(batch)
+            out = method.observe(batch)
+            if self.diagnostics is not None:
+                self.diagnostics.end_batch(self.logger)
+            if method.uses_buffer and method.buffer is not None:
+                method.buffer.add(batch.x, batch.y, batch.task)
+            self.step += 1
+            # Kept as they are and reduced in one go at the next read-back: ~7 small ops per step fewer.
+            self._pending.append((out.loss, out.logits, batch.y, method.seen))  # never changed in place
+            self.online_seen += len(batch.y)
+            bar.update(1)
+
+            task_ends = batch.step_in_task + 1 == stream.batches_per_task[task]
+            if self.step % self.log_every == 0 or task_ends:
+                tick = self._log(task, bar, tick)
+            if self.anytime_every and self.step % self.anytime_every == 0 and not task_ends:
+                tick = self._timed_eval(tick, lambda: self._anytime(task))
+            if task_ends:
+                tick = self._timed_eval(tick, lambda: self._task_end(task))
+                method.on_task_end(task)
+            if self.checkpointer is not None and self.checkpointer.due(self.step, task_ends):
+                tick = self._checkpoint(tick)
+        self.train_time_s += time.perf_counter() - tick
+        bar.close()
+        return self.results()
+
+    def _timed_eval(self, tick: float, fn) -> float:
+        """Run an evaluation without counting it as training time; returns the new training-time origin."""
+        _sync(self.device)
+        start = time.perf_counter()
+        self.train_time_s += start - tick
+        fn()
+        end = time.perf_counter()
+        self.eval_time_s += end - start
+        return end
+
+    def _checkpoint(self, tick: float) -> float:
+        """Write a checkpoint (cil.run.checkpoint), not counted as training time; it raises Preempted after writing
+        when SIGTERM asked the run to stop."""
+        _sync(self.device)
+        self.train_time_s += time.perf_counter() - tick
+        self.checkpointer.checkpoint(self)
+        return time.perf_counter()
+
+    def _anytime(self, task: int) -> None:
+        acc = self.evaluate_anytime(task)
+        self.anytime_curve.append({"step": self.step, "samples": self.step * self.stream.batch_size, "acc": acc})
+        self.logger.scalar("anytime_acc", acc, self.step, task)
+
+    def _task_end(self, task: int) -> None:
+        row = self.evaluate_all(task + 1)
+        self.acc_matrix.append(row)
+        avg = sum(row[:task + 1]) / (task + 1)
+        # The end of a task is also an anytime point (on the full test sets of the seen tasks).
+        self.anytime_curve.append({"step": self.step, "samples": self.step * self.stream.batch_size, "acc": avg})
+        for j, a in enumerate(row[:task + 1]):
+            self.logger.scalar(f"acc/task_{j}", a, self.step, task)
+        self.logger.scalar("avg_acc_seen", avg, self.step, task)
+        for kind, share in self.errors.items():
+            self.logger.scalar(f"errors/{kind}", share, self.step, task)
+        self.logger.accuracy_matrix(self.acc_matrix, self.step)
+        if self.diagnostics is not None:
+            self.diagnostics.on_evaluation(task, row, self.logger)
+        tqdm.write(f"task {task}: average accuracy on tasks 0..{task} = {avg:.2f}%  "
+                   f"[{' '.join(f'{a:.1f}' for a in row[:task + 1])}]")
+
+    def _log(self, task: int, bar, tick: float) -> float:
+        """Read the accumulated loss and online accuracy back from the device (the only per-interval sync)."""
+        self._fold()
+        if self.loss_count == 0:
+            return tick
+        nonfinite = bool(self.nonfinite)
+        loss = float(self.loss_sum) / self.loss_count
+        online = 100.0 * float(self.online_correct) / max(self.online_seen, 1)
+        if nonfinite:
+            raise TrainingError(
+                f"the training loss became non-finite (nan or inf) before stream batch {self.step} (task {task}); "
+                "the run stopped and the last checkpoint (if any) is kept. Lower optimizer.lr, or use "
+                "precision=fp32 if precision=bf16")
+        self.logger.scalar("loss", loss, self.step, task)
+        self.logger.scalar("online_acc", online, self.step, task)
+        for key, value in self.method.log_values().items():  # e.g. GSA's per-class weights and ratios
+            self.logger.scalar(key, value, self.step, task)
+        self.last_log = {"loss": loss, "online_acc": online}
+        self.logger.flush()  # a long run's progress is readable (and survives a kill) as it goes
+        bar.set_postfix(task=task, loss=f"{loss:.3f}", online_acc=f"{online:.1f}%", refresh=False)
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        return tick
+
+    # -- results ---------------------------------------------------------------------------------------------
+    def results(self) -> dict:
+        self._fold()
+        acc = self.acc_matrix
+        curve = [p["acc"] for p in self.anytime_curve]
+        online = 100.0 * float(self.online_correct) / max(self.online_seen, 1)
+        peak_cuda = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
+        return {
+            "acc_matrix": acc,
+            "final_avg_acc": metrics.final_average_accuracy(acc),
+            "avg_forgetting": metrics.average_forgetting(acc),
+            "avg_incremental_acc": metrics.average_incremental_accuracy(acc),
+            "anytime_acc": metrics.anytime_accuracy(curve),
+            "anytime_curve": self.anytime_curve,
+            "online_acc": online,
+            "train_time_s": self.train_time_s,
+            "eval_time_s": self.eval_time_s,
+            "samples_per_s": self.stream.n_samples / self.train_time_s if self.train_time_s > 0 else None,
+            "stream_samples": self.stream.n_samples,
+            "stream_batches": len(self.stream),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "peak_cuda_mb": peak_cuda,
+            "class_order": self.stream.class_order,
+            # Where the test samples go after the last task end; the confusion matrix only up to 100 classes.
+            "errors": self.errors,
+            "confusion": self.confusion.tolist() if self.confusion is not None and len(self.confusion) <= 100 else None,
+            **self.method.extra_results(),
+            **({"diagnostics": self.diagnostics.summary()} if self.diagnostics is not None else {}),
+        }
+
+    # -- progress as state (checkpoints) ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        self._fold()
+        return {
+            "step": self.step, "acc_matrix": self.acc_matrix, "anytime_curve": self.anytime_curve,
+            "train_time_s": self.train_time_s, "eval_time_s": self.eval_time_s,
+            "online_correct": self.online_correct.cpu(), "online_seen": self.online_seen,
+            "loss_sum": self.loss_sum.cpu(), "loss_count": self.loss_count,
+            "errors": self.errors,
+            "confusion": None if self.confusion is None else torch.from_numpy(self.confusion),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.acc_matrix = state["acc_matrix"]
+        self.anytime_curve = state["anytime_curve"]
+        self.train_time_s = state["train_time_s"]
+        self.eval_time_s = state["eval_time_s"]
+        self.online_correct = state["online_correct"].to(self.device)
+        self.online_seen = state["online_seen"]
+        self.loss_sum = state["loss_sum"].to(self.device)
+        self.loss_count = state["loss_count"]
+        self.errors = state.get("errors")  # absent in older checkpoints
+        confusion = state.get("confusion")
+        self.confusion = None if confusion is None else confusion.numpy()

@@ -1,0 +1,227 @@
+"""What every online method shares: its typed config, the seen and current-task classes, the forward pass in the
+chosen precision, one update.
+
+A method's `observe(batch)` does its `iters` updates on one incoming batch and returns the last loss and the
+incoming batch's logits from before the first update (for online accuracy), both detached and left on the
+device: nothing here reads a value back to the host.
+
+A method lives in one module of this package: its config dataclass (`Config`, validated by `validate`), its
+needs (`uses_buffer`, `needs_task_boundaries`) and its step, registered with `@register`. The runner offers
+every registered method as a `method=<name>` option with the config's fields as its keys.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from cil.core.buffer import ReplayBuffer
+from cil.core.data.stream import Batch
+from cil.errors import require
+
+
+@dataclass
+class MethodConfig:
+    """Keys every method has. A method's own config subclasses this (or ReplayConfig) and adds its knobs."""
+
+    name: str = "naive"
+    iters: int = 1  # updates per incoming batch
+
+    def validate(self) -> None:
+        """Check ranges and combinations the types cannot express (raise ConfigError naming the key)."""
+        require(self.iters >= 1, "method.iters", self.iters, "use an integer >= 1")
+
+
+@dataclass
+class ReplayConfig(MethodConfig):
+    replay_batch_size: int = 10  # buffer samples replayed per update
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.replay_batch_size >= 0, "method.replay_batch_size", self.replay_batch_size,
+                "use an integer >= 0")
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar, detached
+    logits: torch.Tensor  # [B, num_classes] logits of the incoming batch before the update, detached
+
+
+def to_float(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 images -> float in [0, 1] (the online-CL code bases feed unnormalised [0, 1] inputs)."""
+    x = x.float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+class ClassSets:
+    """The seen classes (labels observed in the stream so far) and the current task's classes (announced at a
+    task start). Each is a bool mask over the head on the device (for the losses) and a set of labels on the host
+    (for counting without a device read-back). A mask is replaced, never changed in place, so a mask handed out
+    earlier (the learner keeps each step's until it counts online accuracy) stays as it was."""
+
+    def __init__(self, num_classes: int, device: torch.device):
+        self.num_classes = num_classes
+        self.seen = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        self.seen_labels: set[int] = set()
+        self.task_mask = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        self.task_labels: set[int] = set()
+        self.task = -1
+
+    def start_task(self, task: int, classes: torch.Tensor) -> None:
+        self.task = task
+        self.task_mask = torch.zeros_like(self.task_mask).index_fill_(0, classes.to(self.task_mask.device), True)
+        self.task_labels = set(classes.tolist())
+
+    def mark_seen(self, y: torch.Tensor, y_host: torch.Tensor) -> None:
+        """Add labels (the same on the device and on the host) to the seen classes; only a batch with a new class
+        costs tensor work."""
+        labels = y_host.tolist()
+        if self.seen_labels.issuperset(labels):
+            return
+        self.seen_labels.update(labels)
+        self.seen = self.seen.index_fill(0, y, True)
+
+    def grow(self, num_classes: int) -> None:
+        """Widen the masks to `num_classes` head units (new units unseen, outside the task)."""
+        pad = num_classes - self.num_classes
+        if pad > 0:
+            self.seen = torch.cat([self.seen, self.seen.new_zeros(pad)])
+            self.task_mask = torch.cat([self.task_mask, self.task_mask.new_zeros(pad)])
+            self.num_classes = num_classes
+
+    def current_share(self) -> float:
+        """r = |seen classes of the current task| / |seen classes| (GSA's mixed-batch ratio)."""
+        return len(self.seen_labels & self.task_labels) / max(len(self.seen_labels), 1)
+
+    def state_dict(self) -> dict:
+        return {"seen": self.seen.cpu(), "task_classes": self.task_mask.cpu(), "task": self.task}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen = state["seen"].to(self.seen.device, copy=True)
+        self.seen_labels = set(state["seen"].nonzero().squeeze(1).tolist())
+        self.task_mask = state["task_classes"].to(self.task_mask.device, copy=True)
+        self.task_labels = set(state["task_classes"].nonzero().squeeze(1).tolist())
+        self.task = state["task"]
+
+
+class Method:
+    name: ClassVar[str] = "base"
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    uses_buffer: ClassVar[bool] = True  # the learner adds each incoming batch to the buffer after `observe`
+    needs_task_boundaries: ClassVar[bool] = False  # reads the current task's classes (on_task_start)
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, buffer: Optional[ReplayBuffer],
+                 cfg: MethodConfig, num_classes: int, device: torch.device, precision: str = "fp32",
+                 channels_last: bool = False, seed: int = 0, input_shape: Optional[tuple] = None):
+        self.model = model
+        self.optimizer = optimizer
+        self.buffer = buffer
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.device = torch.device(device)
+        self.precision = precision
+        self.channels_last = channels_last
+        self.input_shape = input_shape
+        self.classes = ClassSets(num_classes, self.device)
+        # Random choices of the method itself (augmentation), on the device so no copy happens per step.
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.diagnostics = None  # a cil.core.diagnostics.Diagnostics when diagnostics are on (set by the builder)
+
+    @property
+    def seen(self) -> torch.Tensor:
+        return self.classes.seen
+
+    # -- task boundaries -------------------------------------------------------------------------------------
+    def on_task_start(self, task: int, classes: torch.Tensor) -> None:
+        """Called before the first batch of each task with the task's class labels (a training-time boundary;
+        no task id is used at test time)."""
+        self.classes.start_task(task, classes)
+
+    def on_task_end(self, task: int) -> None:
+        pass
+
+    # -- one incoming batch ----------------------------------------------------------------------------------
+    def observe(self, batch: Batch) -> StepOutput:
+        self.classes.mark_seen(batch.y, batch.y_host)
+        first = None
+        for _ in range(self.cfg.iters):
+            loss, logits = self.update(batch)
+            first = logits if first is None else first
+        return StepOutput(loss.detach(), first.detach())
+
+    def update(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step. Returns (loss, logits of the incoming batch)."""
+        raise NotImplementedError
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def to_input(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """Stored images (uint8) -> the model's float input."""
+        return to_float(x_uint8, self.channels_last)
+
+    def forward(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.model(self.to_input(x_uint8)).float()
+
+    def forward_float(self, x: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.model(x).float()
+
+    def report(self, source: str, logits: torch.Tensor, targets: torch.Tensor, mask, scale: float = 1.0,
+               class_weights: Optional[torch.Tensor] = None, rows: Optional[slice] = None) -> None:
+        """Describe one term of the loss to the diagnostics (a no-op when they are off): the term is
+        scale * mean_i(class_weights[y_i] * CE of row i, softmax over `mask`); source is 'new' or 'replay'.
+        `rows`: the term covers only these rows of `logits` and `targets` (sliced here, only when needed)."""
+        if self.diagnostics is not None:
+            if rows is not None:
+                logits, targets = logits[rows], targets[rows]
+            self.diagnostics.report(source, logits, targets, mask, scale, class_weights)
+
+    def step(self, loss: torch.Tensor) -> None:
+        if self.diagnostics is not None:
+            self.diagnostics.before_backward(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def replay(self, n: int, **filters: Any):
+        """Up to n buffer samples (x, y, task), None when the buffer is missing or has none that match."""
+        if self.buffer is None or n <= 0:
+            return None
+        x, y, t = self.buffer.sample(n, **filters)
+        return (x, y, t) if len(y) else None
+
+    def extra_results(self) -> dict:
+        """Method-specific summaries for results.json."""
+        return {}
+
+    def log_values(self) -> dict[str, float]:
+        """Method-specific scalars for metrics.csv / TensorBoard; called only at log intervals (may sync)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {**self.classes.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.classes.load_state_dict(state)
+        self.generator.set_state(state["generator"])
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its `name` (`method=<name>`)."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"two methods are named {cls.name!r}: {METHODS[cls.name]} and {cls}")
+    METHODS[cls.name] = cls
+    return cls
+

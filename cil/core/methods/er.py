@@ -1,0 +1,32 @@
+"""Experience Replay (Chaudhry et al., 2019): the incoming batch plus `replay_batch_size` buffer samples,
+one cross-entropy over all seen classes, in one forward pass. A fresh replay sample is drawn for each of the
+`iters` updates."""
+from dataclasses import dataclass
+
+import torch
+
+from cil.core.methods.base import Method, ReplayConfig, register
+from cil.core.objectives.er import er_loss
+
+
+@dataclass
+class ERConfig(ReplayConfig):
+    name: str = "er"
+
+
+@register
+class ER(Method):
+    name = "er"
+    Config = ERConfig
+
+    def update(self, batch):
+        x, y, n = batch.x, batch.y, len(batch.y)
+        mem = self.replay(self.cfg.replay_batch_size)
+        if mem is not None:
+            x, y = torch.cat([x, mem[0]]), torch.cat([y, mem[1]])
+        logits = self.forward(x)
+        loss = er_loss(logits, y, self.seen)
+        self.report("new", logits, y, self.seen, scale=n / len(y), rows=slice(None, n))
+        self.report("replay", logits, y, self.seen, scale=1 - n / len(y), rows=slice(n, None))
+        self.step(loss)
+        return loss, logits[:n]

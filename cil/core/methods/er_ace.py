@@ -1,0 +1,33 @@
+"""ER-ACE (Caccia et al., ICLR 2022): asymmetric cross-entropy. The incoming batch is trained only against the
+classes present in it, so new data never push old-class logits down; the replay batch against all seen classes.
+One forward pass over the concatenation."""
+from dataclasses import dataclass
+
+import torch
+
+from cil.core.methods.base import Method, ReplayConfig, register
+from cil.core.objectives.er_ace import er_ace_loss
+
+
+@dataclass
+class ERACEConfig(ReplayConfig):
+    name: str = "er_ace"
+
+
+@register
+class ERACE(Method):
+    name = "er_ace"
+    Config = ERACEConfig
+
+    def update(self, batch):
+        n = len(batch.y)
+        mem = self.replay(self.cfg.replay_batch_size)
+        x = batch.x if mem is None else torch.cat([batch.x, mem[0]])
+        logits = self.forward(x)
+        y_buf = batch.y[:0] if mem is None else mem[1]
+        logits_new, logits_buf = logits[:n], logits[n:]
+        loss = er_ace_loss(logits_new, batch.y, logits_buf, y_buf, self.seen)
+        self.report("new", logits_new, batch.y, "present")
+        self.report("replay", logits_buf, y_buf, self.seen)
+        self.step(loss)
+        return loss, logits_new

@@ -1,0 +1,251 @@
+"""GSA (Guo, Liu, Zhao, CVPR 2023): the step of docs/gsa.md, one incoming batch at a time.
+
+`GSAStep` is the step itself (spec steps 1-7: current-task replay, the task-only new-data loss, the balanced
+mixed replay batch, the gradient statistics and the weighted replay loss) behind a public interface: the caller
+hands it a forward function, the raw incoming batch and a function that turns stored images into model input.
+Our learner drives it through the `GSA` method below; the Avalanche plugin (cil.avalanche.GSAPlugin) drives the
+same object from Avalanche's callbacks.
+
+Step numbers in comments refer to the spec. Choices of the official code that the spec leaves open:
+- Xc is the incoming batch first, then the current-task buffer samples, so "the first floor(R*r) items of Xc"
+  prefer fresh data (as the official code orders them).
+- The two views are the augmented batch and its horizontal flip, [A(x), hflip(A(x))], as in the runnable
+  release of the official code; `independent_views=true` draws the augmentation twice, [A(x), hflip(A'(x))],
+  as a later version of it does. The new-data branch then gets one more augmentation pass
+  (`new_branch_augment`), as in the official code.
+- All augmentations of a step are drawn at once (`draw_augmentations`), in the order the step applies them; on
+  CPU this equals drawing them call by call, bit for bit. The mixed replay batch is therefore composed before
+  the new-data forward pass (its buffer draws use the buffer's own generator, so nothing changes).
+- The new-data and replay branches are separate forward passes (separate batch-norm statistics), as in the
+  official code.
+- "Seen classes" are the labels observed in the stream so far; r = |seen classes of task t| / |seen classes|.
+  The official code's softmax also spans the not-yet-observed classes of the current task (its head grows a task
+  at a time); with batches shuffled across a task's classes the two agree after a few batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+from torch import Tensor
+
+from cil.core.augment import GSAAugment, PreDrawn, two_views
+from cil.core.buffer import ReplayBuffer
+from cil.core.methods.base import ClassSets, Method, ReplayConfig, register
+from cil.core.objectives.gsa import GradientStats, gsa_new_loss, gsa_replay_loss
+from cil.errors import require
+
+Forward = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class GSAConfig(ReplayConfig):
+    """The spec's defaults; each of the paper's choices can be switched off for ablations."""
+
+    name: str = "gsa"
+    replay_batch_size: int = 64  # R: size of the balanced mixed replay batch
+    current_task_replay: int = 22  # buffer samples of the current task joined to the incoming batch
+    warmup_batches: int = 5  # per task: weights fixed at 1 while statistics accumulate
+    buffer_loss_weight: float = 2.0  # L = 2 * L_buf + L_new
+    adaptive_weights: bool = True  # False: w_c = 1 (plain CE on the replay batch)
+    balanced_replay: bool = True  # False: replay batch drawn uniformly from the whole buffer
+    task_only_new_loss: bool = True  # False: new-data loss over all seen classes
+    two_views: bool = True  # [A(x), hflip(A(x))]; False: one augmented view
+    independent_views: bool = False  # True: [A(x), hflip(A'(x))], two draws
+    augment: bool = True  # random grayscale + random resized crop
+    new_branch_augment: bool = True  # the official code's extra augmentation pass on the new-data branch
+    crop_scale: List[float] = field(default_factory=lambda: [0.6, 1.0])
+    grayscale_p: float = 0.2
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.current_task_replay >= 0, "method.current_task_replay", self.current_task_replay,
+                "use an integer >= 0")
+        require(self.warmup_batches >= 0, "method.warmup_batches", self.warmup_batches, "use an integer >= 0")
+        require(self.buffer_loss_weight >= 0, "method.buffer_loss_weight", self.buffer_loss_weight,
+                "use a number >= 0")
+        require(0.0 <= self.grayscale_p <= 1.0, "method.grayscale_p", self.grayscale_p, "use 0 <= p <= 1")
+        scale = list(self.crop_scale)
+        require(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "method.crop_scale", scale,
+                "use [lo, hi] with 0 < lo <= hi <= 1")
+
+
+class GSAStep:
+    """Spec steps 1-7 for one incoming batch: returns the loss; no optimizer step, no buffer update.
+
+    cfg: the GSA knobs. buffer: the replay memory (its rows are whatever the caller stores: raw uint8 images for
+    our learner, model inputs for the Avalanche plugin). classes: the caller's seen / current-task classes
+    (read, never changed here). generator: the augmentation's random stream, on the device. image_size: (H, W)
+    of the inputs, for the augmentation. to_input: stored rows -> model input (applied to the incoming batch and
+    to buffer rows). report: the diagnostics hook of `Method.report`, or None.
+    """
+
+    def __init__(self, cfg: GSAConfig, buffer: Optional[ReplayBuffer], classes: ClassSets,
+                 generator: torch.Generator, image_size: Optional[tuple[int, int]], to_input: Callable[[Tensor], Tensor],
+                 report: Optional[Callable] = None):
+        self.cfg, self.buffer, self.classes, self.generator = cfg, buffer, classes, generator
+        self.to_input = to_input
+        self.report = report if report is not None else (lambda *args, **kwargs: None)
+        device = classes.seen.device
+        self.stats = GradientStats(classes.num_classes, device=device)
+        self.augment = GSAAugment(image_size, scale=tuple(cfg.crop_scale), grayscale_p=cfg.grayscale_p) \
+            if cfg.augment and image_size else None
+        self.last_weights = torch.ones(classes.num_classes, device=device)  # w_c of the last step (1: warm-up)
+
+    def grow(self, num_classes: int) -> None:
+        """Widen the per-class tensors to `num_classes` (new classes: no statistics, weight 1)."""
+        self.classes.grow(num_classes)
+        self.stats.grow(num_classes)
+        pad = num_classes - len(self.last_weights)
+        if pad > 0:
+            self.last_weights = torch.cat([self.last_weights, self.last_weights.new_ones(pad)])
+
+    def _sample(self, n: int, **filters):
+        if self.buffer is None or n <= 0:
+            return None
+        x, y, _ = self.buffer.sample(n, **filters)
+        return (x, y) if len(y) else None
+
+    def views(self, x: Tensor, augment: Optional[PreDrawn] = None) -> Tensor:
+        """[A(x), hflip(A(x))] (or a single A(x) with two_views off); labels repeat in the same order. A is
+        ``augment`` (draws made by `draw_augmentations`) when given, else ``self.augment`` (or none)."""
+        aug = augment if augment is not None else self.augment
+        aug = aug if aug is not None else (lambda v, g: v)
+        if not self.cfg.two_views:
+            return aug(x, self.generator)
+        return two_views(x, aug, self.generator, independent=self.cfg.independent_views)
+
+    def draw_augmentations(self, x: Tensor, n_replay: int) -> Optional[PreDrawn]:
+        """Every augmentation draw of one step at once, in the order the step applies them: the views of Xc
+        (``x``), the new-branch pass over those views, the views of the ``n_replay``-row replay batch."""
+        cfg = self.cfg
+        if self.augment is None:
+            return None
+        draws_per_views = 2 if cfg.two_views and cfg.independent_views else 1
+        n_views = (2 if cfg.two_views else 1) * len(x)
+        rows = draws_per_views * (len(x) + n_replay) + (n_views if cfg.new_branch_augment else 0)
+        return PreDrawn(self.augment, rows, x.shape[-2], x.shape[-1], self.generator)
+
+    def repeat_labels(self, y: Tensor) -> Tensor:
+        return torch.cat([y, y]) if self.cfg.two_views else y  # = y.repeat(2), at half its cost on a CPU
+
+    def loss(self, forward: Forward, x: Tensor, y: Tensor, task: int, step_in_task: int) -> tuple[Tensor, Tensor]:
+        """Steps 1-7 on the incoming batch (x as stored, y its labels): returns (L, logits of the incoming rows,
+        detached). `forward` maps model input to float logits over the head."""
+        cfg, classes = self.cfg, self.classes
+        n = len(y)
+
+        # 1. Xc: the incoming batch plus up to `current_task_replay` buffer samples of the current task
+        # (converted to model input once, after the concatenation).
+        cur = self._sample(cfg.current_task_replay, task=task)
+        xc, yc = (x, y) if cur is None else (torch.cat([x, cur[0]]), torch.cat([y, cur[1]]))
+        xc = self.to_input(xc)
+
+        # 3 (composed first, so the step's augmentations can be drawn at once). The balanced mixed replay batch,
+        # skipped on the very first batch: the buffer is empty.
+        xm, ym = None, None
+        if self.buffer is not None and len(self.buffer) > 0:
+            xm, ym = self.mixed_replay_batch(xc, yc, task)
+        aug = self.draw_augmentations(xc, 0 if xm is None else len(xm))
+
+        # 2. New-data loss over the current task's classes only.
+        v = self.views(xc, aug)
+        if aug is not None and cfg.new_branch_augment:
+            v = aug(v)
+        logits_new = forward(v)
+        new_mask = classes.task_mask if cfg.task_only_new_loss else classes.seen
+        yv = self.repeat_labels(yc)
+        loss = gsa_new_loss(logits_new, yv, new_mask)
+        self.report("new", logits_new, yv, new_mask)
+
+        if xm is not None:
+            # 4-7. Softmax over seen classes, statistics updated first, then the weighted replay loss.
+            logits_m = forward(self.views(xm, aug))
+            ym = self.repeat_labels(ym)
+            self.stats.update(logits_m, ym, classes.seen)
+            warm = step_in_task < cfg.warmup_batches
+            if cfg.adaptive_weights and not warm:
+                self.last_weights = self.stats.weights()
+            else:
+                self.last_weights = torch.ones_like(self.last_weights)
+            loss = cfg.buffer_loss_weight * gsa_replay_loss(logits_m, ym, self.last_weights, classes.seen) + loss
+            self.report("replay", logits_m, ym, classes.seen, cfg.buffer_loss_weight, self.last_weights)
+        assert aug is None or aug.left == 0, "draw_augmentations drew more rows than the step used"
+
+        return loss, logits_new[:n].detach()
+
+    def mixed_replay_batch(self, xc: Tensor, yc: Tensor, task: int) -> tuple[Tensor, Tensor]:
+        """floor(R(1-r)) samples of other tasks + the first floor(R r) items of Xc, r = seen current / seen."""
+        r_batch = self.cfg.replay_batch_size
+        if not self.cfg.balanced_replay:
+            x, y = self._sample(r_batch)
+            return self.to_input(x), y
+        r = self.classes.current_share()
+        n_old, n_cur = int(r_batch * (1 - r)), int(r_batch * r)
+        old = self._sample(n_old, exclude_task=task)
+        if old is None:
+            return xc[:n_cur], yc[:n_cur]
+        # Row order does not matter to a mean loss or to batch norm, so the spec's shuffle is left out.
+        return torch.cat([self.to_input(old[0]), xc[:n_cur]]), torch.cat([old[1], yc[:n_cur]])
+
+    # -- what a run reports and keeps ------------------------------------------------------------------------
+    def summary(self) -> dict:
+        """Seen classes with their G+, G- and current weights (results.json `gsa`)."""
+        seen = sorted(self.classes.seen_labels)
+        return {
+            "classes": seen,
+            "positive": self.stats.positive.cpu()[seen].tolist(),
+            "negative": self.stats.negative.cpu()[seen].tolist(),
+            "weights": self.stats.weights().cpu()[seen].tolist(),
+        }
+
+    def log_values(self) -> dict[str, float]:
+        """Per seen class c: w_c = 2 sigmoid(r_c - 1) from the accumulated statistics (the weight the replay loss
+        uses outside warm-up) and r_c = G+_c / G-_c; an infinite ratio (no negative mass yet) is left out."""
+        weights, ratios = self.stats.weights().cpu(), self.stats.ratio().cpu()
+        out = {}
+        for c in sorted(self.classes.seen_labels):
+            out[f"gsa/weight/{c}"] = float(weights[c])
+            if torch.isfinite(ratios[c]):
+                out[f"gsa/ratio/{c}"] = float(ratios[c])
+        return out
+
+    def state_dict(self) -> dict:
+        return {"stats": self.stats.state_dict(), "last_weights": self.last_weights.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats.load_state_dict(state["stats"])
+        self.grow(len(state["last_weights"]))
+        self.last_weights.copy_(state["last_weights"])
+
+
+@register
+class GSA(Method):
+    name = "gsa"
+    Config = GSAConfig
+    needs_task_boundaries = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        size = tuple(self.input_shape[1:]) if self.input_shape else None
+        self.gsa = GSAStep(self.cfg, self.buffer, self.classes, self.generator, size, self.to_input, self.report)
+
+    def update(self, batch):
+        loss, logits_new = self.gsa.loss(self.forward_float, batch.x, batch.y, batch.task, batch.step_in_task)
+        # 8. One optimizer step. (9. The learner adds the raw batch to the buffer afterwards.)
+        self.step(loss)
+        return loss, logits_new
+
+    def extra_results(self) -> dict:
+        return {"gsa": self.gsa.summary()}
+
+    def log_values(self) -> dict[str, float]:
+        return self.gsa.log_values()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), **self.gsa.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.gsa.load_state_dict(state)

@@ -1,0 +1,17 @@
+"""Fine-tuning on the stream with no replay: the lower bound."""
+from cil.core.methods.base import Method, MethodConfig, register
+from cil.core.objectives.er import er_loss
+
+
+@register
+class Naive(Method):
+    name = "naive"
+    Config = MethodConfig
+    uses_buffer = False
+
+    def update(self, batch):
+        logits = self.forward(batch.x)
+        loss = er_loss(logits, batch.y, self.seen)
+        self.report("new", logits, batch.y, self.seen)
+        self.step(loss)
+        return loss, logits

@@ -1,0 +1,25 @@
+"""Backbones with a linear head over all classes of the benchmark.
+
+Every model has ``features(x) -> [B, feature_dim]``, ``head: nn.Linear(feature_dim, num_classes)`` and
+``forward(x) = head(features(x))``. Inputs are float tensors, already normalised by the learner.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from cil.errors import ConfigError
+from cil.core.models.mlp import MLP
+from cil.core.models.resnet import ResNet18, reduced_resnet18, resnet18
+
+MODEL_NAMES = ("mlp", "reduced_resnet18", "resnet18")
+_BUILDERS = {"mlp": MLP, "reduced_resnet18": reduced_resnet18, "resnet18": resnet18}
+
+
+def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, **kwargs) -> nn.Module:
+    if name not in _BUILDERS:
+        raise ConfigError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    return _BUILDERS[name](tuple(input_shape), num_classes, **kwargs)
+
+
+__all__ = ["MODEL_NAMES", "build_model", "MLP", "ResNet18", "resnet18", "reduced_resnet18"]

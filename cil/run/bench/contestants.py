@@ -1,0 +1,228 @@
+"""The contestants: one training pass over a workload's stream each, timed without evaluation.
+
+- ``er``, ``er_ace``, ``gsa``, ``naive``: ours, through ``cil.run.build_learner`` and ``Learner.run`` (the real
+  loop; its ``train_time_s`` already excludes the task-end evaluations, and anytime evaluation is off).
+- ``floor``: a bare hand-written PyTorch loop doing the same ER math (incoming batch + ``replay_batch_size``
+  samples drawn without replacement from a preallocated reservoir, one cross-entropy over the seen classes, one
+  SGD/Adam step). No framework, no logging, no checks: the lower bound on what ER can cost.
+- ``avalanche_er``: Avalanche's Naive strategy with its ReplayPlugin (reservoir storage policy) on
+  ``split_online_stream`` with experience size = batch size; ``avalanche_er_ace``: Avalanche's ER_ACE on the same
+  stream; ``avalanche_naive``: Naive without replay. All with an evaluator that has no metrics and no loggers, the
+  fastest way Avalanche offers.
+
+Each returns a dict with ``train_time_s``, ``samples``, ``final_acc`` (mean over tasks of the accuracy on each
+task's test set, argmax over the classes seen, computed after training and outside the timing) and, for ours,
+a ``breakdown`` of where the training time went.
+"""
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cil.schema import RunConfig
+from cil.core.data.stream import ClassIncrementalStream
+
+OURS = ("er", "er_ace", "gsa", "naive")
+AVALANCHE = ("avalanche_er", "avalanche_er_ace", "avalanche_naive")
+CONTESTANTS = OURS + ("floor",) + AVALANCHE
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def final_accuracy(model: torch.nn.Module, stream: ClassIncrementalStream, batch_size: int = 1000) -> dict:
+    """Per-task test accuracy (percent) after training, argmax over the classes of the stream's tasks."""
+    was_training = model.training
+    model.eval()
+    seen = torch.zeros(stream.num_classes, dtype=torch.bool, device=stream.device)
+    for t in stream.tasks:
+        seen[t.classes] = True
+    accs = []
+    for t in stream.tasks:
+        x, y = stream.test_x[t.test_idx], stream.test_y[t.test_idx]
+        correct = 0
+        for i in range(0, len(y), batch_size):
+            logits = model(x[i:i + batch_size].float().div_(255.0)).float()
+            correct += int((logits.masked_fill(~seen, float("-inf")).argmax(1) == y[i:i + batch_size]).sum())
+        accs.append(100.0 * correct / max(len(y), 1))
+    model.train(was_training)
+    return {"final_acc": sum(accs) / len(accs), "task_acc": accs}
+
+
+# ------------------------------------------------------------------------------------------------ ours
+class _Timed:
+    """Wrap a bound method or callable so its time accumulates under `key`: CPU time of the calling thread on a
+    CPU device (steady when other jobs share the cores; all of the work with threads=1), device-synchronised wall
+    time on CUDA. thread_time, not process_time: on this VM a process_time call costs ~140 us of wall time,
+    thread_time ~0.5 us."""
+
+    def __init__(self, fn, totals: dict, key: str, device: torch.device):
+        self.fn, self.totals, self.key, self.device = fn, totals, key, device
+        self.clock = time.perf_counter if device.type == "cuda" else time.thread_time
+
+    def __call__(self, *args, **kwargs):
+        _sync(self.device)
+        start = self.clock()
+        out = self.fn(*args, **kwargs)
+        _sync(self.device)
+        self.totals[self.key] = self.totals.get(self.key, 0.0) + self.clock() - start
+        return out
+
+
+def _instrument(method, totals: dict) -> None:
+    """Time the model's arithmetic (forward passes; backward + optimizer step) and the method's extras
+    (augmentation, buffer) separately. Each timer costs two perf_counter calls (and a sync on CUDA)."""
+    dev = method.device
+    method.forward = _Timed(method.forward, totals, "forward", dev)
+    method.forward_float = _Timed(method.forward_float, totals, "forward", dev)
+    method.step = _Timed(method.step, totals, "backward_step", dev)
+    aug = getattr(getattr(method, "gsa", None), "augment", None)
+    if aug is not None:  # the augmentation's stages, however the method calls them (cil.core.augment.PreDrawn)
+        for stage in ("draw", "grid", "apply_grid"):
+            setattr(aug, stage, _Timed(getattr(aug, stage), totals, "augment", dev))
+    if method.buffer is not None:
+        method.buffer.sample = _Timed(method.buffer.sample, totals, "buffer", dev)
+        method.buffer.add = _Timed(method.buffer.add, totals, "buffer", dev)
+
+
+def _cpu_timed(fn, acc: dict):
+    def timed(*args, **kwargs):
+        start = time.process_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            acc["s"] += time.process_time() - start
+    return timed
+
+
+def run_ours(cfg: RunConfig, dataset, batches_per_task, breakdown: bool = False) -> dict:
+    from cil.run.bench.workloads import shorten_stream
+    from cil.run.experiment import build_learner
+
+    with tempfile.TemporaryDirectory(prefix="cil-bench-") as tmp:
+        learner = build_learner(cfg, Path(tmp), dataset)
+        shorten_stream(learner.stream, batches_per_task)
+        totals: dict = {}
+        if breakdown:
+            _instrument(learner.method, totals)
+        eval_cpu = {"s": 0.0}
+        for name in ("_task_end", "_anytime"):  # the learner times evaluation apart in wall time; here in CPU time
+            setattr(learner, name, _cpu_timed(getattr(learner, name), eval_cpu))
+        cpu0 = time.process_time()
+        res = learner.run()
+        train_cpu = time.process_time() - cpu0 - eval_cpu["s"]
+        learner.logger.close()
+    out = {"train_time_s": res["train_time_s"], "train_cpu_s": train_cpu, "eval_time_s": res["eval_time_s"],
+           "samples": learner.stream.n_samples,
+           "learner_final_avg_acc": res["final_avg_acc"], "acc_matrix": res["acc_matrix"],
+           **final_accuracy(learner.method.model, learner.stream)}
+    if breakdown:
+        totals["arithmetic"] = totals.get("forward", 0.0) + totals.get("backward_step", 0.0)
+        total = res["train_time_s"] if learner.device.type == "cuda" else train_cpu
+        totals["other"] = total - sum(v for k, v in totals.items() if k != "arithmetic")
+        out["breakdown"] = totals
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ floor
+def _model_and_optimizer(cfg: RunConfig, stream: ClassIncrementalStream):
+    from cil.core.models import build_model
+    from cil.run.experiment import build_optimizer
+
+    torch.manual_seed(cfg.seed)
+    kwargs = {"hidden": tuple(cfg.model.hidden)} if cfg.model.name == "mlp" else {}
+    model = build_model(cfg.model.name, stream.dataset.input_shape, stream.num_classes, **kwargs).to(stream.device)
+    return model, build_optimizer(cfg, model.parameters())
+
+
+def run_floor(cfg: RunConfig, stream: ClassIncrementalStream) -> dict:
+    """ER as a person would write it with nothing but PyTorch."""
+    model, opt = _model_and_optimizer(cfg, stream)
+    dev, b, m, r = stream.device, stream.batch_size, cfg.buffer.size, cfg.method.replay_batch_size
+    buf_x = torch.zeros((m, *stream.dataset.input_shape), dtype=torch.uint8, device=dev)
+    buf_y = torch.zeros(m, dtype=torch.long, device=dev)
+    seen = torch.zeros(stream.num_classes, dtype=torch.bool, device=dev)
+    rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    n_seen = 0
+    _sync(dev)
+    start, cpu0 = time.perf_counter(), time.process_time()
+    for task in stream.tasks:
+        order = task.train_idx
+        for lo in range(0, len(order), b):
+            idx = order[lo:lo + b]
+            x, y = stream.train_x.index_select(0, idx), stream.train_y.index_select(0, idx)
+            seen.index_fill_(0, y, True)
+            xb, yb = x, y
+            if n_seen:
+                pick = torch.randperm(min(n_seen, m), generator=gen)[:r].to(dev)
+                xb, yb = torch.cat([x, buf_x.index_select(0, pick)]), torch.cat([y, buf_y.index_select(0, pick)])
+            logits = model(xb.float().div_(255.0))
+            loss = F.cross_entropy(logits.masked_fill(~seen, float("-inf")), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            slots, rows = [], []  # reservoir sampling (Vitter's R), one Python int per incoming sample
+            for i in range(len(idx)):
+                j = n_seen + i
+                s = j if j < m else rng.randint(0, j)
+                if s < m:
+                    slots.append(s)
+                    rows.append(i)
+            n_seen += len(idx)
+            if slots:
+                slots_t, rows_t = torch.tensor(slots, device=dev), torch.tensor(rows, device=dev)
+                buf_x[slots_t] = x[rows_t]
+                buf_y[slots_t] = y[rows_t]
+    _sync(dev)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    return {"train_time_s": elapsed, "train_cpu_s": cpu, "samples": stream.n_samples, **final_accuracy(model, stream)}
+
+
+# ------------------------------------------------------------------------------------------------ Avalanche
+def run_avalanche(cfg: RunConfig, stream: ClassIncrementalStream, which: str) -> dict:
+    """Avalanche 0.6's own strategies on an online stream of the same samples in the same order."""
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+    from avalanche.benchmarks.scenarios.online import split_online_stream
+    from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_tensor_classification_dataset
+    from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
+    from avalanche.training.storage_policy import ReservoirSamplingBuffer
+    from avalanche.training.supervised import ER_ACE, Naive
+
+    model, opt = _model_and_optimizer(cfg, stream)
+    dev, b, m, r = stream.device, stream.batch_size, cfg.buffer.size, cfg.method.replay_batch_size
+    # Avalanche datasets hold float images on the host (its DataLoader collates there and moves to the device).
+    train_sets = []
+    for task in stream.tasks:
+        idx = task.train_idx_host
+        x = stream.dataset.train_x[idx].float().div_(255.0)
+        y = stream.dataset.train_y[idx].long()
+        train_sets.append(_make_taskaware_tensor_classification_dataset(x, y, task_labels=0, targets=y.tolist()))
+    bench = benchmark_from_datasets(train=train_sets)
+    common = dict(model=model, optimizer=opt, criterion=torch.nn.CrossEntropyLoss(), train_mb_size=b,
+                  train_epochs=1, eval_mb_size=1000, device=dev, evaluator=EvaluationPlugin(loggers=[]))
+    if which == "avalanche_er":
+        plugin = ReplayPlugin(mem_size=m, batch_size=b, batch_size_mem=r, storage_policy=ReservoirSamplingBuffer(m))
+        strategy = Naive(plugins=[plugin], **common)
+    elif which == "avalanche_er_ace":
+        strategy = ER_ACE(mem_size=m, batch_size_mem=r, **common)
+    elif which == "avalanche_naive":
+        strategy = Naive(**common)
+    else:
+        raise ValueError(f"unknown Avalanche contestant {which!r}")
+    torch.manual_seed(cfg.seed)
+    _sync(dev)
+    start, cpu0 = time.perf_counter(), time.process_time()
+    # The online stream is lazy: splitting into experiences of `b` samples is part of Avalanche's online loop.
+    for exp in split_online_stream(bench.train_stream, experience_size=b, shuffle=False):
+        strategy.train(exp)
+    _sync(dev)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    return {"train_time_s": elapsed, "train_cpu_s": cpu, "samples": stream.n_samples, **final_accuracy(model, stream)}

@@ -1,0 +1,220 @@
+"""Checkpoints: everything a run needs to continue exactly where it stopped, written atomically.
+
+A checkpoint (`<run dir>/checkpoint.pt`) holds the model, the optimizer, the buffer, the method's state (seen
+classes, GSA's gradient statistics, its augmentation generator), the torch global RNG, the learner's progress
+(stream position, accuracy matrix, anytime curve, the loss and online accuracy accumulated since the last log
+read-back), the length of metrics.csv at that moment, and the run's config. It is written every
+`checkpoint.every` stream batches and after each task's evaluation (`checkpoint.at_task_end`), to a temporary
+file in the run folder that is then renamed over the old one: a kill at any moment leaves either the old or the
+new checkpoint, never a half-written one. A checkpoint is only written when the loss so far and every weight
+and optimizer tensor are finite, so the last checkpoint is always a good one.
+
+Resuming rebuilds the run from its config (same seed, same construction order), loads the checkpoint over it,
+cuts metrics.csv back to its length at the checkpoint and continues the stream at the saved position. Every
+random choice comes from a generator held in the checkpoint, so on CPU the resumed run ends bit for bit where
+an uninterrupted one would.
+
+SIGTERM (what SLURM sends before pre-emption or at the time limit) asks the loop to stop after the batch in
+flight: a checkpoint is written and the run exits with EXIT_PREEMPTED.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import torch
+
+from cil.schema import RunConfig
+from cil.errors import ConfigError, DataError, Preempted, TrainingError
+from cil.runfolder import CHECKPOINT, atomic_write
+
+if TYPE_CHECKING:
+    from cil.core.learner import Learner
+
+log = logging.getLogger("cil")
+
+FORMAT_VERSION = 1
+# Config keys that may change between a run and its resumption: they do not touch what the run computes.
+RESUMABLE_CHANGES = ("checkpoint.", "log.progress", "log.tensorboard", "dataset.download", "dataset.verify")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: list(d) if isinstance(d, tuple) else d}
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """`key: saved -> current` for every setting that differs and would change what the run computes."""
+    a, b = _flatten(saved), _flatten(current)
+    keys = sorted(k for k in set(a) | set(b) if not k.startswith(RESUMABLE_CHANGES))
+    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def check_finite(learner: "Learner") -> None:
+    """Raise TrainingError when the loss so far, a weight or an optimizer tensor is NaN or infinite."""
+    method = learner.method
+    named = list(method.model.named_parameters()) + list(method.model.named_buffers())
+    named += [("optimizer state", t) for t in _tensors(method.optimizer.state_dict()["state"])]
+    named = [(name, t) for name, t in named if t.is_floating_point()]
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu() if named else torch.ones(0, dtype=bool)
+    bad = sorted({name for (name, _), ok in zip(named, finite.tolist()) if not ok})
+    if bool(learner.nonfinite) or bad:
+        where = f" (non-finite values in {', '.join(bad[:3])})" if bad else ""
+        raise TrainingError(
+            f"training diverged: the loss or the weights became non-finite (nan or inf) by stream batch "
+            f"{learner.step}{where}; the run stopped without writing a checkpoint, the last good one (if any) is "
+            "kept. Lower optimizer.lr, or use precision=fp32 if precision=bf16")
+
+
+def _rng_state() -> dict:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """Writes and restores one run's checkpoint; turns SIGTERM into "checkpoint, then stop"."""
+
+    def __init__(self, out_dir: Path, cfg: RunConfig, config: dict):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / CHECKPOINT
+        self.cfg = cfg.checkpoint
+        self.config = config  # the run's resolved config, stored to refuse resuming with different settings
+        self.stop_signal: Optional[int] = None  # set by the signal handler; the loop checks it after each batch
+        self.started = time.time()
+        self.wall_time_before = 0.0  # wall time spent in earlier attempts of this run (up to their checkpoint)
+
+    # -- resuming ----------------------------------------------------------------------------------------------
+    def load(self) -> Optional[dict]:
+        """The checkpoint to resume from, or None (none there, or checkpoint.resume=false)."""
+        for name in (CHECKPOINT, "results.json"):  # temporary files of writes that a kill interrupted
+            for stale in self.out_dir.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+        if not self.path.exists():
+            return None
+        if not self.cfg.resume:  # starting over: an old checkpoint must not be resumed by a later attempt
+            log.info("checkpoint.resume=false: %s deleted, the run starts over", self.path)
+            self.path.unlink()
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file becomes one clear error
+            raise DataError(f"cannot read checkpoint {self.path} ({type(e).__name__}): the file is corrupt or not "
+                            "a cil checkpoint. Delete it or set checkpoint.resume=false to start the run over") from e
+        if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+            raise DataError(f"{self.path} is not a cil checkpoint of format {FORMAT_VERSION}; delete it or set "
+                            "checkpoint.resume=false to start the run over")
+        diff = config_differences(state["config"], self.config)
+        if diff:
+            raise ConfigError(
+                f"{self.path} was written by a run with other settings ({'; '.join(diff[:5])}"
+                f"{'; ...' if len(diff) > 5 else ''}). Resume with the original settings, choose another "
+                "hydra.run.dir, or set checkpoint.resume=false to start this run folder over")
+        return state
+
+    def rewind_logs(self, state: dict) -> None:
+        """Cut metrics.csv back to its length at the checkpoint: the resumed run rewrites the rows after it."""
+        path = self.out_dir / "metrics.csv"
+        size = state["metrics_csv_bytes"]
+        if not path.exists() or path.stat().st_size < size:
+            log.warning("%s is missing or shorter than at the checkpoint; rows before stream batch %d are lost",
+                        path, state["learner"]["step"])
+            return
+        os.truncate(path, size)
+
+    def restore(self, learner: "Learner", state: dict) -> None:
+        method = learner.method
+        method.model.load_state_dict(state["model"])
+        method.optimizer.load_state_dict(state["optimizer"])
+        method.load_state_dict(state["method"])
+        if method.buffer is not None:
+            method.buffer.load_state_dict(state["buffer"])
+        learner.load_state_dict(state["learner"])
+        if learner.diagnostics is not None:
+            learner.diagnostics.load_state_dict(state["diagnostics"])
+        _set_rng_state(state["rng"])
+        self.wall_time_before = state["wall_time_s"]
+        log.info("resumed from %s at stream batch %d of %d", self.path, learner.step, len(learner.stream))
+
+    # -- writing -----------------------------------------------------------------------------------------------
+    def due(self, step: int, task_ends: bool) -> bool:
+        return (self.stop_signal is not None or (self.cfg.every > 0 and step % self.cfg.every == 0)
+                or (task_ends and self.cfg.at_task_end))
+
+    def save(self, learner: "Learner") -> None:
+        check_finite(learner)
+        learner.logger.flush()
+        method = learner.method
+        metrics_csv = self.out_dir / "metrics.csv"
+        state = {
+            "format": FORMAT_VERSION,
+            "config": self.config,
+            "model": method.model.state_dict(),
+            "optimizer": method.optimizer.state_dict(),
+            "method": method.state_dict(),
+            "buffer": method.buffer.state_dict() if method.buffer is not None else None,
+            "learner": learner.state_dict(),
+            "diagnostics": learner.diagnostics.state_dict() if learner.diagnostics is not None else None,
+            "rng": _rng_state(),
+            "metrics_csv_bytes": metrics_csv.stat().st_size if metrics_csv.exists() else 0,
+            "wall_time_s": self.wall_time(),
+        }
+        atomic_write(self.path, lambda f: torch.save(state, f))
+
+    def checkpoint(self, learner: "Learner") -> None:
+        """Called by the learner when `due`: write the checkpoint, then stop if a signal asked for it."""
+        self.save(learner)
+        if self.stop_signal is not None:
+            raise Preempted(learner.step, self.path, self.stop_signal)
+
+    def wall_time(self) -> float:
+        return self.wall_time_before + time.time() - self.started
+
+    def finish(self) -> None:
+        """After results.json is written: the checkpoint is no longer needed unless checkpoint.keep."""
+        if not self.cfg.keep:
+            self.path.unlink(missing_ok=True)
+
+    # -- signals -----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stop_on_signals(self, signums: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None]:
+        """While the loop runs, SIGTERM only sets a flag; the loop then checkpoints and raises Preempted."""
+        if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+            yield
+            return
+
+        def request_stop(signum, _frame):
+            self.stop_signal = signum
+
+        previous = {s: signal.signal(s, request_stop) for s in signums}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)

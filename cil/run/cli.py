@@ -1,0 +1,129 @@
+"""`python -m cil` / `cil`: the command line (the only module that imports hydra).
+
+`cil <overrides>` runs an experiment: Hydra composes cil/conf/ against the typed schema (cil.run.config, and for
+the `method` group each method's own config dataclass), so wrong types and unknown keys fail here, naming the
+key; then `run_experiment` does the work in the Hydra run directory. `cil report|plots|bench|demo ...` run the
+other tools (a Hydra override always holds `=`, so a bare word is never one).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cil.avalanche.peers import STRATEGIES
+from cil.core.methods import METHODS
+from cil.errors import EXIT_PREEMPTED, CilError, Preempted
+from cil.run.config import method_defaults
+from cil.schema import RunConfig
+from cil.run.config_errors import describe, unknown_keys
+from cil.runfolder import CHECKPOINT, METRICS, RESULTS
+
+log = logging.getLogger("cil")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def register_schemas() -> None:
+    """The run schema, and every method's config as an option of the `method` group (its fields are the keys)."""
+    store = ConfigStore.instance()
+    store.store(name="cil_schema", node=RunConfig)
+    for name in [*METHODS, *(f"avalanche_{s}" for s in STRATEGIES)]:
+        store.store(group="method", name=name, node=method_defaults(name))
+
+
+register_schemas()
+
+
+def _tidy_failed_run(out_dir: Path) -> None:
+    """A run that failed before producing anything leaves no folder that looks like a run."""
+    if (out_dir / RESULTS).exists() or (out_dir / CHECKPOINT).exists():
+        return
+    for name in (METRICS, "__main__.log", "main.log", "cli.log"):
+        (out_dir / name).unlink(missing_ok=True)
+    hydra_dir = out_dir / ".hydra"
+    if hydra_dir.is_dir():
+        for f in hydra_dir.iterdir():
+            f.unlink()
+        hydra_dir.rmdir()
+    try:
+        out_dir.rmdir()  # only when now empty
+    except OSError:
+        pass
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(dcfg: DictConfig) -> dict:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        unknown_keys(dcfg)  # keys added with `+key=value` that the schema does not know
+    except CilError as err:
+        print(f"error: {err}", file=sys.stderr)
+        _tidy_failed_run(out_dir)
+        sys.exit(2)
+    cfg: RunConfig = OmegaConf.to_object(dcfg)
+    resolved = OmegaConf.to_container(dcfg, resolve=True)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep job: skip if complete, record a failure, go on
+        from cil.run.sweep import run_sweep_job
+        return run_sweep_job(cfg, out_dir, resolved, list(HydraConfig.get().overrides.task))
+    from cil.run.experiment import run_experiment  # after Hydra has parsed the command line: `--help` stays fast
+
+    try:
+        results = run_experiment(cfg, out_dir, resolved_config=resolved)
+    except CilError as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        _tidy_failed_run(out_dir)
+        sys.exit(2)
+    summary = (f"final average accuracy {results['final_avg_acc']:.2f}%, forgetting "
+               f"{results['avg_forgetting'] if results['avg_forgetting'] is None else round(results['avg_forgetting'], 2)}"
+               f"%, anytime {results['anytime_acc']:.2f}%, {results['samples_per_s']:.0f} samples/s")
+    log.info("%s", summary)
+    print(f"{cfg.method.name} on {cfg.dataset.name}: {summary}\nrun folder: {out_dir}")
+    return results
+
+
+def _tool(name: str):
+    """The `main(argv) -> exit code` of a subcommand, imported only when asked for."""
+    if name == "report":
+        from cil.analysis.report import main as tool
+    elif name == "plots":
+        from cil.analysis.plots import main as tool
+    elif name == "bench":
+        from cil.run.bench.main import main as tool
+    else:
+        from cil.run.demo import main as tool
+    return tool
+
+
+SUBCOMMANDS = ("report", "plots", "bench", "demo")
+
+
+def cli() -> None:
+    """`python -m cil` and the `cil` script: config errors found while Hydra composes the config (wrong type,
+    unknown key or group option, bad override syntax) print one `error: ...` line and exit 2, like CilError;
+    a run (or sweep) stopped by SIGTERM exits EXIT_PREEMPTED after writing its checkpoint."""
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        sys.exit(_tool(sys.argv[1])(sys.argv[2:]))
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra re-raises instead of printing its own report
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"error: {describe(err)}", file=sys.stderr)
+        sys.exit(2)
+    except Preempted as stop:
+        log.warning("pre-empted: %s", stop)
+        print(f"pre-empted: {stop}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
+
+
+if __name__ == "__main__":
+    cli()

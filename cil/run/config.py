@@ -1,0 +1,91 @@
+"""The checks a run's config gets before anything is built (the types are cil.schema's), and each method's
+config with its defaults. Nothing here imports hydra."""
+from __future__ import annotations
+
+from cil.errors import ConfigError, require
+from cil.schema import RunConfig
+
+
+PRECISIONS = ("fp32", "bf16")
+OPTIMIZERS = ("sgd", "adam")
+BUFFER_POLICIES = ("reservoir", "class_balanced")
+
+
+def method_schema(name: str) -> type:
+    """The config dataclass of method `name` (ours, or an Avalanche peer's)."""
+    if name.startswith("avalanche_"):
+        from cil.avalanche.peers import peer_config_class
+        return peer_config_class(name)
+    from cil.core.methods import method_class
+    return method_class(name).Config
+
+
+def method_defaults(name: str):
+    """A fresh config of method `name` with its defaults (what `method=<name>` starts from)."""
+    if name.startswith("avalanche_"):
+        from cil.avalanche.peers import peer_configs
+        return peer_configs()[f"avalanche_{strategy_name(name)}"]
+    from cil.core.methods import method_class
+    return method_class(name).Config()
+
+
+def default_config(method: str = "er", **sections) -> RunConfig:
+    """The built-in defaults (cil/conf/config.yaml with no protocol) with method `method`'s own; `sections`
+    replace whole groups, e.g. default_config("gsa", dataset=DatasetConfig(name="digits"))."""
+    return RunConfig(method=method_defaults(method), **sections)
+
+
+def strategy_name(name: str) -> str:
+    from cil.avalanche.peers import strategy_name as peer_strategy
+    return peer_strategy(name)
+
+
+def uses_replay(name: str) -> bool:
+    if name.startswith("avalanche_"):
+        return False  # Avalanche keeps its own memory (its strategies check their own sizes)
+    from cil.core.methods import method_class
+    return method_class(name).uses_buffer
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check ranges and combinations before anything is built (the dataset's class count is checked by the
+    stream: cil.core.data.stream)."""
+    require(cfg.stream.n_tasks >= 1, "stream.n_tasks", cfg.stream.n_tasks, "use an integer >= 1")
+    require(cfg.stream.batch_size >= 1, "stream.batch_size", cfg.stream.batch_size, "use an integer >= 1")
+    require(cfg.buffer.size >= 0, "buffer.size", cfg.buffer.size, "use an integer >= 0")
+    require(cfg.buffer.policy in BUFFER_POLICIES, "buffer.policy", cfg.buffer.policy,
+            f"choose one of {BUFFER_POLICIES}")
+    require(all(h >= 1 for h in cfg.model.hidden), "model.hidden", list(cfg.model.hidden),
+            "use a list of layer widths >= 1 ([] for a linear model)")
+    require(cfg.model.nf is None or cfg.model.nf >= 1, "model.nf", cfg.model.nf, "use null or an integer >= 1")
+    require(cfg.optimizer.name in OPTIMIZERS, "optimizer.name", cfg.optimizer.name, f"choose one of {OPTIMIZERS}")
+    require(cfg.optimizer.lr > 0, "optimizer.lr", cfg.optimizer.lr, "use a learning rate > 0")
+    require(cfg.optimizer.momentum >= 0, "optimizer.momentum", cfg.optimizer.momentum, "use a value >= 0")
+    betas = list(cfg.optimizer.betas)
+    require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "optimizer.betas", betas,
+            "use [beta1, beta2] with 0 <= beta < 1")
+    require(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", cfg.optimizer.weight_decay, "use a value >= 0")
+    require(cfg.precision in PRECISIONS, "precision", cfg.precision, f"choose one of {PRECISIONS}")
+    require(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads,
+            "use null (torch's default) or an integer >= 1 (1 when several runs share the machine)")
+    require(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "use an integer >= 1")
+    require(cfg.eval.anytime_every >= 0, "eval.anytime_every", cfg.eval.anytime_every, "use 0 (off) or an integer >= 1")
+    require(cfg.eval.anytime_samples >= 1, "eval.anytime_samples", cfg.eval.anytime_samples, "use an integer >= 1")
+    require(cfg.log.every >= 1, "log.every", cfg.log.every, "use an integer >= 1")
+    require(cfg.diagnostics.every >= 1, "diagnostics.every", cfg.diagnostics.every, "use an integer >= 1")
+    require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "use 0 (task ends only) or >= 1")
+    order = cfg.stream.class_order
+    if isinstance(order, str):
+        require(order in ("natural", "random"), "stream.class_order", order,
+                "use 'natural', 'random' or a list of class labels")
+    schema = method_schema(cfg.method.name)
+    if not isinstance(cfg.method, schema):
+        raise ConfigError(f"method.name={cfg.method.name!r} needs its own config ({schema.__name__}); select the "
+                          f"method with method={cfg.method.name} rather than setting method.name")
+    cfg.method.validate()
+    replay = getattr(cfg.method, "replay_batch_size", 0)
+    if uses_replay(cfg.method.name) and cfg.buffer.size < replay:
+        raise ConfigError(
+            f"buffer.size={cfg.buffer.size} is smaller than method.replay_batch_size={replay}: method "
+            f"{cfg.method.name!r} replays that many samples per step; raise buffer.size or lower "
+            "method.replay_batch_size")

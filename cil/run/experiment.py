@@ -1,0 +1,170 @@
+"""Build a run from its config and execute it: dataset -> stream -> model, optimizer, buffer, method -> learner.
+
+Hydra-free: `cil.run.cli` resolves the config and calls `run_experiment`; tests and scripts may call it directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from cil import __version__
+from cil.core.buffer import ReplayBuffer
+from cil.core.data import ImageDataset, load_dataset
+from cil.core.data.stream import ClassIncrementalStream
+from cil.core.diagnostics import Diagnostics
+from cil.core.learner import Learner
+from cil.core.methods import method_class
+from cil.core.models import build_model
+from cil.errors import ConfigError, Preempted, TrainingError
+from cil.run.checkpoint import Checkpointer, config_differences
+from cil.run.config import validate
+from cil.schema import RunConfig
+from cil.run.determinism import enable_determinism
+from cil.run.logger import RunLogger, save_diagnostics
+from cil.runfolder import RESULTS, read_json, write_json_atomic
+
+log = logging.getLogger("cil")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device={name!r} is not a device name: use cpu, cuda, cuda:N or auto ({err})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r} but CUDA is not available on this machine: use device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ConfigError(f"device={name!r} is not supported: use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def build_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    raise ConfigError(f"optimizer.name={o.name!r} is unknown: choose sgd or adam")
+
+
+def load_run_dataset(cfg: RunConfig) -> ImageDataset:
+    d = cfg.dataset
+    return load_dataset(d.name, d.root, download=d.download, verify=d.verify, image_size=d.image_size, path=d.path)
+
+
+def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset] = None,
+                  resume_step: Optional[int] = None) -> Learner:
+    """Everything a run needs, in the order that keeps runs reproducible from the seed. `resume_step`: the run
+    continues from a checkpoint at that stream position (logs are appended to, not started over)."""
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # several runs on few cores: torch's default oversubscribes them
+    if cfg.deterministic:
+        enable_determinism()
+    dataset = dataset or load_run_dataset(cfg)
+    stream = ClassIncrementalStream(dataset, cfg.stream.n_tasks, cfg.stream.batch_size, cfg.stream.class_order,
+                                    seed=cfg.seed, device=device, samples_per_class=cfg.stream.samples_per_class)
+    torch.manual_seed(cfg.seed)  # model initialisation
+    kwargs = {"hidden": tuple(cfg.model.hidden)} if cfg.model.name == "mlp" else (
+        {"nf": cfg.model.nf} if cfg.model.nf else {})
+    model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes, **kwargs).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model.parameters())
+    if cfg.compile:
+        model = torch.compile(model)
+    if cfg.method.name.startswith("avalanche_"):  # Avalanche's own strategies as peers (docs/avalanche.md)
+        from cil.avalanche.peers import build_peer
+        if cfg.diagnostics.enabled:
+            raise ConfigError(f"diagnostics.enabled=true with method.name={cfg.method.name!r}: diagnostics hook into "
+                              "our methods' updates, which Avalanche peers do not use; set diagnostics.enabled=false")
+        method = build_peer(cfg, model, stream, device, lambda params: build_optimizer(cfg, params))
+    else:
+        cls = method_class(cfg.method.name)
+        buffer = ReplayBuffer(cfg.buffer.size, dataset.input_shape, device=device, policy=cfg.buffer.policy,
+                              seed=cfg.seed + 1) if cls.uses_buffer and cfg.buffer.size > 0 else None
+        method = cls(model, optimizer, buffer, cfg.method, dataset.num_classes, device, precision=cfg.precision,
+                     channels_last=cfg.channels_last, seed=cfg.seed + 2, input_shape=dataset.input_shape)
+        if cfg.diagnostics.enabled:
+            method.diagnostics = Diagnostics.for_stream(cfg.diagnostics.every, stream, model)
+    logger = RunLogger(out_dir, tensorboard=cfg.log.tensorboard, resume=resume_step is not None,
+                       purge_step=resume_step)
+    return Learner(stream, method, logger, seed=cfg.seed, eval_batch_size=cfg.eval.batch_size,
+                   anytime_every=cfg.eval.anytime_every, anytime_samples=cfg.eval.anytime_samples,
+                   log_every=cfg.log.every, progress=cfg.log.progress)
+
+
+def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: Optional[dict] = None) -> dict:
+    """Run one experiment into `out_dir` and return (and write) its results.json content.
+
+    With checkpoint.resume (the default) a checkpoint in `out_dir` is continued, and a run folder that already
+    holds a complete run of the same config just returns its results. Raises Preempted (after writing a
+    checkpoint) when SIGTERM arrives, TrainingError when the loss becomes non-finite; both leave a results.json
+    whose status says so, never one that looks complete."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    validate(cfg)  # before looking at what the run folder holds
+    config = resolved_config if resolved_config is not None else dataclasses.asdict(cfg)
+    done = completed_results(out_dir, cfg, config)
+    if done is not None:
+        return done
+    checkpointer = Checkpointer(out_dir, cfg, config)
+    with checkpointer.stop_on_signals():  # from here on SIGTERM means "checkpoint at the next batch, then stop"
+        state = checkpointer.load()
+        if state is not None:
+            checkpointer.rewind_logs(state)
+        learner = build_learner(cfg, out_dir, resume_step=None if state is None else state["learner"]["step"])
+        if not cfg.method.name.startswith("avalanche_"):  # Avalanche peers keep state we cannot checkpoint
+            learner.checkpointer = checkpointer
+        if state is not None:
+            checkpointer.restore(learner, state)
+        try:
+            results = learner.run()
+        except (Preempted, TrainingError) as err:
+            write_json_atomic(out_dir / RESULTS, {
+                "status": "preempted" if isinstance(err, Preempted) else "failed", "error": str(err),
+                "step": learner.step, "stream_batches": len(learner.stream),
+                "checkpoint": str(checkpointer.path) if checkpointer.path.exists() else None, "config": config})
+            raise
+        finally:
+            learner.logger.close()
+        if learner.diagnostics is not None:
+            save_diagnostics(learner.diagnostics.series(), out_dir, plots=cfg.diagnostics.plots)
+        results = {
+            "status": "complete",
+            "config": config,
+            **results,
+            "wall_time_s": checkpointer.wall_time(),
+            "versions": {"cil": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "device": str(learner.device),
+        }
+        write_json_atomic(out_dir / RESULTS, results)
+        checkpointer.finish()
+    return results
+
+
+def completed_results(out_dir: Path, cfg: RunConfig, config: dict) -> Optional[dict]:
+    """The results of a complete run of this config already in `out_dir` (resuming it has nothing to do)."""
+    if not cfg.checkpoint.resume:
+        return None
+    previous = read_json(out_dir / RESULTS)  # unreadable: it cannot be a complete run's output (written atomically)
+    if previous is None or previous.get("status") != "complete":
+        return None
+    diff = config_differences(previous.get("config", {}), config)
+    if diff:
+        raise ConfigError(f"{out_dir} already holds a complete run with other settings ({'; '.join(diff[:5])}); "
+                          "choose another hydra.run.dir, or set checkpoint.resume=false to overwrite it")
+    log.info("%s already holds a complete run of this config; nothing to do", out_dir)
+    return previous

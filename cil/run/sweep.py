@@ -1,0 +1,111 @@
+"""Sweeps (`python -m cil -m ...`): one job per run folder, skip what is finished, record what failed.
+
+A run folder is complete when its `results.json` says `"status": "complete"`; a job whose folder is complete is
+skipped, so re-launching a sweep into the same `hydra.sweep.dir` runs only what is missing or failed (the run
+folder name is `hydra.job.override_dirname`, a function of the job's overrides alone: see cil/conf/config.yaml).
+A job that raises writes `failed.json` (error, traceback, config) and returns instead of raising, so one failed
+run never stops the others; `SweepSummary` (a Hydra callback) prints what the sweep folder holds at the end and
+makes the command exit 1 when a run failed.
+
+Nothing here imports hydra (`cil.run.cli` is the only module that does); the callback is duck-typed.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+from cil.runfolder import FAILED, RESULTS, find_run_dirs, read_json, run_status, write_json_atomic
+
+log = logging.getLogger("cil")
+
+
+def write_failure(run_dir: Path, err: BaseException, config: Optional[dict], overrides: list[str]) -> Path:
+    path = Path(run_dir) / FAILED
+    write_json_atomic(path, {
+        "status": "failed",
+        "error_type": type(err).__name__,
+        "error": str(err),
+        "traceback": "".join(traceback.format_exception(err)),
+        "overrides": overrides,
+        "config": config,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    return path
+
+
+def run_sweep_job(cfg: Any, out_dir: Path, resolved: dict, overrides: list[str]) -> dict:
+    """One job of a sweep: skip a complete folder, else run; any exception becomes failed.json and a return."""
+    out_dir = Path(out_dir)
+    name = ",".join(overrides) or str(out_dir)
+    if run_status(out_dir) == "complete":
+        log.info("skipping %s: %s is complete", name, out_dir / RESULTS)
+        print(f"skipped (already complete): {out_dir}")
+        return {"status": "skipped", "run_dir": str(out_dir)}
+    (out_dir / FAILED).unlink(missing_ok=True)  # a previous attempt's failure no longer describes this folder
+    from cil.run.experiment import run_experiment
+
+    try:
+        results = run_experiment(cfg, out_dir, resolved_config=resolved)
+    except Exception as err:  # noqa: BLE001 - every failure is recorded; the sweep goes on
+        path = write_failure(out_dir, err, resolved, overrides)
+        log.error("run %s failed: %s: %s (details in %s)", name, type(err).__name__, err, path)
+        print(f"error in {name}: {type(err).__name__}: {err}\n  details: {path}", file=sys.stderr)
+        return {"status": "failed", "run_dir": str(out_dir), "error": f"{type(err).__name__}: {err}"}
+    return results
+
+
+def sweep_report(sweep_dir: Path, started: float = 0.0) -> tuple[str, int]:
+    """The end-of-sweep summary of everything in `sweep_dir`: (text, number of failed runs)."""
+    sweep_dir = Path(sweep_dir)
+    runs = find_run_dirs(sweep_dir) if sweep_dir.is_dir() else []
+    by_status: dict[str, list[Path]] = {"complete": [], "failed": [], "incomplete": []}
+    for d in runs:
+        by_status[run_status(d)].append(d)
+    skipped = [d for d in by_status["complete"] if (d / RESULTS).stat().st_mtime < started]
+    lines = [f"sweep {sweep_dir}: {len(runs)} run folder(s): {len(by_status['complete'])} complete "
+             f"({len(skipped)} of them already complete before this launch, skipped), "
+             f"{len(by_status['failed'])} failed, {len(by_status['incomplete'])} incomplete"]
+    for d in by_status["failed"]:
+        info = read_json(d / FAILED) or {}
+        lines.append(f"  FAILED {d.relative_to(sweep_dir)}: {info.get('error_type', '?')}: {info.get('error', '?')}"
+                     f"  (see {d / FAILED})")
+    for d in by_status["incomplete"]:
+        lines.append(f"  INCOMPLETE {d.relative_to(sweep_dir)} (killed, still running, or from another launch)")
+    if by_status["failed"] or by_status["incomplete"]:
+        lines.append(f"  re-launch the same command with hydra.sweep.dir={sweep_dir} to run only these again")
+    lines.append(f"  summary table: python -m cil.analysis.report {sweep_dir}")
+    return "\n".join(lines), len(by_status["failed"])
+
+
+class SweepSummary:
+    """Hydra callback (conf/config.yaml `hydra.callbacks`): the sweep summary, exit status 1 on a failed run."""
+
+    def __init__(self, fail_exit: bool = True):
+        self.fail_exit = fail_exit
+        self.started = 0.0
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        text, n_failed = sweep_report(Path(str(config.hydra.sweep.dir)), self.started)
+        print(text, flush=True)
+        if n_failed and self.fail_exit:
+            sys.exit(1)  # SystemExit passes Hydra's callback guard: the command itself reports the failure
+
+    # Hydra calls every hook of a callback; the rest are no-ops.
+    def on_run_start(self, config, **kwargs) -> None:
+        pass
+
+    def on_run_end(self, config, **kwargs) -> None:
+        pass
+
+    def on_job_start(self, config, **kwargs) -> None:
+        pass
+
+    def on_job_end(self, config, job_return=None, **kwargs) -> None:
+        pass

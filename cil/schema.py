@@ -1,0 +1,106 @@
+"""The run's typed config: one plain dataclass per config group (no torch, no hydra).
+
+It is the Hydra schema of `cil/conf/` (so a wrong type or an unknown key fails at start with the key named) and
+the format of the `config` that every results.json records, so both the runner and the analysis read it. The
+`method` group's schema is each method's own config dataclass, declared in its module (cil.core.methods.<name>,
+cil.avalanche.peers). Ranges and combinations are checked by cil.run.config.validate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "mnist"
+    root: Optional[str] = None  # None: $CIL_DATA_ROOT, else ./data
+    path: Optional[str] = None  # imagefolder: the folder holding train/ and test/
+    image_size: Optional[int] = None  # imagefolder: resize every image to this square size
+    download: bool = True  # let torchvision download missing files (writes into the data root)
+    verify: bool = True  # check md5 sums of files whose canonical sums are known
+
+
+@dataclass
+class StreamConfig:
+    n_tasks: int = 5
+    batch_size: int = 10
+    # "natural" (0..K-1), "random" (seeded permutation) or an explicit list of class labels
+    class_order: Any = "random"
+    samples_per_class: Optional[int] = None  # train on a seeded subset of this many samples per class (null: all)
+
+
+@dataclass
+class BufferConfig:
+    size: int = 500
+    policy: str = "reservoir"  # reservoir | class_balanced
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    hidden: List[int] = field(default_factory=lambda: [400, 400])  # mlp only
+    nf: Optional[int] = None  # resnets: base width; None keeps the architecture's own (20 reduced, 64 full)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd | adam
+    lr: float = 0.1
+    momentum: float = 0.0  # sgd
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
+    weight_decay: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256  # on a CPU a ResNet evaluates ~1.7x faster in 100-256 batches than in 1000 (performance.md)
+    anytime_every: int = 100  # stream batches between anytime evaluations; 0 turns them off
+    anytime_samples: int = 500  # size of the fixed, seeded test subsample used for anytime accuracy (500: the
+    # evaluations then cost under a tenth of an ER run on the CPU, see docs/performance.md)
+
+
+@dataclass
+class LogConfig:
+    every: int = 50  # stream batches between reading losses back from the device
+    progress: bool = True  # tqdm progress bar
+    tensorboard: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # stream batches between checkpoints; 0: only at task ends (if at_task_end)
+    at_task_end: bool = True
+    resume: bool = True  # continue from the run directory's checkpoint when one exists
+    keep: bool = False  # keep checkpoint.pt after a complete run
+
+
+@dataclass
+class DiagnosticsConfig:
+    """Gradient-imbalance diagnostics (cil/diagnostics.py, README "Diagnostics"); training is unchanged."""
+
+    enabled: bool = False
+    every: int = 50  # stream batches between parameter-gradient measurements and statistics snapshots
+    plots: bool = True  # write the PNGs into the run folder at the end
+
+
+@dataclass
+class RunConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    method: Any = None  # a method's own config (cil.core.methods.<name>.Config), chosen by `method=<name>`
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    seed: int = 0
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model (opt-in)
+    threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default (1 per run in sweeps)
+    deterministic: bool = False  # CUDA: deterministic kernels (cil.run.determinism); CPU runs are deterministic anyway
+    experiment: Optional[str] = None  # name of the protocol, set by conf/experiment/*
