@@ -19,15 +19,17 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m cil.run.demo
+	$(PY) -m cil demo
 
-# Two test workers with one thread each: the tests start CLI runs of their own on a 2-core machine.
+# The import layers first (docs/architecture.md), then two test workers with one thread each: the tests start
+# CLI runs of their own on a 2-core machine.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 # One intra-op thread per run unless OMP_NUM_THREADS says otherwise (the figures in docs/performance.md).
 bench: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m cil.run.bench $(BENCH_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m cil bench $(BENCH_ARGS)
 
 clean-env:
 	rm -rf $(VENV)

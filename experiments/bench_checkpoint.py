@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from cil.run.checkpoint import Checkpointer
-from cil.schema import RunConfig
+from cil.run.config import default_config
 from cil.run.experiment import build_learner
 
 
@@ -27,20 +27,16 @@ def timed(fn, n):
 
 def main():
     for model, dataset in [("mlp", "mnist"), ("reduced_resnet18", "cifar10_jpeg")]:
-        cfg = RunConfig()
-        cfg.dataset.name, cfg.model.name, cfg.method.name, cfg.method.replay_batch_size = dataset, model, "gsa", 64
+        cfg = default_config("gsa")
+        cfg.dataset.name, cfg.model.name = dataset, model
         cfg.log.progress = False
         out = Path(tempfile.mkdtemp())
         learner = build_learner(cfg, out)
         ckpt = Checkpointer(out, cfg, dataclasses.asdict(cfg))
         method, batches = learner.method, iter(learner.stream.batches())
-        method.on_task_start(0, learner.stream.tasks[0].classes)
 
         def train_batch():
-            b = next(batches)
-            method.observe(b)
-            method.buffer.add(b.x, b.y, b.task)
-            learner.step += 1
+            learner.train_batch(next(batches))
 
         for _ in range(60):
             train_batch()

@@ -66,39 +66,29 @@ def micro(argv: list[str]) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from cil.schema import RunConfig
     from cil.core.diagnostics import Diagnostics
+    from cil.core.learner import MetricsLog
+    from cil.run.config import default_config
     from cil.run.experiment import build_learner
 
     method = argv[0] if argv else "er"
     blocks = int(argv[1]) if len(argv) > 1 else 6
     torch.set_num_threads(1)
-    cfg = RunConfig()  # the split_mnist protocol: MNIST, MLP, SGD 0.1, batch 10, M = 500
-    cfg.method.name, cfg.log.progress = method, False
-    if method == "gsa":  # conf/method/gsa.yaml
-        cfg.method.replay_batch_size, cfg.method.current_task_replay = 64, 22
+    cfg = default_config(method)  # the split_mnist protocol: MNIST, MLP, SGD 0.1, batch 10, M = 500
+    cfg.log.progress = False
     learner = build_learner(cfg, RUNS / "micro")
     m, stream = learner.method, learner.stream
     diag = Diagnostics.for_stream(1, stream, m.model)
     batches = stream.batches()
-    task = -1
+
+    learner.logger = MetricsLog()  # measured, not logged: the CSV is not what is timed
 
     def observe(n: int, variant: str) -> float:
-        nonlocal task
-        m.diagnostics = None if variant == "off" else diag
+        learner.diagnostics = m.diagnostics = None if variant == "off" else diag
         diag.every = 1 if variant == "measure every batch" else 10**9
         start = time.process_time()  # CPU time of this single-threaded process: robust to other jobs' load
         for _ in range(n):
-            batch = next(batches)
-            if batch.task != task:
-                task = batch.task
-                m.on_task_start(task, stream.tasks[task].classes)
-            if m.diagnostics is not None:
-                diag.begin_batch(batch)
-            m.observe(batch)
-            m.buffer.add(batch.x, batch.y, batch.task)
-            if m.diagnostics is not None:
-                diag._pending_grad = None  # measured, not logged: the logger's CSV is not what is timed
+            learner.train_batch(next(batches))
         if m.diagnostics is not None:
             diag.flush()  # the statistics' update, once per block (in a run: once per `every` batches)
         return (time.process_time() - start) / n * 1e3

@@ -19,10 +19,10 @@ from cil.run.bench.contestants import run_ours
 from cil.run.bench.workloads import workload_config, workload_dataset
 
 PIECES = [
-    (gsa_method.GSA, "loss", "GSA.loss (steps 1-7, forward passes included)"),
+    (gsa_method.GSAStep, "loss", "GSAStep.loss (steps 1-7, forward passes included)"),
     (gsa_method.GSA, "step", "zero_grad + backward + optimizer step"),
     (gsa_method.GSA, "forward_float", "model forward passes"),
-    (gsa_method.GSA, "views", "two views of Xc and of the replay batch"),
+    (gsa_method.GSAStep, "views", "two views of Xc and of the replay batch"),
     (augment, "resample", "augmentation: grid_sample"),
     (augment.GSAAugment, "draw", "augmentation: random draws and crop boxes"),
     (augment, "crop_grid", "augmentation: sampling grids"),
@@ -30,9 +30,9 @@ PIECES = [
     (gsa_objective.GradientStats, "weights", "weights (step 6)"),
     (gsa_method, "gsa_new_loss", "new-data loss (step 2)"),
     (gsa_method, "gsa_replay_loss", "replay loss (step 7)"),
-    (gsa_method.GSA, "replay", "buffer sampling (Xc and old tasks)"),
-    (gsa_method.GSA, "mixed_replay_batch", "mixed replay batch (step 3)"),
-    (gsa_method.GSA, "as_input", "uint8 -> float"),
+    (gsa_method.GSAStep, "_sample", "buffer sampling (Xc and old tasks)"),
+    (gsa_method.GSAStep, "mixed_replay_batch", "mixed replay batch (step 3)"),
+    (gsa_method.GSA, "to_input", "uint8 -> float"),
 ]
 
 

@@ -42,17 +42,10 @@ def config(method: str, enabled: bool, every: int = 1, **method_kw) -> RunConfig
 
 def feed(learner, n_batches: int):
     """Drive the learner's method through the first n batches, as the learner's loop does."""
-    method, diag, task = learner.method, learner.diagnostics, -1
     for batch in learner.stream.batches():
         if batch.step == n_batches:
             return batch
-        if batch.task != task:
-            task = batch.task
-            method.on_task_start(task, learner.stream.tasks[task].classes)
-        diag.begin_batch(batch)
-        method.observe(batch)
-        method.buffer.add(batch.x, batch.y, batch.task)
-        diag.end_batch(learner.logger)
+        learner.train_batch(batch)
     raise AssertionError("stream too short")
 
 

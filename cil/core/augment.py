@@ -1,5 +1,5 @@
 """Batched, per-sample-random augmentation on the device (the GSA protocol's augmentation, spec
-``/work/shared/gsa.md``, "Protocol": per sample, random grayscale (p = 0.2) then random resized crop
+docs/gsa.md, "Protocol": per sample, random grayscale (p = 0.2) then random resized crop
 (scale 0.6-1.0, ratio 3/4-4/3); "two views" = [A(x), hflip(A(x))]).
 
 No Python loop over samples, no PIL, no host/device copies: every random number comes from one

@@ -14,8 +14,8 @@ import torch
 from tqdm import tqdm
 
 from cil.core import metrics
-from cil.core.data.stream import ClassIncrementalStream
-from cil.core.methods.base import Method
+from cil.core.data.stream import Batch, ClassIncrementalStream
+from cil.core.methods.base import Method, StepOutput
 from cil.core.objectives.common import mask_logits
 from cil.errors import TrainingError
 
@@ -99,6 +99,7 @@ class Learner:
         n_any = min(anytime_samples, len(self.test_y))
         self.anytime_idx = torch.randperm(len(self.test_y), generator=g)[:n_any].to(self.device)
 
+        self.task = -1  # the task of the last batch observed (its start was announced to the method)
         # Everything below is the run's progress: what a checkpoint must hold.
         self.step = 0  # stream batches observed
         self.acc_matrix: list[list[float]] = []
@@ -149,31 +150,35 @@ class Learner:
         return float(acc[:task + 1][present].mean())
 
     # -- the loop --------------------------------------------------------------------------------------------
+    def train_batch(self, batch: Batch) -> StepOutput:
+        """The loop body for one incoming batch: the task boundary, the method's step (with the diagnostics'
+        hooks), the buffer, and the running online accuracy. Scripts that drive the loop themselves call this."""
+        method = self.method
+        if batch.task != self.task:
+            self.task = batch.task
+            method.on_task_start(self.task, self.stream.tasks[self.task].classes)
+        if self.diagnostics is not None:
+            self.diagnostics.begin_batch(batch)
+        out = method.observe(batch)
+        if self.diagnostics is not None:
+            self.diagnostics.end_batch(self.logger)
+        if method.uses_buffer and method.buffer is not None:
+            method.buffer.add(batch.x, batch.y, batch.task)
+        self.step += 1
+        # Kept as they are and reduced in one go at the next read-back: ~7 small ops per step fewer.
+        self._pending.append((out.loss, out.logits, batch.y, method.seen))  # never changed in place
+        self.online_seen += len(batch.y)
+        return out
+
     def run(self) -> dict:
-        method, stream = self.method, self.stream
+        stream = self.stream
         bar = tqdm(total=len(stream), initial=self.step, disable=not self.progress, unit="batch",
                    dynamic_ncols=True, leave=False)
-        task = stream.task_of_step(self.step) if self.step else -1
-        if self.step and self.step < len(stream):
-            method.on_task_start(task, stream.tasks[task].classes)
         tick = time.perf_counter()
         for batch in stream.batches(start=self.step):
-            if batch.task != task:
-                task = batch.task
-                method.on_task_start(task, stream.tasks[task].classes)
-            if self.diagnostics is not None:
-                self.diagnostics.begin_batch(batch)
-            out = method.observe(batch)
-            if self.diagnostics is not None:
-                self.diagnostics.end_batch(self.logger)
-            if method.uses_buffer and method.buffer is not None:
-                method.buffer.add(batch.x, batch.y, batch.task)
-            self.step += 1
-            # Kept as they are and reduced in one go at the next read-back: ~7 small ops per step fewer.
-            self._pending.append((out.loss, out.logits, batch.y, method.seen))  # never changed in place
-            self.online_seen += len(batch.y)
+            self.train_batch(batch)
             bar.update(1)
-
+            task = batch.task
             task_ends = batch.step_in_task + 1 == stream.batches_per_task[task]
             if self.step % self.log_every == 0 or task_ends:
                 tick = self._log(task, bar, tick)
@@ -181,7 +186,7 @@ class Learner:
                 tick = self._timed_eval(tick, lambda: self._anytime(task))
             if task_ends:
                 tick = self._timed_eval(tick, lambda: self._task_end(task))
-                method.on_task_end(task)
+                self.method.on_task_end(task)
             if self.checkpointer is not None and self.checkpointer.due(self.step, task_ends):
                 tick = self._checkpoint(tick)
         self.train_time_s += time.perf_counter() - tick

@@ -1,7 +1,7 @@
 """`make demo`: GSA against ER and ER-ACE on Split MNIST through the CLI, then a small comparison table.
 
 Each method is one ordinary `python -m cil` run (so the demo exercises what users run), in outputs/demo/<method>.
-Extra command-line arguments are passed to every run, e.g. `python -m cil.run.demo seed=1 buffer.size=200`.
+Extra command-line arguments are passed to every run, e.g. `cil demo seed=1 buffer.size=200`.
 """
 from __future__ import annotations
 

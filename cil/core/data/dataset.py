@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torchvision.transforms.v2.functional import resize
 
 from cil.errors import ConfigError, DataError
 
@@ -65,6 +66,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CIL_CACHE_DIR") or Path.home() / ".cache" / "cil").expanduser()
 
 
+def resize_tensor(x: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [N, C, H, W] images resized to size x size (antialiased), in chunks that bound the float scratch."""
+    if tuple(x.shape[2:]) == (size, size):
+        return x
+    return torch.cat([resize(x[i:i + 4096], [size, size], antialias=True) for i in range(0, len(x), 4096)])
+
+
 LOADERS: dict[str, Callable[..., ImageDataset]] = {}
 _RESIZES_ITSELF: set[str] = set()  # loaders that resize while decoding (and cache the resized tensors)
 
@@ -96,8 +104,6 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, download: 
     ds = LOADERS[key](root=data_root(root), download=download, verify=verify, image_size=image_size, path=path)
     ds.name = key
     if image_size is not None and key not in _RESIZES_ITSELF:
-        from cil.core.data.decode import resize_tensor
-
         ds.train_x = resize_tensor(ds.train_x, image_size)
         ds.test_x = resize_tensor(ds.test_x, image_size)
     return ds

@@ -119,12 +119,6 @@ def _resize_list(images: list[torch.Tensor], size: int) -> torch.Tensor:
     return out
 
 
-def resize_tensor(x: torch.Tensor, size: int) -> torch.Tensor:
-    if tuple(x.shape[2:]) == (size, size):
-        return x
-    return torch.cat([resize(x[i:i + 4096], [size, size], antialias=True) for i in range(0, len(x), 4096)])
-
-
 # -------------------------------------------------------------------------------------- decode cache
 
 def _cache_key(name: str, base: Path, files: list[str], image_size: int | None) -> str:
