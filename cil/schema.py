@@ -54,10 +54,9 @@ class OptimizerConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 256  # on a CPU a ResNet evaluates ~1.7x faster in 100-256 batches than in 1000 (performance.md)
+    batch_size: int = 256  # rows per evaluation forward pass (the choice: docs/performance.md)
     anytime_every: int = 100  # stream batches between anytime evaluations; 0 turns them off
-    anytime_samples: int = 500  # size of the fixed, seeded test subsample used for anytime accuracy (500: the
-    # evaluations then cost under a tenth of an ER run on the CPU, see docs/performance.md)
+    anytime_samples: int = 500  # size of the fixed, seeded test subsample used for anytime accuracy
 
 
 @dataclass

@@ -10,11 +10,8 @@ Resampling: a per-sample sampling grid built from the integer crop boxes and ``g
 ``align_corners=False``), with the source coordinates clamped to the crop, reproduces torchvision's
 ``resized_crop`` (crop, then bilinear resize with half-pixel centres) to float rounding (~1e-7). When a crop is
 *upscaled* (always the case for 32x32 CIFAR crops resized to 32x32) torchvision's antialias changes nothing;
-when a crop is downscaled, this is plain bilinear without antialias. On 2 CPU cores, batch 128x3x32x32,
-it measured 1.0 ms against 2.1 ms for separable interpolation matrices and 3.8 ms for
-``torchvision.ops.roi_align`` (which also differs at crop borders). The whole ``GSAAugment`` call measured
-2.1 ms per batch against 10.0 ms for kornia 0.9 ``RandomGrayscale(p=0.2)`` + ``RandomResizedCrop`` on the same
-batch (interleaved runs, minimum of 15 rounds, on a loaded machine).
+when a crop is downscaled, this is plain bilinear without antialias. Why grid_sample rather than separable
+interpolation matrices, roi_align or kornia: docs/performance.md, "Augmentation".
 """
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ class ReplayBuffer:
                  seed: int = 0, dtype=torch.uint8):
         if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 1:
             raise ConfigError(f"buffer capacity must be an integer >= 1, got {capacity!r}; "
-                              "set the memory size (e.g. buffer.capacity=1000)")
+                              "set the memory size (e.g. buffer.size=1000)")
         if policy not in POLICIES:
             raise ConfigError(f"unknown buffer policy {policy!r}; valid choices: {', '.join(POLICIES)}")
         self.capacity = capacity = int(capacity)

@@ -74,10 +74,6 @@ def validate(cfg: RunConfig) -> None:
     require(cfg.log.every >= 1, "log.every", cfg.log.every, "use an integer >= 1")
     require(cfg.diagnostics.every >= 1, "diagnostics.every", cfg.diagnostics.every, "use an integer >= 1")
     require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "use 0 (task ends only) or >= 1")
-    order = cfg.stream.class_order
-    if isinstance(order, str):
-        require(order in ("natural", "random"), "stream.class_order", order,
-                "use 'natural', 'random' or a list of class labels")
     schema = method_schema(cfg.method.name)
     if not isinstance(cfg.method, schema):
         raise ConfigError(f"method.name={cfg.method.name!r} needs its own config ({schema.__name__}); select the "

@@ -43,7 +43,11 @@ def class_order(num_classes: int, order: str | Sequence[int], seed: int) -> list
             g = torch.Generator().manual_seed(seed)
             return torch.randperm(num_classes, generator=g).tolist()
         raise ConfigError(f"stream.class_order={order!r} is unknown: use 'natural', 'random' or a list of labels")
-    order = [int(c) for c in order]
+    try:
+        order = [int(c) for c in order]
+    except (TypeError, ValueError):
+        raise ConfigError(f"stream.class_order={order!r} is not allowed: use 'natural', 'random' or a list of class "
+                          "labels") from None
     if sorted(order) != list(range(num_classes)):
         raise ConfigError(f"stream.class_order={order} must be a permutation of the dataset's labels "
                           f"0..{num_classes - 1}")
