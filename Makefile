@@ -7,15 +7,15 @@ STAMP := $(VENV)/.cil-installed
 CIL_DATA_ROOT ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),$(CURDIR)/data)
 export CIL_DATA_ROOT
 
-.PHONY: demo test bench env clean-env
+.PHONY: demo test bench gpu-check env clean-env
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints-cpu.txt
 	@if ! $(PY) -c "import sys" 2>/dev/null; then \
 	  echo "creating $(VENV) with $(PYTHON)"; rm -rf $(VENV); \
 	  $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV); fi
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints-cpu.txt -e '.[dev,avalanche]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -30,6 +30,11 @@ test: $(STAMP)
 # One intra-op thread per run unless OMP_NUM_THREADS says otherwise (the figures in docs/performance.md).
 bench: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m cil bench $(BENCH_ARGS)
+
+# On a GPU machine: its own PyTorch, no .venv needed (docs/gpu-check.md). OUT=DIR for the report folder;
+# GPU_CHECK_ARGS for more (--budget S, --dry-run, --only ...).
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),python3) -m cil gpu-check $(if $(OUT),--out $(OUT)) $(GPU_CHECK_ARGS)
 
 clean-env:
 	rm -rf $(VENV)

@@ -19,6 +19,7 @@ class DatasetConfig:
     image_size: Optional[int] = None  # imagefolder: resize every image to this square size
     download: bool = True  # let torchvision download missing files (writes into the data root)
     verify: bool = True  # check md5 sums of files whose canonical sums are known
+    normalize: bool = False  # standardise inputs per channel (published CIFAR values, else the training set's)
 
 
 @dataclass

@@ -65,6 +65,13 @@ class AvalancheGSAConfig(GSAConfig):
 
     name: str = "avalanche_gsa"
 
+    def validate(self) -> None:
+        super().validate()
+        for key in ("fresh_head_rows", "freeze_head_after_first_task"):
+            if getattr(self, key):
+                raise ConfigError(f"method.{key}=true is not available with method=avalanche_gsa: the strategy owns "
+                                  f"the model and the optimizer; use method=gsa")
+
 
 def strategy_name(method_name: str) -> str:
     name = method_name[len("avalanche_"):]
@@ -150,7 +157,7 @@ def er_aml_class():
     return ER_AML_NoHang
 
 
-def task_experiences(stream: ClassIncrementalStream):
+def task_experiences(stream: ClassIncrementalStream, to_input: Callable[[torch.Tensor], torch.Tensor] = to_float):
     """One Avalanche experience per task: float inputs in [0, 1] (what our models take) in our stream order."""
     from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
     from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
@@ -160,7 +167,7 @@ def task_experiences(stream: ClassIncrementalStream):
     datasets = []
     for task in stream.tasks:
         idx = task.train_idx_host
-        x = to_float(stream.dataset.train_x[idx])
+        x = to_input(stream.dataset.train_x[idx].to(stream.device)).cpu()
         y = stream.dataset.train_y[idx].long()
         datasets.append(tensor_dataset(x, y, task_labels=0, targets=y.tolist()))
     return list(with_classes_timeline(benchmark_from_datasets(train=datasets)).train_stream)
@@ -238,9 +245,10 @@ class AvalanchePeer(Method):
     uses_buffer = False  # Avalanche keeps its own memory
 
     def __init__(self, strategy, name: str, stream: ClassIncrementalStream,
-                 cfg, device: torch.device, seed: int):
+                 cfg, device: torch.device, seed: int, normalize=None):
         super().__init__(StrategyModel(strategy, stream.num_classes), strategy.optimizer, None, cfg.method,
-                         stream.num_classes, device, seed=seed, input_shape=stream.dataset.input_shape)
+                         stream.num_classes, device, seed=seed, input_shape=stream.dataset.input_shape,
+                         normalize=normalize)
         self.strategy, self.strategy_name = strategy, name
         self.online = name in ONLINE
         # `shuffle` also reaches the loaders Avalanche builds over its memory (ReplayPlugin, GDumb): False there
@@ -249,7 +257,7 @@ class AvalanchePeer(Method):
         # learner) and the per-task strategies that train on our batches (LwF, A-GEM: same batches in order).
         self.shuffle = name not in ("gsa", "lwf", "agem")
         self.stream = stream
-        self.experiences = task_experiences(stream)
+        self.experiences = task_experiences(stream, self.to_input)
         self.sub_experiences = None
         self.params: dict = {}
 
@@ -270,7 +278,7 @@ class AvalanchePeer(Method):
         was = self.model.training
         self.model.eval()
         try:
-            logits = self.model(to_float(batch.x)).float()
+            logits = self.model(self.to_input(batch.x)).float()
         except (AssertionError, RuntimeError, ValueError, IndexError):  # SCR's NCM before any class mean
             logits = torch.zeros(len(batch.y), self.num_classes, device=self.device)
         self.model.train(was)
@@ -307,11 +315,11 @@ class AvalanchePeer(Method):
 
 
 def build_peer(cfg, model: nn.Module, stream: ClassIncrementalStream, device: torch.device,
-               make_optimizer: Callable[[Any], torch.optim.Optimizer]) -> AvalanchePeer:
+               make_optimizer: Callable[[Any], torch.optim.Optimizer], normalize=None) -> AvalanchePeer:
     name = strategy_name(cfg.method.name)
     params = strategy_params(cfg)
     strategy = build_strategy(name, params, cfg, model, stream.num_classes,
                               lambda m: make_optimizer(m.parameters()), device)
-    peer = AvalanchePeer(strategy, name, stream, cfg, device, seed=cfg.seed + 2)
+    peer = AvalanchePeer(strategy, name, stream, cfg, device, seed=cfg.seed + 2, normalize=normalize)
     peer.params = params
     return peer

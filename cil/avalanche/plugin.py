@@ -32,7 +32,8 @@ from cil.core.methods.base import ClassSets
 from cil.core.methods.gsa import GSAConfig, GSAStep
 from cil.errors import ConfigError
 
-GSA_OPTIONS = {f.name for f in fields(GSAConfig)} - {"name"}
+# The head switches act on our learner's model and optimizer, which the plugin does not own.
+GSA_OPTIONS = {f.name for f in fields(GSAConfig)} - {"name", "fresh_head_rows", "freeze_head_after_first_task"}
 
 
 def task_of(experience) -> tuple[int, list[int]]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GSAAugment", "PreDrawn", "sample_crop_boxes", "hflip", "two_views", "LUMA_WEIGHTS"]
+__all__ = ["GSAAugment", "AffineCropAugment", "CROPS", "PreDrawn", "sample_crop_boxes", "hflip", "two_views", "LUMA_WEIGHTS"]
 
 #: ITU-R BT.601 luma weights, as in torchvision's rgb_to_grayscale.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
@@ -202,6 +202,53 @@ class GSAAugment:
     def __repr__(self) -> str:
         return (f"GSAAugment(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
                 f"grayscale_p={self.grayscale_p})")
+
+
+class AffineCropAugment(GSAAugment):
+    """The crop of GSA's official code (`RandomResizedCropLayer` of its CSL package): the same per-sample grayscale
+    and the same area / aspect-ratio sampling (first of 10 attempts that fits; none fits: the whole image), but the
+    crop is an affine map of the whole image: offsets are whole multiples of half a pixel, the crop's centre
+    c = k / L for an integer k uniform in [s - L, L - s] (s the crop's size, L the image's, in pixels), and
+    ``grid_sample`` (bilinear, ``align_corners=False``) reads outside the image by reflection. Drawn parameters
+    are float rows (h / H, w / W, vertical centre, horizontal centre) in grid_sample's [-1, 1] coordinates."""
+
+    def draw(self, n: int, height: int, width: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        a = self.attempts
+        u = torch.rand(n, 2 * a + 3, generator=generator, device=generator.device)
+        gray = u[:, 0] < self.grayscale_p
+        target_area = float(height * width) * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 1:1 + a])
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1 + a:1 + 2 * a])
+        hw = torch.stack([target_area / aspect, target_area * aspect], dim=-1).sqrt_().round_()  # [n, A, (h, w)]
+        limit = _constant((height, width), hw.dtype, hw.device)
+        valid = ((hw > 0) & (hw <= limit)).all(dim=-1)
+        first = valid.to(torch.uint8).argmax(dim=1)
+        hw = hw.gather(1, first[:, None, None].expand(-1, 1, 2)).squeeze(1)
+        hw = torch.where(valid.any(dim=1, keepdim=True), hw, limit)
+        span = 2 * (limit - hw) + 1  # the integers s - L .. L - s
+        k = torch.minimum(torch.floor(u[:, 1 + 2 * a:] * span), span - 1) + hw - limit
+        return gray, torch.cat([hw / limit, k / limit], dim=1)
+
+    def grid(self, boxes: Tensor, in_size: tuple[int, int], dtype: torch.dtype) -> Tensor:
+        """affine_grid of theta = [[w/W, 0, cx], [0, h/H, cy]] at the output size (align_corners=False)."""
+        oh, ow = self.size
+        b = boxes.to(dtype)
+        ys = (2 * torch.arange(oh, device=b.device, dtype=dtype) + 1) / oh - 1
+        xs = (2 * torch.arange(ow, device=b.device, dtype=dtype) + 1) / ow - 1
+        gy = b[:, 0, None] * ys + b[:, 2, None]  # [n, oh]
+        gx = b[:, 1, None] * xs + b[:, 3, None]  # [n, ow]
+        n = len(b)
+        return torch.stack([gx[:, None, :].expand(n, oh, ow), gy[:, :, None].expand(n, oh, ow)], dim=-1)
+
+    def apply_grid(self, x: Tensor, gray: Tensor, grid: Tensor) -> Tensor:
+        return F.grid_sample(random_grayscale(x, gray), grid, mode="bilinear", padding_mode="reflection",
+                             align_corners=False)
+
+    def apply(self, x: Tensor, gray: Tensor, boxes: Tensor) -> Tensor:
+        return self.apply_grid(x, gray, self.grid(boxes, tuple(x.shape[-2:]), x.dtype))
+
+
+CROPS = {"torchvision": GSAAugment, "affine": AffineCropAugment}
 
 
 class PreDrawn:

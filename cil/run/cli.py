@@ -2,7 +2,7 @@
 
 `cil <overrides>` runs an experiment: Hydra composes cil/conf/ against the typed schema (cil.run.config, and for
 the `method` group each method's own config dataclass), so wrong types and unknown keys fail here, naming the
-key; then `run_experiment` does the work in the Hydra run directory. `cil report|plots|bench|demo ...` run the
+key; then `run_experiment` does the work in the Hydra run directory. `cil report|plots|bench|gpu-check|demo ...` run the
 other tools (a Hydra override always holds `=`, so a bare word is never one).
 """
 from __future__ import annotations
@@ -99,12 +99,14 @@ def _tool(name: str):
         from cil.analysis.plots import main as tool
     elif name == "bench":
         from cil.run.bench.main import main as tool
+    elif name == "gpu-check":
+        from cil.run.gpu_check import main as tool
     else:
         from cil.run.demo import main as tool
     return tool
 
 
-SUBCOMMANDS = ("report", "plots", "bench", "demo")
+SUBCOMMANDS = ("report", "plots", "bench", "gpu-check", "demo")
 
 
 def cli() -> None:

@@ -85,18 +85,20 @@ def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset]
     optimizer = build_optimizer(cfg, model.parameters())
     if cfg.compile:
         model = torch.compile(model)
+    normalize = dataset.normalization() if cfg.dataset.normalize else None
     if cfg.method.name.startswith("avalanche_"):  # Avalanche's own strategies as peers (docs/avalanche.md)
         from cil.avalanche.peers import build_peer
         if cfg.diagnostics.enabled:
             raise ConfigError(f"diagnostics.enabled=true with method.name={cfg.method.name!r}: diagnostics hook into "
                               "our methods' updates, which Avalanche peers do not use; set diagnostics.enabled=false")
-        method = build_peer(cfg, model, stream, device, lambda params: build_optimizer(cfg, params))
+        method = build_peer(cfg, model, stream, device, lambda params: build_optimizer(cfg, params), normalize)
     else:
         cls = method_class(cfg.method.name)
         buffer = ReplayBuffer(cfg.buffer.size, dataset.input_shape, device=device, policy=cfg.buffer.policy,
                               seed=cfg.seed + 1) if cls.uses_buffer and cfg.buffer.size > 0 else None
         method = cls(model, optimizer, buffer, cfg.method, dataset.num_classes, device, precision=cfg.precision,
-                     channels_last=cfg.channels_last, seed=cfg.seed + 2, input_shape=dataset.input_shape)
+                     channels_last=cfg.channels_last, seed=cfg.seed + 2, input_shape=dataset.input_shape,
+                     normalize=normalize)
         if cfg.diagnostics.enabled:
             method.diagnostics = Diagnostics.for_stream(cfg.diagnostics.every, stream, model)
     logger = RunLogger(out_dir, tensorboard=cfg.log.tensorboard, resume=resume_step is not None,

@@ -13,6 +13,10 @@ from cil.core.data.dataset import ImageDataset, register_loader
 from cil.core.data.sources import check_md5, missing_error, torchvision_download
 from cil.errors import DataError
 
+# The per-channel mean and std that the CIFAR code bases (GSA's official code among them) normalise with, for both
+# CIFAR-10 and CIFAR-100.
+CIFAR_NORMALIZATION = (tuple(v / 255 for v in (125.3, 123.0, 113.9)), tuple(v / 255 for v in (63.0, 62.1, 66.7)))
+
 
 def _unpickle(path: Path) -> dict:
     try:
@@ -66,7 +70,7 @@ def _load_cifar(name: str, tv_cls: type, root: Path, download: bool, verify: boo
     class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key]]
     train_x, train_y = split(tv_cls.train_list)
     test_x, test_y = split(tv_cls.test_list)
-    return ImageDataset(name, train_x, train_y, test_x, test_y, class_names)
+    return ImageDataset(name, train_x, train_y, test_x, test_y, class_names, *CIFAR_NORMALIZATION)
 
 
 @register_loader("cifar10")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torchvision.transforms.v2.functional import resize
@@ -29,6 +29,9 @@ class ImageDataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     class_names: list[str]  # index = label
+    # Per-channel mean and std of the [0, 1] images for input normalisation; None: computed from the training set
+    mean: Optional[tuple[float, ...]] = None
+    std: Optional[tuple[float, ...]] = None
 
     def __post_init__(self) -> None:
         # Catch a malformed dataset here rather than as a shape error deep inside training.
@@ -43,6 +46,13 @@ class ImageDataset:
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
             raise DataError(f"{self.name}: train images {list(self.train_x.shape[1:])} "
                             f"and test images {list(self.test_x.shape[1:])} differ in shape")
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) per channel of the [0, 1] images: the loader's published values, else the training set's."""
+        if self.mean is not None and self.std is not None:
+            return tuple(self.mean), tuple(self.std)
+        x = self.train_x.transpose(0, 1).reshape(self.train_x.shape[1], -1).double() / 255.0
+        return tuple(x.mean(1).tolist()), tuple(x.std(1).clamp(min=1e-8).tolist())
 
     @property
     def num_classes(self) -> int:

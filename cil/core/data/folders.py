@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from cil.core.data.cifar import CIFAR_NORMALIZATION
 from cil.core.data.dataset import ImageDataset, register_loader
 from cil.core.data.decode import IMAGE_EXTENSIONS, cached, decode_images, images_under
 from cil.errors import ConfigError, DataError
@@ -68,6 +69,8 @@ def load_cifar10_jpeg(root: Path, image_size: int | None, path: str | None, **_:
         raise DataError(f"cifar10_jpeg: {base} not found. It is the JPEG copy of CIFAR-10 kept in the shared "
                         f"offline data folder (../shared/data/cifar10-jpeg); point CIL_DATA_ROOT (or "
                         f"dataset.root) at that folder, or use dataset 'cifar10' to download the original")
-    return _load_image_tree("cifar10_jpeg", base, image_size)
+    dataset = _load_image_tree("cifar10_jpeg", base, image_size)
+    dataset.mean, dataset.std = CIFAR_NORMALIZATION
+    return dataset
 
 

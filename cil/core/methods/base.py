@@ -116,7 +116,8 @@ class Method:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, buffer: Optional[ReplayBuffer],
                  cfg: MethodConfig, num_classes: int, device: torch.device, precision: str = "fp32",
-                 channels_last: bool = False, seed: int = 0, input_shape: Optional[tuple] = None):
+                 channels_last: bool = False, seed: int = 0, input_shape: Optional[tuple] = None,
+                 normalize: Optional[tuple] = None):
         self.model = model
         self.optimizer = optimizer
         self.buffer = buffer
@@ -126,6 +127,10 @@ class Method:
         self.precision = precision
         self.channels_last = channels_last
         self.input_shape = input_shape
+        self.seed = seed
+        # (mean, std) per channel: inputs are normalised after scaling to [0, 1] (dataset.normalize)
+        self.normalize = None if normalize is None else tuple(
+            torch.tensor(v, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) for v in normalize)
         self.classes = ClassSets(num_classes, self.device)
         # Random choices of the method itself (augmentation), on the device so no copy happens per step.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -164,8 +169,11 @@ class Method:
         return nullcontext()
 
     def to_input(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        """Stored images (uint8) -> the model's float input."""
-        return to_float(x_uint8, self.channels_last)
+        """Stored images (uint8) -> the model's float input: [0, 1], then normalised when dataset.normalize."""
+        if self.normalize is None:
+            return to_float(x_uint8, self.channels_last)
+        x = x_uint8.float().div_(255.0).sub_(self.normalize[0]).div_(self.normalize[1])
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def forward(self, x_uint8: torch.Tensor) -> torch.Tensor:
         with self.autocast():
@@ -191,6 +199,24 @@ class Method:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+
+    @property
+    def head(self) -> nn.Linear:
+        return getattr(self.model, "_orig_mod", self.model).head  # torch.compile wraps the model
+
+    @torch.no_grad()
+    def refresh_head_rows(self, labels: list[int], generator: torch.Generator) -> None:
+        """Give the head rows of `labels` a fresh default initialisation (nn.Linear's: uniform in
+        +-1/sqrt(fan_in), weight and bias), as a head that grows when a task arrives would have, and forget the
+        optimizer's running state of those rows."""
+        head, rows = self.head, torch.tensor(labels, device=self.head.weight.device)
+        bound = 1.0 / head.in_features ** 0.5
+        for p in (head.weight, head.bias):
+            fresh = (torch.rand((len(labels), *p.shape[1:]), generator=generator) * 2 - 1) * bound
+            p[rows] = fresh.to(p.device, p.dtype)
+            for value in self.optimizer.state.get(p, {}).values():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    value[rows] = 0
 
     def replay(self, n: int, **filters: Any):
         """Up to n buffer samples (x, y, task), None when the buffer is missing or has none that match."""

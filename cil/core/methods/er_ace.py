@@ -1,6 +1,7 @@
 """ER-ACE (Caccia et al., ICLR 2022): asymmetric cross-entropy. The incoming batch is trained only against the
 classes present in it, so new data never push old-class logits down; the replay batch against all seen classes.
-One forward pass over the concatenation."""
+One forward pass over the concatenation, or (`separate_passes`, as the official code does) one pass for the
+incoming rows and one for the replayed rows, so batch norm normalises each on its own statistics."""
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ from cil.core.objectives.er_ace import er_ace_loss
 @dataclass
 class ERACEConfig(ReplayConfig):
     name: str = "er_ace"
+    separate_passes: bool = False  # True: incoming and replay rows in two forward passes (the official code)
 
 
 @register
@@ -22,10 +24,13 @@ class ERACE(Method):
     def update(self, batch):
         n = len(batch.y)
         mem = self.replay(self.cfg.replay_batch_size)
-        x = batch.x if mem is None else torch.cat([batch.x, mem[0]])
-        logits = self.forward(x)
         y_buf = batch.y[:0] if mem is None else mem[1]
-        logits_new, logits_buf = logits[:n], logits[n:]
+        if self.cfg.separate_passes:
+            logits_new = self.forward(batch.x)
+            logits_buf = logits_new[:0] if mem is None else self.forward(mem[0])
+        else:
+            logits = self.forward(batch.x if mem is None else torch.cat([batch.x, mem[0]]))
+            logits_new, logits_buf = logits[:n], logits[n:]
         loss = er_ace_loss(logits_new, batch.y, logits_buf, y_buf, self.seen)
         self.report("new", logits_new, batch.y, "present")
         self.report("replay", logits_buf, y_buf, self.seen)

@@ -30,7 +30,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor
 
-from cil.core.augment import GSAAugment, PreDrawn, two_views
+from cil.core.augment import CROPS, PreDrawn, two_views
 from cil.core.buffer import ReplayBuffer
 from cil.core.methods.base import ClassSets, Method, ReplayConfig, register
 from cil.core.objectives.gsa import GradientStats, gsa_new_loss, gsa_replay_loss
@@ -57,6 +57,11 @@ class GSAConfig(ReplayConfig):
     new_branch_augment: bool = True  # the official code's extra augmentation pass on the new-data branch
     crop_scale: List[float] = field(default_factory=lambda: [0.6, 1.0])
     grayscale_p: float = 0.2
+    # The official code's behaviour where it differs (experiment=gsa_*_official turns these on; docs/methods.md)
+    crop: str = "torchvision"  # "affine": the official crop (half-pixel offsets, reflection at the borders)
+    bn_extra_passes: bool = False  # the official step's forward passes outside the loss (batch-norm statistics)
+    fresh_head_rows: bool = False  # a task's head rows re-initialised when it starts (a head grown per task)
+    freeze_head_after_first_task: bool = False  # the official code's defect: the head stops learning after task 0
 
     def validate(self) -> None:
         super().validate()
@@ -69,6 +74,7 @@ class GSAConfig(ReplayConfig):
         scale = list(self.crop_scale)
         require(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "method.crop_scale", scale,
                 "use [lo, hi] with 0 < lo <= hi <= 1")
+        require(self.crop in CROPS, "method.crop", self.crop, f"choose one of {sorted(CROPS)}")
 
 
 class GSAStep:
@@ -89,7 +95,7 @@ class GSAStep:
         self.report = report if report is not None else (lambda *args, **kwargs: None)
         device = classes.seen.device
         self.stats = GradientStats(classes.num_classes, device=device)
-        self.augment = GSAAugment(image_size, scale=tuple(cfg.crop_scale), grayscale_p=cfg.grayscale_p) \
+        self.augment = CROPS[cfg.crop](image_size, scale=tuple(cfg.crop_scale), grayscale_p=cfg.grayscale_p) \
             if cfg.augment and image_size else None
         self.last_weights = torch.ones(classes.num_classes, device=device)  # w_c of the last step (1: warm-up)
 
@@ -118,13 +124,16 @@ class GSAStep:
 
     def draw_augmentations(self, x: Tensor, n_replay: int) -> Optional[PreDrawn]:
         """Every augmentation draw of one step at once, in the order the step applies them: the views of Xc
-        (``x``), the new-branch pass over those views, the views of the ``n_replay``-row replay batch."""
+        (``x``), the new-branch pass over those views, the views of the ``n_replay``-row replay batch (with
+        `bn_extra_passes`, one more augmented copy of Xc first and of the replay batch before its views)."""
         cfg = self.cfg
         if self.augment is None:
             return None
         draws_per_views = 2 if cfg.two_views and cfg.independent_views else 1
         n_views = (2 if cfg.two_views else 1) * len(x)
         rows = draws_per_views * (len(x) + n_replay) + (n_views if cfg.new_branch_augment else 0)
+        if cfg.bn_extra_passes:
+            rows += len(x) + n_replay
         return PreDrawn(self.augment, rows, x.shape[-2], x.shape[-1], self.generator)
 
     def repeat_labels(self, y: Tensor) -> Tensor:
@@ -144,10 +153,12 @@ class GSAStep:
 
         # 3 (composed first, so the step's augmentations can be drawn at once). The balanced mixed replay batch,
         # skipped on the very first batch: the buffer is empty.
-        xm, ym = None, None
+        xm, ym, old = None, None, None
         if self.buffer is not None and len(self.buffer) > 0:
-            xm, ym = self.mixed_replay_batch(xc, yc, task)
+            xm, ym, old = self.mixed_replay_batch(xc, yc, task)
         aug = self.draw_augmentations(xc, 0 if xm is None else len(xm))
+        if cfg.bn_extra_passes:  # the official step's contrastive pass over Xc and an augmented copy
+            self.statistics_pass(forward, xc, aug)
 
         # 2. New-data loss over the current task's classes only.
         v = self.views(xc, aug)
@@ -160,8 +171,14 @@ class GSAStep:
         self.report("new", logits_new, yv, new_mask)
 
         if xm is not None:
+            if cfg.bn_extra_passes:  # the official step's feature passes between the two branches
+                n_cur = len(xm) - (0 if old is None else len(old))
+                self.statistics_pass(forward, xc[:n_cur], None, xm, xm if old is None else torch.cat([old, xc]),
+                                     xm, xm, xm)
+                self.statistics_pass(forward, xm, aug, xm)
             # 4-7. Softmax over seen classes, statistics updated first, then the weighted replay loss.
-            logits_m = forward(self.views(xm, aug))
+            vm = self.views(xm, aug)
+            logits_m = forward(vm)
             ym = self.repeat_labels(ym)
             self.stats.update(logits_m, ym, classes.seen)
             warm = step_in_task < cfg.warmup_batches
@@ -171,23 +188,38 @@ class GSAStep:
                 self.last_weights = torch.ones_like(self.last_weights)
             loss = cfg.buffer_loss_weight * gsa_replay_loss(logits_m, ym, self.last_weights, classes.seen) + loss
             self.report("replay", logits_m, ym, classes.seen, cfg.buffer_loss_weight, self.last_weights)
+            if cfg.bn_extra_passes:
+                self.statistics_pass(forward, vm)
+        if cfg.bn_extra_passes:  # the official code's features of the incoming batch, stored with the buffer
+            self.statistics_pass(forward, xc[:n])
         assert aug is None or aug.left == 0, "draw_augmentations drew more rows than the step used"
 
         return loss, logits_new[:n].detach()
 
-    def mixed_replay_batch(self, xc: Tensor, yc: Tensor, task: int) -> tuple[Tensor, Tensor]:
-        """floor(R(1-r)) samples of other tasks + the first floor(R r) items of Xc, r = seen current / seen."""
+    def mixed_replay_batch(self, xc: Tensor, yc: Tensor, task: int) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """floor(R(1-r)) samples of other tasks + the first floor(R r) items of Xc, r = seen current / seen.
+        Returns (x, y, the other tasks' rows as model input or None)."""
         r_batch = self.cfg.replay_batch_size
         if not self.cfg.balanced_replay:
             x, y = self._sample(r_batch)
-            return self.to_input(x), y
+            return self.to_input(x), y, None
         r = self.classes.current_share()
         n_old, n_cur = int(r_batch * (1 - r)), int(r_batch * r)
         old = self._sample(n_old, exclude_task=task)
         if old is None:
-            return xc[:n_cur], yc[:n_cur]
+            return xc[:n_cur], yc[:n_cur], None
         # Row order does not matter to a mean loss or to batch norm, so the spec's shuffle is left out.
-        return torch.cat([self.to_input(old[0]), xc[:n_cur]]), torch.cat([old[1], yc[:n_cur]])
+        x_old = self.to_input(old[0])
+        return torch.cat([x_old, xc[:n_cur]]), torch.cat([old[1], yc[:n_cur]]), x_old
+
+    @torch.no_grad()
+    def statistics_pass(self, forward: Forward, x: Tensor, aug: Optional[PreDrawn] = None, *more: Tensor) -> None:
+        """Train-mode forward passes whose output is not used: they only move batch norm's running statistics, as
+        the official step's passes outside the loss do (`bn_extra_passes`). With ``aug``: one pass over
+        [x, A(x)]; then one pass over each of ``more``."""
+        forward(torch.cat([x, aug(x)]) if aug is not None else x)
+        for batch in more:
+            forward(batch)
 
     # -- what a run reports and keeps ------------------------------------------------------------------------
     def summary(self) -> dict:
@@ -230,6 +262,17 @@ class GSA(Method):
         super().__init__(*args, **kwargs)
         size = tuple(self.input_shape[1:]) if self.input_shape else None
         self.gsa = GSAStep(self.cfg, self.buffer, self.classes, self.generator, size, self.to_input, self.report)
+
+    def on_task_start(self, task: int, classes: torch.Tensor) -> None:
+        super().on_task_start(task, classes)
+        if self.cfg.freeze_head_after_first_task and task >= 1:  # the optimizer no longer reaches the head
+            self.head.requires_grad_(False)
+
+    def observe(self, batch):
+        if self.cfg.fresh_head_rows and batch.task >= 1 and batch.step_in_task == 0:  # a task starts (not a resume)
+            generator = torch.Generator().manual_seed(self.seed * 1000 + batch.task)
+            self.refresh_head_rows(sorted(self.classes.task_labels), generator)
+        return super().observe(batch)
 
     def update(self, batch):
         loss, logits_new = self.gsa.loss(self.forward_float, batch.x, batch.y, batch.task, batch.step_in_task)

@@ -1,0 +1,44 @@
+"""`cil gpu-check`: without CUDA it says so in one line and exits 1; `--dry-run` runs its whole plan at toy size on
+the CPU and writes a report with every section filled in."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_without_cuda_one_line_and_exit_1(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cil", "gpu-check", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "no CUDA device" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_dry_run_runs_the_whole_plan_and_reports_every_section(tmp_path):
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "cil", "gpu-check", "--dry-run", "--budget", "150", "--out",
+                           str(out)], capture_output=True, text=True, timeout=900, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())["sections"]
+    assert set(report) >= {"environment", "correctness", "sync", "speed", "fidelity", "timing"}
+    assert report["correctness"]["same seed twice, deterministic=true: same accuracy matrix"] == "yes"
+    assert report["correctness"]["SIGKILL + resume: same accuracy matrix as uninterrupted"].startswith("yes")
+    assert [r["method"] for r in report["sync"]["host/device syncs inside training steps"]] == [
+        "er", "er_ace (separate passes)", "gsa", "gsa (official)"]
+    speed = report["speed"]["training samples/s (CIFAR-10 JPEG copy, batch 10, M = 500, one process)"]
+    assert len(speed) == 14 and all(isinstance(r["samples/s"], float) for r in speed)
+    runs = report["fidelity"]["Split CIFAR-10 (JPEG copy), full ResNet-18, whole stream, bf16"]
+    assert len(runs) == 9
+    # every run ended in a state the report explains, and the budget let the first ones finish
+    assert all(r["status"] in ("complete", "preempted") or r["status"].startswith("not started") for r in runs), runs
+    assert runs[0]["status"] == "complete" and len(runs[0]["acc_matrix"]) == 5
+    assert "## fidelity" in (out / "report.md").read_text()
