@@ -36,7 +36,7 @@ def test_dry_run_runs_the_whole_plan_and_reports_every_section(tmp_path):
         "er", "er_ace (separate passes)", "gsa", "gsa (official)"]
     speed = report["speed"]["training samples/s (CIFAR-10 JPEG copy, batch 10, M = 500, one process)"]
     assert len(speed) == 14 and all(isinstance(r["samples/s"], float) for r in speed)
-    runs = report["fidelity"]["Split CIFAR-10 (JPEG copy), full ResNet-18, whole stream, bf16"]
+    runs = report["fidelity"]["Split CIFAR-10 (JPEG copy), full ResNet-18, whole stream, fp32"]
     assert len(runs) == 9
     # every run ended in a state the report explains, and the budget let the first ones finish
     assert all(r["status"] in ("complete", "preempted") or r["status"].startswith("not started") for r in runs), runs

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import pytest
 import torch
@@ -115,7 +116,7 @@ class BufferSnapshot:
     task: torch.Tensor
 
     @classmethod
-    def of(cls, buffer: ReplayBuffer) -> "BufferSnapshot":
+    def of(cls, buffer: ReplayBuffer) -> BufferSnapshot:
         n = len(buffer)
         return cls(buffer.x[:n].clone(), buffer.y[:n].clone(), buffer.task[:n].clone())
 
@@ -210,14 +211,14 @@ class Draws:
                              f"augmented inputs: {[tuple(inp.shape) for inp, _ in self.augments]}")
 
     def check_all_used(self):
-        unused_aug = [tuple(self.augments[i][0].shape) for i in range(len(self.augments)) if i not in self.used_augments]
+        unused_aug = [tuple(inp.shape) for i, (inp, _) in enumerate(self.augments) if i not in self.used_augments]
         assert not unused_aug, f"the method augmented tensors the spec does not augment: {unused_aug}"
         unused = [(n, f, len(out[1])) for i, (n, f, out) in enumerate(self.samples)
                   if i not in self.used_samples and len(out[1]) > 0]
         assert not unused, f"the method drew buffer rows the spec does not use: {unused}"
 
 
-def _row_permutation(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
+def _row_permutation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     """perm with a[perm] == b, or None."""
     eq = (b.flatten(1)[:, None] == a.flatten(1)[None]).all(-1)
     taken: set[int] = set()
@@ -364,11 +365,11 @@ class StepRecord:
     ref: RefOut
     method: object
     seen: set
-    ref_stats: Optional[RefStats] = None
+    ref_stats: RefStats | None = None
 
 
-def run_lockstep(kind: str, cfg, knobs: Knobs = SPEC, until: Optional[tuple[int, int]] = None,
-                 on_step: Optional[Callable[[StepRecord], None]] = None) -> StepRecord:
+def run_lockstep(kind: str, cfg, knobs: Knobs = SPEC, until: tuple[int, int] | None = None,
+                 on_step: Callable[[StepRecord], None] | None = None) -> StepRecord:
     """Feed the stream to the method through `Learner.train_batch`, computing the reference at every step (from
     the parameters before the step) and handing both to ``on_step``; stop after batch ``until`` = (task,
     step_in_task). Returns the last step's record."""
@@ -429,8 +430,9 @@ def assert_loss_and_grads(r: StepRecord):
                                msg=lambda m: f"loss differs from the reference at {where(r)}: {m}")
     assert len(r.grads) == len(r.ref.grads)
     for name, g, g_ref in zip(r.names, r.grads, r.ref.grads):
-        torch.testing.assert_close(g.double(), g_ref, rtol=RTOL, atol=ATOL,
-                                   msg=lambda m: f"gradient of {name} differs from the reference at {where(r)}: {m}")
+        torch.testing.assert_close(
+            g.double(), g_ref, rtol=RTOL, atol=ATOL,
+            msg=lambda m, name=name: f"gradient of {name} differs from the reference at {where(r)}: {m}")
 
 
 def assert_stats(r: StepRecord):
@@ -466,7 +468,7 @@ def test_gsa_mid_stream_step_after_warmup_matches_reference():
     equal the reference's, and so do the statistics the method accumulated over the stream."""
     r = run_lockstep("gsa", gsa_config(SPEC), until=(2, SPEC.warmup))
     _assert_mid_stream_batch(r, SPEC)
-    assert not torch.equal(r.ref.info["weights"], torch.ones(NUM_CLASSES)), "the weights must be in use"
+    assert not torch.equal(r.ref.info["weights"], torch.ones(NUM_CLASSES, dtype=torch.float64)), "weights in use"
     assert_loss_and_grads(r)
     assert_stats(r)
 
@@ -491,7 +493,7 @@ def test_gsa_statistics_accumulate_like_reference_over_consecutive_steps():
 
     run_lockstep("gsa", gsa_config(SPEC), on_step=check)
     assert len(totals) == RUN_TASKS * BATCHES_PER_TASK
-    assert all(b > a for a, b in zip(totals[1:], totals[2:])), "statistics grow at every step with replay"
+    assert all(b > a for a, b in itertools.pairwise(totals[1:])), "statistics grow at every step with replay"
 
 
 @pytest.mark.parametrize("knobs", [SPEC, OTHER], ids=["spec_defaults", "other_knobs"])

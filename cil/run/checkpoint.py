@@ -77,7 +77,10 @@ def check_finite(learner: "Learner") -> None:
     named = list(method.model.named_parameters()) + list(method.model.named_buffers())
     named += [("optimizer state", t) for t in _tensors(method.optimizer.state_dict()["state"])]
     named = [(name, t) for name, t in named if t.is_floating_point()]
-    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu() if named else torch.ones(0, dtype=bool)
+    # One read-back for all: the flags of CPU tensors (Adam's step counts) join the device's before the copy.
+    device = named[0][1].device if named else None
+    finite = torch.stack([torch.isfinite(t).all().to(device) for _, t in named]).cpu() if named else \
+        torch.ones(0, dtype=bool)
     bad = sorted({name for (name, _), ok in zip(named, finite.tolist()) if not ok})
     if bool(learner.nonfinite) or bad:
         where = f" (non-finite values in {', '.join(bad[:3])})" if bad else ""

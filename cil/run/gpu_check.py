@@ -39,7 +39,7 @@ from cil import __version__
 from cil.runfolder import CHECKPOINT, METRICS, RESULTS, read_json, write_json_atomic
 
 PUBLISHED = {200: (58.0, 48.9), 500: (64.6, 61.5), 1000: (69.1, 67.6)}  # GSA paper, re-run B (docs/gsa.md)
-GPU_SHARE = 4  # fidelity runs assumed to share the GPU without slowing each other (the planner's guess)
+GPU_SHARE = 2.5  # concurrent runs that together go as fast as GPU_SHARE runs alone (docs/gpu-check.md)
 STARTUP_S = 25.0  # a run's start: Python, torch, CUDA, the cached dataset
 
 
@@ -169,6 +169,15 @@ def correctness_runs(plan: Plan, work: Path, report: Report, deadline: float) ->
                f"{verdict} (the run ended before it could be killed)")
 
 
+def _task_end_accuracies(run_dir: Path) -> list[float]:
+    """The average accuracy over the tasks seen, at each task end a run reached (from its metrics.csv)."""
+    try:
+        rows = [line.split(",") for line in (run_dir / METRICS).read_text().splitlines()[1:]]
+    except OSError:
+        return []
+    return [round(float(r[3]), 2) for r in rows if len(r) == 4 and r[2] == "avg_acc_seen"]
+
+
 def _last_step(run_dir: Path) -> int:
     try:
         lines = (run_dir / METRICS).read_text().splitlines()
@@ -207,7 +216,8 @@ def sync_check(plan: Plan, dataset, report: Report) -> None:
                 finally:
                     if plan.device == "cuda":
                         torch.cuda.set_sync_debug_mode("default")
-                messages = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+                messages = [str(w.message).splitlines()[0] for w in caught
+                            if "called a synchronizing" in str(w.message)]
             learner.logger.close()
         rows.append({"method": name + (" (official)" if switches.get("bn_extra_passes") else
                                        " (separate passes)" if switches else ""),
@@ -236,7 +246,7 @@ def speed(plan: Plan, dataset, report: Report, deadline: float) -> dict:
     run_ours(_config(plan, default_config("er"), "resnet18"), dataset, 1)  # warm-up (CUDA context, kernels): untimed
     combos = [(m, model, prec, cl) for model in ("reduced_resnet18", "resnet18") for m in ("er", "gsa")
               for prec, cl in (("fp32", False), ("bf16", False), ("bf16", True))]
-    combos += [("gsa_official", "resnet18", "bf16", True), ("er_ace", "resnet18", "bf16", True)]
+    combos += [("gsa_official", "resnet18", "fp32", False), ("er_ace", "resnet18", "fp32", False)]
     for method, model, prec, cl in combos:
         if time.time() > deadline:
             rows.append({"method": method, "model": model, "precision": prec, "channels_last": cl,
@@ -254,7 +264,7 @@ def speed(plan: Plan, dataset, report: Report, deadline: float) -> dict:
         per_step = res["train_time_s"] / (res["samples"] / cfg.stream.batch_size)
         rows.append({"method": method, "model": model, "precision": prec, "channels_last": cl,
                      "samples/s": round(res["samples"] / res["train_time_s"], 1), "ms/step": round(1e3 * per_step, 2)})
-        if model == "resnet18" and prec == "bf16" and cl:
+        if model == "resnet18" and prec == "fp32" and not cl:  # the fidelity runs' settings
             step_time[method] = per_step
         report.put("speed", "training samples/s (CIFAR-10 JPEG copy, batch 10, M = 500, one process)", rows)
     try:
@@ -275,7 +285,7 @@ def speed(plan: Plan, dataset, report: Report, deadline: float) -> dict:
 # -- 4. fidelity --------------------------------------------------------------------------------------------------
 def fidelity_queue(plan: Plan) -> list[tuple[str, str, list[str]]]:
     """(label, kind, overrides) in priority order."""
-    base = plan.common() + ["precision=bf16", "channels_last=true"] + (
+    base = plan.common() + (
         [f"stream.samples_per_class={plan.fidelity_per_class}", "model.nf=4"] if plan.fidelity_per_class else [])
     queue = []
     for memory in (500, 200, 1000):
@@ -296,7 +306,7 @@ def fidelity(plan: Plan, work: Path, report: Report, step_time: dict, deadline: 
     rows: dict[str, dict] = {label: {"run": label, "status": "queued"} for label, _, _ in queue}
 
     def publish():
-        report.put("fidelity", "Split CIFAR-10 (JPEG copy), full ResNet-18, whole stream, bf16", list(rows.values()))
+        report.put("fidelity", "Split CIFAR-10 (JPEG copy), full ResNet-18, whole stream, fp32", list(rows.values()))
 
     publish()
     margin = 20.0 if not plan.dry_run else 2.0
@@ -304,9 +314,8 @@ def fidelity(plan: Plan, work: Path, report: Report, step_time: dict, deadline: 
         now = time.time()
         while queue and len(running) < plan.max_parallel:
             label, kind, overrides = queue.pop(0)
-            # Runs share the GPU: a small-batch run leaves most of it idle, so assume up to GPU_SHARE of them run
-            # at their single-process speed and more slow down in proportion.
-            per_step = step_time.get(kind, max(step_time.values(), default=float("inf")))
+            # Runs share the GPU and the host: k runs at once each go at GPU_SHARE / k of one run's speed.
+            per_step = step_time.get(kind, max(step_time.values(), default=0.0))  # unmeasured: start it anyway
             estimate = steps * per_step * max(1.0, (len(running) + 1) / GPU_SHARE) + STARTUP_S
             if now + estimate + margin > deadline:
                 rows[label] |= {"status": f"not started: estimated {estimate:.0f} s, {deadline - now:.0f} s left"}
@@ -347,7 +356,8 @@ def _fidelity_row(label: str, run_dir: Path, code: int, seconds: float) -> dict:
                 "samples/s": round(res["samples_per_s"], 1), "GSA paper %": paper[0], "re-run B %": paper[1],
                 "acc_matrix": [[round(a, 1) for a in r] for r in res["acc_matrix"]]}
     elif res.get("status") == "preempted":
-        row |= {"stopped at stream batch": res.get("step"), "of": res.get("stream_batches")}
+        row |= {"stopped at stream batch": res.get("step"), "of": res.get("stream_batches"),
+                "avg acc after each task %": _task_end_accuracies(run_dir)}
     else:
         row["error"] = res.get("error") or (run_dir.parent / f"{run_dir.name}.stderr").read_text()[-300:]
     return row
