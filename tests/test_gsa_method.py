@@ -41,7 +41,7 @@ def test_balanced_replay_batch_composition(seen_old, seen_cur, expect_old, expec
     m.classes.mark_seen(seen, seen)
     xc = torch.rand(32, 1, 8, 8) + 5.0  # recognisable: values > 1 never come from the uint8/255 buffer path
     yc = torch.full((32,), 4)
-    xm, ym = m.gsa.mixed_replay_batch(xc, yc, task=2)
+    xm, ym, _ = m.gsa.mixed_replay_batch(xc, yc, task=2)
     assert len(ym) == expect_old + expect_cur
     old_rows = xm[:expect_old]
     assert bool((old_rows <= 1).all()), "first part comes from the buffer"
@@ -55,7 +55,7 @@ def test_first_task_replay_is_current_data_only():
     m.on_task_start(0, torch.tensor([0, 1]))
     m.classes.mark_seen(torch.tensor([0, 1]), torch.tensor([0, 1]))
     xc, yc = torch.rand(32, 1, 8, 8), torch.zeros(32, dtype=torch.long)
-    xm, ym = m.gsa.mixed_replay_batch(xc, yc, task=0)  # r = 1: no old samples, all of Xc (32 < 64)
+    xm, ym, _ = m.gsa.mixed_replay_batch(xc, yc, task=0)  # r = 1: no old samples, all of Xc (32 < 64)
     assert torch.equal(xm, xc)
 
 
