@@ -1,6 +1,6 @@
 """Plots of runs and sweeps (PNG, matplotlib's Agg canvas: no display, no pyplot state).
 
-    python -m cil.analysis.plots experiments/runs/split_mnist_fmnist [more sweep or run folders] [-o plots/]
+    python -m cil plots experiments/runs/split_mnist_fmnist [more sweep or run folders] [-o plots/]
 
 writes, for each sweep folder: the accuracy matrix (mean over seeds) of every method and memory as a heatmap,
 accuracy through the stream (anytime curve, mean and std over seeds) per method at each memory, final accuracy

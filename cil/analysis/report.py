@@ -1,7 +1,7 @@
 """Tables from sweep folders: mean +/- std over seeds per experiment, method and memory.
 
-    python -m cil.analysis.report experiments/runs/split_mnist_fmnist [more folders] [-o DIR]
-    python -m cil.analysis.report --results-md experiments/RESULTS.md experiments/runs/*
+    python -m cil report experiments/runs/split_mnist_fmnist [more folders] [-o DIR]
+    python -m cil report --results-md experiments/RESULTS.md experiments/runs/*
 
 Every run folder below the given folders is read: `results.json` (complete), `failed.json` (failed) or only
 `.hydra/config.yaml` (incomplete: killed or still running). Runs are grouped by their whole resolved config

@@ -77,7 +77,7 @@ def sweep_report(sweep_dir: Path, started: float = 0.0) -> tuple[str, int]:
         lines.append(f"  INCOMPLETE {d.relative_to(sweep_dir)} (killed, still running, or from another launch)")
     if by_status["failed"] or by_status["incomplete"]:
         lines.append(f"  re-launch the same command with hydra.sweep.dir={sweep_dir} to run only these again")
-    lines.append(f"  summary table: python -m cil.analysis.report {sweep_dir}")
+    lines.append(f"  summary table: python -m cil report {sweep_dir}")
     return "\n".join(lines), len(by_status["failed"])
 
 

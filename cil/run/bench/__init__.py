@@ -1,4 +1,4 @@
-"""`python -m cil.run.bench` (`make bench`): how fast is our online loop, against a bare PyTorch floor and Avalanche.
+"""`python -m cil bench` (`make bench`): how fast is our online loop, against a bare PyTorch floor and Avalanche.
 
 Every (workload, contestant, repeat) runs in its own fresh Python process, so peak memory is the contestant's own
 and nothing (allocator caches, oneDNN kernels, thread pools) carries over; the runs are interleaved (repeat 1

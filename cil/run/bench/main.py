@@ -1,4 +1,4 @@
-"""Command line of the benchmark: `python -m cil.run.bench [options]` (see `--help` and docs/performance.md)."""
+"""Command line of the benchmark: `python -m cil bench [options]` (see `--help` and docs/performance.md)."""
 from __future__ import annotations
 
 import argparse
