@@ -1,8 +1,10 @@
 """`python tests/_interrupt_cli.py WHERE:N:ACTION [cli overrides...]` runs `python -m cil` unchanged, except that
 at the N-th occurrence (1-based, counted in this process) of WHERE the process sends itself SIGKILL (ACTION=KILL)
-or SIGTERM (TERM), or sets the model's weights to NaN (NAN, a diverged update), where WHERE is one of:
+or SIGTERM (TERM), sets the model's weights to NaN (NAN, a diverged update) or sleeps 30 s (SLEEP, a run that
+holds its folder for a while), where WHERE is one of:
 
   observe  inside a method's update of an incoming batch (after the optimizer step, before the buffer add)
+  batch    after the learner's loop body for a batch (any method, Avalanche peers too)
   eval     inside an evaluation (anytime or end of task), after the model went to eval mode
   saved    right after a checkpoint was renamed into place
   writing  while a checkpoint is written: the temporary file is complete but not yet renamed
@@ -12,6 +14,7 @@ Used by tests/test_resume.py to interrupt real CLI runs at chosen points.
 import os
 import signal
 import sys
+import time
 
 import cil.run.checkpoint
 import cil.runfolder
@@ -31,6 +34,8 @@ def tick(method=None) -> None:
     if action == "NAN":
         for p in method.model.parameters():
             p.data.fill_(float("nan"))
+    elif action == "SLEEP":
+        time.sleep(30)
     else:
         os.kill(os.getpid(), getattr(signal, f"SIG{action}"))
 
@@ -48,6 +53,8 @@ def wrap(owner, name):
 
 if where == "observe":
     wrap(Method, "observe")
+elif where == "batch":
+    wrap(cil.core.learner.Learner, "train_batch")
 elif where == "eval":
     original_predict = cil.core.learner.predict
 

@@ -198,10 +198,10 @@ def test_failed_download_becomes_one_clear_error(tmp_path, monkeypatch):
 
     import torchvision
 
-    def offline(self):
+    def offline(*args, **kwargs):
         raise URLError("network is unreachable")
 
-    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", offline)
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", offline)
     with pytest.raises(DataError) as e:
         load_dataset("fashion_mnist", tmp_path, download=True)
     msg = str(e.value)

@@ -5,6 +5,7 @@ subsample (anytime accuracy). Losses and accuracies stay on the device and are r
 """
 from __future__ import annotations
 
+import logging
 import math
 import resource
 import time
@@ -18,6 +19,9 @@ from cil.core.data.stream import Batch, ClassIncrementalStream
 from cil.core.methods.base import Method, StepOutput
 from cil.core.objectives.common import mask_logits
 from cil.errors import TrainingError
+
+log = logging.getLogger("cil")
+LOSS_ALARM = 1e4  # a cross-entropy this large means logits ~1e4 apart: the run has diverged, finite or not
 
 
 @torch.inference_mode()
@@ -112,6 +116,7 @@ class Learner:
         self.loss_count = 0
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.last_log = {"loss": math.nan, "online_acc": math.nan}
+        self.warnings: list[str] = []  # what a user should know about the run (results.json `warnings`)
         self.errors: Optional[dict] = None  # metrics.error_breakdown at the last task end
         self.confusion = None  # its confusion matrix (numpy [C, C])
         self.checkpointer = None  # set by the runner (cil.run.checkpoint.Checkpointer)
@@ -246,6 +251,10 @@ class Learner:
                 f"the training loss became non-finite (nan or inf) before stream batch {self.step} (task {task}); "
                 "the run stopped and the last checkpoint (if any) is kept. Lower optimizer.lr, or use "
                 "precision=fp32 if precision=bf16")
+        if loss > LOSS_ALARM and not self.warnings:
+            self.warnings.append(f"the training loss reached {loss:.3g} by stream batch {self.step} (task {task}): "
+                                 "training has diverged although the loss is still finite; lower optimizer.lr")
+            log.warning("%s", self.warnings[-1])
         self.logger.scalar("loss", loss, self.step, task)
         self.logger.scalar("online_acc", online, self.step, task)
         for key, value in self.method.log_values().items():  # e.g. GSA's per-class weights and ratios
@@ -280,6 +289,7 @@ class Learner:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
             "peak_cuda_mb": peak_cuda,
             "class_order": self.stream.class_order,
+            "warnings": self.warnings,
             # Where the test samples go after the last task end; the confusion matrix only up to 100 classes.
             "errors": self.errors,
             "confusion": self.confusion.tolist() if self.confusion is not None and len(self.confusion) <= 100 else None,
@@ -295,7 +305,7 @@ class Learner:
             "train_time_s": self.train_time_s, "eval_time_s": self.eval_time_s,
             "online_correct": self.online_correct.cpu(), "online_seen": self.online_seen,
             "loss_sum": self.loss_sum.cpu(), "loss_count": self.loss_count,
-            "errors": self.errors,
+            "errors": self.errors, "warnings": self.warnings,
             "confusion": None if self.confusion is None else torch.from_numpy(self.confusion),
         }
 
@@ -310,5 +320,6 @@ class Learner:
         self.loss_sum = state["loss_sum"].to(self.device)
         self.loss_count = state["loss_count"]
         self.errors = state.get("errors")  # absent in older checkpoints
+        self.warnings = state.get("warnings", [])
         confusion = state.get("confusion")
         self.confusion = None if confusion is None else confusion.numpy()

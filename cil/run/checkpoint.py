@@ -20,6 +20,7 @@ flight: a checkpoint is written and the run exits with EXIT_PREEMPTED.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ import torch
 
 from cil.schema import RunConfig
 from cil.errors import ConfigError, DataError, Preempted, TrainingError
+from cil.run.folder import write
 from cil.runfolder import CHECKPOINT, atomic_write
 
 if TYPE_CHECKING:
@@ -41,6 +43,16 @@ log = logging.getLogger("cil")
 
 FORMAT_VERSION = 1
 # Config keys that may change between a run and its resumption: they do not touch what the run computes.
+# Signals that arrived before a run's loop took over (cil.run.cli's process-wide handler): the loop stops at its
+# first batch. After the loop gives the handler back, further signals only land here and the process ends with
+# its own exit code (75 when pre-empted) instead of dying on the default action.
+PENDING_STOP: list[int] = []
+
+
+def note_stop(signum: int, _frame=None) -> None:
+    PENDING_STOP.append(signum)
+
+
 RESUMABLE_CHANGES = ("checkpoint.", "log.progress", "log.tensorboard", "dataset.download", "dataset.verify")
 
 
@@ -104,11 +116,13 @@ def _set_rng_state(state: dict) -> None:
 class Checkpointer:
     """Writes and restores one run's checkpoint; turns SIGTERM into "checkpoint, then stop"."""
 
-    def __init__(self, out_dir: Path, cfg: RunConfig, config: dict):
+    def __init__(self, out_dir: Path, cfg: RunConfig, config: dict, can_save: bool = True):
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / CHECKPOINT
         self.cfg = cfg.checkpoint
         self.config = config  # the run's resolved config, stored to refuse resuming with different settings
+        self.can_save = can_save  # False: a run whose state cannot be saved (Avalanche peers) only stops on signals
+        self.data: Optional[str] = None  # the dataset's fingerprint, stored to refuse resuming on other data
         self.stop_signal: Optional[int] = None  # set by the signal handler; the loop checks it after each batch
         self.started = time.time()
         self.wall_time_before = 0.0  # wall time spent in earlier attempts of this run (up to their checkpoint)
@@ -119,11 +133,7 @@ class Checkpointer:
         for name in (CHECKPOINT, "results.json"):  # temporary files of writes that a kill interrupted
             for stale in self.out_dir.glob(f".{name}.*.tmp"):
                 stale.unlink(missing_ok=True)
-        if not self.path.exists():
-            return None
-        if not self.cfg.resume:  # starting over: an old checkpoint must not be resumed by a later attempt
-            log.info("checkpoint.resume=false: %s deleted, the run starts over", self.path)
-            self.path.unlink()
+        if not self.path.exists() or not self.cfg.resume:  # resume=false: `discard_stale` removes it later
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -140,6 +150,23 @@ class Checkpointer:
                 f"{'; ...' if len(diff) > 5 else ''}). Resume with the original settings, choose another "
                 "hydra.run.dir, or set checkpoint.resume=false to start this run folder over")
         return state
+
+    def check_data(self, state: Optional[dict], fingerprint: str) -> None:
+        """Refuse to resume a checkpoint trained on other data (files added, replaced or edited since)."""
+        self.data = fingerprint
+        saved = None if state is None else state.get("data")
+        if saved is not None and saved != fingerprint:
+            raise ConfigError(
+                f"{self.path} was written by a run on other data: the dataset's files changed since (fingerprint "
+                f"{saved} -> {fingerprint}). Restore the original files, choose another hydra.run.dir, or set "
+                "checkpoint.resume=false to start this run folder over")
+
+    def discard_stale(self) -> None:
+        """checkpoint.resume=false: the old checkpoint must not be resumed by a later attempt (called once the
+        folder says the run is running)."""
+        if not self.cfg.resume and self.path.exists():
+            log.info("checkpoint.resume=false: %s deleted, the run starts over", self.path)
+            self.path.unlink()
 
     def rewind_logs(self, state: dict) -> None:
         """Cut metrics.csv back to its length at the checkpoint: the resumed run rewrites the rows after it."""
@@ -167,6 +194,8 @@ class Checkpointer:
 
     # -- writing -----------------------------------------------------------------------------------------------
     def due(self, step: int, task_ends: bool) -> bool:
+        if not self.can_save:
+            return self.stop_signal is not None
         return (self.stop_signal is not None or (self.cfg.every > 0 and step % self.cfg.every == 0)
                 or (task_ends and self.cfg.at_task_end))
 
@@ -185,16 +214,20 @@ class Checkpointer:
             "learner": learner.state_dict(),
             "diagnostics": learner.diagnostics.state_dict() if learner.diagnostics is not None else None,
             "rng": _rng_state(),
+            "data": self.data,
             "metrics_csv_bytes": metrics_csv.stat().st_size if metrics_csv.exists() else 0,
             "wall_time_s": self.wall_time(),
         }
-        atomic_write(self.path, lambda f: torch.save(state, f))
+        data = io.BytesIO()  # serialised first: a failed write is then an OSError, not torch's zip-writer error
+        torch.save(state, data)
+        write(self.path, lambda p: atomic_write(p, lambda f: f.write(data.getbuffer())))
 
     def checkpoint(self, learner: "Learner") -> None:
         """Called by the learner when `due`: write the checkpoint, then stop if a signal asked for it."""
-        self.save(learner)
+        if self.can_save:
+            self.save(learner)
         if self.stop_signal is not None:
-            raise Preempted(learner.step, self.path, self.stop_signal)
+            raise Preempted(learner.step, self.path if self.can_save else None, self.stop_signal)
 
     def wall_time(self) -> float:
         return self.wall_time_before + time.time() - self.started
@@ -215,6 +248,8 @@ class Checkpointer:
         def request_stop(signum, _frame):
             self.stop_signal = signum
 
+        if PENDING_STOP:  # the signal came while the run was being set up
+            self.stop_signal = PENDING_STOP[0]
         previous = {s: signal.signal(s, request_stop) for s in signums}
         try:
             yield

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -23,10 +24,11 @@ from omegaconf.errors import OmegaConfBaseException
 from cil.avalanche.peers import STRATEGIES
 from cil.core.methods import METHODS
 from cil.errors import EXIT_PREEMPTED, CilError, Preempted
+from cil.run.checkpoint import note_stop
 from cil.run.config import method_defaults
 from cil.schema import RunConfig
 from cil.run.config_errors import describe, unknown_keys
-from cil.runfolder import CHECKPOINT, METRICS, RESULTS
+from cil.run.folder import LOCK
 
 log = logging.getLogger("cil")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -44,20 +46,26 @@ register_schemas()
 
 
 def _tidy_failed_run(out_dir: Path) -> None:
-    """A run that failed before producing anything leaves no folder that looks like a run."""
-    if (out_dir / RESULTS).exists() or (out_dir / CHECKPOINT).exists():
-        return
-    for name in (METRICS, "__main__.log", "main.log", "cli.log"):
-        (out_dir / name).unlink(missing_ok=True)
-    hydra_dir = out_dir / ".hydra"
-    if hydra_dir.is_dir():
-        for f in hydra_dir.iterdir():
-            f.unlink()
-        hydra_dir.rmdir()
+    """A run refused before it started leaves no folder that looks like a run: the folder goes only when Hydra's
+    log is all it holds (this invocation made it). Nothing else is ever deleted."""
     try:
-        out_dir.rmdir()  # only when now empty
+        entries = list(out_dir.iterdir())
+        if all(e.is_file() and (e.suffix == ".log" or e.name == LOCK) for e in entries):
+            for e in entries:
+                e.unlink()
+            out_dir.rmdir()
     except OSError:
         pass
+
+
+def _record_config(out_dir: Path, dcfg: DictConfig) -> None:
+    """.hydra/config.yaml, overrides.yaml and hydra.yaml of an accepted run (Hydra's own writing is off:
+    hydra.output_subdir=null, so a refused run cannot overwrite the folder's record of what it ran)."""
+    folder = out_dir / ".hydra"
+    folder.mkdir(exist_ok=True)
+    OmegaConf.save(dcfg, folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)), folder / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": HydraConfig.get()}), folder / "hydra.yaml")
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
@@ -73,11 +81,13 @@ def main(dcfg: DictConfig) -> dict:
     resolved = OmegaConf.to_container(dcfg, resolve=True)
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep job: skip if complete, record a failure, go on
         from cil.run.sweep import run_sweep_job
-        return run_sweep_job(cfg, out_dir, resolved, list(HydraConfig.get().overrides.task))
+        return run_sweep_job(cfg, out_dir, resolved, list(HydraConfig.get().overrides.task),
+                             on_start=lambda: _record_config(out_dir, dcfg))
     from cil.run.experiment import run_experiment  # after Hydra has parsed the command line: `--help` stays fast
 
     try:
-        results = run_experiment(cfg, out_dir, resolved_config=resolved)
+        results = run_experiment(cfg, out_dir, resolved_config=resolved,
+                                 on_start=lambda: _record_config(out_dir, dcfg))
     except CilError as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
@@ -115,6 +125,11 @@ def cli() -> None:
     a run (or sweep) stopped by SIGTERM exits EXIT_PREEMPTED after writing its checkpoint."""
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         sys.exit(_tool(sys.argv[1])(sys.argv[2:]))
+    # SIGTERM outside a run's loop is noted, not fatal: a run being set up stops at its first batch, one that
+    # has finished ends with its own exit code. A file-size limit makes writes fail (one clear error) instead of
+    # killing the process.
+    signal.signal(signal.SIGTERM, note_stop)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra re-raises instead of printing its own report
     try:
         main()
@@ -125,6 +140,10 @@ def cli() -> None:
         log.warning("pre-empted: %s", stop)
         print(f"pre-empted: {stop}", file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
+    finally:
+        # Python gives signals their default action back while it shuts down: a late SIGTERM would then turn
+        # this exit code into -15. Nothing is left to stop.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ def uses_replay(name: str) -> bool:
 def validate(cfg: RunConfig) -> None:
     """Check ranges and combinations before anything is built (the dataset's class count is checked by the
     stream: cil.core.data.stream)."""
+    require(0 <= cfg.seed < 2**62, "seed", cfg.seed, "use an integer from 0 to 2**62")
     require(cfg.stream.n_tasks >= 1, "stream.n_tasks", cfg.stream.n_tasks, "use an integer >= 1")
     require(cfg.stream.batch_size >= 1, "stream.batch_size", cfg.stream.batch_size, "use an integer >= 1")
     require(cfg.buffer.size >= 0, "buffer.size", cfg.buffer.size, "use an integer >= 0")
@@ -79,9 +80,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"method.name={cfg.method.name!r} needs its own config ({schema.__name__}); select the "
                           f"method with method={cfg.method.name} rather than setting method.name")
     cfg.method.validate()
-    replay = getattr(cfg.method, "replay_batch_size", 0)
-    if uses_replay(cfg.method.name) and cfg.buffer.size < replay:
-        raise ConfigError(
-            f"buffer.size={cfg.buffer.size} is smaller than method.replay_batch_size={replay}: method "
-            f"{cfg.method.name!r} replays that many samples per step; raise buffer.size or lower "
-            "method.replay_batch_size")
+    if uses_replay(cfg.method.name):
+        for key, n in cfg.method.buffer_draws().items():
+            if cfg.buffer.size < n:
+                raise ConfigError(f"buffer.size={cfg.buffer.size} is smaller than {key}={n}: method "
+                                  f"{cfg.method.name!r} draws that many samples from the buffer at once; raise "
+                                  f"buffer.size or lower {key}")

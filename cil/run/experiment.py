@@ -5,11 +5,14 @@ Hydra-free: `cil.run.cli` resolves the config and calls `run_experiment`; tests 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import math
 import os
 import platform
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -21,13 +24,15 @@ from cil.core.diagnostics import Diagnostics
 from cil.core.learner import Learner
 from cil.core.methods import method_class
 from cil.core.models import build_model
-from cil.errors import ConfigError, Preempted, TrainingError
+from cil.errors import ConfigError, Preempted, StorageError, TrainingError
 from cil.run.checkpoint import Checkpointer, config_differences
+from cil.run.config import uses_replay as method_uses_buffer
 from cil.run.config import validate
 from cil.schema import RunConfig
 from cil.run.determinism import enable_determinism
+from cil.run.folder import RunFolder
 from cil.run.logger import RunLogger, save_diagnostics
-from cil.runfolder import RESULTS, read_json, write_json_atomic
+from cil.runfolder import RESULTS, read_json
 
 log = logging.getLogger("cil")
 
@@ -63,10 +68,34 @@ def load_run_dataset(cfg: RunConfig) -> ImageDataset:
     return load_dataset(d.name, d.root, download=d.download, verify=d.verify, image_size=d.image_size, path=d.path)
 
 
+def check_buffer_memory(size: int, sample_shape: tuple, device: torch.device) -> None:
+    """Refuse a memory that cannot fit, before allocating it (an allocation error names nothing)."""
+    per_sample = math.prod(sample_shape) + 32  # uint8 image; label and task id on the device and on the host
+    needed = (size + 1) * per_sample
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > free:
+        raise ConfigError(f"buffer.size={size} needs {needed / 2**30:.1f} GiB on {device} ({per_sample} bytes a "
+                          f"sample) but {free / 2**30:.1f} GiB are free there: lower buffer.size")
+
+
+def build_stream(cfg: RunConfig, dataset: ImageDataset) -> ClassIncrementalStream:
+    """The run's stream on its device. What only the data can tell is refused here, before anything is trained
+    or written: a bad split, class order or device, a task without test images, a memory that cannot fit."""
+    device = resolve_device(cfg.device)
+    if method_uses_buffer(cfg.method.name):
+        check_buffer_memory(cfg.buffer.size, dataset.input_shape, device)
+    return ClassIncrementalStream(dataset, cfg.stream.n_tasks, cfg.stream.batch_size, cfg.stream.class_order,
+                                  seed=cfg.seed, device=device, samples_per_class=cfg.stream.samples_per_class)
+
+
 def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset] = None,
-                  resume_step: Optional[int] = None) -> Learner:
+                  resume_step: Optional[int] = None, stream: Optional[ClassIncrementalStream] = None) -> Learner:
     """Everything a run needs, in the order that keeps runs reproducible from the seed. `resume_step`: the run
-    continues from a checkpoint at that stream position (logs are appended to, not started over)."""
+    continues from a checkpoint at that stream position (logs are appended to, not started over). `stream`: one
+    already made from `dataset` by build_stream."""
     validate(cfg)
     device = resolve_device(cfg.device)
     if cfg.threads:
@@ -74,8 +103,7 @@ def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset]
     if cfg.deterministic:
         enable_determinism()
     dataset = dataset or load_run_dataset(cfg)
-    stream = ClassIncrementalStream(dataset, cfg.stream.n_tasks, cfg.stream.batch_size, cfg.stream.class_order,
-                                    seed=cfg.seed, device=device, samples_per_class=cfg.stream.samples_per_class)
+    stream = stream or build_stream(cfg, dataset)
     torch.manual_seed(cfg.seed)  # model initialisation
     kwargs = {"hidden": tuple(cfg.model.hidden)} if cfg.model.name == "mlp" else (
         {"nf": cfg.model.nf} if cfg.model.nf else {})
@@ -108,52 +136,74 @@ def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset]
                    log_every=cfg.log.every, progress=cfg.log.progress)
 
 
-def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: Optional[dict] = None) -> dict:
+def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: Optional[dict] = None,
+                   on_start: Optional[Callable[[], None]] = None) -> dict:
     """Run one experiment into `out_dir` and return (and write) its results.json content.
 
     With checkpoint.resume (the default) a checkpoint in `out_dir` is continued, and a run folder that already
-    holds a complete run of the same config just returns its results. Raises Preempted (after writing a
+    holds a complete run of the same config just returns its results. The folder has one writer at a time
+    (cil.run.folder). Everything that can refuse the run (a complete run of other settings, a checkpoint of other
+    settings or other data) is checked before anything in the folder changes; then results.json says `running`
+    and `on_start` is called (the CLI records the accepted config there). Raises Preempted (after writing a
     checkpoint) when SIGTERM arrives, TrainingError when the loss becomes non-finite; both leave a results.json
     whose status says so, never one that looks complete."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     validate(cfg)  # before looking at what the run folder holds
     config = resolved_config if resolved_config is not None else dataclasses.asdict(cfg)
-    done = completed_results(out_dir, cfg, config)
-    if done is not None:
-        return done
-    checkpointer = Checkpointer(out_dir, cfg, config)
-    with checkpointer.stop_on_signals():  # from here on SIGTERM means "checkpoint at the next batch, then stop"
-        state = checkpointer.load()
-        if state is not None:
-            checkpointer.rewind_logs(state)
-        learner = build_learner(cfg, out_dir, resume_step=None if state is None else state["learner"]["step"])
-        if not cfg.method.name.startswith("avalanche_"):  # Avalanche peers keep state we cannot checkpoint
+    with RunFolder(out_dir) as folder:
+        done = completed_results(out_dir, cfg, config)
+        if done is not None:
+            return done
+        peer = cfg.method.name.startswith("avalanche_")  # Avalanche peers keep state we cannot checkpoint
+        checkpointer = Checkpointer(out_dir, cfg, config, can_save=not peer)
+        with checkpointer.stop_on_signals():  # from here on SIGTERM means "checkpoint at the next batch, then stop"
+            state = checkpointer.load()
+            dataset = load_run_dataset(cfg)
+            stream = build_stream(cfg, dataset)
+            checkpointer.check_data(state, dataset.fingerprint())
+            folder.mark_running(config)  # from here on the folder changes
+            if on_start is not None:
+                on_start()
+            checkpointer.discard_stale()
+            if state is not None:
+                checkpointer.rewind_logs(state)
+            learner = build_learner(cfg, out_dir, dataset, stream=stream,
+                                    resume_step=None if state is None else state["learner"]["step"])
             learner.checkpointer = checkpointer
-        if state is not None:
-            checkpointer.restore(learner, state)
-        try:
-            results = learner.run()
-        except (Preempted, TrainingError) as err:
-            write_json_atomic(out_dir / RESULTS, {
-                "status": "preempted" if isinstance(err, Preempted) else "failed", "error": str(err),
-                "step": learner.step, "stream_batches": len(learner.stream),
-                "checkpoint": str(checkpointer.path) if checkpointer.path.exists() else None, "config": config})
-            raise
-        finally:
-            learner.logger.close()
-        if learner.diagnostics is not None:
-            save_diagnostics(learner.diagnostics.series(), out_dir, plots=cfg.diagnostics.plots)
-        results = {
-            "status": "complete",
-            "config": config,
-            **results,
-            "wall_time_s": checkpointer.wall_time(),
-            "versions": {"cil": __version__, "torch": torch.__version__, "python": platform.python_version()},
-            "device": str(learner.device),
-        }
-        write_json_atomic(out_dir / RESULTS, results)
-        checkpointer.finish()
+            if state is not None:
+                checkpointer.restore(learner, state)
+            try:
+                results = learner.run()
+            except (Preempted, TrainingError, StorageError) as err:
+                try:
+                    folder.write_results({
+                        "status": "preempted" if isinstance(err, Preempted) else "failed", "error": str(err),
+                        "step": learner.step, "stream_batches": len(learner.stream),
+                        "checkpoint": str(checkpointer.path) if checkpointer.path.exists() else None,
+                        "config": config})
+                except StorageError:
+                    if not isinstance(err, StorageError):
+                        raise
+                raise
+            finally:
+                learner.logger.close()
+            if learner.diagnostics is not None:
+                save_diagnostics(learner.diagnostics.series(), out_dir, plots=cfg.diagnostics.plots)
+            results = {
+                "status": "complete",
+                "config": config,
+                **results,
+                "wall_time_s": checkpointer.wall_time(),
+                "versions": {"cil": __version__, "torch": torch.__version__, "python": platform.python_version()},
+                "device": str(learner.device),
+            }
+            try:
+                folder.write_results(results)
+            except StorageError:
+                # The numbers must not be lost with the file: they go to the job's output, the checkpoint stays.
+                print(json.dumps({k: v for k, v in results.items() if k != "confusion"}), file=sys.stderr)
+                raise
+            checkpointer.finish()
     return results
 
 

@@ -37,7 +37,8 @@ def write_failure(run_dir: Path, err: BaseException, config: Optional[dict], ove
     return path
 
 
-def run_sweep_job(cfg: Any, out_dir: Path, resolved: dict, overrides: list[str]) -> dict:
+def run_sweep_job(cfg: Any, out_dir: Path, resolved: dict, overrides: list[str],
+                  on_start: Optional[Any] = None) -> dict:
     """One job of a sweep: skip a complete folder, else run; any exception becomes failed.json and a return."""
     out_dir = Path(out_dir)
     name = ",".join(overrides) or str(out_dir)
@@ -49,7 +50,7 @@ def run_sweep_job(cfg: Any, out_dir: Path, resolved: dict, overrides: list[str])
     from cil.run.experiment import run_experiment
 
     try:
-        results = run_experiment(cfg, out_dir, resolved_config=resolved)
+        results = run_experiment(cfg, out_dir, resolved_config=resolved, on_start=on_start)
     except Exception as err:  # noqa: BLE001 - every failure is recorded; the sweep goes on
         path = write_failure(out_dir, err, resolved, overrides)
         log.error("run %s failed: %s: %s (details in %s)", name, type(err).__name__, err, path)

@@ -50,10 +50,13 @@ def _load_cifar(name: str, tv_cls: type, root: Path, download: bool, verify: boo
     entries = [*tv_cls.train_list, *tv_cls.test_list, [tv_cls.meta["filename"], tv_cls.meta["md5"]]]
     missing = [name for name, _ in entries if not (base / name).is_file()]
     if missing:
-        error = torchvision_download(tv_cls, root) if download else None
+        # torchvision fetches and unpacks the whole archive: only when none of its files are there yet.
+        whole = len(missing) == len(entries)
+        error = torchvision_download(tv_cls, root) if download and whole else None
         missing = [name for name, _ in entries if not (base / name).is_file()]
         if missing:
-            raise missing_error(tv_cls.__name__, missing, base, error if download else None)
+            reason = error if whole else "the other files are there, so nothing was downloaded over them"
+            raise missing_error(tv_cls.__name__, missing, base, reason if download else None)
     if verify:
         for name, md5 in entries:
             check_md5(base / name, md5)

@@ -8,6 +8,7 @@ package that registers its names with :func:`register_loader`; image trees are d
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,14 @@ class ImageDataset:
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
             raise DataError(f"{self.name}: train images {list(self.train_x.shape[1:])} "
                             f"and test images {list(self.test_x.shape[1:])} differ in shape")
+
+    def fingerprint(self) -> str:
+        """A digest of the images, the labels and the class names: a resumed run refuses other data."""
+        h = hashlib.blake2b(digest_size=16)
+        for t in (self.train_x, self.train_y, self.test_x, self.test_y):
+            h.update(t.contiguous().numpy())
+        h.update("\0".join(self.class_names).encode())
+        return h.hexdigest()
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(mean, std) per channel of the [0, 1] images: the loader's published values, else the training set's."""

@@ -46,9 +46,12 @@ def _decode_one(path: str, data: torch.Tensor, mode: ImageReadMode) -> torch.Ten
 def _read_bytes(path: str) -> torch.Tensor:
     try:
         with open(path, "rb") as f:
-            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            data = f.read()
     except OSError as e:
         raise DataError(f"cannot read image {path}: {e}") from e
+    if not data:
+        raise DataError(f"image {path} is empty (0 bytes); replace or remove the file")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def _decode_chunk(paths: list[str]) -> list[torch.Tensor]:

@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 from cil.core.data.dataset import ImageDataset, register_loader
-from cil.core.data.sources import check_md5, missing_error, torchvision_download
+from cil.core.data.sources import check_md5, download_files, missing_error
 from cil.errors import DataError
 
 
@@ -51,7 +51,9 @@ def _load_mnist_family(name: str, tv_cls: type, root: Path, download: bool, veri
     files = locate()
     missing = [n for n, p in files.items() if p is None]
     if missing:
-        error = torchvision_download(tv_cls, root) if download else None
+        # Only the missing archives, left packed (they are read as they are): torchvision's own download would
+        # unpack every archive already there into the data root.
+        error = download_files(tv_cls.mirrors, missing, dict(tv_cls.resources), raw_dir) if download else None
         files = locate()
         missing = [n for n, p in files.items() if p is None]
         if missing:

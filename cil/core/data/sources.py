@@ -42,7 +42,8 @@ def _network_timeout(seconds: float):
 
 
 def torchvision_download(tv_cls: type, root: Path) -> Exception | None:
-    """Let torchvision fetch a dataset into ``root``; returns the error instead of raising it."""
+    """Let torchvision fetch and unpack a whole dataset into ``root``; returns the error instead of raising it.
+    Only for a dataset none of whose files are there: torchvision unpacks whatever archives it finds."""
     try:
         with _network_timeout(_DOWNLOAD_TIMEOUT_S):
             tv_cls(str(root), download=True)
@@ -51,8 +52,29 @@ def torchvision_download(tv_cls: type, root: Path) -> Exception | None:
     return None
 
 
-def missing_error(what: str, missing: list[str], directory: Path, tried: Exception | None) -> DataError:
-    why = f" (download failed: {type(tried).__name__}: {tried})" if tried else " (download=False)"
+def download_files(mirrors: list[str], names: list[str], md5s: dict[str, str], folder: Path) -> Exception | None:
+    """Fetch just these files (no unpacking) from the first mirror that has each; returns the error, if any."""
+    from torchvision.datasets.utils import download_url
+
+    try:
+        with _network_timeout(_DOWNLOAD_TIMEOUT_S):
+            for name in names:
+                for i, mirror in enumerate(mirrors):
+                    try:
+                        download_url(f"{mirror}{name}", str(folder), filename=name, md5=md5s[name])
+                        break
+                    except Exception:  # noqa: BLE001 - try the next mirror; the last one's error is reported
+                        if i == len(mirrors) - 1:
+                            raise
+    except Exception as e:  # noqa: BLE001
+        return e
+    return None
+
+
+def missing_error(what: str, missing: list[str], directory: Path, tried: Exception | str | None) -> DataError:
+    """`tried`: the download's error, a reason it was not tried, or None (download=False)."""
+    why = f" ({tried})" if isinstance(tried, str) else \
+        f" (download failed: {type(tried).__name__}: {tried})" if tried else " (download=False)"
     return DataError(f"{what}: missing {', '.join(missing)} in {directory}{why}; {where_hint()}")
 
 

@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import torch
 
 from cil.core.data.dataset import ImageDataset
-from cil.errors import ConfigError
+from cil.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,11 @@ class ClassIncrementalStream:
             test_idx = torch.nonzero(torch.isin(dataset.test_y, classes)).squeeze(1)
             if len(train_idx) == 0:
                 raise ConfigError(f"task {t} (classes {classes.tolist()}) has no training samples in {dataset.name!r}")
+            if len(test_idx) == 0:  # its accuracy would read 0 % and pull every average down
+                names = [dataset.class_names[c] for c in classes.tolist()]
+                raise DataError(f"task {t} (classes {names}) has no test samples in {dataset.name!r}, so its accuracy "
+                                "cannot be measured; give those classes test images (an image folder: "
+                                "test/<class>/<image>)")
             self.tasks.append(Task(t, classes.to(self.device), train_idx.to(self.device), train_idx,
                                    test_idx.to(self.device)))
 

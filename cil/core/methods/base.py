@@ -34,6 +34,10 @@ class MethodConfig:
         """Check ranges and combinations the types cannot express (raise ConfigError naming the key)."""
         require(self.iters >= 1, "method.iters", self.iters, "use an integer >= 1")
 
+    def buffer_draws(self) -> dict[str, int]:
+        """Buffer samples drawn at once per step, by key (none of them may exceed the buffer's size)."""
+        return {}
+
 
 @dataclass
 class ReplayConfig(MethodConfig):
@@ -43,6 +47,9 @@ class ReplayConfig(MethodConfig):
         super().validate()
         require(self.replay_batch_size >= 0, "method.replay_batch_size", self.replay_batch_size,
                 "use an integer >= 0")
+
+    def buffer_draws(self) -> dict[str, int]:
+        return {"method.replay_batch_size": self.replay_batch_size}
 
 
 @dataclass

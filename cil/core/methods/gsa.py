@@ -76,6 +76,9 @@ class GSAConfig(ReplayConfig):
                 "use [lo, hi] with 0 < lo <= hi <= 1")
         require(self.crop in CROPS, "method.crop", self.crop, f"choose one of {sorted(CROPS)}")
 
+    def buffer_draws(self) -> dict[str, int]:
+        return {**super().buffer_draws(), "method.current_task_replay": self.current_task_replay}
+
 
 class GSAStep:
     """Spec steps 1-7 for one incoming batch: returns the loss; no optimizer step, no buffer update.
