@@ -7,6 +7,7 @@ out=$1
 src=${2:-$(cd "$(dirname "$0")/.." && pwd)}
 py=${PYTHON:-$src/.venv/bin/python}
 export CIL_DATA_ROOT=${CIL_DATA_ROOT:-$src/../shared/data}
+mkdir -p "$out"
 cd "$src"
 run() { "$py" -m cil "$@" threads=1 log.progress=false; }
 for m in er er_ace gsa; do
