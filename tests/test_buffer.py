@@ -235,3 +235,22 @@ def test_add_rejects_wrong_shape_or_dtype():
         buf.add(torch.zeros(3, 4, dtype=torch.uint8), torch.zeros(3, dtype=torch.long), task=0)
     with pytest.raises(ValueError, match="dtype"):
         buf.add(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), task=0)
+
+
+def test_extras_follow_their_rows_through_add_sample_and_checkpoint():
+    """DER++ keeps logits with each sample: an extra must land in the same slot as its image and come back with
+    it, and survive a checkpoint."""
+    buf = ReplayBuffer(5, (1,), seed=3, extras={"logits": ((2,), torch.float32)})
+    for step in range(6):
+        x = torch.arange(step * 3, step * 3 + 3, dtype=torch.uint8).view(3, 1)
+        buf.add(x, x.view(-1).long(), task=step, logits=torch.stack([x.view(-1).float(), -x.view(-1).float()], 1))
+    x, y, t, extra = buf.sample_extras(5)
+    assert torch.equal(extra["logits"][:, 0], x.view(-1).float()) and torch.equal(extra["logits"][:, 1], -y.float())
+    copy = ReplayBuffer(5, (1,), seed=0, extras={"logits": ((2,), torch.float32)})
+    copy.load_state_dict(buf.state_dict())
+    assert torch.equal(copy._extras["logits"][:5], buf._extras["logits"][:5])
+    assert [a.tolist() for a in copy.sample_extras(3)[3].values()] == [b.tolist() for b in buf.sample_extras(3)[3].values()]
+    with pytest.raises(ValueError, match="extras"):
+        buf.add(x[:1], y[:1], task=0)
+    with pytest.raises(ConfigError, match="extras"):
+        ReplayBuffer(5, (1,)).load_state_dict(buf.state_dict())

@@ -20,6 +20,9 @@ Design (add/sample run every stream step, so they must not stall the device):
   docs/performance.md), and most batches of a long stream keep nothing, so they stop there.
 - Class-balanced reservoir (CBRS, Chrysakis & Moens, ICML 2020) is sequential by nature; it loops over the
   batch in Python on CPU ints, which is fine for batches of ~10.
+- Extras: a method may keep more per sample than the image, label and task (DER++ keeps the logits it saw).
+  ``extras={"logits": ((C,), torch.float32)}`` allocates one more device tensor per name; ``add`` takes them as
+  keyword arguments and writes them to the same slots; ``sample_extras`` returns them with the rows.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ def _later_writer_wins(slots: np.ndarray, trash: int) -> np.ndarray:
 
 class ReplayBuffer:
     def __init__(self, capacity: int, sample_shape: tuple[int, ...], device="cpu", policy: str = "reservoir",
-                 seed: int = 0, dtype=torch.uint8):
+                 seed: int = 0, dtype=torch.uint8,
+                 extras: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None):
         if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 1:
             raise ConfigError(f"buffer capacity must be an integer >= 1, got {capacity!r}; "
                               "set the memory size (e.g. buffer.size=1000)")
@@ -66,6 +70,8 @@ class ReplayBuffer:
         self._y = torch.full((capacity + 1,), -1, dtype=torch.long, device=self.device)  # -1 = empty slot
         self._task = torch.full((capacity + 1,), -1, dtype=torch.long, device=self.device)
         self.x, self.y, self.task = self._x[:capacity], self._y[:capacity], self._task[:capacity]
+        self._extras = {name: torch.zeros((capacity + 1, *shape), dtype=dt, device=self.device)
+                        for name, (shape, dt) in (extras or {}).items()}
 
         # CPU mirrors, with the trash row too so scatters need no masking. Index arithmetic on ~10 items runs
         # through numpy views of them: a numpy op costs ~1 us, a torch CPU op ~3-5 us of dispatch.
@@ -81,8 +87,10 @@ class ReplayBuffer:
         return min(self.n_seen, self.capacity)
 
     # ---------------------------------------------------------------- add
-    def add(self, x: Tensor, y: Tensor, task: int) -> None:
+    def add(self, x: Tensor, y: Tensor, task: int, **extras: Tensor) -> None:
         b = x.shape[0]
+        if set(extras) != set(self._extras):
+            raise ValueError(f"buffer.add expects the extras {sorted(self._extras)}, got {sorted(extras)}")
         if tuple(x.shape[1:]) != self.sample_shape or tuple(y.shape) != (b,):
             raise ValueError(f"buffer.add expects x of shape [B, {', '.join(map(str, self.sample_shape))}] and "
                              f"y of shape [B]; got x {tuple(x.shape)}, y {tuple(y.shape)}")
@@ -107,6 +115,8 @@ class ReplayBuffer:
         self._x.index_copy_(0, idx, x.to(self.device, non_blocking=True))
         self._y.index_copy_(0, idx, y.to(self.device, dtype=torch.long, non_blocking=True))
         self._task.index_fill_(0, idx, task)
+        for name, value in extras.items():
+            self._extras[name].index_copy_(0, idx, value.detach().to(self.device, self._extras[name].dtype))
 
     def _draw(self, first: int, b: int) -> list[int]:
         """r_i uniform in [0, j_i] for the stream indices j_i = first, ..., first + b - 1 (one draw per item,
@@ -203,20 +213,34 @@ class ReplayBuffer:
             keep &= np.isin(self._y_np[:n], wanted)
         return np.flatnonzero(keep)
 
-    def sample(self, n: int, *, task: int | None = None, exclude_task: int | None = None,
-               classes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Up to n rows drawn uniformly without replacement among filled slots matching all filters."""
+    def _sample_index(self, n: int, task, exclude_task, classes) -> Tensor | None:
         cand = self._candidates(task, exclude_task, classes)
         available = len(self) if cand is None else len(cand)
         k = min(int(n), available)
         if k <= 0:
-            return (self._x.new_empty((0, *self.sample_shape)), self._y.new_empty((0,)), self._task.new_empty((0,)))
+            return None
         idx = torch.randperm(available, generator=self._gen)[:k]
         if cand is not None:
             idx = torch.from_numpy(cand[idx.numpy()])
         if self.device.type != "cpu":
             idx = idx.to(self.device, non_blocking=True)
+        return idx
+
+    def sample(self, n: int, *, task: int | None = None, exclude_task: int | None = None,
+               classes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Up to n rows drawn uniformly without replacement among filled slots matching all filters."""
+        idx = self._sample_index(n, task, exclude_task, classes)
+        if idx is None:
+            return (self._x.new_empty((0, *self.sample_shape)), self._y.new_empty((0,)), self._task.new_empty((0,)))
         return self._x.index_select(0, idx), self._y.index_select(0, idx), self._task.index_select(0, idx)
+
+    def sample_extras(self, n: int, **filters) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """As `sample` (the same draw from the generator), plus every extra of the drawn rows by name."""
+        idx = self._sample_index(n, filters.get("task"), filters.get("exclude_task"), filters.get("classes"))
+        if idx is None:
+            idx = torch.zeros(0, dtype=torch.long, device=self.device)
+        return (self._x.index_select(0, idx), self._y.index_select(0, idx), self._task.index_select(0, idx),
+                {name: t.index_select(0, idx) for name, t in self._extras.items()})
 
     def count(self, *, task: int | None = None, exclude_task: int | None = None) -> int:
         cand = self._candidates(task, exclude_task, None)
@@ -235,6 +259,7 @@ class ReplayBuffer:
             "n_seen": self.n_seen, "generator": self._gen.get_state(),
             "x": self._x[:n].to("cpu", copy=True), "y": self._y_cpu[:n].clone(), "task": self._task_cpu[:n].clone(),
             "seen_per_class": dict(self._seen_per_class), "full_classes": sorted(self._full_classes),
+            **({"extras": {k: t[:n].to("cpu", copy=True) for k, t in self._extras.items()}} if self._extras else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -259,3 +284,10 @@ class ReplayBuffer:
         self._gen.set_state(state["generator"])
         self._seen_per_class = {int(k): int(v) for k, v in state["seen_per_class"].items()}
         self._full_classes = set(int(c) for c in state["full_classes"])
+        saved = state.get("extras", {})
+        if set(saved) != set(self._extras):
+            raise ConfigError(f"buffer checkpoint has the extras {sorted(saved)} but this buffer keeps "
+                              f"{sorted(self._extras)}; resume with the method that wrote the checkpoint")
+        for name, t in self._extras.items():
+            t.zero_()
+            t[:n] = saved[name].to(self.device)

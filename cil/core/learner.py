@@ -30,12 +30,14 @@ def predict(method: Method, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     model = method.model
     was_training = model.training
     model.eval()
+    method.owned.eval()
     preds = []
     for i in range(0, len(x), batch_size):
         with method.autocast():
-            logits = model(method.to_input(x[i:i + batch_size])).float()
+            logits = method.predict_logits(method.to_input(x[i:i + batch_size])).float()
         preds.append(mask_logits(logits, method.seen).argmax(1))
     model.train(was_training)
+    method.owned.train(was_training)
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=x.device)
 
 
@@ -167,8 +169,7 @@ class Learner:
         out = method.observe(batch)
         if self.diagnostics is not None:
             self.diagnostics.end_batch(self.logger)
-        if method.uses_buffer and method.buffer is not None:
-            method.buffer.add(batch.x, batch.y, batch.task)
+        method.remember(batch, out)
         self.step += 1
         # Kept as they are and reduced in one go at the next read-back: ~7 small ops per step fewer.
         self._pending.append((out.loss, out.logits, batch.y, method.seen))  # never changed in place

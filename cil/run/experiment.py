@@ -123,7 +123,8 @@ def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset]
     else:
         cls = method_class(cfg.method.name)
         buffer = ReplayBuffer(cfg.buffer.size, dataset.input_shape, device=device, policy=cfg.buffer.policy,
-                              seed=cfg.seed + 1) if cls.uses_buffer and cfg.buffer.size > 0 else None
+                              seed=cfg.seed + 1, extras=cls.buffer_extras(cfg.method, dataset.num_classes),
+                              ) if cls.uses_buffer and cfg.buffer.size > 0 else None
         method = cls(model, optimizer, buffer, cfg.method, dataset.num_classes, device, precision=cfg.precision,
                      channels_last=cfg.channels_last, seed=cfg.seed + 2, input_shape=dataset.input_shape,
                      normalize=normalize)

@@ -6,7 +6,10 @@ incoming batch's logits from before the first update (for online accuracy), both
 device: nothing here reads a value back to the host.
 
 A method lives in one module of this package: its config dataclass (`Config`, validated by `validate`), its
-needs (`uses_buffer`, `needs_task_boundaries`) and its step, registered with `@register`. The runner offers
+needs (`uses_buffer`, `needs_task_boundaries`, `buffer_extras`) and its step, registered with `@register`.
+Hooks a method may override beyond `update`: `remember` (what goes into the buffer after a step), `own`
+(extra trained modules such as a projection head: optimised with the model, saved with the method) and
+`predict_logits` (the evaluation head). The runner offers
 every registered method as a `method=<name>` option with the config's fields as its keys.
 """
 from __future__ import annotations
@@ -142,6 +145,21 @@ class Method:
         # Random choices of the method itself (augmentation), on the device so no copy happens per step.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.diagnostics = None  # a cil.core.diagnostics.Diagnostics when diagnostics are on (set by the builder)
+        self.owned = nn.ModuleDict()  # modules trained beside the model (see `own`)
+
+    @classmethod
+    def buffer_extras(cls, cfg: MethodConfig, num_classes: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What the buffer keeps per sample beyond image, label and task: {name: (shape, dtype)} (DER++: logits)."""
+        return {}
+
+    def own(self, name: str, module: nn.Module) -> nn.Module:
+        """Train `module` (a projection head, proxies) with the model's optimizer, under the optimizer's default
+        settings, and keep it in the method's state. Call in `__init__`, so a resumed run adds the same
+        parameter groups before the optimizer's state is loaded."""
+        module = module.to(self.device)
+        self.owned[name] = module
+        self.optimizer.add_param_group({"params": list(module.parameters())})
+        return module
 
     @property
     def seen(self) -> torch.Tensor:
@@ -168,6 +186,15 @@ class Method:
     def update(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step. Returns (loss, logits of the incoming batch)."""
         raise NotImplementedError
+
+    def remember(self, batch: Batch, out: StepOutput) -> None:
+        """After the step: offer the incoming batch to the buffer (with the extras the method keeps)."""
+        if self.uses_buffer and self.buffer is not None:
+            self.buffer.add(batch.x, batch.y, batch.task)
+
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation logits [B, num_classes] of model inputs (already converted by `to_input`), in eval mode."""
+        return self.model(x)
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def autocast(self):
@@ -241,11 +268,16 @@ class Method:
         return {}
 
     def state_dict(self) -> dict:
-        return {**self.classes.state_dict(), "generator": self.generator.get_state()}
+        state = {**self.classes.state_dict(), "generator": self.generator.get_state()}
+        if len(self.owned):
+            state["owned"] = {k: v.cpu() for k, v in self.owned.state_dict().items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.classes.load_state_dict(state)
         self.generator.set_state(state["generator"])
+        if len(self.owned):
+            self.owned.load_state_dict(state["owned"])
 
 
 METHODS: dict[str, type[Method]] = {}
