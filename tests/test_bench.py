@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cil.run.bench.contestants import final_accuracy
+from cil.run.bench.contestants import OURS, final_accuracy, run_ours
 from cil.run.bench.workloads import shorten_stream, workload_config, workload_dataset
 from cil.run.config import validate
 from cil.core.data.stream import ClassIncrementalStream
@@ -167,3 +167,14 @@ def test_seen_masks_are_replaced_when_a_class_is_new_and_never_changed_in_place(
     restored = fresh.seen
     fresh.classes.mark_seen(torch.tensor([2]), torch.tensor([2]))
     assert fresh.seen is restored and restored.nonzero().squeeze(1).tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("method", OURS)
+def test_every_native_method_is_a_contestant_with_its_arithmetic_timed(method):
+    """`make bench` covers every registered method: it trains, its evaluation uses the method's own evaluation
+    head (the bench's final accuracy equals the learner's), and the breakdown finds its forward passes however it
+    calls the network (the body, the head, its own modules)."""
+    cfg = workload_config("digits", method=method)
+    res = run_ours(cfg, workload_dataset("digits", cfg), 3, breakdown=True)
+    assert res["final_acc"] == pytest.approx(res["learner_final_avg_acc"], abs=1e-4)
+    assert res["breakdown"]["forward"] > 0 and res["breakdown"]["backward_step"] > 0

@@ -1,7 +1,8 @@
 """The contestants: one training pass over a workload's stream each, timed without evaluation.
 
-- ``er``, ``er_ace``, ``gsa``, ``naive``: ours, through ``cil.run.build_learner`` and ``Learner.run`` (the real
-  loop; its ``train_time_s`` already excludes the task-end evaluations, and anytime evaluation is off).
+- every native method (``er``, ``er_ace``, ``gsa``, ``derpp``, ... : the registry of ``cil.core.methods``): ours,
+  through ``cil.run.build_learner`` and ``Learner.run`` (the real loop; its ``train_time_s`` already excludes the
+  task-end evaluations, and anytime evaluation is off). ``--set method.<key>=...`` reaches their configs.
 - ``floor``: a bare hand-written PyTorch loop doing the same ER math (incoming batch + ``replay_batch_size``
   samples drawn without replacement from a preallocated reservoir, one cross-entropy over the seen classes, one
   SGD/Adam step). No framework, no logging, no checks: the lower bound on what ER can cost.
@@ -26,8 +27,9 @@ import torch.nn.functional as F
 
 from cil.schema import RunConfig
 from cil.core.data.stream import ClassIncrementalStream
+from cil.core.methods import METHODS
 
-OURS = ("er", "er_ace", "gsa", "naive")
+OURS = tuple(METHODS)
 AVALANCHE = ("avalanche_er", "avalanche_er_ace", "avalanche_naive")
 CONTESTANTS = OURS + ("floor",) + AVALANCHE
 
@@ -38,8 +40,12 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def final_accuracy(model: torch.nn.Module, stream: ClassIncrementalStream, batch_size: int = 1000) -> dict:
-    """Per-task test accuracy (percent) after training, argmax over the classes of the stream's tasks."""
+def final_accuracy(model: torch.nn.Module, stream: ClassIncrementalStream, batch_size: int = 1000,
+                   logits=None) -> dict:
+    """Per-task test accuracy (percent) after training, argmax over the classes of the stream's tasks.
+    `logits`: uint8 images -> evaluation logits (ours: the method's input conversion and evaluation head);
+    default: the model on [0, 1] inputs."""
+    logits_of = logits or (lambda x: model(x.float().div_(255.0)))
     was_training = model.training
     model.eval()
     seen = torch.zeros(stream.num_classes, dtype=torch.bool, device=stream.device)
@@ -50,7 +56,8 @@ def final_accuracy(model: torch.nn.Module, stream: ClassIncrementalStream, batch
         x, y = stream.test_x[t.test_idx], stream.test_y[t.test_idx]
         correct = 0
         for i in range(0, len(y), batch_size):
-            logits = model(x[i:i + batch_size].float().div_(255.0)).float()
+            with torch.inference_mode():
+                logits = logits_of(x[i:i + batch_size]).float()
             correct += int((logits.masked_fill(~seen, float("-inf")).argmax(1) == y[i:i + batch_size]).sum())
         accs.append(100.0 * correct / max(len(y), 1))
     model.train(was_training)
@@ -77,12 +84,43 @@ class _Timed:
         return out
 
 
+def _evaluation_logits(method):
+    def logits(x):
+        method.owned.eval()
+        try:
+            return method.predict_logits(method.to_input(x))
+        finally:
+            method.owned.train()
+    return logits
+
+
+def _time_modules(modules, totals: dict, key: str, device: torch.device) -> None:
+    """Time every call of these modules (forward hooks: however a method calls them) under `key`."""
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
+    starts = []
+
+    def before(module, args):
+        _sync(device)
+        starts.append(clock())
+
+    def after(module, args, output):
+        _sync(device)
+        totals[key] = totals.get(key, 0.0) + clock() - starts.pop()
+
+    for m in modules:
+        m.register_forward_pre_hook(before)
+        m.register_forward_hook(after)
+
+
 def _instrument(method, totals: dict) -> None:
-    """Time the model's arithmetic (forward passes; backward + optimizer step) and the method's extras
-    (augmentation, buffer) separately. Each timer costs two perf_counter calls (and a sync on CUDA)."""
+    """Time the model's arithmetic (forward passes of the network's body, its head and the method's own modules
+    such as projection heads; backward + optimizer step) and the method's extras (augmentation, buffer)
+    separately. Each timer costs two clock calls (and a sync on CUDA)."""
     dev = method.device
-    method.forward = _Timed(method.forward, totals, "forward", dev)
-    method.forward_float = _Timed(method.forward_float, totals, "forward", dev)
+    model = getattr(method.model, "_orig_mod", method.model)
+    body = model.features  # forward() and methods that take features both call it through the instance
+    model.features = _Timed(body, totals, "forward", dev)
+    _time_modules([model.head, *method.owned.values()], totals, "forward", dev)
     method.step = _Timed(method.step, totals, "backward_step", dev)
     aug = getattr(getattr(method, "gsa", None), "augment", None)
     if aug is not None:  # the augmentation's stages, however the method calls them (cil.core.augment.PreDrawn)
@@ -123,7 +161,7 @@ def run_ours(cfg: RunConfig, dataset, batches_per_task, breakdown: bool = False)
     out = {"train_time_s": res["train_time_s"], "train_cpu_s": train_cpu, "eval_time_s": res["eval_time_s"],
            "samples": learner.stream.n_samples,
            "learner_final_avg_acc": res["final_avg_acc"], "acc_matrix": res["acc_matrix"],
-           **final_accuracy(learner.method.model, learner.stream)}
+           **final_accuracy(learner.method.model, learner.stream, logits=_evaluation_logits(learner.method))}
     if breakdown:
         totals["arithmetic"] = totals.get("forward", 0.0) + totals.get("backward_step", 0.0)
         total = res["train_time_s"] if learner.device.type == "cuda" else train_cpu
