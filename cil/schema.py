@@ -98,7 +98,7 @@ class RunConfig:
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 where the device has it natively)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model (opt-in)
     threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default (1 per run in sweeps)

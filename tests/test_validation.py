@@ -79,7 +79,7 @@ def cfg_with(**changes) -> RunConfig:
     ({"eval__anytime_every": -1}, "eval.anytime_every=-1 is not allowed"),
     ({"method": GSAConfig(grayscale_p=1.5)}, "method.grayscale_p=1.5 is not allowed: use 0 <= p <= 1"),
     ({"method": GSAConfig(name="er")}, "method.name='er' needs its own config (ERConfig)"),
-    ({"precision": "fp16"}, "precision='fp16' is not allowed: choose one of ('fp32', 'bf16')"),
+    ({"precision": "fp16"}, "precision='fp16' is not allowed: choose one of ('fp32', 'bf16', 'auto')"),
     ({"buffer__size": 5, "method__replay_batch_size": 10},
      "buffer.size=5 is smaller than method.replay_batch_size=10"),
 ])
@@ -236,3 +236,18 @@ def test_cli_real_divergence_is_reported(tmp_path):
     assert proc.returncode == 2
     assert "non-finite (nan or inf)" in proc.stderr and "Lower optimizer.lr" in proc.stderr
     assert not (run_dir / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_takes_bf16_only_where_native_and_bf16_without_it_warns(monkeypatch, caplog, native):
+    """On a CPU without AVX512-BF16/AMX, bf16 is emulated (about 7x slower than fp32 on an AMD EPYC): `auto`
+    must pick fp32 there, and an explicit bf16 runs as asked but says so."""
+    import cil.run.experiment as experiment
+
+    monkeypatch.setattr(experiment, "native_bf16", lambda device: native)
+    cpu = torch.device("cpu")
+    assert experiment.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    with caplog.at_level("WARNING", logger="cil"):
+        assert experiment.resolve_precision("bf16", cpu) == "bf16"
+        assert experiment.resolve_precision("fp32", cpu) == "fp32"
+    assert ("emulates" in caplog.text) is (not native)

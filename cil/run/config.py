@@ -6,7 +6,7 @@ from cil.errors import ConfigError, require
 from cil.schema import RunConfig
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 OPTIMIZERS = ("sgd", "adam")
 BUFFER_POLICIES = ("reservoir", "class_balanced")
 

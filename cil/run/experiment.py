@@ -37,6 +37,30 @@ from cil.runfolder import RESULTS, read_json
 log = logging.getLogger("cil")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bfloat16 natively: on a CPU, the AVX512-BF16 or AMX-BF16 instructions
+    (without them PyTorch emulates bf16, several times slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = next((ln.split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto` -> bf16 where the device has native bf16, else fp32; bf16 on a device without it is kept (a run
+    must do what it says) with a warning."""
+    if name == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if name == "bf16" and not native_bf16(device):
+        log.warning("precision=bf16 on %s, which has no native bfloat16 (no AVX512-BF16/AMX flag): PyTorch emulates "
+                    "it, several times slower than fp32; use precision=auto (bf16 only where native) or fp32",
+                    "this CPU" if device.type == "cpu" else device)
+    return name
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,7 +149,8 @@ def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset]
         buffer = ReplayBuffer(cfg.buffer.size, dataset.input_shape, device=device, policy=cfg.buffer.policy,
                               seed=cfg.seed + 1, extras=cls.buffer_extras(cfg.method, dataset.num_classes),
                               ) if cls.uses_buffer and cfg.buffer.size > 0 else None
-        method = cls(model, optimizer, buffer, cfg.method, dataset.num_classes, device, precision=cfg.precision,
+        method = cls(model, optimizer, buffer, cfg.method, dataset.num_classes, device,
+                     precision=resolve_precision(cfg.precision, device),
                      channels_last=cfg.channels_last, seed=cfg.seed + 2, input_shape=dataset.input_shape,
                      normalize=normalize)
         if cfg.diagnostics.enabled:
@@ -197,6 +222,7 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: 
                 "wall_time_s": checkpointer.wall_time(),
                 "versions": {"cil": __version__, "torch": torch.__version__, "python": platform.python_version()},
                 "device": str(learner.device),
+                "precision": learner.method.precision,  # what ran (precision=auto picks per machine)
             }
             try:
                 folder.write_results(results)
