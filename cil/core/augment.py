@@ -304,3 +304,137 @@ def two_views(x: Tensor, augment: Callable[[Tensor, torch.Generator], Tensor],
     a = augment(x, generator)
     b = augment(x, generator) if independent else a
     return torch.cat([a, hflip(b)], dim=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Colour jitter and the SimCLR-style augmentation of the SCR / PCR code bases (Mai et al.'s online-CL survey code):
+# RandomResizedCrop(scale 0.2-1) -> RandomHorizontalFlip -> RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8)
+# -> RandomGrayscale(p=0.2), per sample, batched on the device.
+# ---------------------------------------------------------------------------------------------------------------
+def _per_image(v: Tensor) -> Tensor:
+    """[B] -> [B, 1, 1, 1] (a factor per image)."""
+    return v.view(-1, 1, 1, 1)
+
+
+def luma(x: Tensor) -> Tensor:
+    """[B, 1 or 3, H, W] -> [B, 1, H, W]: BT.601 luma (a 1-channel image is its own luma)."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = LUMA_WEIGHTS
+    return (r * x[:, 0] + g * x[:, 1] + b * x[:, 2]).unsqueeze(1)
+
+
+def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
+    """Scale every image by its factor ([B]), clipped to [0, 1] (torchvision's adjust_brightness)."""
+    return (x * _per_image(factor)).clamp(0.0, 1.0)
+
+
+def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
+    """Blend every image with the mean of its luma (one grey level per image), clipped to [0, 1]."""
+    f = _per_image(factor)
+    grey = luma(x).mean(dim=(1, 2, 3), keepdim=True)
+    return (f * x + (1 - f) * grey).clamp(0.0, 1.0)
+
+
+def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
+    """Blend every image with its own luma image, clipped to [0, 1]; a no-op on 1-channel images."""
+    if x.shape[1] == 1:
+        return x
+    f = _per_image(factor)
+    return (f * x + (1 - f) * luma(x)).clamp(0.0, 1.0)
+
+
+def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """Rotate the hue of every image by its shift ([B], in turns, within [-0.5, 0.5]) in HSV space; a no-op on
+    1-channel images. Written from the HSV definitions: hue from the largest channel's sector, back to RGB with
+    c_n = v - v s clip(min(k_n, 4 - k_n), 0, 1), k_n = (n + 6 h) mod 6, n = 5, 3, 1 for R, G, B."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)
+    v, _ = x.max(dim=1)
+    lo, _ = x.min(dim=1)
+    chroma = v - lo
+    grey = chroma == 0
+    safe_v = torch.where(v == 0, torch.ones_like(v), v)
+    s = chroma / safe_v
+    c = torch.where(grey, torch.ones_like(chroma), chroma)
+    # sector of the largest channel (ties resolved red, then green, then blue)
+    h = torch.where(v == r, (g - b) / c, torch.where(v == g, 2.0 + (b - r) / c, 4.0 + (r - g) / c))
+    h = torch.where(grey, torch.zeros_like(h), h)
+    h = torch.remainder(h / 6.0 + shift.view(-1, 1, 1), 1.0)
+    n = _constant((5.0, 3.0, 1.0), x.dtype, x.device).view(1, 3, 1, 1)
+    k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+    vv = v.unsqueeze(1)
+    return vv - vv * s.unsqueeze(1) * ramp
+
+
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def color_jitter(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
+    """Apply brightness, contrast, saturation and hue (``factors`` [B, 4]: three multiplicative factors and a
+    hue shift) to every image in its own order (``order`` long [B, 4]: a permutation of 0..3, the op applied
+    at each position, as torchvision's ColorJitter draws one per image). Each position computes every op for
+    the whole batch and keeps, per image, the one its order names (16 op evaluations, no per-image loop)."""
+    for slot in range(4):
+        which = order[:, slot]
+        out = x
+        for i, op in enumerate(JITTER_OPS):
+            out = torch.where(_per_image(which == i), op(x, factors[:, i]), out)
+        x = out
+    return x
+
+
+class SimCLRAugment:
+    """Per sample, in this order: random resized crop to ``size`` (torchvision ``RandomResizedCrop`` sampling
+    with ``scale``/``ratio``, bilinear), horizontal flip with probability ``flip_p``, with probability
+    ``jitter_p`` a colour jitter (brightness, contrast, saturation factors uniform in [max(0, 1 - j), 1 + j],
+    hue shift uniform in [-h, h], the four in a random order), then grayscale with probability ``grayscale_p``.
+    Batched over float [B, 1 or 3, H, W] images in [0, 1]; every random number of a call comes from one
+    ``torch.rand(B, 2 * attempts + 13)`` on the generator (crop attempts, crop position, flip, jitter on/off,
+    four factors, four order keys, grayscale). ``draw`` + ``apply`` split the two halves."""
+
+    def __init__(self, size: tuple[int, int], scale: tuple[float, float] = (0.2, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5,
+                 jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1), jitter_p: float = 0.8,
+                 grayscale_p: float = 0.2, attempts: int = 10):
+        if not (0 < scale[0] <= scale[1]):
+            raise ValueError(f"scale must satisfy 0 < min <= max, got {scale}")
+        if not (0 <= jitter[3] <= 0.5) or min(jitter[:3]) < 0:
+            raise ValueError(f"jitter must be three factors >= 0 and a hue in [0, 0.5], got {jitter}")
+        self.size = (int(size[0]), int(size[1]))
+        self.scale, self.ratio = (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
+        self.flip_p, self.jitter_p, self.grayscale_p = float(flip_p), float(jitter_p), float(grayscale_p)
+        self.jitter = tuple(float(j) for j in jitter)
+        self.attempts = int(attempts)
+
+    def draw(self, n: int, height: int, width: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """The random parameters of ``n`` images: boxes [n, 4], flip [n], jitter [n] (on/off), factors [n, 4],
+        order [n, 4], gray [n]."""
+        a = self.attempts
+        u = torch.rand(n, 2 * a + 13, generator=generator, device=generator.device)
+        boxes = _boxes_from_uniforms(u[:, :a], u[:, a:2 * a], u[:, 2 * a:2 * a + 2], height, width,
+                                     self.scale, self.ratio)
+        rest = u[:, 2 * a + 2:]
+        lo = _constant(tuple(max(0.0, 1 - j) for j in self.jitter[:3]) + (-self.jitter[3],), u.dtype, u.device)
+        hi = _constant(tuple(1 + j for j in self.jitter[:3]) + (self.jitter[3],), u.dtype, u.device)
+        return {"boxes": boxes, "flip": rest[:, 0] < self.flip_p, "jitter": rest[:, 1] < self.jitter_p,
+                "factors": lo + (hi - lo) * rest[:, 2:6], "order": rest[:, 6:10].argsort(dim=1),
+                "gray": rest[:, 10] < self.grayscale_p}
+
+    def apply(self, x: Tensor, p: dict[str, Tensor]) -> Tensor:
+        """Apply drawn parameters (from :meth:`draw`) to ``x``."""
+        x = resized_crop(x, p["boxes"], self.size)
+        x = torch.where(_per_image(p["flip"]), hflip(x), x)
+        x = torch.where(_per_image(p["jitter"]), color_jitter(x, p["factors"].to(x.dtype), p["order"]), x)
+        return random_grayscale(x, p["gray"])
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        if x.dim() != 4 or x.shape[1] not in (1, 3) or not x.is_floating_point():
+            raise ValueError(f"SimCLRAugment expects a float [B, 1 or 3, H, W] batch, got {x.dtype} {tuple(x.shape)}")
+        return self.apply(x, self.draw(len(x), x.shape[-2], x.shape[-1], generator))
+
+    def __repr__(self) -> str:
+        return (f"SimCLRAugment(size={self.size}, scale={self.scale}, flip_p={self.flip_p}, jitter={self.jitter}, "
+                f"jitter_p={self.jitter_p}, grayscale_p={self.grayscale_p})")
