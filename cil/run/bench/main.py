@@ -197,8 +197,8 @@ def print_table(summary: dict) -> None:
     print("\nsamples/s: stream samples per second of training wall time; per CPU-s: per second of the process's CPU "
           "time\n(steadier on a loaded machine); ratios are medians of ratios within a repeat. 'overhead': training "
           "(CPU) time\nover the (CPU) time inside the model's forward passes, backward and optimizer step, "
-          "minus 1, from one extra\ninstrumented run (the timed runs carry no timers). 'last/1st': CPU time per sample of the "
-          "last task over\nthe first task's (a slow-down over the stream shows as > 1).")
+          "minus 1, from one extra\ninstrumented run (the timed runs carry no timers). 'last/1st': CPU time per "
+          "sample of the last task over\nthe first task's (a slow-down over the stream shows as > 1).")
 
 
 def machine_info() -> dict:
