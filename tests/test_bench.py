@@ -1,6 +1,7 @@
 """The benchmark command end to end on a tiny stream (no timing is asserted), and the loop's speed changes:
 they must not change what a run computes."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,81 @@ def test_every_native_method_is_a_contestant_with_its_arithmetic_timed(method):
     res = run_ours(cfg, workload_dataset("digits", cfg), 3, breakdown=True)
     assert res["final_acc"] == pytest.approx(res["learner_final_avg_acc"], abs=1e-4)
     assert res["breakdown"]["forward"] > 0 and res["breakdown"]["backward_step"] > 0
+
+
+def test_er_ace_joint_loss_equals_the_two_term_loss_bit_for_bit():
+    """ER-ACE's joint-pass loss (one masked fill, one log-softmax) gives the same loss and gradients, exactly, as
+    the two masked cross-entropies on the incoming and replay slices."""
+    from cil.core.objectives.er_ace import er_ace_loss, er_ace_loss_joint
+
+    g = torch.Generator().manual_seed(0)
+    for n, r, c in [(10, 10, 10), (10, 3, 10), (7, 10, 100)]:
+        logits = torch.randn(n + r, c, generator=g) * 4
+        seen = torch.zeros(c, dtype=torch.bool)
+        seen[torch.randperm(c, generator=g)[:max(4, c // 2)]] = True
+        labels = seen.nonzero().squeeze(1)
+        y = labels[torch.randint(0, len(labels), (n + r,), generator=g)]
+        y[:n] = labels[torch.randint(0, 2, (n,), generator=g)]  # the incoming batch holds two classes
+        a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        ref = er_ace_loss(a[:n], y[:n], a[n:], y[n:], seen)
+        joint = er_ace_loss_joint(b, y[:n], y[n:], ~seen)
+        ref.backward()
+        joint.backward()
+        assert torch.equal(ref, joint) and torch.equal(a.grad, b.grad)
+
+
+def test_per_task_training_time_for_ours_and_the_floor():
+    """Every contestant records its training time per task (wall and CPU), so a slow-down over the stream shows;
+    the learner's results carry the per-task wall time, which adds up to its training time."""
+    from cil.run.bench.contestants import run_floor
+
+    cfg = workload_config("digits")
+    ds = workload_dataset("digits", cfg)
+    res = run_ours(cfg, ds, 3)
+    assert len(res["task_train_time_s"]) == len(res["task_train_cpu_s"]) == 5 and res["task_samples"] == [30] * 5
+    # the totals also hold the moments after the last task's evaluation
+    assert 0.5 * res["train_time_s"] < sum(res["task_train_time_s"]) <= res["train_time_s"]
+    assert 0.5 * res["train_cpu_s"] < sum(res["task_train_cpu_s"]) <= res["train_cpu_s"] + 1e-6
+    assert all(t > 0 for t in res["task_train_time_s"] + res["task_train_cpu_s"])
+    stream = shorten_stream(ClassIncrementalStream(ds, 5, 10, cfg.stream.class_order, seed=0), 3)
+    floor = run_floor(cfg, stream)
+    assert len(floor["task_train_cpu_s"]) == 5 and sum(floor["task_train_time_s"]) <= floor["train_time_s"] + 1e-6
+
+
+def test_summary_reports_per_task_time_and_the_slowdown():
+    from cil.run.bench.main import summarise
+
+    run = {"workload": "w", "contestant": "x", "repeat": 0, "samples": 40, "samples_per_s": 1.0,
+           "samples_per_cpu_s": 1.0, "train_time_s": 4.0, "final_acc": 50.0, "peak_rss_mb": 1.0,
+           "rss_after_data_mb": 1.0, "task_train_time_s": [1.0, 3.0], "task_train_cpu_s": [1.0, 3.0],
+           "task_samples": [20, 20]}
+    s = summarise([run])["w"]["x"]
+    assert s["task_train_cpu_s"] == [1.0, 3.0] and s["slowdown_last_over_first_cpu"] == pytest.approx(3.0)
+    assert s["task_us_per_sample_cpu"] == pytest.approx([5e4, 15e4])
+
+
+MNIST_RAW = Path(os.environ.get("CIL_DATA_ROOT") or REPO.parent / "shared" / "data") / "MNIST" / "raw"
+
+
+@pytest.mark.skipif(not (MNIST_RAW / "train-images-idx3-ubyte.gz").is_file(), reason="offline MNIST copy absent")
+@pytest.mark.parametrize("which", ["avalanche_er", "avalanche_er_ace"])
+def test_avalanche_classic_split_mnist_contestant(which, tmp_path, monkeypatch):
+    """Avalanche's own SplitMNIST from the offline files (found, never downloaded: the data root is read-only,
+    so torchvision extracts under the cache dir), our class order, 2 online sub-experiences of every experience:
+    the same number of samples as ours, from each task's own classes, with per-task times."""
+    pytest.importorskip("avalanche")
+    from cil.avalanche.bench import classic_benchmark
+    from cil.run.bench.contestants import run_avalanche
+
+    monkeypatch.setenv("CIL_CACHE_DIR", str(Path.home() / ".cache" / "cil"))  # extracted once, reused
+    monkeypatch.setenv("CIL_DATA_ROOT", str(MNIST_RAW.parents[1]))
+    cfg = workload_config("mnist")
+    ds = workload_dataset("mnist", cfg)
+    stream = shorten_stream(ClassIncrementalStream(ds, 5, 10, cfg.stream.class_order, seed=0), 2)
+    bench = classic_benchmark("mnist", MNIST_RAW.parents[1], stream.class_order, 5, 0)
+    assert [sorted(e.classes_in_this_experience) for e in bench.train_stream] == \
+        [sorted(t.classes.tolist()) for t in stream.tasks]
+    res = run_avalanche(cfg, stream, which, "mnist", 2)
+    assert res["samples"] == stream.n_samples == 100 and res["task_samples"] == [20] * 5
+    assert len(res["task_train_cpu_s"]) == 5 and all(t > 0 for t in res["task_train_time_s"])
+    assert 0 <= res["final_acc"] <= 100

@@ -19,7 +19,7 @@ FAST = ["dataset=digits", "log.progress=false", "log.every=15", "eval.anytime_ev
         "buffer.size=100"]
 METHODS = {"er": ["method=er", "method.replay_batch_size=10"],
            "gsa": ["method=gsa", "method.replay_batch_size=32", "method.current_task_replay=8"]}
-TIMINGS = {"train_time_s", "eval_time_s", "samples_per_s", "wall_time_s", "peak_rss_mb", "peak_cuda_mb"}
+TIMINGS = {"train_time_s", "task_train_time_s", "eval_time_s", "samples_per_s", "wall_time_s", "peak_rss_mb", "peak_cuda_mb"}
 EXIT_PREEMPTED = 75
 
 

@@ -122,7 +122,7 @@ def test_resume_refuses_other_settings_and_a_complete_run_is_not_redone(tmp_path
         {k: v for k, v in before.items() if k != "results.json"}
     # checkpoint.* may change: resumed from the final checkpoint, same results
     resumed = run_experiment(digits_cfg(checkpoint__every=7), tmp_path)
-    timing = ("train_time_s", "eval_time_s", "samples_per_s", "wall_time_s", "peak_rss_mb", "config")
+    timing = ("train_time_s", "task_train_time_s", "eval_time_s", "samples_per_s", "wall_time_s", "peak_rss_mb", "config")
     assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in first.items() if k not in timing}
     assert not (tmp_path / "checkpoint.pt").exists()  # keep=false now
 

@@ -111,6 +111,7 @@ class Learner:
         self.acc_matrix: list[list[float]] = []
         self.anytime_curve: list[dict] = []
         self.train_time_s = 0.0
+        self.task_train_time_s: list[float] = []  # training time of each finished task (a slow-down shows here)
         self.eval_time_s = 0.0
         self.online_correct = torch.zeros((), device=self.device)
         self.online_seen = 0
@@ -192,6 +193,8 @@ class Learner:
                 tick = self._timed_eval(tick, lambda: self._anytime(task))
             if task_ends:
                 tick = self._timed_eval(tick, lambda: self._task_end(task))
+                # train_time_s now runs to the evaluation's start (already synchronised): no extra sync here
+                self.task_train_time_s.append(self.train_time_s - sum(self.task_train_time_s))
                 self.method.on_task_end(task)
             if self.checkpointer is not None and self.checkpointer.due(self.step, task_ends):
                 tick = self._checkpoint(tick)
@@ -283,6 +286,7 @@ class Learner:
             "anytime_curve": self.anytime_curve,
             "online_acc": online,
             "train_time_s": self.train_time_s,
+            "task_train_time_s": self.task_train_time_s,
             "eval_time_s": self.eval_time_s,
             "samples_per_s": self.stream.n_samples / self.train_time_s if self.train_time_s > 0 else None,
             "stream_samples": self.stream.n_samples,
@@ -303,7 +307,8 @@ class Learner:
         self._fold()
         return {
             "step": self.step, "acc_matrix": self.acc_matrix, "anytime_curve": self.anytime_curve,
-            "train_time_s": self.train_time_s, "eval_time_s": self.eval_time_s,
+            "train_time_s": self.train_time_s, "task_train_time_s": self.task_train_time_s,
+            "eval_time_s": self.eval_time_s,
             "online_correct": self.online_correct.cpu(), "online_seen": self.online_seen,
             "loss_sum": self.loss_sum.cpu(), "loss_count": self.loss_count,
             "errors": self.errors, "warnings": self.warnings,
@@ -315,6 +320,8 @@ class Learner:
         self.acc_matrix = state["acc_matrix"]
         self.anytime_curve = state["anytime_curve"]
         self.train_time_s = state["train_time_s"]
+        # absent in older checkpoints: the first task end after resuming then counts every earlier task's time
+        self.task_train_time_s = list(state.get("task_train_time_s", []))
         self.eval_time_s = state["eval_time_s"]
         self.online_correct = state["online_correct"].to(self.device)
         self.online_seen = state["online_seen"]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from cil.core.methods.base import Method, ReplayConfig, register
-from cil.core.objectives.er_ace import er_ace_loss
+from cil.core.objectives.er_ace import er_ace_loss, er_ace_loss_joint
 
 
 @dataclass
@@ -20,6 +20,13 @@ class ERACEConfig(ReplayConfig):
 class ERACE(Method):
     name = "er_ace"
     Config = ERACEConfig
+    _unseen_of = (None, None)  # (seen mask, its complement): the seen mask is replaced, never changed in place
+
+    def _unseen(self) -> torch.Tensor:
+        seen = self.seen
+        if self._unseen_of[0] is not seen:
+            self._unseen_of = (seen, ~seen)
+        return self._unseen_of[1]
 
     def update(self, batch):
         n = len(batch.y)
@@ -31,7 +38,10 @@ class ERACE(Method):
         else:
             logits = self.forward(batch.x if mem is None else torch.cat([batch.x, mem[0]]))
             logits_new, logits_buf = logits[:n], logits[n:]
-        loss = er_ace_loss(logits_new, batch.y, logits_buf, y_buf, self.seen)
+        if mem is not None and not self.cfg.separate_passes:  # the same loss in fewer ops (cil.core.objectives)
+            loss = er_ace_loss_joint(logits, batch.y, y_buf, self._unseen())
+        else:
+            loss = er_ace_loss(logits_new, batch.y, logits_buf, y_buf, self.seen)
         self.report("new", logits_new, batch.y, "present")
         self.report("replay", logits_buf, y_buf, self.seen)
         self.step(loss)

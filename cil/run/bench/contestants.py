@@ -6,14 +6,22 @@
 - ``floor``: a bare hand-written PyTorch loop doing the same ER math (incoming batch + ``replay_batch_size``
   samples drawn without replacement from a preallocated reservoir, one cross-entropy over the seen classes, one
   SGD/Adam step). No framework, no logging, no checks: the lower bound on what ER can cost.
-- ``avalanche_er``: Avalanche's Naive strategy with its ReplayPlugin (reservoir storage policy) on
-  ``split_online_stream`` with experience size = batch size; ``avalanche_er_ace``: Avalanche's ER_ACE on the same
-  stream; ``avalanche_naive``: Naive without replay. All with an evaluator that has no metrics and no loggers, the
-  fastest way Avalanche offers.
+- ``avalanche_er``: Avalanche's Naive strategy with its ReplayPlugin (reservoir storage policy);
+  ``avalanche_er_ace``: Avalanche's ER_ACE; ``avalanche_naive``: Naive without replay. All on Avalanche's own
+  classic benchmark (SplitMNIST; Split CIFAR-10 from the JPEG folder through torchvision's ImageFolder and
+  ``nc_benchmark``) with our class order and seed, split by ``split_online_stream(experience_size=batch)``,
+  stopped after ``batches_per_task`` sub-experiences of every experience, and an evaluator with no metrics and no
+  loggers (cil/avalanche/bench.py). The samples are not ours: Avalanche shuffles within each experience with
+  its own seeded splitter, so the first N batches of a task are another uniform draw from the same task's
+  classes (same classes, same count, same model, optimizer and initialisation); only the order is Avalanche's.
+- ``avalanche_er_tensors``, ``avalanche_er_ace_tensors``, ``avalanche_naive_tensors``: the same strategies on
+  *our* stream's samples in our order, as float tensor datasets built with a private Avalanche helper (the
+  bench's earlier Avalanche rows; its ER memory slows down over the stream, Avalanche's own datasets do not).
 
-Each returns a dict with ``train_time_s``, ``samples``, ``final_acc`` (mean over tasks of the accuracy on each
-task's test set, argmax over the classes seen, computed after training and outside the timing) and, for ours,
-a ``breakdown`` of where the training time went.
+Each returns a dict with ``train_time_s``, ``train_cpu_s``, ``task_train_time_s`` and ``task_train_cpu_s``
+(per task, so a slow-down over the stream shows), ``samples``, ``final_acc`` (mean over tasks of the accuracy on
+each task's test set, argmax over the classes seen, computed after training and outside the timing) and, for
+ours, a ``breakdown`` of where the training time went.
 """
 from __future__ import annotations
 
@@ -30,7 +38,9 @@ from cil.core.data.stream import ClassIncrementalStream
 from cil.core.methods import METHODS
 
 OURS = tuple(METHODS)
-AVALANCHE = ("avalanche_er", "avalanche_er_ace", "avalanche_naive")
+AVALANCHE_CLASSIC = ("avalanche_er", "avalanche_er_ace", "avalanche_naive")
+AVALANCHE_TENSORS = tuple(f"{n}_tensors" for n in AVALANCHE_CLASSIC)
+AVALANCHE = AVALANCHE_CLASSIC + AVALANCHE_TENSORS
 CONTESTANTS = OURS + ("floor",) + AVALANCHE
 
 
@@ -131,13 +141,21 @@ def _instrument(method, totals: dict) -> None:
         method.buffer.add = _Timed(method.buffer.add, totals, "buffer", dev)
 
 
-def _cpu_timed(fn, acc: dict):
+def _cpu_timed(fn, acc: dict, totals: dict, task_cpu: list | None = None):
+    """Time an evaluation in CPU time (to take it out of the training CPU time); the breakdown's timers fire
+    inside it too (its forward passes), so their totals are restored afterwards. `task_cpu`: the training CPU
+    time at each call (the task ends)."""
     def timed(*args, **kwargs):
         start = time.process_time()
+        if task_cpu is not None:
+            task_cpu.append(start - acc["cpu0"] - acc["s"])
+        saved = dict(totals)
         try:
             return fn(*args, **kwargs)
         finally:
             acc["s"] += time.process_time() - start
+            totals.clear()
+            totals.update(saved)
     return timed
 
 
@@ -151,22 +169,26 @@ def run_ours(cfg: RunConfig, dataset, batches_per_task, breakdown: bool = False)
         totals: dict = {}
         if breakdown:
             _instrument(learner.method, totals)
-        eval_cpu = {"s": 0.0}
-        for name in ("_task_end", "_anytime"):  # the learner times evaluation apart in wall time; here in CPU time
-            setattr(learner, name, _cpu_timed(getattr(learner, name), eval_cpu))
-        cpu0 = time.process_time()
+        eval_cpu, task_ends = {"s": 0.0}, []
+        # the learner times evaluation apart in wall time; here in CPU time (and the CPU time at each task end)
+        learner._task_end = _cpu_timed(learner._task_end, eval_cpu, totals, task_ends)
+        learner._anytime = _cpu_timed(learner._anytime, eval_cpu, totals)
+        cpu0 = eval_cpu["cpu0"] = time.process_time()
         res = learner.run()
         train_cpu = time.process_time() - cpu0 - eval_cpu["s"]
         learner.logger.close()
     out = {"train_time_s": res["train_time_s"], "train_cpu_s": train_cpu, "eval_time_s": res["eval_time_s"],
-           "samples": learner.stream.n_samples,
-           "learner_final_avg_acc": res["final_avg_acc"], "acc_matrix": res["acc_matrix"],
-           **final_accuracy(learner.method.model, learner.stream, logits=_evaluation_logits(learner.method))}
-    if breakdown:
+           "task_train_time_s": res["task_train_time_s"],
+           "task_train_cpu_s": [b - a for a, b in zip([0.0] + task_ends, task_ends)],
+           "samples": learner.stream.n_samples, "task_samples": [len(t.train_idx) for t in learner.stream.tasks],
+           "learner_final_avg_acc": res["final_avg_acc"], "acc_matrix": res["acc_matrix"]}
+    if breakdown:  # before the final accuracy below, whose forward passes would fire the timers
+        totals = dict(totals)
         totals["arithmetic"] = totals.get("forward", 0.0) + totals.get("backward_step", 0.0)
         total = res["train_time_s"] if learner.device.type == "cuda" else train_cpu
         totals["other"] = total - sum(v for k, v in totals.items() if k != "arithmetic")
         out["breakdown"] = totals
+    out.update(final_accuracy(learner.method.model, learner.stream, logits=_evaluation_logits(learner.method)))
     return out
 
 
@@ -190,9 +212,11 @@ def run_floor(cfg: RunConfig, stream: ClassIncrementalStream) -> dict:
     seen = torch.zeros(stream.num_classes, dtype=torch.bool, device=dev)
     rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     n_seen = 0
+    task_wall, task_cpu = [], []
     _sync(dev)
     start, cpu0 = time.perf_counter(), time.process_time()
     for task in stream.tasks:
+        t0, c0 = time.perf_counter(), time.process_time()
         order = task.train_idx
         for lo in range(0, len(order), b):
             idx = order[lo:lo + b]
@@ -219,17 +243,38 @@ def run_floor(cfg: RunConfig, stream: ClassIncrementalStream) -> dict:
                 slots_t, rows_t = torch.tensor(slots, device=dev), torch.tensor(rows, device=dev)
                 buf_x[slots_t] = x[rows_t]
                 buf_y[slots_t] = y[rows_t]
-    _sync(dev)
+        _sync(dev)
+        task_wall.append(time.perf_counter() - t0)
+        task_cpu.append(time.process_time() - c0)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
-    return {"train_time_s": elapsed, "train_cpu_s": cpu, "samples": stream.n_samples, **final_accuracy(model, stream)}
+    return {"train_time_s": elapsed, "train_cpu_s": cpu, "task_train_time_s": task_wall, "task_train_cpu_s": task_cpu,
+            "samples": stream.n_samples, "task_samples": [len(t.train_idx) for t in stream.tasks],
+            **final_accuracy(model, stream)}
 
 
 # ------------------------------------------------------------------------------------------------ Avalanche
-def run_avalanche(cfg: RunConfig, stream: ClassIncrementalStream, which: str) -> dict:
-    """Avalanche 0.6's own strategies on an online stream of the same samples in the same order."""
-    from cil.avalanche.bench import train_online
+def run_avalanche(cfg: RunConfig, stream: ClassIncrementalStream, which: str, workload: str = "",
+                  batches_per_task=None) -> dict:
+    """Avalanche 0.6's own strategies. ``*_tensors``: on an online stream of our samples in our order; the others:
+    on Avalanche's own classic benchmark of `workload` (built before the timing, like our dataset), our class
+    order and seed, the first `batches_per_task` online sub-experiences of every experience."""
+    from cil.avalanche.bench import classic_benchmark, train_classic, train_online
 
     model, opt = _model_and_optimizer(cfg, stream)
-    torch.manual_seed(cfg.seed)
-    elapsed, cpu = train_online(which, model, opt, stream, cfg.buffer.size, cfg.method.replay_batch_size)
-    return {"train_time_s": elapsed, "train_cpu_s": cpu, "samples": stream.n_samples, **final_accuracy(model, stream)}
+    if which in AVALANCHE_TENSORS:
+        torch.manual_seed(cfg.seed)
+        out = train_online(which[:-len("_tensors")], model, opt, stream, cfg.buffer.size,
+                           cfg.method.replay_batch_size)
+    else:
+        from cil.core.data.dataset import data_root
+
+        t0 = time.perf_counter()
+        image_folder = Path(cfg.dataset.path) if cfg.dataset.path else None
+        bench = classic_benchmark(workload, data_root(cfg.dataset.root), stream.class_order, stream.n_tasks,
+                                  cfg.seed, image_folder)
+        setup = time.perf_counter() - t0
+        torch.manual_seed(cfg.seed)
+        out = train_classic(which, model, opt, bench, stream.device, stream.batch_size, cfg.buffer.size,
+                            cfg.method.replay_batch_size, batches_per_task, cfg.seed)
+        out["benchmark_setup_s"] = setup
+    return {**out, **final_accuracy(model, stream)}

@@ -68,7 +68,8 @@ def run_one(spec: dict) -> dict:
         stream = ClassIncrementalStream(dataset, cfg.stream.n_tasks, cfg.stream.batch_size, cfg.stream.class_order,
                                         seed=cfg.seed, device=device)
         shorten_stream(stream, spec["batches_per_task"])
-        out = run_floor(cfg, stream) if name == "floor" else run_avalanche(cfg, stream, name)
+        out = run_floor(cfg, stream) if name == "floor" else run_avalanche(
+            cfg, stream, name, spec["workload"], spec["batches_per_task"])
     out["samples_per_s"] = out["samples"] / out["train_time_s"]
     out["samples_per_cpu_s"] = out["samples"] / out["train_cpu_s"]
     out["rss_after_data_mb"] = rss_data
@@ -127,6 +128,8 @@ def summarise(runs: list[dict]) -> dict:
                 "rss_after_data_mb": statistics.median(v["rss_after_data_mb"] for v in vals),
             }
             s["us_per_sample_cpu"] = 1e6 / s["samples_per_cpu_s"]
+            if all("task_train_cpu_s" in v and "task_samples" in v for v in vals):
+                s.update(_per_task(vals))
             if all("eval_time_s" in v for v in vals):  # ours: evaluation time, outside the training time
                 s["eval_time_s"] = statistics.median(v["eval_time_s"] for v in vals)
             if any("peak_cuda_mb" in v for v in vals):
@@ -150,25 +153,52 @@ def summarise(runs: list[dict]) -> dict:
     return summary
 
 
+def _per_task(vals: list[dict]) -> dict:
+    """Per-task training time (medians over the runs, task by task), CPU microseconds per sample of each task, and
+    the slow-down over the stream: last task's CPU time per sample over the first task's (median over runs)."""
+    n_tasks = min(len(v["task_train_cpu_s"]) for v in vals)
+
+    def per_task(key):
+        return [statistics.median(v[key][t] for v in vals) for t in range(n_tasks)]
+
+    def us(v, t):
+        return 1e6 * v["task_train_cpu_s"][t] / max(v["task_samples"][t], 1)
+
+    out = {"task_train_time_s": per_task("task_train_time_s"), "task_train_cpu_s": per_task("task_train_cpu_s"),
+           "task_samples": vals[0]["task_samples"][:n_tasks],
+           "task_us_per_sample_cpu": [statistics.median(us(v, t) for v in vals) for t in range(n_tasks)]}
+    if n_tasks > 1:
+        out["slowdown_last_over_first_cpu"] = statistics.median(us(v, n_tasks - 1) / max(us(v, 0), 1e-12)
+                                                                for v in vals)
+    return out
+
+
 def print_table(summary: dict) -> None:
     for wl, rows in summary.items():
         print(f"\n== {wl} ==")
         print(f"{'contestant':<18}{'samples/s':>10}{'vs floor':>9}{'vs av.ER':>9}{'per CPU-s':>10}{'vs floor':>9}"
-              f"{'vs av.ER':>9}{'acc %':>7}{'peak RSS MB':>12}{'overhead':>9}  all samples/s")
+              f"{'vs av.ER':>9}{'acc %':>7}{'peak RSS MB':>12}{'overhead':>9}{'last/1st':>9}  all samples/s")
 
         def ratio(s, key):
             return f"{s[key]:.2f}x" if key in s else "-"
 
         for name, s in rows.items():
             ov = f"{100 * s['overhead_over_arithmetic']:.0f}%" if "overhead_over_arithmetic" in s else "-"
+            slow = f"{s['slowdown_last_over_first_cpu']:.2f}x" if "slowdown_last_over_first_cpu" in s else "-"
             print(f"{name:<18}{s['samples_per_s']:>10.0f}{ratio(s, 'vs_floor'):>9}{ratio(s, 'vs_avalanche_er'):>9}"
                   f"{s['samples_per_cpu_s']:>10.0f}{ratio(s, 'vs_floor_cpu'):>9}"
-                  f"{ratio(s, 'vs_avalanche_er_cpu'):>9}{s['final_acc']:>7.1f}{s['peak_rss_mb']:>12.0f}{ov:>9}"
+                  f"{ratio(s, 'vs_avalanche_er_cpu'):>9}{s['final_acc']:>7.1f}{s['peak_rss_mb']:>12.0f}{ov:>9}{slow:>9}"
                   f"  {s['samples_per_s_all']}")
+        timed = {name: s for name, s in rows.items() if "task_us_per_sample_cpu" in s}
+        if timed:
+            print("per task, CPU us per sample (median over runs):")
+            for name, s in timed.items():
+                print(f"  {name:<26}" + " ".join(f"{u:>8.0f}" for u in s["task_us_per_sample_cpu"]))
     print("\nsamples/s: stream samples per second of training wall time; per CPU-s: per second of the process's CPU "
           "time\n(steadier on a loaded machine); ratios are medians of ratios within a repeat. 'overhead': training "
           "(CPU) time\nover the (CPU) time inside the model's forward passes, backward and optimizer step, "
-          "minus 1, from one extra\ninstrumented run (the timed runs carry no timers).")
+          "minus 1, from one extra\ninstrumented run (the timed runs carry no timers). 'last/1st': CPU time per "
+          "sample of the last task over\nthe first task's (a slow-down over the stream shows as > 1).")
 
 
 def machine_info() -> dict:
