@@ -92,6 +92,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     method: Any = None  # a method's own config (cil.core.methods.<name>.Config), chosen by `method=<name>`
+    # add-ons on the method's step (cil.core.addons): {name: its config}, chosen by `addon=mkd` / `addon=[mkd,ccl_dc]`
+    addon: Any = None
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

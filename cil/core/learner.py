@@ -25,8 +25,9 @@ LOSS_ALARM = 1e4  # a cross-entropy this large means logits ~1e4 apart: the run 
 
 
 @torch.inference_mode()
-def predict(method: Method, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Predicted label of every row of ``x``: argmax over the seen classes, in eval mode and large batches."""
+def predict(method: Method, x: torch.Tensor, batch_size: int, head: Optional[str] = None) -> torch.Tensor:
+    """Predicted label of every row of ``x``: argmax over the seen classes, in eval mode and large batches.
+    `head`: an add-on's extra evaluation head (`Method.eval_heads`); None: the run's main head."""
     model = method.model
     was_training = model.training
     model.eval()
@@ -34,7 +35,7 @@ def predict(method: Method, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     preds = []
     for i in range(0, len(x), batch_size):
         with method.autocast():
-            logits = method.predict_logits(method.to_input(x[i:i + batch_size])).float()
+            logits = method.eval_logits(method.to_input(x[i:i + batch_size]), head).float()
         preds.append(mask_logits(logits, method.seen).argmax(1))
     model.train(was_training)
     method.owned.train(was_training)
@@ -120,6 +121,7 @@ class Learner:
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.last_log = {"loss": math.nan, "online_acc": math.nan}
         self.warnings: list[str] = []  # what a user should know about the run (results.json `warnings`)
+        self.head_matrices: dict[str, list[list[float]]] = {}  # add-ons' extra heads (MKD's teacher...)
         self.errors: Optional[dict] = None  # metrics.error_breakdown at the last task end
         self.confusion = None  # its confusion matrix (numpy [C, C])
         self.checkpointer = None  # set by the runner (cil.run.checkpoint.Checkpointer)
@@ -228,6 +230,11 @@ class Learner:
     def _task_end(self, task: int) -> None:
         row = self.evaluate_all(task + 1)
         self.acc_matrix.append(row)
+        for head in self.method.eval_heads():  # add-ons' extra heads: one accuracy matrix each
+            pred = predict(self.method, self.test_x, self.eval_batch_size, head)
+            head_row = task_accuracy(pred, self.test_y, self.test_task, self.n_tasks).tolist()
+            self.head_matrices.setdefault(head, []).append(head_row)
+            self.logger.scalar(f"{head}/avg_acc_seen", sum(head_row[:task + 1]) / (task + 1), self.step, task)
         avg = sum(row[:task + 1]) / (task + 1)
         # The end of a task is also an anytime point (on the full test sets of the seen tasks).
         self.anytime_curve.append({"step": self.step, "samples": self.step * self.stream.batch_size, "acc": avg})
@@ -263,6 +270,9 @@ class Learner:
         self.logger.scalar("online_acc", online, self.step, task)
         for key, value in self.method.log_values().items():  # e.g. GSA's per-class weights and ratios
             self.logger.scalar(key, value, self.step, task)
+        for addon in self.method.addons:  # the add-ons' loss terms (mkd/kd, ccl_dc/ce...)
+            for key, value in addon.log_values().items():
+                self.logger.scalar(key, value, self.step, task)
         self.last_log = {"loss": loss, "online_acc": online}
         self.logger.flush()  # a long run's progress is readable (and survives a kill) as it goes
         bar.set_postfix(task=task, loss=f"{loss:.3f}", online_acc=f"{online:.1f}%", refresh=False)
@@ -299,6 +309,10 @@ class Learner:
             "errors": self.errors,
             "confusion": self.confusion.tolist() if self.confusion is not None and len(self.confusion) <= 100 else None,
             **self.method.extra_results(),
+            **{k: v for addon in self.method.addons for k, v in addon.extra_results().items()},
+            **({"heads": {head: {"acc_matrix": m, "final_avg_acc": metrics.final_average_accuracy(m),
+                                 "avg_forgetting": metrics.average_forgetting(m)}
+                          for head, m in self.head_matrices.items()}} if self.head_matrices else {}),
             **({"diagnostics": self.diagnostics.summary()} if self.diagnostics is not None else {}),
         }
 
@@ -313,6 +327,7 @@ class Learner:
             "loss_sum": self.loss_sum.cpu(), "loss_count": self.loss_count,
             "errors": self.errors, "warnings": self.warnings,
             "confusion": None if self.confusion is None else torch.from_numpy(self.confusion),
+            "head_matrices": self.head_matrices,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -331,3 +346,4 @@ class Learner:
         self.warnings = state.get("warnings", [])
         confusion = state.get("confusion")
         self.confusion = None if confusion is None else confusion.numpy()
+        self.head_matrices = state.get("head_matrices", {})

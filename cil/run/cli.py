@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cil.avalanche.peers import STRATEGIES
+from cil.core.addons import ADDONS
 from cil.core.methods import METHODS
 from cil.errors import EXIT_PREEMPTED, CilError, Preempted
 from cil.run.checkpoint import note_stop
@@ -40,6 +41,8 @@ def register_schemas() -> None:
     store.store(name="cil_schema", node=RunConfig)
     for name in [*METHODS, *(f"avalanche_{s}" for s in STRATEGIES)]:
         store.store(group="method", name=name, node=method_defaults(name))
+    for name, cls in ADDONS.items():  # addon=<name> (or a list): the config lands at addon.<name>
+        store.store(group="addon", name=name, node=cls.Config(), package=f"addon.{name}")
 
 
 register_schemas()

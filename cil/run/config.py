@@ -80,6 +80,16 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"method.name={cfg.method.name!r} needs its own config ({schema.__name__}); select the "
                           f"method with method={cfg.method.name} rather than setting method.name")
     cfg.method.validate()
+    from cil.core.addons import addon_configs
+    for addon in addon_configs(cfg.addon).values():
+        addon.validate()
+        if cfg.method.name.startswith("avalanche_"):
+            raise ConfigError(f"addon={addon.name} with method.name={cfg.method.name!r}: add-ons hook into our "
+                              "methods' steps, which Avalanche peers do not use; drop the add-on")
+        draw = getattr(addon, "replay_batch_size", None)
+        if draw is not None and uses_replay(cfg.method.name) and cfg.buffer.size < draw:
+            raise ConfigError(f"buffer.size={cfg.buffer.size} is smaller than addon.{addon.name}.replay_batch_size="
+                              f"{draw}; raise buffer.size or lower the draw")
     if uses_replay(cfg.method.name):
         for key, n in cfg.method.buffer_draws().items():
             if cfg.buffer.size < n:

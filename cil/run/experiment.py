@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from cil import __version__
+from cil.core.addons import build_addons
 from cil.core.buffer import ReplayBuffer
 from cil.core.data import ImageDataset, load_dataset
 from cil.core.data.stream import ClassIncrementalStream
@@ -149,10 +150,22 @@ def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset]
         buffer = ReplayBuffer(cfg.buffer.size, dataset.input_shape, device=device, policy=cfg.buffer.policy,
                               seed=cfg.seed + 1, extras=cls.buffer_extras(cfg.method, dataset.num_classes),
                               ) if cls.uses_buffer and cfg.buffer.size > 0 else None
-        method = cls(model, optimizer, buffer, cfg.method, dataset.num_classes, device,
-                     precision=resolve_precision(cfg.precision, device),
-                     channels_last=cfg.channels_last, seed=cfg.seed + 2, input_shape=dataset.input_shape,
-                     normalize=normalize)
+        method_kwargs = dict(precision=resolve_precision(cfg.precision, device), channels_last=cfg.channels_last,
+                             input_shape=dataset.input_shape, normalize=normalize)
+        method = cls(model, optimizer, buffer, cfg.method, dataset.num_classes, device, seed=cfg.seed + 2,
+                     **method_kwargs)
+
+        def make_peer():
+            """CCL-DC's peer: the same method with its own model (its own seeded initialisation) and optimizer."""
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(cfg.seed + 7)
+                peer_model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes, **kwargs).to(device)
+            if cfg.channels_last:
+                peer_model = peer_model.to(memory_format=torch.channels_last)
+            return cls(peer_model, build_optimizer(cfg, peer_model.parameters()), buffer, cfg.method,
+                       dataset.num_classes, device, seed=cfg.seed + 5, **method_kwargs)
+
+        build_addons(cfg.addon, method, make_peer)
         if cfg.diagnostics.enabled:
             method.diagnostics = Diagnostics.for_stream(cfg.diagnostics.every, stream, model)
     logger = RunLogger(out_dir, tensorboard=cfg.log.tensorboard, resume=resume_step is not None,

@@ -9,7 +9,8 @@ A method lives in one module of this package: its config dataclass (`Config`, va
 needs (`uses_buffer`, `needs_task_boundaries`, `buffer_extras`) and its step, registered with `@register`.
 Hooks a method may override beyond `update`: `remember` (what goes into the buffer after a step), `own`
 (extra trained modules such as a projection head: optimised with the model, saved with the method) and
-`predict_logits` (the evaluation head). The runner offers
+`predict_logits` (the evaluation head), `distill_pass` (declares the step's main supervised pass to add-ons). The
+runner offers
 every registered method as a `method=<name>` option with the config's fields as its keys.
 """
 from __future__ import annotations
@@ -146,6 +147,10 @@ class Method:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.diagnostics = None  # a cil.core.diagnostics.Diagnostics when diagnostics are on (set by the builder)
         self.owned = nn.ModuleDict()  # modules trained beside the model (see `own`)
+        # Add-ons (cil.core.addons: MKD, CCL-DC): set by the builder; the method calls their hooks, never imports
+        # them. Each has begin_observe / main_pass / extra_loss / after_step / on_task_start, state_dict and
+        # eval_logits / eval_heads (duck-typed, see cil.core.addons.base.Addon).
+        self.addons: list = []
 
     @classmethod
     def buffer_extras(cls, cfg: MethodConfig, num_classes: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -170,6 +175,8 @@ class Method:
         """Called before the first batch of each task with the task's class labels (a training-time boundary;
         no task id is used at test time)."""
         self.classes.start_task(task, classes)
+        for addon in self.addons:
+            addon.on_task_start(self, task, classes)
 
     def on_task_end(self, task: int) -> None:
         pass
@@ -177,6 +184,8 @@ class Method:
     # -- one incoming batch ----------------------------------------------------------------------------------
     def observe(self, batch: Batch) -> StepOutput:
         self.classes.mark_seen(batch.y, batch.y_host)
+        for addon in self.addons:
+            addon.begin_observe(self, batch)
         first = None
         for _ in range(self.cfg.iters):
             loss, logits = self.update(batch)
@@ -195,6 +204,26 @@ class Method:
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Evaluation logits [B, num_classes] of model inputs (already converted by `to_input`), in eval mode."""
         return self.model(x)
+
+    def eval_logits(self, x: torch.Tensor, head: Optional[str] = None) -> torch.Tensor:
+        """The logits the learner evaluates: an add-on's head when it claims `head` (None: the run's main head,
+        e.g. MKD's teacher or CCL-DC's ensemble), else `predict_logits`."""
+        for addon in self.addons:
+            out = addon.eval_logits(self, x, head)
+            if out is not None:
+                return out
+        return self.predict_logits(x)
+
+    def eval_heads(self) -> list[str]:
+        """Names of the extra evaluation heads the add-ons report (each gets its own accuracy matrix)."""
+        return [name for addon in self.addons for name in addon.eval_heads()]
+
+    def distill_pass(self, inputs: torch.Tensor, logits: torch.Tensor, raw: Optional[torch.Tensor] = None) -> None:
+        """Declare the step's main supervised pass to the add-ons: the model inputs it ran on (float, as the model
+        saw them), their logits (with graph) and, when `inputs` are augmented, the un-augmented inputs of the same
+        rows (`raw`). Called by a method's `update` before `step`; a no-op without add-ons."""
+        for addon in self.addons:
+            addon.main_pass(self, inputs, logits, raw)
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def autocast(self):
@@ -228,11 +257,17 @@ class Method:
             self.diagnostics.report(source, logits, targets, mask, scale, class_weights)
 
     def step(self, loss: torch.Tensor) -> None:
+        for addon in self.addons:  # add-ons' loss terms on the same graph (a term of weight 0 is not added)
+            extra = addon.extra_loss(self)
+            if extra is not None:
+                loss = loss + extra
         if self.diagnostics is not None:
             self.diagnostics.before_backward(loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        for addon in self.addons:  # e.g. the EMA teachers follow the updated model
+            addon.after_step(self)
 
     @property
     def head(self) -> nn.Linear:
@@ -271,6 +306,8 @@ class Method:
         state = {**self.classes.state_dict(), "generator": self.generator.get_state()}
         if len(self.owned):
             state["owned"] = {k: v.cpu() for k, v in self.owned.state_dict().items()}
+        if self.addons:
+            state["addons"] = {addon.name: addon.state_dict() for addon in self.addons}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -278,6 +315,8 @@ class Method:
         self.generator.set_state(state["generator"])
         if len(self.owned):
             self.owned.load_state_dict(state["owned"])
+        for addon in self.addons:
+            addon.load_state_dict(state["addons"][addon.name])
 
 
 METHODS: dict[str, type[Method]] = {}

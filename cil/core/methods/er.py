@@ -24,8 +24,10 @@ class ER(Method):
         mem = self.replay(self.cfg.replay_batch_size)
         if mem is not None:
             x, y = torch.cat([x, mem[0]]), torch.cat([y, mem[1]])
-        logits = self.forward(x)
+        inputs = self.to_input(x)
+        logits = self.forward_float(inputs)
         loss = er_loss(logits, y, self.seen)
+        self.distill_pass(inputs, logits)
         self.report("new", logits, y, self.seen, scale=n / len(y), rows=slice(None, n))
         self.report("replay", logits, y, self.seen, scale=1 - n / len(y), rows=slice(n, None))
         self.step(loss)

@@ -32,16 +32,19 @@ class ERACE(Method):
         n = len(batch.y)
         mem = self.replay(self.cfg.replay_batch_size)
         y_buf = batch.y[:0] if mem is None else mem[1]
+        inputs = self.to_input(batch.x if mem is None else torch.cat([batch.x, mem[0]]))
         if self.cfg.separate_passes:
-            logits_new = self.forward(batch.x)
-            logits_buf = logits_new[:0] if mem is None else self.forward(mem[0])
+            logits_new = self.forward_float(inputs[:n])
+            logits_buf = logits_new[:0] if mem is None else self.forward_float(inputs[n:])
+            logits = torch.cat([logits_new, logits_buf]) if self.addons else None  # only add-ons read it
         else:
-            logits = self.forward(batch.x if mem is None else torch.cat([batch.x, mem[0]]))
+            logits = self.forward_float(inputs)
             logits_new, logits_buf = logits[:n], logits[n:]
         if mem is not None and not self.cfg.separate_passes:  # the same loss in fewer ops (cil.core.objectives)
             loss = er_ace_loss_joint(logits, batch.y, y_buf, self._unseen())
         else:
             loss = er_ace_loss(logits_new, batch.y, logits_buf, y_buf, self.seen)
+        self.distill_pass(inputs, logits)
         self.report("new", logits_new, batch.y, "present")
         self.report("replay", logits_buf, y_buf, self.seen)
         self.step(loss)

@@ -92,8 +92,9 @@ class GSAStep:
 
     def __init__(self, cfg: GSAConfig, buffer: Optional[ReplayBuffer], classes: ClassSets,
                  generator: torch.Generator, image_size: Optional[tuple[int, int]], to_input: Callable[[Tensor], Tensor],
-                 report: Optional[Callable] = None):
+                 report: Optional[Callable] = None, distill: Optional[Callable] = None):
         self.cfg, self.buffer, self.classes, self.generator = cfg, buffer, classes, generator
+        self.distill = distill  # Method.distill_pass: told the replay branch's views and logits (add-ons)
         self.to_input = to_input
         self.report = report if report is not None else (lambda *args, **kwargs: None)
         device = classes.seen.device
@@ -191,6 +192,8 @@ class GSAStep:
                 self.last_weights = torch.ones_like(self.last_weights)
             loss = cfg.buffer_loss_weight * gsa_replay_loss(logits_m, ym, self.last_weights, classes.seen) + loss
             self.report("replay", logits_m, ym, classes.seen, cfg.buffer_loss_weight, self.last_weights)
+            if self.distill is not None:
+                self.distill(vm, logits_m)
             if cfg.bn_extra_passes:
                 self.statistics_pass(forward, vm)
         if cfg.bn_extra_passes:  # the official code's features of the incoming batch, stored with the buffer
@@ -264,7 +267,8 @@ class GSA(Method):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         size = tuple(self.input_shape[1:]) if self.input_shape else None
-        self.gsa = GSAStep(self.cfg, self.buffer, self.classes, self.generator, size, self.to_input, self.report)
+        self.gsa = GSAStep(self.cfg, self.buffer, self.classes, self.generator, size, self.to_input, self.report,
+                           self.distill_pass)
 
     def on_task_start(self, task: int, classes: torch.Tensor) -> None:
         super().on_task_start(task, classes)

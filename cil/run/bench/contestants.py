@@ -98,7 +98,7 @@ def _evaluation_logits(method):
     def logits(x):
         method.owned.eval()
         try:
-            return method.predict_logits(method.to_input(x))
+            return method.eval_logits(method.to_input(x))
         finally:
             method.owned.train()
     return logits

@@ -1,0 +1,280 @@
+"""MKD: momentum knowledge distillation (Michel, Wang, Xiao, Yamasaki, "Rethinking Momentum Knowledge
+Distillation in Online Continual Learning", ICML 2024; official code Nicolas1203/mkd_ocl, src/learners/ema/).
+
+Teachers are exponential moving averages (EMA) of the student's parameters. After every optimizer step, teacher j
+with momentum a_j moves as (base_ema.py / er_ema.py `update_ema`)
+
+    theta_j <- (1 - a_j) theta_j + a_j / (1 - a_j^k) * theta,    k = max(1, floor(b / correction_step))
+
+where b is the number of stream batches seen so far (the official `stream_idx // (batch_size *
+ema_correction_step)`); at construction theta_j = a_j / (1 - a_j) * theta (the same formula with k = 1 from 0).
+Only parameters follow the student; a teacher's batch-norm statistics are its own (it runs in train mode, so its
+forward passes move them), as in the official code. The a_j are log-spaced in [alpha_min, alpha_max].
+
+The loss the official per-method EMA learners add (gsa_ema.py, er_ace_ema.py; `mode: block`): a replay draw of R
+samples joined to the incoming batch, x = [x_mem, x_in], an augmented copy A(x) (`tf_ema`: random resized crop of
+scale [min_crop, 1], horizontal flip, colour jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale 0.2), and
+
+    L_mkd = CE(S(A(x)), y) + kd_lambda * mean_j ( KD_T(S(A(x)) | T_j(A(x))) + KD_T(S(x) | T_j(A(x))) ) / 2
+
+with KD_T the temperature-T distillation (cil.core.objectives.distill.kd_loss, `WKDLoss`). `mode: main_pass`
+distils on the pass the method declares (`Method.distill_pass`) instead, without the CE term: the form of
+er_ema.py, where the method's own cross-entropy on its augmented combined batch is the CE term.
+The whole L_mkd is multiplied by `weight` (0: off). docs/methods.md ("MKD add-on") lists every deviation.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call
+
+from cil.core.addons.base import Addon, AddonConfig, in_eval_mode, register
+from cil.core.augment import GSAAugment, random_grayscale
+from cil.core.objectives.distill import kd_loss
+from cil.errors import require
+
+MODES = ("block", "main_pass")
+HEADS = ("average", "teacher", "student")
+
+
+@dataclass
+class MKDConfig(AddonConfig):
+    name: str = "mkd"
+    kd_lambda: float = 5.5  # distillation weight (icml24 configs; the parser's default is 8)
+    temperature: float = 4.0  # kd_temperature
+    n_teachers: int = 1  # n_teacher
+    alpha_min: float = 0.01  # EMA momentum of the first teacher (alpha_min)
+    alpha_max: float = 0.01  # ... of the last; the others log-spaced between (alpha_max)
+    correction_step: int = 10  # ema_correction_step: stream batches per step of k in a / (1 - a^k)
+    mode: str = "block"  # block: the official extra block (gsa_ema, er_ace_ema); main_pass: on the method's pass
+    replay_batch_size: Optional[int] = None  # block's buffer draw; null: the method's replay_batch_size
+    augment: bool = True  # block: tf_ema augmentation of the combined batch
+    crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])  # [min_crop, 1]
+    raw_pass: bool = True  # the distillation on the un-augmented batch too (the official code without --no-aug)
+    eval_head: str = "average"  # average: (student + teachers) / (n + 1) params (official default); teacher; student
+    report_heads: bool = True  # also evaluate the student and the first teacher (results.json heads)
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.kd_lambda >= 0, self.key("kd_lambda"), self.kd_lambda, "use a number >= 0")
+        require(self.temperature > 0, self.key("temperature"), self.temperature, "use a number > 0")
+        require(self.n_teachers >= 1, self.key("n_teachers"), self.n_teachers, "use an integer >= 1")
+        for k in ("alpha_min", "alpha_max"):
+            require(0 < getattr(self, k) < 1, self.key(k), getattr(self, k), "use a momentum in (0, 1)")
+        require(self.alpha_min <= self.alpha_max, self.key("alpha_min"), self.alpha_min, "use alpha_min <= alpha_max")
+        require(self.correction_step >= 1, self.key("correction_step"), self.correction_step, "use an integer >= 1")
+        require(self.mode in MODES, self.key("mode"), self.mode, f"choose one of {MODES}")
+        require(self.replay_batch_size is None or self.replay_batch_size >= 0, self.key("replay_batch_size"),
+                self.replay_batch_size, "use null (the method's) or an integer >= 0")
+        scale = list(self.crop_scale)
+        require(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, self.key("crop_scale"), scale,
+                "use [lo, hi] with 0 < lo <= hi <= 1")
+        require(self.eval_head in HEADS, self.key("eval_head"), self.eval_head, f"choose one of {HEADS}")
+
+    def alphas(self) -> list[float]:
+        n, lo, hi = self.n_teachers, math.log10(self.alpha_min), math.log10(self.alpha_max)
+        return [10 ** (lo + (hi - lo) * i / max(1, n - 1)) for i in range(n)]
+
+
+def ema_factor(alpha: float, batches: int, correction_step: int) -> float:
+    """The student's coefficient a / (1 - a^k), k = max(1, batches // correction_step)."""
+    return alpha / (1 - alpha ** max(1, batches // correction_step))
+
+
+def color_jitter(x: Tensor, u: Tensor, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1) -> Tensor:
+    """Per-sample colour jitter of [B, C, H, W] floats in [0, 1] (torchvision's definitions, fixed order
+    brightness, contrast, saturation, hue), factors from uniforms ``u`` [B, 4]. One-channel input: brightness
+    and contrast only."""
+    def factor(col, amount):
+        return (1 - amount + 2 * amount * u[:, col]).view(-1, 1, 1, 1)
+
+    x = (x * factor(0, brightness)).clamp(0, 1)
+    gray = x.mean(1, keepdim=True) if x.shape[1] == 1 else random_grayscale(x, torch.ones(len(x), dtype=torch.bool,
+                                                                                            device=x.device))[:, :1]
+    x = (factor(1, contrast) * x + (1 - factor(1, contrast)) * gray.mean((2, 3), keepdim=True)).clamp(0, 1)
+    if x.shape[1] != 3:
+        return x
+    gray = random_grayscale(x, torch.ones(len(x), dtype=torch.bool, device=x.device))
+    x = (factor(2, saturation) * x + (1 - factor(2, saturation)) * gray).clamp(0, 1)
+    return shift_hue(x, (2 * u[:, 3] - 1) * hue)
+
+
+def shift_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """Rotate the hue of RGB images [B, 3, H, W] in [0, 1] by ``shift`` [B] turns (torchvision's adjust_hue)."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(1).values, x.min(1).values
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    h = (h + shift.view(-1, 1, 1)) % 1.0
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    v = maxc
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    i = (i.long() % 6).unsqueeze(1)
+    choices = torch.stack([torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v),
+                                                       (v, p, q))], 1)  # [B, 6, 3, H, W]
+    return choices.gather(1, i.unsqueeze(1).expand(-1, 1, 3, -1, -1)).squeeze(1)
+
+
+class MKDAugment:
+    """tf_ema: random resized crop (scale crop_scale), horizontal flip p 0.5, colour jitter (0.4, 0.4, 0.4, 0.1)
+    with p 0.8, grayscale p 0.2; per sample, batched, every draw from one generator call."""
+
+    def __init__(self, size: tuple[int, int], crop_scale: tuple[float, float]):
+        self.crop = GSAAugment(size, scale=crop_scale, grayscale_p=0.0)
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        n = len(x)
+        gray0, boxes = self.crop.draw(n, x.shape[-2], x.shape[-1], generator)
+        u = torch.rand(n, 7, generator=generator, device=generator.device)
+        x = self.crop.apply(x, gray0, boxes)
+        x = torch.where((u[:, 0] < 0.5).view(-1, 1, 1, 1), x.flip(-1), x)
+        x = torch.where((u[:, 1] < 0.8).view(-1, 1, 1, 1), color_jitter(x, u[:, 2:6]), x)
+        return random_grayscale(x, u[:, 6] < 0.2)
+
+
+@register
+class MKD(Addon):
+    name = "mkd"
+    Config = MKDConfig
+
+    def __init__(self, cfg: MKDConfig, method, **context):
+        super().__init__(cfg, method)
+        self.alphas = cfg.alphas()
+        self.teachers = []
+        for alpha in self.alphas:
+            teacher = copy.deepcopy(method.model)
+            teacher.requires_grad_(False)
+            with torch.no_grad():
+                factor = ema_factor(alpha, 0, cfg.correction_step)
+                for p, e in zip(method.model.parameters(), teacher.parameters()):
+                    e.copy_(p * factor)
+            self.teachers.append(teacher)
+        self.batches = 0  # stream batches seen (the official stream_idx / batch_size)
+        self.batch = None
+        self.pass_ = None  # (inputs, logits, raw) the method declared in this update (mode main_pass)
+        size = tuple(method.input_shape[1:]) if method.input_shape else None
+        self.augment = MKDAugment(size, tuple(cfg.crop_scale)) if cfg.augment and size and len(size) == 2 else None
+        self._average = None  # (batches, updates) -> averaged parameters for eval_head=average
+        self.updates = 0
+
+    # -- training --------------------------------------------------------------------------------------------
+    def begin_observe(self, method, batch) -> None:
+        self.batches += 1
+        self.batch = batch
+
+    def main_pass(self, method, inputs, logits, raw) -> None:
+        if self.cfg.mode == "main_pass":
+            self.pass_ = (inputs, logits, raw)
+
+    def teacher_logits(self, method, x: Tensor) -> list[Tensor]:
+        with torch.no_grad(), method.autocast():
+            return [t(x).float() for t in self.teachers]
+
+    def distill(self, method, stu_aug: Tensor, stu_raw: Optional[Tensor], teachers: list[Tensor]) -> Tensor:
+        cfg, mask = self.cfg, self.softmax_mask(method)
+        total = 0.0
+        for t in teachers:
+            term = kd_loss(stu_aug, t, cfg.temperature, mask)
+            if stu_raw is not None:
+                term = (term + kd_loss(stu_raw, t, cfg.temperature, mask)) / 2
+            total = total + term
+        return total / len(teachers)
+
+    def extra_loss(self, method) -> Optional[Tensor]:
+        cfg = self.cfg
+        if not self.active:
+            self.pass_ = None
+            return None
+        if cfg.mode == "main_pass":
+            if self.pass_ is None:
+                return None
+            inputs, logits, raw = self.pass_
+            self.pass_ = None
+            stu_raw = None
+            if cfg.raw_pass and raw is not None:
+                stu_raw = method.forward_float(raw)
+            kd = self.distill(method, logits, stu_raw, self.teacher_logits(method, inputs))
+            self.last = {"kd": kd.detach()}
+            return cfg.weight * cfg.kd_lambda * kd
+        batch = self.batch
+        r = method.cfg.replay_batch_size if cfg.replay_batch_size is None else cfg.replay_batch_size
+        mem = method.replay(r)
+        x, y = (batch.x, batch.y) if mem is None else (torch.cat([mem[0], batch.x]), torch.cat([mem[1], batch.y]))
+        n_mem = 0 if mem is None else len(mem[1])
+        raw = method.to_input(x)
+        if self.augment is not None:
+            aug = self.normalize(method, self.augment(x.float().div(255.0), method.generator))
+        else:
+            aug = raw
+        stu_raw = method.forward_float(raw) if cfg.raw_pass else None
+        stu_aug = method.forward_float(aug)
+        kd = self.distill(method, stu_aug, stu_raw, self.teacher_logits(method, aug))
+        mask = self.softmax_mask(method)
+        ce = F.cross_entropy(self.masked(stu_aug, mask), y)
+        full = mask if mask is not None else torch.ones(stu_aug.shape[1], dtype=torch.bool, device=y.device)
+        method.report("replay", stu_aug, y, full, scale=cfg.weight * n_mem / len(y), rows=slice(None, n_mem))
+        method.report("new", stu_aug, y, full, scale=cfg.weight * (1 - n_mem / len(y)), rows=slice(n_mem, None))
+        self.last = {"ce": ce.detach(), "kd": kd.detach()}
+        return cfg.weight * (ce + cfg.kd_lambda * kd)
+
+    @torch.no_grad()
+    def after_step(self, method) -> None:
+        params = [p.detach() for p in method.model.parameters()]
+        for alpha, teacher in zip(self.alphas, self.teachers):
+            ema = list(teacher.parameters())
+            torch._foreach_mul_(ema, 1 - alpha)
+            torch._foreach_add_(ema, torch._foreach_mul(params, ema_factor(alpha, self.batches,
+                                                                            self.cfg.correction_step)))
+        self.updates += 1
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    def averaged(self, method) -> dict[str, Tensor]:
+        """(student + teachers) / (n + 1), parameter by parameter, with the student's buffers (init_agg_model)."""
+        if self._average is None or self._average[0] != self.updates:
+            names = [n for n, _ in method.model.named_parameters()]
+            with torch.no_grad():
+                avg = [sum(ps) / (len(self.teachers) + 1) for ps in zip(
+                    [p.detach() for p in method.model.parameters()], *[t.parameters() for t in self.teachers])]
+            state = dict(zip(names, avg))
+            state.update(dict(method.model.named_buffers()))
+            self._average = (self.updates, state)
+        return self._average[1]
+
+    def eval_logits(self, method, x: Tensor, head: Optional[str]) -> Optional[Tensor]:
+        which = self.cfg.eval_head if head is None else {"mkd_student": "student", "mkd_teacher": "teacher",
+                                                          "mkd_average": "average"}.get(head)
+        if which is None or which == "student":
+            return None if which is None else method.predict_logits(x)
+        if which == "teacher":
+            return in_eval_mode(self.teachers[0], lambda: self.teachers[0](x))
+        return functional_call(method.model, self.averaged(method), (x,))
+
+    def eval_heads(self) -> list[str]:
+        if not self.cfg.report_heads:
+            return []
+        return [h for h in ("mkd_student", "mkd_teacher", "mkd_average") if h != f"mkd_{self.cfg.eval_head}"]
+
+    # -- state -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"teachers": [{k: v.cpu() for k, v in t.state_dict().items()} for t in self.teachers],
+                "batches": self.batches, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        for teacher, saved in zip(self.teachers, state["teachers"]):
+            teacher.load_state_dict(saved)
+        self.batches, self.updates = state["batches"], state["updates"]
+        self._average = None
+
+    def extra_results(self) -> dict:
+        return {"mkd": {"alphas": self.alphas, "eval_head": self.cfg.eval_head}}
