@@ -91,8 +91,10 @@ def test_evaluate_ignores_test_samples_outside_every_task():
             out[:, 0] = 1.0
             return out
 
-    method = SimpleNamespace(model=Const(), seen=torch.tensor([True, True]), autocast=nullcontext,
-                             to_input=lambda x: x.float())
+    model = Const()
+    method = SimpleNamespace(model=model, seen=torch.tensor([True, True]), autocast=nullcontext,
+                             to_input=lambda x: x.float(), owned=torch.nn.ModuleDict(),
+                             eval_logits=lambda x, head: model(x))
     x = torch.zeros(4, 1, 1, 1, dtype=torch.uint8)
     y = torch.tensor([0, 1, 0, 0])
     tasks = torch.tensor([0, 0, -1, -1])  # the last two belong to no task: they must not count for task 0
