@@ -237,7 +237,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "Times the training pass of our loop, a bare PyTorch ER loop (the floor) and Avalanche's online ER/ER-ACE "
         "on Split MNIST (MLP) and Split CIFAR-10 JPEG (reduced ResNet-18), interleaved, and writes JSON."))
     p.add_argument("--workloads", default="mnist,cifar", help="comma list: mnist, cifar, synth<K>, digits")
-    p.add_argument("--contestants", default="floor,er,gsa,avalanche_er,avalanche_er_ace",
+    p.add_argument("--contestants", default="floor,er,er_ace,gsa,avalanche_er,avalanche_er_ace",
                    help=f"comma list from {', '.join(CONTESTANTS)}")
     p.add_argument("--batches-per-task", type=int, default=None,
                    help="stream batches kept per task (0: whole stream); default: mnist whole, cifar 20")
