@@ -225,3 +225,19 @@ def test_addon_settings_are_checked():
     cfg.addon = {"ccl_dc": {"eval_head": "both"}}
     with pytest.raises(ConfigError, match="addon.ccl_dc.eval_head"):
         validate(cfg)
+
+
+def test_main_pass_mode_is_refused_for_a_method_that_declares_no_main_pass():
+    """MKD's main_pass mode distils on the pass a method declares; a method that declares none would silently
+    train without distillation, so the run is refused in one line that names the fix."""
+    from cil.run.config import default_config, validate
+    from cil.core.addons import addon_configs
+
+    cfg = default_config("pcr")
+    cfg.addon = {"mkd": {"mode": "main_pass"}}
+    with pytest.raises(ConfigError, match=r"addon.mkd.mode=main_pass with method=pcr.*addon.mkd.mode=block"):
+        validate(cfg)
+    cfg = default_config("er")
+    cfg.addon = {"mkd": {"mode": "main_pass"}}
+    validate(cfg)
+    assert addon_configs(cfg.addon)["mkd"].mode == "main_pass"

@@ -81,11 +81,16 @@ def validate(cfg: RunConfig) -> None:
                           f"method with method={cfg.method.name} rather than setting method.name")
     cfg.method.validate()
     from cil.core.addons import addon_configs
+    from cil.core.methods import method_class
     for addon in addon_configs(cfg.addon).values():
         addon.validate()
         if cfg.method.name.startswith("avalanche_"):
             raise ConfigError(f"addon={addon.name} with method.name={cfg.method.name!r}: add-ons hook into our "
                               "methods' steps, which Avalanche peers do not use; drop the add-on")
+        if getattr(addon, "mode", None) == "main_pass" and not cfg.method.name.startswith("avalanche_") and \
+                not method_class(cfg.method.name).declares_main_pass:
+            raise ConfigError(f"addon.{addon.name}.mode=main_pass with method={cfg.method.name}: this method does not "
+                              f"declare a main pass to distil on; use addon.{addon.name}.mode=block")
         draw = getattr(addon, "replay_batch_size", None)
         if draw is not None and uses_replay(cfg.method.name) and cfg.buffer.size < draw:
             raise ConfigError(f"buffer.size={cfg.buffer.size} is smaller than addon.{addon.name}.replay_batch_size="

@@ -124,6 +124,7 @@ class Method:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     uses_buffer: ClassVar[bool] = True  # the learner adds each incoming batch to the buffer after `observe`
     needs_task_boundaries: ClassVar[bool] = False  # reads the current task's classes (on_task_start)
+    declares_main_pass: ClassVar[bool] = False  # its update calls `distill_pass` (add-ons' main_pass mode)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, buffer: Optional[ReplayBuffer],
                  cfg: MethodConfig, num_classes: int, device: torch.device, precision: str = "fp32",

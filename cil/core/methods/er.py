@@ -18,6 +18,7 @@ class ERConfig(ReplayConfig):
 class ER(Method):
     name = "er"
     Config = ERConfig
+    declares_main_pass = True
 
     def update(self, batch):
         x, y, n = batch.x, batch.y, len(batch.y)

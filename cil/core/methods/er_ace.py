@@ -20,6 +20,7 @@ class ERACEConfig(ReplayConfig):
 class ERACE(Method):
     name = "er_ace"
     Config = ERACEConfig
+    declares_main_pass = True
     _unseen_of = (None, None)  # (seen mask, its complement): the seen mask is replaced, never changed in place
 
     def _unseen(self) -> torch.Tensor:

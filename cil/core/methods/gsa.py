@@ -262,6 +262,7 @@ class GSAStep:
 class GSA(Method):
     name = "gsa"
     Config = GSAConfig
+    declares_main_pass = True
     needs_task_boundaries = True
 
     def __init__(self, *args, **kwargs):
