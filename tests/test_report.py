@@ -186,3 +186,24 @@ def test_errors_breakdown_table_averages_runs_that_recorded_it(tmp_path):
     block = report.table_block("errors_table", {"errors": True}, report.collect_sections([s])[0])
     assert "| split_mnist | er | 200 | 70.00 ± 0.00 | 15.00 ± 7.07 | 10.00 ± 7.07 | 5.00 ± 0.00 | 2 |" in block
     assert "to a newer task" not in report.table_block("errors_table", {}, report.collect_sections([s])[0])
+
+
+def test_runs_with_an_addon_are_their_own_rows_named_after_method_and_addon(tmp_path):
+    """A method with an add-on is another row (`er+mkd`), never averaged with the base method's runs, and an
+    explicit `addon=none` run is the base method's."""
+    root = tmp_path / "addons"
+    for seed, acc in enumerate((80.0, 82.0)):
+        write_run(root, f"er_s{seed}", acc, seed=seed)
+        d = write_run(root, f"er_mkd_s{seed}", acc + 10, seed=seed)
+        res = json.loads((d / "results.json").read_text())
+        res["config"]["addon"] = {"mkd": {"name": "mkd", "weight": 1.0, "kd_lambda": 5.5}}
+        (d / "results.json").write_text(json.dumps(res))
+    d = write_run(root, "er_none_s2", 84.0, seed=2)
+    res = json.loads((d / "results.json").read_text())
+    res["config"]["addon"] = {}
+    (d / "results.json").write_text(json.dumps(res))
+    rows = report.summary_rows(report.collect_sections([root])[0])
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"er", "er+mkd"}
+    assert by["er"]["final_avg_acc_mean"] == pytest.approx(82.0) and by["er"]["n_seeds"] == 3
+    assert by["er+mkd"]["final_avg_acc_mean"] == pytest.approx(91.0) and by["er+mkd"]["variant"] == ""

@@ -210,8 +210,15 @@ def seed_list(seeds: list) -> str:
 
 
 def _order(g: Group) -> tuple:
-    m = METHOD_ORDER.index(g.method) if g.method in METHOD_ORDER else len(METHOD_ORDER)
+    base = g.method.split("+")[0]
+    m = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
     return (str(g.name), m, g.method, g.memory if isinstance(g.memory, int) else -1, g.variant)
+
+
+def method_label(flat: dict) -> str:
+    """The method's name, with its add-ons when it has any: `gsa+mkd`."""
+    addons = sorted({k.split(".")[1] for k in flat if k.startswith("addon.") and k.count(".") >= 2})
+    return "+".join([flat.get("method.name") or "?", *addons])
 
 
 def _schema_defaults(method: str) -> dict[str, Any]:
@@ -246,7 +253,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
         key = tuple(sorted((k, v) for k, v in flat.items() if not _ignored(k)))
         if key not in groups:
             groups[key] = Group(key, flat.get("experiment") or flat.get("dataset.name") or "?",
-                                flat.get("method.name") or "?", flat.get("buffer.size"))
+                                method_label(flat), flat.get("buffer.size"))
         groups[key].runs.append(r)
     # Groups sharing (name, method, memory) differ in some other key: name those keys.
     by_label: dict[tuple, list[Group]] = {}

@@ -43,6 +43,7 @@ def register_schemas() -> None:
         store.store(group="method", name=name, node=method_defaults(name))
     for name, cls in ADDONS.items():  # addon=<name> (or a list): the config lands at addon.<name>
         store.store(group="addon", name=name, node=cls.Config(), package=f"addon.{name}")
+    store.store(group="addon", name="none", node={}, package="addon")  # addon=none: explicitly none (sweeps)
 
 
 register_schemas()
