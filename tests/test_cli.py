@@ -63,6 +63,9 @@ def test_experiment_protocol_composes(tmp_path):
     (["buffer.policy=fifo"], "fifo"),
     (["buffer.size=abc"], "buffer.size"),
     (["stream.bogus_key=1"], "bogus_key"),
+    (["addon=null"], "addon=null is not an option"),
+    (["addon=bogus"], "bogus"),
+    (["addon=mkd", "addon.mkd.kd_lambda=-1"], "addon.mkd.kd_lambda"),
 ])
 def test_bad_input_fails_before_training_and_leaves_nothing(tmp_path, args, needle):
     proc, run_dir = cli(tmp_path, *FAST, *args)

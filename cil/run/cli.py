@@ -140,6 +140,13 @@ def cli() -> None:
     except (HydraException, OmegaConfBaseException) as err:
         print(f"error: {describe(err)}", file=sys.stderr)
         sys.exit(2)
+    except ValueError as err:  # Hydra's own check of `group=null` (a config group needs an option's name)
+        if "Config group override must be" not in str(err):
+            raise
+        nulls = [a for a in sys.argv[1:] if a.partition("=")[2].lower() in ("null", "~")]
+        print(f"error: {', '.join(nulls) or 'a config group'} is not an option: a config group takes an option's "
+              "name (for no add-on: addon=none)", file=sys.stderr)
+        sys.exit(2)
     except Preempted as stop:
         log.warning("pre-empted: %s", stop)
         print(f"pre-empted: {stop}", file=sys.stderr)
