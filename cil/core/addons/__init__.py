@@ -21,7 +21,7 @@ def addon_class(name: str) -> type[Addon]:
 def addon_configs(selection: Any) -> dict[str, AddonConfig]:
     """The run's `addon` value -> {name: config}. Accepts None, a name, a list of names, or a mapping of name ->
     config (a config object, or a dict of its fields: what `make bench --set addon=...` can pass)."""
-    if selection is None or selection == "" or selection == "null":
+    if selection is None or selection in ("", "null", "none"):
         return {}
     if isinstance(selection, str):
         selection = [selection]
