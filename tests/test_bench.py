@@ -257,3 +257,32 @@ def test_avalanche_classic_split_mnist_contestant(which, tmp_path, monkeypatch):
     assert res["samples"] == stream.n_samples == 100 and res["task_samples"] == [20] * 5
     assert len(res["task_train_cpu_s"]) == 5 and all(t > 0 for t in res["task_train_time_s"])
     assert 0 <= res["final_acc"] <= 100
+
+
+def test_breakdown_with_an_addon_counts_no_time_twice(monkeypatch):
+    """Add-ons compute their terms (with forward passes) inside the method's step: the breakdown must time
+    backward and the optimizer step themselves, not the whole step, so an add-on's own work lands in "other"
+    (here: 5 ms of CPU burnt in every extra_loss call), and the process-wide backward timer is removed afterwards."""
+    import time as clock
+    from cil.core.addons.mkd import MKD
+
+    burnt = {"s": 0.0}
+    extra_loss = MKD.extra_loss
+
+    def slow_extra_loss(self, method):
+        start = clock.thread_time()
+        while clock.thread_time() - start < 0.005:
+            pass
+        burnt["s"] += clock.thread_time() - start
+        return extra_loss(self, method)
+
+    monkeypatch.setattr(MKD, "extra_loss", slow_extra_loss)
+    original = torch.Tensor.backward
+    cfg = workload_config("digits", method="er")
+    cfg.addon = "mkd"
+    res = run_ours(cfg, workload_dataset("digits", cfg), 6, breakdown=True)
+    assert torch.Tensor.backward is original
+    b = res["breakdown"]
+    assert b["forward"] > 0 and b["backward_step"] > 0
+    assert burnt["s"] > 0.1
+    assert b["backward_step"] < burnt["s"] and b["other"] > 0.8 * burnt["s"]

@@ -122,23 +122,34 @@ def _time_modules(modules, totals: dict, key: str, device: torch.device) -> None
         m.register_forward_hook(after)
 
 
-def _instrument(method, totals: dict) -> None:
+def _instrument(method, totals: dict):
     """Time the model's arithmetic (forward passes of the network's body, its head and the method's own modules
-    such as projection heads; backward + optimizer step) and the method's extras (augmentation, buffer)
-    separately. Each timer costs two clock calls (and a sync on CUDA)."""
+    such as projection heads; every backward pass and the optimizer's step) and the method's extras
+    (augmentation, buffer) separately; everything else (the method's and its add-ons' own math, e.g. teachers'
+    passes or contrastive similarity matrices) is "other". Backward is timed at `Tensor.backward`, not around
+    `Method.step`, because add-ons compute their loss terms (with forward passes of their own) inside the step.
+    Each timer costs two clock calls (and a sync on CUDA). Returns a function that removes the process-wide
+    backward timer."""
     dev = method.device
     model = getattr(method.model, "_orig_mod", method.model)
     body = model.features  # forward() and methods that take features both call it through the instance
     model.features = _Timed(body, totals, "forward", dev)
     _time_modules([model.head, *method.owned.values()], totals, "forward", dev)
-    method.step = _Timed(method.step, totals, "backward_step", dev)
+    method.optimizer.step = _Timed(method.optimizer.step, totals, "backward_step", dev)
+    backward = torch.Tensor.backward
+    timed_backward = _Timed(backward, totals, "backward_step", dev)
+    torch.Tensor.backward = lambda self, *args, **kwargs: timed_backward(self, *args, **kwargs)
     aug = getattr(getattr(method, "gsa", None), "augment", None)
     if aug is not None:  # the augmentation's stages, however the method calls them (cil.core.augment.PreDrawn)
         for stage in ("draw", "grid", "apply_grid"):
             setattr(aug, stage, _Timed(getattr(aug, stage), totals, "augment", dev))
     if method.buffer is not None:
-        method.buffer.sample = _Timed(method.buffer.sample, totals, "buffer", dev)
-        method.buffer.add = _Timed(method.buffer.add, totals, "buffer", dev)
+        for name in ("sample", "sample_extras", "add"):
+            setattr(method.buffer, name, _Timed(getattr(method.buffer, name), totals, "buffer", dev))
+
+    def restore():
+        torch.Tensor.backward = backward
+    return restore
 
 
 def _cpu_timed(fn, acc: dict, totals: dict, task_cpu: list | None = None):
@@ -167,15 +178,17 @@ def run_ours(cfg: RunConfig, dataset, batches_per_task, breakdown: bool = False)
         learner = build_learner(cfg, Path(tmp), dataset)
         shorten_stream(learner.stream, batches_per_task)
         totals: dict = {}
-        if breakdown:
-            _instrument(learner.method, totals)
-        eval_cpu, task_ends = {"s": 0.0}, []
-        # the learner times evaluation apart in wall time; here in CPU time (and the CPU time at each task end)
-        learner._task_end = _cpu_timed(learner._task_end, eval_cpu, totals, task_ends)
-        learner._anytime = _cpu_timed(learner._anytime, eval_cpu, totals)
-        cpu0 = eval_cpu["cpu0"] = time.process_time()
-        res = learner.run()
-        train_cpu = time.process_time() - cpu0 - eval_cpu["s"]
+        restore = _instrument(learner.method, totals) if breakdown else (lambda: None)
+        try:
+            eval_cpu, task_ends = {"s": 0.0}, []
+            # the learner times evaluation apart in wall time; here in CPU time (and the CPU time at each task end)
+            learner._task_end = _cpu_timed(learner._task_end, eval_cpu, totals, task_ends)
+            learner._anytime = _cpu_timed(learner._anytime, eval_cpu, totals)
+            cpu0 = eval_cpu["cpu0"] = time.process_time()
+            res = learner.run()
+            train_cpu = time.process_time() - cpu0 - eval_cpu["s"]
+        finally:
+            restore()
         learner.logger.close()
     out = {"train_time_s": res["train_time_s"], "train_cpu_s": train_cpu, "eval_time_s": res["eval_time_s"],
            "task_train_time_s": res["task_train_time_s"],
