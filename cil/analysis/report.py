@@ -31,7 +31,7 @@ from cil.runfolder import FAILED, RESULTS, find_run_dirs, read_json, run_status
 
 # Keys that do not change what a run measures: runs differing only in these are the same experiment.
 IGNORED_PREFIXES = ("seed", "dataset.root", "dataset.download", "dataset.verify", "log.", "checkpoint.",
-                    "eval.batch_size", "device", "compile", "channels_last", "deterministic",
+                    "eval.batch_size", "device", "compile", "channels_last", "deterministic", "threads",
                     "diagnostics.")  # diagnostics leave training bit-identical (tests/test_diagnostics.py)
 METHOD_ORDER = ["naive", "er", "er_ace", "derpp", "pcr", "ocm", "onpro", "gsa"]
 METRICS = [("final_avg_acc", "final acc. %"), ("avg_forgetting", "forgetting %"), ("anytime_acc", "anytime acc. %")]
