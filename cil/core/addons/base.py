@@ -99,13 +99,6 @@ class Addon:
     def masked(logits: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         return logits if mask is None else mask_logits(logits, mask)
 
-    @staticmethod
-    def normalize(method, x: torch.Tensor) -> torch.Tensor:
-        """Float images in [0, 1] -> model input (dataset.normalize, channels_last), as `Method.to_input`."""
-        if method.normalize is not None:
-            x = (x - method.normalize[0]) / method.normalize[1]
-        return x.contiguous(memory_format=torch.channels_last) if method.channels_last and x.dim() == 4 else x
-
 
 def in_eval_mode(module: nn.Module, fn):
     """fn() with `module` in eval mode, its mode restored afterwards."""

@@ -126,7 +126,7 @@ class CCLDC(Addon):
             x3 = self.rand_augment(x2)
         else:
             x1 = x2 = x3 = x0
-        return [self.normalize(method, v) for v in (x3, x0, x1, x2)]
+        return [method.from_unit(v) for v in (x3, x0, x1, x2)]
 
     def extra_loss(self, method) -> Optional[Tensor]:
         cfg = self.cfg

@@ -214,7 +214,7 @@ class MKD(Addon):
         n_mem = 0 if mem is None else len(mem[1])
         raw = method.to_input(x)
         if self.augment is not None:
-            aug = self.normalize(method, self.augment(x.float().div(255.0), method.generator))
+            aug = method.from_unit(self.augment(x.float().div(255.0), method.generator))
         else:
             aug = raw
         stu_raw = method.forward_float(raw) if cfg.raw_pass else None

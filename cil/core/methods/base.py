@@ -236,7 +236,12 @@ class Method:
         """Stored images (uint8) -> the model's float input: [0, 1], then normalised when dataset.normalize."""
         if self.normalize is None:
             return to_float(x_uint8, self.channels_last)
-        x = x_uint8.float().div_(255.0).sub_(self.normalize[0]).div_(self.normalize[1])
+        return self.from_unit(x_uint8.float().div_(255.0))
+
+    def from_unit(self, x01: torch.Tensor) -> torch.Tensor:
+        """[0, 1] float images (e.g. after a method's own augmentation) -> the model's input: normalised when
+        dataset.normalize, channels-last when asked."""
+        x = x01 if self.normalize is None else (x01 - self.normalize[0]) / self.normalize[1]
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def forward(self, x_uint8: torch.Tensor) -> torch.Tensor:

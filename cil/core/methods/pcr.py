@@ -67,12 +67,6 @@ class PCR(Method):
         return getattr(self.model, "_orig_mod", self.model)  # torch.compile wraps the model
 
     # -- inputs ----------------------------------------------------------------------------------------------
-    def _finish(self, x01: torch.Tensor) -> torch.Tensor:
-        """[0, 1] floats -> the model's input (normalised when dataset.normalize; channels-last when asked)."""
-        if self.normalize is not None:
-            x01 = (x01 - self.normalize[0]) / self.normalize[1]
-        return x01.contiguous(memory_format=torch.channels_last) if self.channels_last else x01
-
     def _views(self, x_new: torch.Tensor, x_mem: Optional[torch.Tensor]):
         """[x, A(x)] of the incoming rows and of the replayed rows, as [0, 1] floats. The incoming rows' A(x) is
         drawn at the first update of a batch (in one call with that update's replayed rows) and kept."""
@@ -89,7 +83,7 @@ class PCR(Method):
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            return self.net.features(self._finish(x)).float()
+            return self.net.features(self.from_unit(x)).float()
 
     # -- one incoming batch ----------------------------------------------------------------------------------
     def observe(self, batch):
