@@ -58,6 +58,10 @@ class EvalConfig:
     batch_size: int = 256  # rows per evaluation forward pass (the choice: docs/performance.md)
     anytime_every: int = 100  # stream batches between anytime evaluations; 0 turns them off
     anytime_samples: int = 500  # size of the fixed, seeded test subsample used for anytime accuracy
+    # test | validation: train on the training set minus a held-out part of every class and evaluate on that part
+    # (hyperparameter search: the test set is dropped before the stream is built, so a trial never sees it)
+    split: str = "test"
+    validation_fraction: float = 0.1  # share of every class's training samples held out when split=validation
 
 
 @dataclass

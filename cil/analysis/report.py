@@ -1,6 +1,7 @@
 """Tables from sweep folders: mean +/- std over seeds per experiment, method and memory.
 
     python -m cil report experiments/runs/split_mnist_fmnist [more folders] [-o DIR]
+    python -m cil report tune/<date>/<time>_<search>       # a `cil tune` folder: its trials, then its final table
     python -m cil report --results-md experiments/RESULTS.md experiments/runs/*
 
 Every run folder below the given folders is read: `results.json` (complete), `failed.json` (failed) or only
@@ -27,6 +28,7 @@ from typing import Any, Optional
 
 import yaml
 
+from cil.analysis.tune_report import is_tune_folder, tune_text
 from cil.runfolder import FAILED, RESULTS, find_run_dirs, read_json, run_status
 
 # Keys that do not change what a run measures: runs differing only in these are the same experiment.
@@ -482,6 +484,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error("give sweep folders, or --results-md FILE with sweep folders")
     texts, all_rows = [], []
     for s in sections:
+        if is_tune_folder(s.path):  # cil tune: the trials, then the final runs
+            final = collect_sections([s.path / "final"])[0] if (s.path / "final").is_dir() else None
+            rows = summary_rows(final) if final and final.runs else []
+            all_rows += rows
+            texts.append(tune_text(s.path, section_text(final, rows) if rows else None))
+            continue
         rows = summary_rows(s)
         all_rows += rows
         texts.append(section_text(s, rows))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
@@ -33,6 +34,7 @@ from cil.run.folder import LOCK
 
 log = logging.getLogger("cil")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
 def register_schemas() -> None:
@@ -84,9 +86,17 @@ def main(dcfg: DictConfig) -> dict:
     cfg: RunConfig = OmegaConf.to_object(dcfg)
     resolved = OmegaConf.to_container(dcfg, resolve=True)
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep job: skip if complete, record a failure, go on
-        from cil.run.sweep import run_sweep_job
-        return run_sweep_job(cfg, out_dir, resolved, list(HydraConfig.get().overrides.task),
-                             on_start=lambda: _record_config(out_dir, dcfg))
+        from cil.run.sweep import run_sweep_job, search_score
+        searching = HydraConfig.get().sweeper._target_ != BASIC_SWEEPER  # Optuna & co. ask for one number
+        if searching and cfg.eval.split != "validation":
+            print(f"error: hydra/sweeper={HydraConfig.get().sweeper._target_.rsplit('.', 1)[-1]} with "
+                  f"eval.split={cfg.eval.split}: a search must not score its trials on the test set; set "
+                  "eval.split=validation (the search spaces of conf/search/ do)", file=sys.stderr)
+            _tidy_failed_run(out_dir)
+            sys.exit(2)
+        result = run_sweep_job(cfg, out_dir, resolved, list(HydraConfig.get().overrides.task),
+                               on_start=lambda: _record_config(out_dir, dcfg))
+        return search_score(result, out_dir) if searching else result
     from cil.run.experiment import run_experiment  # after Hydra has parsed the command line: `--help` stays fast
 
     try:
@@ -115,12 +125,15 @@ def _tool(name: str):
         from cil.run.bench.main import main as tool
     elif name == "gpu-check":
         from cil.run.gpu_check import main as tool
+    elif name == "tune":
+        from cil.run.tune import main as tune_main
+        return lambda argv: tune_main(argv, run_hydra)
     else:
         from cil.run.demo import main as tool
     return tool
 
 
-SUBCOMMANDS = ("report", "plots", "bench", "gpu-check", "demo")
+SUBCOMMANDS = ("report", "plots", "bench", "gpu-check", "demo", "tune")
 
 
 def cli() -> None:
@@ -134,6 +147,16 @@ def cli() -> None:
     # killing the process.
     signal.signal(signal.SIGTERM, note_stop)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        _hydra_command()
+    finally:
+        # Python gives signals their default action back while it shuts down: a late SIGTERM would then turn
+        # this exit code into -15. Nothing is left to stop.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _hydra_command() -> None:
+    """Hydra's command line (sys.argv) in this process: a run or a sweep; errors as one line and an exit code."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra re-raises instead of printing its own report
     try:
         main()
@@ -151,11 +174,21 @@ def cli() -> None:
         log.warning("pre-empted: %s", stop)
         print(f"pre-empted: {stop}", file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
-    finally:
-        # Python gives signals their default action back while it shuts down: a late SIGTERM would then turn
-        # this exit code into -15. Nothing is left to stop.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
+
+def run_hydra(args: list[str]) -> int:
+    """`python -m cil <args>` (a run, or a sweep with -m) inside this process (cil tune's phases); its exit code."""
+    saved = sys.argv
+    sys.argv = [saved[0], *args]
+    try:
+        signal.signal(signal.SIGTERM, note_stop)
+        _hydra_command()
+        return 0
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    finally:
+        sys.argv = saved
+        GlobalHydra.instance().clear()  # the next command initialises Hydra afresh
 
 if __name__ == "__main__":
     cli()

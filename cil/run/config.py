@@ -9,6 +9,7 @@ from cil.schema import RunConfig
 PRECISIONS = ("fp32", "bf16", "auto")
 OPTIMIZERS = ("sgd", "adam")
 BUFFER_POLICIES = ("reservoir", "class_balanced")
+EVAL_SPLITS = ("test", "validation")
 
 
 def method_schema(name: str) -> type:
@@ -72,6 +73,10 @@ def validate(cfg: RunConfig) -> None:
     require(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "use an integer >= 1")
     require(cfg.eval.anytime_every >= 0, "eval.anytime_every", cfg.eval.anytime_every, "use 0 (off) or an integer >= 1")
     require(cfg.eval.anytime_samples >= 1, "eval.anytime_samples", cfg.eval.anytime_samples, "use an integer >= 1")
+    require(cfg.eval.split in EVAL_SPLITS, "eval.split", cfg.eval.split,
+            f"choose one of {EVAL_SPLITS} (validation: a held-out part of the training set, for tuning)")
+    require(0 < cfg.eval.validation_fraction < 1, "eval.validation_fraction", cfg.eval.validation_fraction,
+            "use a share between 0 and 1, e.g. 0.1")
     require(cfg.log.every >= 1, "log.every", cfg.log.every, "use an integer >= 1")
     require(cfg.diagnostics.every >= 1, "diagnostics.every", cfg.diagnostics.every, "use an integer >= 1")
     require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "use 0 (task ends only) or >= 1")

@@ -76,6 +76,10 @@ def _unknown_key_message(full_key: str, object_type: Any = None) -> str:
     return f"{full_key} is not a setting of cil{hint}: {where} {', '.join(known)}; {HELP}"
 
 
+# Hydra plugins that come with one of cil's optional extras (pyproject.toml).
+PLUGIN_EXTRAS = {"hydra/sweeper/optuna": "tune"}
+
+
 def describe(err: BaseException) -> str:
     """One clear line (or a short block) for an error Hydra raised while composing the config."""
     cause: Optional[BaseException] = err
@@ -88,7 +92,11 @@ def describe(err: BaseException) -> str:
         return f"{key}={cause.value!r} is not allowed: {allowed}"
     if isinstance(cause, (ConfigKeyError, AttributeError)) and getattr(cause, "full_key", None):
         return _unknown_key_message(cause.full_key, getattr(cause, "object_type", None))
-    return str(err).split("\nConfig search path:")[0].strip()  # the search path is Hydra's internals
+    text = str(err).split("\nConfig search path:")[0].strip()  # the search path is Hydra's internals
+    for option, extra in PLUGIN_EXTRAS.items():
+        if f"Could not find '{option}'" in text:
+            return f"{option.split('/')[-1]} is a Hydra plugin that is not installed: pip install 'cil[{extra}]'"
+    return text
 
 
 def unknown_keys(cfg: DictConfig, cls: Any = RunConfig, prefix: str = "") -> None:

@@ -19,7 +19,7 @@ import torch
 from cil import __version__
 from cil.core.addons import build_addons
 from cil.core.buffer import ReplayBuffer
-from cil.core.data import ImageDataset, load_dataset
+from cil.core.data import ImageDataset, holdout_validation, load_dataset
 from cil.core.data.stream import ClassIncrementalStream
 from cil.core.diagnostics import Diagnostics
 from cil.core.learner import Learner
@@ -89,8 +89,12 @@ def build_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
 
 
 def load_run_dataset(cfg: RunConfig) -> ImageDataset:
+    """The run's data; with eval.split=validation its test set is a held-out part of the training set instead."""
     d = cfg.dataset
-    return load_dataset(d.name, d.root, download=d.download, verify=d.verify, image_size=d.image_size, path=d.path)
+    dataset = load_dataset(d.name, d.root, download=d.download, verify=d.verify, image_size=d.image_size, path=d.path)
+    if cfg.eval.split == "validation":
+        dataset = holdout_validation(dataset, cfg.eval.validation_fraction)
+    return dataset
 
 
 def check_buffer_memory(size: int, sample_shape: tuple, device: torch.device) -> None:

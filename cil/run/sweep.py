@@ -59,6 +59,20 @@ def run_sweep_job(cfg: Any, out_dir: Path, resolved: dict, overrides: list[str],
     return results
 
 
+SEARCH_METRIC = "final_avg_acc"  # what a hyperparameter search maximises (on the validation split)
+
+
+def search_score(result: dict, run_dir: Path) -> Any:
+    """A search trial's score for the sweeper (Optuna & co.): the run's final average accuracy on the validation
+    split, also for a trial already complete from an earlier launch. A failed trial returns its result dict,
+    which the sweeper records as a failed trial."""
+    if result.get("status") == "skipped":
+        result = read_json(Path(run_dir) / RESULTS) or result
+    if result.get("status") != "complete":
+        return result
+    return float(result[SEARCH_METRIC])
+
+
 def sweep_report(sweep_dir: Path, started: float = 0.0) -> tuple[str, int]:
     """The end-of-sweep summary of everything in `sweep_dir`: (text, number of failed runs)."""
     sweep_dir = Path(sweep_dir)

@@ -3,7 +3,7 @@ package registers its dataset names (cil.core.data.dataset.register_loader): a n
 import importlib
 import pkgutil
 
-from cil.core.data.dataset import LOADERS, ImageDataset, cache_dir, data_root, load_dataset
+from cil.core.data.dataset import LOADERS, ImageDataset, cache_dir, data_root, holdout_validation, load_dataset
 from cil.core.data.stream import Batch, ClassIncrementalStream, Task
 
 for _module in pkgutil.iter_modules(__path__):
@@ -12,4 +12,4 @@ for _module in pkgutil.iter_modules(__path__):
 DATASET_NAMES: tuple[str, ...] = tuple(LOADERS)
 
 __all__ = ["DATASET_NAMES", "LOADERS", "Batch", "ClassIncrementalStream", "ImageDataset", "Task", "cache_dir",
-           "data_root", "load_dataset"]
+           "data_root", "holdout_validation", "load_dataset"]

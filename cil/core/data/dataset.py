@@ -19,7 +19,8 @@ from torchvision.transforms.v2.functional import resize
 
 from cil.errors import ConfigError, DataError
 
-__all__ = ["ImageDataset", "data_root", "cache_dir", "register_loader", "load_dataset", "LOADERS"]
+__all__ = ["ImageDataset", "data_root", "cache_dir", "register_loader", "load_dataset", "LOADERS",
+           "holdout_validation"]
 
 
 @dataclass
@@ -126,3 +127,23 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, download: 
         ds.train_x = resize_tensor(ds.train_x, image_size)
         ds.test_x = resize_tensor(ds.test_x, image_size)
     return ds
+
+
+def holdout_validation(dataset: ImageDataset, fraction: float, seed: int = 0) -> ImageDataset:
+    """The validation protocol of a hyperparameter search: the same classes, trained on the training set minus a
+    seeded share `fraction` of every class's samples, evaluated on that share. The test set is not carried over,
+    so nothing downstream can evaluate on it. The split depends on `seed` only (not on the run's seed), so every
+    trial of a search and every seed of it are scored on the same samples."""
+    g = torch.Generator().manual_seed(seed)
+    held_out = torch.zeros(len(dataset.train_y), dtype=torch.bool)
+    for c in dataset.train_y.unique():
+        idx = torch.nonzero(dataset.train_y == c).squeeze(1)
+        if len(idx) < 2:
+            raise DataError(f"{dataset.name}: class {dataset.class_names[int(c)]!r} has {len(idx)} training sample(s), "
+                            "too few to hold one out for validation; use eval.split=test")
+        n = min(max(1, round(fraction * len(idx))), len(idx) - 1)  # every class keeps training and validation rows
+        held_out[idx[torch.randperm(len(idx), generator=g)[:n]]] = True
+    keep = ~held_out
+    return ImageDataset(dataset.name, dataset.train_x[keep].contiguous(), dataset.train_y[keep],
+                        dataset.train_x[held_out].contiguous(), dataset.train_y[held_out], list(dataset.class_names),
+                        mean=dataset.mean, std=dataset.std)

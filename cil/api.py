@@ -1,0 +1,125 @@
+"""The Python API: experiments from notebooks and scripts, no Hydra in the user's code.
+
+    from cil import api
+    results = api.run({"dataset": "digits", "method": "gsa", "buffer": {"size": 200}}, out_dir="runs/gsa")
+    learner = api.build({"dataset": "digits", "method": "er"}, out_dir="runs/mine")   # drive your own loop
+
+A config is given as a dict (nested, or with dotted keys: {"buffer.size": 200}), as Hydra override strings
+(["method=gsa", "buffer.size=200"]) or both; config groups (dataset, model, method, optimizer, addon, experiment)
+take an option's name. It is composed from cil/conf/ and checked exactly as on the command line, so a wrong key or
+value raises one ConfigError naming it. docs/api.md has the examples (run by tests/test_docs.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cil.core.learner import Learner
+from cil.errors import ConfigError
+from cil.run.cli import CONF_DIR
+from cil.run.config_errors import describe, unknown_keys
+from cil.run.experiment import build_learner, run_experiment
+from cil.schema import RunConfig
+
+__all__ = ["config", "overrides", "run", "build"]
+
+Config = Union[Mapping[str, Any], Iterable[str], RunConfig, None]
+GROUPS = ("dataset", "model", "method", "optimizer", "addon", "experiment")
+_PLAIN = re.compile(r"^[\w./:+-]+$")
+
+
+def _value(v: Any) -> str:
+    """A Python value in Hydra's override syntax."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_value(x) for x in v) + "]"
+    if isinstance(v, str) and not _PLAIN.match(v):
+        return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(v)
+
+
+def overrides(cfg: Config = None) -> list[str]:
+    """Hydra override strings for a dict (nested or dotted keys) or a list of override strings."""
+    if cfg is None:
+        return []
+    if isinstance(cfg, str):
+        raise ConfigError(f"config {cfg!r} is a string: give a dict or a list of overrides, e.g. [{cfg!r}]")
+    if not isinstance(cfg, Mapping):
+        return [str(o) for o in cfg]
+    out: list[str] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            if prefix in GROUPS and "name" in value:  # {"method": {"name": "gsa", ...}}: the option, then its keys
+                out.append(f"{prefix}={_value(value['name'])}")
+                value = {k: v for k, v in value.items() if k != "name"}
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out.append(f"{prefix}={_value(value)}")
+
+    for k, v in cfg.items():  # Hydra applies group choices before values, whatever the order
+        walk(str(k), v)
+    return out
+
+
+def config(cfg: Config = None) -> RunConfig:
+    """The typed run config: cil/conf/ composed with `cfg`, checked like the command line's."""
+    if isinstance(cfg, RunConfig):
+        return cfg
+    args = overrides(cfg)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            dcfg = compose(config_name="config", overrides=args)
+        unknown_keys(dcfg)
+        return OmegaConf.to_object(dcfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(describe(err)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _default_dir(cfg: RunConfig) -> Path:
+    return Path("outputs") / time.strftime("%Y-%m-%d") / (
+        f"{time.strftime('%H-%M-%S')}_{cfg.dataset.name}_{cfg.method.name}_m{cfg.buffer.size}_s{cfg.seed}")
+
+
+def _record(out_dir: Path, cfg: RunConfig, args: list[str]) -> None:
+    """.hydra/config.yaml and overrides.yaml, as a command-line run writes them (the report reads them)."""
+    folder = out_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(cfg), folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create(args), folder / "overrides.yaml")
+
+
+def run(cfg: Config = None, out_dir: Optional[Union[str, Path]] = None) -> dict:
+    """Run one experiment into `out_dir` (default outputs/<date>/<time>_<dataset>_<method>_m<M>_s<seed>) and return
+    its results (results.json's content). As on the command line, a folder holding a checkpoint of the same config
+    is resumed, and one holding the complete run just returns its results."""
+    args = overrides(cfg) if not isinstance(cfg, RunConfig) else []
+    run_cfg = config(cfg)
+    out = Path(out_dir) if out_dir is not None else _default_dir(run_cfg)
+    return run_experiment(run_cfg, out, resolved_config=dataclasses.asdict(run_cfg),
+                          on_start=lambda: _record(out, run_cfg, args))
+
+
+def build(cfg: Config = None, out_dir: Optional[Union[str, Path]] = None) -> Learner:
+    """The parts of a run, to drive one's own loop: the Learner with its `.stream` (iterate it for batches),
+    `.method` (its `.model`, `.buffer`, `.optimizer`) and `.train_batch(batch)` / `.evaluate_all(tasks_seen)`.
+    Its metrics.csv goes to `out_dir` (default: as for run). Nothing is checkpointed."""
+    run_cfg = config(cfg)
+    out = Path(out_dir) if out_dir is not None else _default_dir(run_cfg)
+    return build_learner(run_cfg, out)
