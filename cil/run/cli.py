@@ -163,6 +163,9 @@ def _hydra_command() -> None:
     except (HydraException, OmegaConfBaseException) as err:
         print(f"error: {describe(err)}", file=sys.stderr)
         sys.exit(2)
+    except CilError as err:  # raised outside a run, e.g. by a launcher (hydra/launcher=ray without Ray)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     except ValueError as err:  # Hydra's own check of `group=null` (a config group needs an option's name)
         if "Config group override must be" not in str(err):
             raise
