@@ -89,9 +89,10 @@ def validate(cfg: RunConfig) -> None:
     from cil.core.methods import method_class
     for addon in addon_configs(cfg.addon).values():
         addon.validate()
-        if cfg.method.name.startswith("avalanche_"):
-            raise ConfigError(f"addon={addon.name} with method.name={cfg.method.name!r}: add-ons hook into our "
-                              "methods' steps, which Avalanche peers do not use; drop the add-on")
+        if cfg.method.name.startswith("avalanche_"):  # addon=mkd runs as MKDPlugin; the rest say why not
+            from cil.avalanche.peers import check_peer_addon
+            check_peer_addon(cfg.method.name, addon)
+            continue
         if getattr(addon, "mode", None) == "main_pass" and not cfg.method.name.startswith("avalanche_") and \
                 not method_class(cfg.method.name).declares_main_pass:
             raise ConfigError(f"addon.{addon.name}.mode=main_pass with method={cfg.method.name}: this method does not "
