@@ -8,6 +8,7 @@ import signal
 
 import pytest
 import torch
+from test_resume import FAST, checkpoint_step, cli, comparable
 
 from cil.core.buffer import ReplayBuffer
 from cil.core.data import load_dataset
@@ -19,8 +20,6 @@ from cil.core.objectives.common import classes_mask, cross_entropy_masked
 from cil.core.objectives.gsa import GradientStats
 from cil.errors import ConfigError
 from cil.run.config import default_config, validate
-
-from test_resume import FAST, checkpoint_step, cli, comparable
 
 C = 5
 
@@ -70,7 +69,7 @@ def close(a, b):
 def test_each_rule_weights_against_hand_computation():
     batches = toy_batches()
     per = hand_stats(batches)
-    sum_ = lambda rows, k: [sum(r[k][c] for r in rows) for c in range(C)]  # noqa: E731
+    sum_ = lambda rows, k: [sum(r[k][c] for r in rows) for c in range(C)]
 
     rule = make_rule("cumulative", C)
     feed(rule, batches)
@@ -305,7 +304,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit(name, rule):
     """Stopped at batch 30 (task 1 started at 29: task_reset has just reset, the window of 7 has wrapped), saved
     through bytes as a checkpoint is, loaded into a fresh method, continued: the same losses and parameters as the
     run without a stop. ER-ACE with the augmented views, so its generator's state is in play."""
-    cfg = dict(balance=rule, balance_momentum=0.9, balance_window=7, augment=True)
+    cfg = {"balance": rule, "balance_momentum": 0.9, "balance_window": 7, "augment": True}
     whole, loss_whole, _ = run(name, 40, **cfg)
     first, loss_a, _ = run(name, 31, **cfg)
     buf = io.BytesIO()
@@ -338,3 +337,32 @@ def test_cli_resume_after_sigkill_is_bit_identical_with_a_window(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert comparable(run_dir) == comparable(ref / "run")
     assert (run_dir / "metrics.csv").read_bytes() == (ref / "run" / "metrics.csv").read_bytes()
+
+
+@pytest.mark.parametrize("name, rule", [("gsa", "magnitude"), ("gsa", "window"), ("er_ace", "window"),
+                                        ("er_ace", "magnitude")])
+def test_diagnostics_terms_add_up_to_the_rebalanced_loss(tmp_path, name, rule):
+    """The per-term reports carry the rule's weights and scales: on a task-1 batch with replay, the reported
+    terms add up to the loss the optimizer steps on."""
+    from test_diagnostics import config
+    from test_diagnostics import feed as feed_learner
+
+    from cil.run.experiment import build_learner
+
+    learner = build_learner(config(name, True, every=1, balance=rule, balance_window=5), tmp_path,
+                            dataset=load_dataset("digits"))
+    batch = feed_learner(learner, learner.stream.batches_per_task[0] + 8)  # past GSA's warm-up of task 1
+    diag, captured = learner.diagnostics, {}
+    original = diag.before_backward
+
+    def capture(loss):
+        captured["loss"], captured["terms"] = loss.detach(), list(diag.terms)
+        original(loss)
+
+    diag.before_backward = capture
+    diag.flush()
+    diag.begin_batch(batch)
+    learner.method.observe(batch)
+    terms = captured["terms"]
+    assert {t.source for t in terms} == {"new", "replay"}
+    torch.testing.assert_close(sum(t.row_losses().sum() for t in terms), captured["loss"], rtol=1e-5, atol=1e-6)

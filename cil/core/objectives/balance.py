@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common import mask_logits
-from .gsa import GradientStats, balance_weights, batch_gradient_stats
+from .gsa import GradientStats, batch_gradient_stats
 
 __all__ = ["RULES", "CLASS_WEIGHT_RULES", "make_rule", "logit_grad_norm", "Cumulative", "EMA", "TaskReset", "Window",
            "Constant", "Magnitude"]
