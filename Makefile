@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	@if ! $(PY) -c "import sys" 2>/dev/null; then \
 	  echo "creating $(VENV) with $(PYTHON)"; rm -rf $(VENV); \
 	  $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV); fi
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints-cpu.txt -e '.[dev,avalanche,tune,ray]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints-cpu.txt -e '.[dev,avalanche,tune,ray,wandb]'
 	@touch $(STAMP)
 
 demo: $(STAMP)

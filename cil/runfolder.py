@@ -16,7 +16,7 @@ RESULTS = "results.json"
 FAILED = "failed.json"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
-SKIP_DIRS = {".hydra", ".submitit", "tensorboard", "__pycache__"}
+SKIP_DIRS = {".hydra", ".submitit", "tensorboard", "wandb", "__pycache__"}
 
 
 def _umask() -> int:

@@ -69,6 +69,13 @@ class LogConfig:
     every: int = 50  # stream batches between reading losses back from the device
     progress: bool = True  # tqdm progress bar
     tensorboard: bool = False
+    wandb: bool = False  # Weights & Biases (README "Weights & Biases"; needs `pip install 'cil[wandb]'`)
+    wandb_project: str = "cil"
+    wandb_entity: Optional[str] = None  # None: the logged-in user's default entity
+    wandb_tags: List[str] = field(default_factory=list)
+    wandb_group: Optional[str] = None  # None: a sweep job's group is its sweep folder; a single run has none
+    # online | offline (files only, `wandb sync` later) | disabled; None: W&B's own choice ($WANDB_MODE, else online)
+    wandb_mode: Optional[str] = None
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict
 import torch
 from torch import nn
 
+from cil.avalanche.mkd_options import MKD_NOT_OPTIONS
 from cil.core.data.stream import Batch, ClassIncrementalStream
 from cil.core.methods.base import Method, MethodConfig, StepOutput, to_float
 from cil.core.methods.gsa import GSAConfig
@@ -71,6 +72,46 @@ class AvalancheGSAConfig(GSAConfig):
             if getattr(self, key):
                 raise ConfigError(f"method.{key}=true is not available with method=avalanche_gsa: the strategy owns "
                                   f"the model and the optimizer; use method=gsa")
+
+
+# Peers MKD does not fit, and why.
+MKD_REFUSED = {
+    "gdumb": "GDumb retrains a freshly initialised model on its memory at every experience: an EMA across "
+             "re-initialisations is no teacher",
+    "scr": "SCR's training forward gives projection features, not class logits, so there is nothing to distil"}
+
+
+def check_peer_addon(method_name: str, addon) -> None:
+    """Refuse, with the reason, an add-on that cannot run on Avalanche peer `method_name` (validate())."""
+    key = f"addon={addon.name} with method.name={method_name!r}"
+    if addon.name == "ccl_dc":
+        raise ConfigError(
+            f"{key}: CCL-DC trains a second learner with its own model and optimizer beside the first and distils "
+            "between the two at every step; an Avalanche strategy's training loop has one model and one optimizer, "
+            "so there is no place for the peer. Use a native method with addon=ccl_dc, or drop the add-on")
+    if addon.name != "mkd":
+        raise ConfigError(f"{key}: only addon=mkd runs on Avalanche peers (as MKDPlugin); drop the add-on")
+    name = strategy_name(method_name)
+    if name in MKD_REFUSED:
+        raise ConfigError(f"{key}: {MKD_REFUSED[name]}; use another peer or drop the add-on")
+    from cil.core.addons.mkd import MKDConfig
+
+    default = MKDConfig()
+    for k, why in MKD_NOT_OPTIONS.items():
+        value = getattr(addon, k)
+        if k == "mode" and value in ("block", "main_pass"):
+            continue  # block is only the default's value: the peer runs main_pass either way
+        if value != getattr(default, k) and not (k == "crop_scale" and list(value) == list(default.crop_scale)):
+            raise ConfigError(f"addon.mkd.{k}={value!r} is not available with method.name={method_name!r} "
+                              f"({why}); leave it at its default ({getattr(default, k)!r})")
+
+
+def mkd_plugin_options(addon) -> dict[str, Any]:
+    """MKDPlugin's keywords from an `addon.mkd` config (every MKDConfig knob that is a plugin option)."""
+    from dataclasses import fields
+
+    return {f.name: getattr(addon, f.name) for f in fields(addon) if f.name != "name" and
+            f.name not in MKD_NOT_OPTIONS}
 
 
 def strategy_name(method_name: str) -> str:
@@ -260,6 +301,10 @@ class AvalanchePeer(Method):
         self.experiences = task_experiences(stream, self.to_input)
         self.sub_experiences = None
         self.params: dict = {}
+        self.mkd = None  # the MKDPlugin of `addon=mkd` (its eval head is the run's main head)
+        # Avalanche resets strategy.loss when train() ends: the loss is read where it is computed
+        self.loss_probe = loss_probe()
+        strategy.plugins.append(self.loss_probe)
 
     def on_task_start(self, task: int, classes: torch.Tensor) -> None:
         super().on_task_start(task, classes)
@@ -294,12 +339,28 @@ class AvalanchePeer(Method):
             self.strategy.train(sub, shuffle=self.shuffle)
         elif batch.step_in_task + 1 == self.stream.batches_per_task[batch.task]:
             self.strategy.train(self.experiences[batch.task], shuffle=self.shuffle)
-        loss = self.strategy.loss if torch.is_tensor(getattr(self.strategy, "loss", None)) else None
-        loss = torch.zeros((), device=self.device) if loss is None else loss.detach().float().reshape(-1)[0]
-        return StepOutput(loss, logits)
+        return StepOutput(self.loss_probe.take(self.device), logits)
 
     def update(self, batch):  # not used: observe hands the batch to Avalanche
         raise NotImplementedError
+
+    def eval_logits(self, x: torch.Tensor, head=None) -> torch.Tensor:
+        """With addon=mkd: MKDPlugin's eval_head (head None) or extra head (mkd_teacher...), padded like the
+        student's (StrategyModel)."""
+        if self.mkd is None:
+            return super().eval_logits(x, head)
+        from cil.core.addons.mkd import EXTRA_HEADS
+
+        out = self.mkd.head_logits(self.strategy, x, None if head is None else EXTRA_HEADS[head])
+        if out.shape[1] < self.num_classes:
+            out = nn.functional.pad(out, (0, self.num_classes - out.shape[1]), value=float("-inf"))
+        return out
+
+    def eval_heads(self) -> list[str]:
+        return [] if self.mkd is None else self.mkd.eval_heads()
+
+    def log_values(self) -> dict[str, float]:
+        return {} if self.mkd is None else self.mkd.log_values()
 
     def extra_results(self) -> dict:
         out = {"avalanche": {"strategy": type(self.strategy).__name__, "mode": "online" if self.online else "task",
@@ -307,11 +368,36 @@ class AvalanchePeer(Method):
         gsa = [p for p in self.strategy.plugins if type(p).__name__ == "GSAPlugin"]
         if gsa:
             out["gsa"] = gsa[0].summary()
+        if self.mkd is not None:
+            out.update(self.mkd.extra_results())
         return out
 
     def state_dict(self) -> dict:
         raise ConfigError(f"method.name={self.cfg.name!r}: Avalanche peers do not checkpoint inside our learner; "
                           "run them with checkpoint.at_task_end=false and checkpoint.every=0")
+
+
+def loss_probe():
+    """An Avalanche plugin keeping the mean training loss of the iterations since it was last read (on the device:
+    no read-back); `take(device)` returns it and starts over."""
+    from avalanche.core import SupervisedPlugin
+
+    class LossProbe(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.total, self.count = None, 0
+
+        def after_backward(self, strategy, **kwargs):
+            loss = strategy.loss.detach().float().reshape(-1)[0]
+            self.total = loss if self.total is None else self.total + loss
+            self.count += 1
+
+        def take(self, device) -> torch.Tensor:
+            mean = torch.zeros((), device=device) if self.total is None else self.total / self.count
+            self.total, self.count = None, 0
+            return mean
+
+    return LossProbe()
 
 
 def build_peer(cfg, model: nn.Module, stream: ClassIncrementalStream, device: torch.device,
@@ -322,4 +408,12 @@ def build_peer(cfg, model: nn.Module, stream: ClassIncrementalStream, device: to
                               lambda m: make_optimizer(m.parameters()), device)
     peer = AvalanchePeer(strategy, name, stream, cfg, device, seed=cfg.seed + 2, normalize=normalize)
     peer.params = params
+    from cil.core.addons import addon_configs
+
+    for addon in addon_configs(cfg.addon).values():  # validate() refused all but addon=mkd on a fitting peer
+        check_peer_addon(cfg.method.name, addon)
+        from cil.avalanche.mkd_plugin import MKDPlugin
+
+        peer.mkd = MKDPlugin(**mkd_plugin_options(addon))
+        strategy.plugins.append(peer.mkd)  # after GSAPlugin (avalanche_gsa): it adds to the loss GSA set
     return peer

@@ -53,7 +53,8 @@ def note_stop(signum: int, _frame=None) -> None:
     PENDING_STOP.append(signum)
 
 
-RESUMABLE_CHANGES = ("checkpoint.", "log.progress", "log.tensorboard", "dataset.download", "dataset.verify")
+RESUMABLE_CHANGES = ("checkpoint.", "log.progress", "log.tensorboard", "log.wandb", "dataset.download",
+                     "dataset.verify")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -2,6 +2,8 @@
 config with its defaults. Nothing here imports hydra."""
 from __future__ import annotations
 
+import importlib.util
+
 from cil.errors import ConfigError, require
 from cil.schema import RunConfig
 
@@ -10,6 +12,7 @@ PRECISIONS = ("fp32", "bf16", "auto")
 OPTIMIZERS = ("sgd", "adam")
 BUFFER_POLICIES = ("reservoir", "class_balanced")
 EVAL_SPLITS = ("test", "validation")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 def method_schema(name: str) -> type:
@@ -78,6 +81,13 @@ def validate(cfg: RunConfig) -> None:
     require(0 < cfg.eval.validation_fraction < 1, "eval.validation_fraction", cfg.eval.validation_fraction,
             "use a share between 0 and 1, e.g. 0.1")
     require(cfg.log.every >= 1, "log.every", cfg.log.every, "use an integer >= 1")
+    if cfg.log.wandb:
+        require(cfg.log.wandb_mode in (None, *WANDB_MODES), "log.wandb_mode", cfg.log.wandb_mode,
+                f"choose one of {WANDB_MODES} (or null: $WANDB_MODE, else online)")
+        require(bool(cfg.log.wandb_project), "log.wandb_project", cfg.log.wandb_project, "name a W&B project")
+        if importlib.util.find_spec("wandb") is None:  # before anything is written, not at the first log call
+            raise ConfigError("log.wandb=true needs the wandb package, which is not installed: "
+                              "pip install 'cil[wandb]', or set log.wandb=false")
     require(cfg.diagnostics.every >= 1, "diagnostics.every", cfg.diagnostics.every, "use an integer >= 1")
     require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "use 0 (task ends only) or >= 1")
     schema = method_schema(cfg.method.name)
@@ -89,9 +99,10 @@ def validate(cfg: RunConfig) -> None:
     from cil.core.methods import method_class
     for addon in addon_configs(cfg.addon).values():
         addon.validate()
-        if cfg.method.name.startswith("avalanche_"):
-            raise ConfigError(f"addon={addon.name} with method.name={cfg.method.name!r}: add-ons hook into our "
-                              "methods' steps, which Avalanche peers do not use; drop the add-on")
+        if cfg.method.name.startswith("avalanche_"):  # addon=mkd runs as MKDPlugin; the rest say why not
+            from cil.avalanche.peers import check_peer_addon
+            check_peer_addon(cfg.method.name, addon)
+            continue
         if getattr(addon, "mode", None) == "main_pass" and not cfg.method.name.startswith("avalanche_") and \
                 not method_class(cfg.method.name).declares_main_pass:
             raise ConfigError(f"addon.{addon.name}.mode=main_pass with method={cfg.method.name}: this method does not "

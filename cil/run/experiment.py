@@ -4,6 +4,7 @@ Hydra-free: `cil.run.cli` resolves the config and calls `run_experiment`; tests 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -121,10 +122,11 @@ def build_stream(cfg: RunConfig, dataset: ImageDataset) -> ClassIncrementalStrea
 
 
 def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset] = None,
-                  resume_step: Optional[int] = None, stream: Optional[ClassIncrementalStream] = None) -> Learner:
+                  resume_step: Optional[int] = None, stream: Optional[ClassIncrementalStream] = None,
+                  wandb_sink=None) -> Learner:
     """Everything a run needs, in the order that keeps runs reproducible from the seed. `resume_step`: the run
     continues from a checkpoint at that stream position (logs are appended to, not started over). `stream`: one
-    already made from `dataset` by build_stream."""
+    already made from `dataset` by build_stream. `wandb_sink`: a started cil.run.wandb_log.WandbSink."""
     validate(cfg)
     device = resolve_device(cfg.device)
     if cfg.threads:
@@ -173,14 +175,14 @@ def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset]
         if cfg.diagnostics.enabled:
             method.diagnostics = Diagnostics.for_stream(cfg.diagnostics.every, stream, model)
     logger = RunLogger(out_dir, tensorboard=cfg.log.tensorboard, resume=resume_step is not None,
-                       purge_step=resume_step)
+                       purge_step=resume_step, wandb=wandb_sink)
     return Learner(stream, method, logger, seed=cfg.seed, eval_batch_size=cfg.eval.batch_size,
                    anytime_every=cfg.eval.anytime_every, anytime_samples=cfg.eval.anytime_samples,
                    log_every=cfg.log.every, progress=cfg.log.progress)
 
 
 def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: Optional[dict] = None,
-                   on_start: Optional[Callable[[], None]] = None) -> dict:
+                   on_start: Optional[Callable[[], None]] = None, wandb_group: Optional[str] = None) -> dict:
     """Run one experiment into `out_dir` and return (and write) its results.json content.
 
     With checkpoint.resume (the default) a checkpoint in `out_dir` is continued, and a run folder that already
@@ -189,7 +191,8 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: 
     settings or other data) is checked before anything in the folder changes; then results.json says `running`
     and `on_start` is called (the CLI records the accepted config there). Raises Preempted (after writing a
     checkpoint) when SIGTERM arrives, TrainingError when the loss becomes non-finite; both leave a results.json
-    whose status says so, never one that looks complete."""
+    whose status says so, never one that looks complete. With log.wandb the run is also a W&B run, started once
+    the folder is accepted, continued when the checkpoint is (`wandb_group` unless log.wandb_group is set)."""
     out_dir = Path(out_dir)
     validate(cfg)  # before looking at what the run folder holds
     config = resolved_config if resolved_config is not None else dataclasses.asdict(cfg)
@@ -199,19 +202,28 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: 
             return done
         peer = cfg.method.name.startswith("avalanche_")  # Avalanche peers keep state we cannot checkpoint
         checkpointer = Checkpointer(out_dir, cfg, config, can_save=not peer)
-        with checkpointer.stop_on_signals():  # from here on SIGTERM means "checkpoint at the next batch, then stop"
+        # from here on SIGTERM means "checkpoint at the next batch, then stop"; wandb_exit ends a W&B run that stops
+        with checkpointer.stop_on_signals(), contextlib.ExitStack() as wandb_exit:
             state = checkpointer.load()
             dataset = load_run_dataset(cfg)
             stream = build_stream(cfg, dataset)
             checkpointer.check_data(state, dataset.fingerprint())
+            sink = None
+            if cfg.log.wandb:  # before the folder changes: a W&B that cannot start is one error, nothing lost
+                from cil.run.wandb_log import WandbSink
+                sink = WandbSink.start(cfg, out_dir, config, resuming=state is not None, group=wandb_group)
+                wandb_exit.push(sink.__exit__)  # pre-empted or failed: the W&B run says so
             folder.mark_running(config)  # from here on the folder changes
             if on_start is not None:
                 on_start()
             checkpointer.discard_stale()
             if state is not None:
                 checkpointer.rewind_logs(state)
+                if sink is not None:  # what W&B lost when the interrupted attempt died
+                    sink.replay(out_dir / "metrics.csv", state["learner"]["acc_matrix"])
             learner = build_learner(cfg, out_dir, dataset, stream=stream,
-                                    resume_step=None if state is None else state["learner"]["step"])
+                                    resume_step=None if state is None else state["learner"]["step"],
+                                    wandb_sink=sink)
             learner.checkpointer = checkpointer
             if state is not None:
                 checkpointer.restore(learner, state)
@@ -248,6 +260,8 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: 
                 print(json.dumps({k: v for k, v in results.items() if k != "confusion"}), file=sys.stderr)
                 raise
             checkpointer.finish()
+            if sink is not None:
+                sink.complete(results, out_dir)
     return results
 
 

@@ -1,12 +1,12 @@
 """Where a run's numbers go while it runs: metrics.csv always (long format: step, task, key, value), and
-TensorBoard when enabled (the loop's MetricsLog). Values arrive already on the host; nothing here touches the
+TensorBoard and Weights & Biases when enabled (the loop's MetricsLog). Values arrive already on the host; nothing here touches the
 device. Also the diagnostics' files at the end of a run."""
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from cil.core.learner import MetricsLog
 from cil.runfolder import METRICS
@@ -14,7 +14,8 @@ from cil.runfolder import METRICS
 
 class RunLogger(MetricsLog):
     def __init__(self, out_dir: Path, tensorboard: bool = False, resume: bool = False,
-                 purge_step: Optional[int] = None):
+                 purge_step: Optional[int] = None, wandb: Optional[Any] = None):
+        self.wandb = wandb  # a started cil.run.wandb_log.WandbSink (the runner finishes it), or None
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / METRICS
@@ -33,8 +34,12 @@ class RunLogger(MetricsLog):
         self._csv.writerow([step, "" if task is None else task, key, f"{value:.6g}"])
         if self._tb is not None:
             self._tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.scalar(key, value, step)
 
     def accuracy_matrix(self, matrix: list[list[float]], step: int) -> None:
+        if self.wandb is not None:
+            self.wandb.accuracy_matrix(matrix, step)
         if self._tb is None:
             return
         rows = ["| after task | " + " | ".join(f"T{j}" for j in range(len(matrix[0]))) + " |",

@@ -50,7 +50,9 @@ def run_sweep_job(cfg: Any, out_dir: Path, resolved: dict, overrides: list[str],
     from cil.run.experiment import run_experiment
 
     try:
-        results = run_experiment(cfg, out_dir, resolved_config=resolved, on_start=on_start)
+        # with log.wandb each job is its own W&B run, grouped by its sweep folder
+        results = run_experiment(cfg, out_dir, resolved_config=resolved, on_start=on_start,
+                                 wandb_group="/".join(out_dir.resolve().parent.parts[-2:]))
     except Exception as err:  # noqa: BLE001 - every failure is recorded; the sweep goes on
         path = write_failure(out_dir, err, resolved, overrides)
         log.error("run %s failed: %s: %s (details in %s)", name, type(err).__name__, err, path)

@@ -87,6 +87,41 @@ def ema_factor(alpha: float, batches: int, correction_step: int) -> float:
     return alpha / (1 - alpha ** max(1, batches // correction_step))
 
 
+# The extra evaluation heads (results.json `heads`) and the eval_head each one shows.
+EXTRA_HEADS = {"mkd_student": "student", "mkd_teacher": "teacher", "mkd_average": "average"}
+
+
+def make_teacher(model: torch.nn.Module, alpha: float, correction_step: int) -> torch.nn.Module:
+    """A teacher of momentum `alpha`: a copy of `model` without gradients, parameters a / (1 - a) * theta."""
+    teacher = copy.deepcopy(model)
+    teacher.requires_grad_(False)
+    with torch.no_grad():
+        factor = ema_factor(alpha, 0, correction_step)
+        for p, e in zip(model.parameters(), teacher.parameters()):
+            e.copy_(p * factor)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(teachers, alphas, params: list[Tensor], batches: int, correction_step: int) -> None:
+    """theta_j <- (1 - a_j) theta_j + a_j / (1 - a_j^k) theta for every teacher (after an optimizer step)."""
+    for alpha, teacher in zip(alphas, teachers):
+        ema = list(teacher.parameters())
+        torch._foreach_mul_(ema, 1 - alpha)
+        torch._foreach_add_(ema, torch._foreach_mul(params, ema_factor(alpha, batches, correction_step)))
+
+
+@torch.no_grad()
+def average_parameters(model: torch.nn.Module, teachers) -> dict[str, Tensor]:
+    """(student + teachers) / (n + 1), parameter by parameter, with the student's buffers (init_agg_model)."""
+    names = [n for n, _ in model.named_parameters()]
+    avg = [sum(ps) / (len(teachers) + 1) for ps in zip(
+        [p.detach() for p in model.parameters()], *[t.parameters() for t in teachers])]
+    state = dict(zip(names, avg))
+    state.update(dict(model.named_buffers()))
+    return state
+
+
 def color_jitter(x: Tensor, u: Tensor, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1) -> Tensor:
     """Per-sample colour jitter of [B, C, H, W] floats in [0, 1] (torchvision's definitions, fixed order
     brightness, contrast, saturation, hue), factors from uniforms ``u`` [B, 4]. One-channel input: brightness
@@ -153,13 +188,7 @@ class MKD(Addon):
         self.alphas = cfg.alphas()
         self.teachers = []
         for alpha in self.alphas:
-            teacher = copy.deepcopy(method.model)
-            teacher.requires_grad_(False)
-            with torch.no_grad():
-                factor = ema_factor(alpha, 0, cfg.correction_step)
-                for p, e in zip(method.model.parameters(), teacher.parameters()):
-                    e.copy_(p * factor)
-            self.teachers.append(teacher)
+            self.teachers.append(make_teacher(method.model, alpha, cfg.correction_step))
         self.batches = 0  # stream batches seen (the official stream_idx / batch_size)
         self.batch = None
         self.pass_ = None  # (inputs, logits, raw) the method declared in this update (mode main_pass)
@@ -230,30 +259,19 @@ class MKD(Addon):
 
     @torch.no_grad()
     def after_step(self, method) -> None:
-        params = [p.detach() for p in method.model.parameters()]
-        for alpha, teacher in zip(self.alphas, self.teachers):
-            ema = list(teacher.parameters())
-            torch._foreach_mul_(ema, 1 - alpha)
-            torch._foreach_add_(ema, torch._foreach_mul(params, ema_factor(alpha, self.batches,
-                                                                            self.cfg.correction_step)))
+        ema_update(self.teachers, self.alphas, [p.detach() for p in method.model.parameters()], self.batches,
+                   self.cfg.correction_step)
         self.updates += 1
 
     # -- evaluation ------------------------------------------------------------------------------------------
     def averaged(self, method) -> dict[str, Tensor]:
         """(student + teachers) / (n + 1), parameter by parameter, with the student's buffers (init_agg_model)."""
         if self._average is None or self._average[0] != self.updates:
-            names = [n for n, _ in method.model.named_parameters()]
-            with torch.no_grad():
-                avg = [sum(ps) / (len(self.teachers) + 1) for ps in zip(
-                    [p.detach() for p in method.model.parameters()], *[t.parameters() for t in self.teachers])]
-            state = dict(zip(names, avg))
-            state.update(dict(method.model.named_buffers()))
-            self._average = (self.updates, state)
+            self._average = (self.updates, average_parameters(method.model, self.teachers))
         return self._average[1]
 
     def eval_logits(self, method, x: Tensor, head: Optional[str]) -> Optional[Tensor]:
-        which = self.cfg.eval_head if head is None else {"mkd_student": "student", "mkd_teacher": "teacher",
-                                                          "mkd_average": "average"}.get(head)
+        which = self.cfg.eval_head if head is None else EXTRA_HEADS.get(head)
         if which is None or which == "student":
             return None if which is None else method.predict_logits(x)
         if which == "teacher":
@@ -263,7 +281,7 @@ class MKD(Addon):
     def eval_heads(self) -> list[str]:
         if not self.cfg.report_heads:
             return []
-        return [h for h in ("mkd_student", "mkd_teacher", "mkd_average") if h != f"mkd_{self.cfg.eval_head}"]
+        return [h for h in EXTRA_HEADS if h != f"mkd_{self.cfg.eval_head}"]
 
     # -- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
