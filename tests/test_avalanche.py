@@ -166,6 +166,10 @@ def test_avalanche_peers_through_cli(tmp_path):
         assert len(res["acc_matrix"]) == 5 and all(len(r) == 5 for r in res["acc_matrix"])
         assert res["samples_per_s"] > 0 and res["stream_samples"] == er_ace["stream_samples"] > 1000
     assert lwf["avalanche"]["params"] == {"alpha": 0.5, "temperature": 2.0}
+    # the training loss is read where Avalanche computes it (it resets strategy.loss when train() ends)
+    losses = [float(row.split(",")[3]) for row in (tmp_path / "er_ace" / "metrics.csv").read_text().splitlines()
+              if row.split(",")[2] == "loss"]
+    assert losses and all(0 < v < 100 for v in losses)
     # ER-ACE keeps old tasks alive; LwF (no memory) in class-incremental mostly does not
     assert er_ace["final_avg_acc"] > 55 and er_ace["final_avg_acc"] > lwf["final_avg_acc"] + 15
 

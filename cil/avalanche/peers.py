@@ -302,6 +302,9 @@ class AvalanchePeer(Method):
         self.sub_experiences = None
         self.params: dict = {}
         self.mkd = None  # the MKDPlugin of `addon=mkd` (its eval head is the run's main head)
+        # Avalanche resets strategy.loss when train() ends: the loss is read where it is computed
+        self.loss_probe = loss_probe()
+        strategy.plugins.append(self.loss_probe)
 
     def on_task_start(self, task: int, classes: torch.Tensor) -> None:
         super().on_task_start(task, classes)
@@ -336,9 +339,7 @@ class AvalanchePeer(Method):
             self.strategy.train(sub, shuffle=self.shuffle)
         elif batch.step_in_task + 1 == self.stream.batches_per_task[batch.task]:
             self.strategy.train(self.experiences[batch.task], shuffle=self.shuffle)
-        loss = self.strategy.loss if torch.is_tensor(getattr(self.strategy, "loss", None)) else None
-        loss = torch.zeros((), device=self.device) if loss is None else loss.detach().float().reshape(-1)[0]
-        return StepOutput(loss, logits)
+        return StepOutput(self.loss_probe.take(self.device), logits)
 
     def update(self, batch):  # not used: observe hands the batch to Avalanche
         raise NotImplementedError
@@ -374,6 +375,29 @@ class AvalanchePeer(Method):
     def state_dict(self) -> dict:
         raise ConfigError(f"method.name={self.cfg.name!r}: Avalanche peers do not checkpoint inside our learner; "
                           "run them with checkpoint.at_task_end=false and checkpoint.every=0")
+
+
+def loss_probe():
+    """An Avalanche plugin keeping the mean training loss of the iterations since it was last read (on the device:
+    no read-back); `take(device)` returns it and starts over."""
+    from avalanche.core import SupervisedPlugin
+
+    class LossProbe(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.total, self.count = None, 0
+
+        def after_backward(self, strategy, **kwargs):
+            loss = strategy.loss.detach().float().reshape(-1)[0]
+            self.total = loss if self.total is None else self.total + loss
+            self.count += 1
+
+        def take(self, device) -> torch.Tensor:
+            mean = torch.zeros((), device=device) if self.total is None else self.total / self.count
+            self.total, self.count = None, 0
+            return mean
+
+    return LossProbe()
 
 
 def build_peer(cfg, model: nn.Module, stream: ClassIncrementalStream, device: torch.device,
