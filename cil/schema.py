@@ -96,6 +96,24 @@ class DiagnosticsConfig:
 
 
 @dataclass
+class ComputeConfig:
+    """Compute accounting (cil/core/compute.py, docs/compute.md): results.json `flops`."""
+
+    flops: bool = True  # count training-step FLOPs with PyTorch's FlopCounterMode on sampled steps
+    flops_every: int = 100  # count one trained batch in every this many (a counted step is ~4x slower on the MLP)
+
+
+@dataclass
+class RealtimeConfig:
+    """Real-time evaluation (Ghunaim et al., CVPR 2023; docs/compute.md): the stream moves at the reference
+    method's pace, and a method k times as costly trains on every k-th batch only."""
+
+    enabled: bool = False
+    reference: str = "er"  # the native method whose training step sets the stream's rate (its default config)
+    delay: Optional[int] = None  # k by hand; None: ceil(FLOPs(method step) / FLOPs(reference step)), measured
+
+
+@dataclass
 class RunConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
@@ -109,6 +127,8 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     precision: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 where the device has it natively)

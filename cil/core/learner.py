@@ -5,16 +5,17 @@ subsample (anytime accuracy). Losses and accuracies stay on the device and are r
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import resource
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from tqdm import tqdm
 
-from cil.core import metrics
+from cil.core import compute, metrics
 from cil.core.data.stream import Batch, ClassIncrementalStream
 from cil.core.methods.base import Method, StepOutput
 from cil.core.objectives.common import mask_logits
@@ -85,16 +86,22 @@ class Learner:
     seed: picks the anytime-evaluation subsample. eval_batch_size: rows per evaluation forward pass.
     anytime_every / anytime_samples: anytime evaluation every N stream batches (0: off) on a fixed subsample of
     that many test samples. log_every: stream batches between read-backs of the loss. progress: a tqdm bar.
-    `checkpointer`: anything with `due(step, task_ends)` and `checkpoint(learner)` (the runner's Checkpointer)."""
+    `checkpointer`: anything with `due(step, task_ends)` and `checkpoint(learner)` (the runner's Checkpointer).
+    flops_every: count the FLOPs of every N-th trained step (cil.core.compute.FlopMeter; 0: off). delay: the
+    real-time schedule (cil.core.compute.trains; 1: train on every batch); `realtime`: what results.json records
+    about it (reference, measured FLOPs), None when the real-time mode is off."""
 
     def __init__(self, stream: ClassIncrementalStream, method: Method, logger: Optional[MetricsLog] = None, *,
                  seed: int = 0, eval_batch_size: int = 256, anytime_every: int = 100, anytime_samples: int = 500,
-                 log_every: int = 50, progress: bool = True):
+                 log_every: int = 50, progress: bool = True, flops_every: int = 0, delay: int = 1,
+                 realtime: Optional[dict] = None):
         self.stream = stream
         self.method = method
         self.logger = logger if logger is not None else MetricsLog()
         self.eval_batch_size, self.anytime_every, self.log_every = eval_batch_size, anytime_every, log_every
         self.progress = progress
+        self.flops = compute.FlopMeter(flops_every)
+        self.delay, self.realtime = delay, realtime
         self.diagnostics = method.diagnostics  # cil.core.diagnostics.Diagnostics or None
         self.device = stream.device
         self.n_tasks = stream.n_tasks
@@ -133,9 +140,11 @@ class Learner:
         if not self._pending:
             return
         losses, logits, labels, seen = zip(*self._pending)
-        self.loss_sum += torch.stack(losses).sum()
-        self.nonfinite |= ~torch.isfinite(self.loss_sum)
-        self.loss_count += len(losses)
+        losses = [loss for loss in losses if loss is not None]  # real-time mode: skipped batches have none
+        if losses:
+            self.loss_sum += torch.stack(losses).sum()
+            self.nonfinite |= ~torch.isfinite(self.loss_sum)
+            self.loss_count += len(losses)
         rows = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(y) for y in labels]))
         masks = torch.stack(seen)[rows.to(self.device)]
         pred = mask_logits(torch.cat(logits), masks).argmax(1)
@@ -160,16 +169,25 @@ class Learner:
         return float(acc[:task + 1][present].mean())
 
     # -- the loop --------------------------------------------------------------------------------------------
-    def train_batch(self, batch: Batch) -> StepOutput:
+    def train_batch(self, batch: Batch, ahead: Sequence[Batch] = ()) -> StepOutput:
         """The loop body for one incoming batch: the task boundary, the method's step (with the diagnostics'
-        hooks), the buffer, and the running online accuracy. Scripts that drive the loop themselves call this."""
+        hooks), the buffer, and the running online accuracy. Scripts that drive the loop themselves call this.
+        `ahead`: real-time mode, the batches that arrive while this step trains (never trained on nor stored):
+        their online accuracy counts the predictions of the model before this step, as the stream shows them to
+        a model that is busy (each masked to the classes seen once it arrives); `skip_batch` then passes them."""
         method = self.method
         if batch.task != self.task:
             self.task = batch.task
             method.on_task_start(self.task, self.stream.tasks[self.task].classes)
         if self.diagnostics is not None:
             self.diagnostics.begin_batch(batch)
-        out = method.observe(batch)
+        # real time: the batches that arrive while this step trains, predicted by the model as it is now
+        ahead_logits = [self._online_logits(b.x) for b in ahead]
+        if self.flops.due(batch.step // self.delay):
+            out, flops = compute.count_flops(lambda: method.observe(batch))
+            self.flops.samples.append(flops)
+        else:
+            out = method.observe(batch)
         if self.diagnostics is not None:
             self.diagnostics.end_batch(self.logger)
         method.remember(batch, out)
@@ -177,32 +195,74 @@ class Learner:
         # Kept as they are and reduced in one go at the next read-back: ~7 small ops per step fewer.
         self._pending.append((out.loss, out.logits, batch.y, method.seen))  # never changed in place
         self.online_seen += len(batch.y)
+        seen = method.seen
+        for b, logits in zip(ahead, ahead_logits):
+            seen = seen.index_fill(0, b.y, True)  # its own labels count as seen, as for a trained batch
+            self._pending.append((None, logits, b.y, seen))
+            self.online_seen += len(b.y)
         return out
+
+    def skip_batch(self, batch: Batch) -> None:
+        """Real-time mode: a batch that arrived while the method trained (its online prediction was counted with
+        the training step's `ahead`): only the stream position moves."""
+        self.step += 1
+
+    @torch.no_grad()
+    def _online_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of an incoming batch in eval mode (no batch-norm statistics change), without training."""
+        method = self.method
+        was_training = method.model.training
+        method.model.eval()
+        method.owned.eval()
+        with method.autocast():
+            logits = method.eval_logits(method.to_input(x)).float()
+        method.model.train(was_training)
+        method.owned.train(was_training)
+        return logits
 
     def run(self) -> dict:
         stream = self.stream
         bar = tqdm(total=len(stream), initial=self.step, disable=not self.progress, unit="batch",
                    dynamic_ncols=True, leave=False)
         tick = time.perf_counter()
-        for batch in stream.batches(start=self.step):
-            self.train_batch(batch)
-            bar.update(1)
-            task = batch.task
-            task_ends = batch.step_in_task + 1 == stream.batches_per_task[task]
-            if self.step % self.log_every == 0 or task_ends:
-                tick = self._log(task, bar, tick)
-            if self.anytime_every and self.step % self.anytime_every == 0 and not task_ends:
-                tick = self._timed_eval(tick, lambda: self._anytime(task))
-            if task_ends:
-                tick = self._timed_eval(tick, lambda: self._task_end(task))
-                # train_time_s now runs to the evaluation's start (already synchronised): no extra sync here
-                self.task_train_time_s.append(self.train_time_s - sum(self.task_train_time_s))
-                self.method.on_task_end(task)
-            if self.checkpointer is not None and self.checkpointer.due(self.step, task_ends):
-                tick = self._checkpoint(tick)
+        batches = stream.batches(start=self.step)
+        for first in batches:
+            if self.delay == 1:
+                window = [first]
+                self.train_batch(first)
+            elif compute.trains(first.step, self.delay):
+                # the k-1 batches that arrive while this one trains
+                window = [first, *itertools.islice(batches, self.delay - 1)]
+                self.train_batch(first, window[1:])
+            else:  # resumed between a training step and its skipped batches (already predicted then)
+                window = [first]
+            for batch in window:
+                if batch is not first or not compute.trains(batch.step, self.delay):
+                    self.skip_batch(batch)
+                tick = self._after_batch(batch, bar, tick)
         self.train_time_s += time.perf_counter() - tick
         bar.close()
         return self.results()
+
+    def _after_batch(self, batch: Batch, bar, tick: float) -> float:
+        """What follows every stream batch (trained or skipped): read-backs, evaluations, the task end,
+        checkpoints. Returns the new training-time origin."""
+        stream = self.stream
+        bar.update(1)
+        task = batch.task
+        task_ends = batch.step_in_task + 1 == stream.batches_per_task[task]
+        if self.step % self.log_every == 0 or task_ends:
+            tick = self._log(task, bar, tick)
+        if self.anytime_every and self.step % self.anytime_every == 0 and not task_ends:
+            tick = self._timed_eval(tick, lambda: self._anytime(task))
+        if task_ends:
+            tick = self._timed_eval(tick, lambda: self._task_end(task))
+            # train_time_s now runs to the evaluation's start (already synchronised): no extra sync here
+            self.task_train_time_s.append(self.train_time_s - sum(self.task_train_time_s))
+            self.method.on_task_end(task)
+        if self.checkpointer is not None and self.checkpointer.due(self.step, task_ends):
+            tick = self._checkpoint(tick)
+        return tick
 
     def _timed_eval(self, tick: float, fn) -> float:
         """Run an evaluation without counting it as training time; returns the new training-time origin."""
@@ -314,6 +374,11 @@ class Learner:
                                  "avg_forgetting": metrics.average_forgetting(m)}
                           for head, m in self.head_matrices.items()}} if self.head_matrices else {}),
             **({"diagnostics": self.diagnostics.summary()} if self.diagnostics is not None else {}),
+            "flops": self.flops.summary(compute.trained_batches(self.step, self.delay), self.stream.n_samples),
+            "realtime": None if self.realtime is None else {
+                **self.realtime, "delay": self.delay,
+                "trained_batches": compute.trained_batches(self.step, self.delay),
+                "skipped_batches": self.step - compute.trained_batches(self.step, self.delay)},
         }
 
     # -- progress as state (checkpoints) ---------------------------------------------------------------------
@@ -328,6 +393,7 @@ class Learner:
             "errors": self.errors, "warnings": self.warnings,
             "confusion": None if self.confusion is None else torch.from_numpy(self.confusion),
             "head_matrices": self.head_matrices,
+            "flop_samples": list(self.flops.samples),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -347,3 +413,4 @@ class Learner:
         confusion = state.get("confusion")
         self.confusion = None if confusion is None else confusion.numpy()
         self.head_matrices = state.get("head_matrices", {})
+        self.flops.samples = list(state.get("flop_samples", []))  # absent in older checkpoints

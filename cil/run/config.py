@@ -89,6 +89,18 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError("log.wandb=true needs the wandb package, which is not installed: "
                               "pip install 'cil[wandb]', or set log.wandb=false")
     require(cfg.diagnostics.every >= 1, "diagnostics.every", cfg.diagnostics.every, "use an integer >= 1")
+    require(cfg.compute.flops_every >= 1, "compute.flops_every", cfg.compute.flops_every,
+            "use an integer >= 1 (compute.flops=false turns counting off)")
+    if cfg.realtime.enabled:
+        require(cfg.realtime.delay is None or cfg.realtime.delay >= 1, "realtime.delay", cfg.realtime.delay,
+                "use null (measured from FLOPs) or an integer >= 1 (1: train on every batch)")
+        ref = cfg.realtime.reference
+        from cil.core.methods import METHODS
+        require(ref in METHODS, "realtime.reference", ref,
+                f"name a native method whose step sets the stream's rate: one of {sorted(METHODS)}")
+        if cfg.realtime.delay is None and cfg.method.name.startswith("avalanche_"):
+            raise ConfigError(f"realtime.delay=null with method={cfg.method.name}: the delay is measured on our own "
+                              "methods' steps only; set realtime.delay=<k> by hand for an Avalanche peer")
     require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "use 0 (task ends only) or >= 1")
     schema = method_schema(cfg.method.name)
     if not isinstance(cfg.method, schema):

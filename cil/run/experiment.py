@@ -145,6 +145,7 @@ def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset]
     if cfg.compile:
         model = torch.compile(model)
     normalize = dataset.normalization() if cfg.dataset.normalize else None
+    realtime = None  # results.json `realtime` (without the delay), when the real-time mode is on
     if cfg.method.name.startswith("avalanche_"):  # Avalanche's own strategies as peers (docs/avalanche.md)
         from cil.avalanche.peers import build_peer
         if cfg.diagnostics.enabled:
@@ -152,33 +153,54 @@ def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset]
                               "our methods' updates, which Avalanche peers do not use; set diagnostics.enabled=false")
         method = build_peer(cfg, model, stream, device, lambda params: build_optimizer(cfg, params), normalize)
     else:
-        cls = method_class(cfg.method.name)
-        buffer = ReplayBuffer(cfg.buffer.size, dataset.input_shape, device=device, policy=cfg.buffer.policy,
-                              seed=cfg.seed + 1, extras=cls.buffer_extras(cfg.method, dataset.num_classes),
-                              ) if cls.uses_buffer and cfg.buffer.size > 0 else None
-        method_kwargs = dict(precision=resolve_precision(cfg.precision, device), channels_last=cfg.channels_last,
-                             input_shape=dataset.input_shape, normalize=normalize)
-        method = cls(model, optimizer, buffer, cfg.method, dataset.num_classes, device, seed=cfg.seed + 2,
-                     **method_kwargs)
-
-        def make_peer():
-            """CCL-DC's peer: the same method with its own model (its own seeded initialisation) and optimizer."""
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(cfg.seed + 7)
-                peer_model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes, **kwargs).to(device)
-            if cfg.channels_last:
-                peer_model = peer_model.to(memory_format=torch.channels_last)
-            return cls(peer_model, build_optimizer(cfg, peer_model.parameters()), buffer, cfg.method,
-                       dataset.num_classes, device, seed=cfg.seed + 5, **method_kwargs)
-
-        build_addons(cfg.addon, method, make_peer)
+        if cfg.realtime.enabled and cfg.realtime.delay is None:  # before the run's method exists: no state shared
+            from cil.run.realtime import measure_delay
+            realtime = measure_delay(cfg, model, dataset, stream, device, normalize,
+                                     lambda method_cfg, addon, m: build_native_method(
+                                         cfg, method_cfg, addon, m, dataset, device, normalize, kwargs))
+        method = build_native_method(cfg, cfg.method, cfg.addon, model, dataset, device, normalize, kwargs,
+                                     optimizer=optimizer)
         if cfg.diagnostics.enabled:
             method.diagnostics = Diagnostics.for_stream(cfg.diagnostics.every, stream, model)
     logger = RunLogger(out_dir, tensorboard=cfg.log.tensorboard, resume=resume_step is not None,
                        purge_step=resume_step, wandb=wandb_sink)
+    if cfg.realtime.enabled and cfg.realtime.delay is not None:
+        realtime = {"reference": cfg.realtime.reference, "delay_source": "set"}
     return Learner(stream, method, logger, seed=cfg.seed, eval_batch_size=cfg.eval.batch_size,
                    anytime_every=cfg.eval.anytime_every, anytime_samples=cfg.eval.anytime_samples,
-                   log_every=cfg.log.every, progress=cfg.log.progress)
+                   log_every=cfg.log.every, progress=cfg.log.progress,
+                   flops_every=cfg.compute.flops_every if cfg.compute.flops else 0,
+                   delay=(cfg.realtime.delay or realtime["delay"]) if cfg.realtime.enabled else 1,
+                   realtime=None if realtime is None else {k: v for k, v in realtime.items() if k != "delay"})
+
+
+def build_native_method(cfg: RunConfig, method_cfg, addon, model: torch.nn.Module, dataset: ImageDataset,
+                        device: torch.device, normalize, model_kwargs: dict, optimizer=None):
+    """One of our methods (config `method_cfg`, add-ons `addon`) on `model`, with its own buffer; `optimizer`:
+    None builds one on the model's parameters (the real-time probe's copies)."""
+    cls = method_class(method_cfg.name)
+    optimizer = optimizer if optimizer is not None else build_optimizer(cfg, model.parameters())
+    buffer = ReplayBuffer(cfg.buffer.size, dataset.input_shape, device=device, policy=cfg.buffer.policy,
+                          seed=cfg.seed + 1, extras=cls.buffer_extras(method_cfg, dataset.num_classes),
+                          ) if cls.uses_buffer and cfg.buffer.size > 0 else None
+    method_kwargs = dict(precision=resolve_precision(cfg.precision, device), channels_last=cfg.channels_last,
+                         input_shape=dataset.input_shape, normalize=normalize)
+    method = cls(model, optimizer, buffer, method_cfg, dataset.num_classes, device, seed=cfg.seed + 2,
+                 **method_kwargs)
+
+    def make_peer():
+        """CCL-DC's peer: the same method with its own model (its own seeded initialisation) and optimizer."""
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed + 7)
+            peer_model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes,
+                                     **model_kwargs).to(device)
+        if cfg.channels_last:
+            peer_model = peer_model.to(memory_format=torch.channels_last)
+        return cls(peer_model, build_optimizer(cfg, peer_model.parameters()), buffer, method_cfg,
+                   dataset.num_classes, device, seed=cfg.seed + 5, **method_kwargs)
+
+    build_addons(addon, method, make_peer)
+    return method
 
 
 def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: Optional[dict] = None,

@@ -56,6 +56,37 @@ class ReplayConfig(MethodConfig):
         return {"method.replay_batch_size": self.replay_batch_size}
 
 
+BALANCE_RULES = ("cumulative", "ema", "task_reset", "window", "constant", "magnitude")
+
+
+@dataclass
+class BalancedReplayConfig(ReplayConfig):
+    """A replay method whose replay term can be balanced (cil.core.objectives.balance; docs/methods.md,
+    "Balancing rules"). `balance_rules` lists the rules the method can use."""
+
+    balance: str = "cumulative"  # replay balancing rule: cumulative | ema | task_reset | window | constant | magnitude
+    balance_momentum: float = 0.99  # ema: S <- m S + s_batch (m = 1 is cumulative)
+    balance_window: int = 100  # window: the statistics of the last K replay batches
+    balance_ratio: float = 1.0  # magnitude: target |replay logit gradient| / |new-data logit gradient|
+
+    balance_rules: ClassVar[tuple[str, ...]] = BALANCE_RULES
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.balance in BALANCE_RULES, "method.balance", self.balance,
+                f"choose one of {', '.join(BALANCE_RULES)}")
+        require(self.balance in self.balance_rules, "method.balance", self.balance,
+                f"method {self.name} takes only {', '.join(self.balance_rules)} (docs/methods.md, Balancing rules)")
+        require(0.0 < self.balance_momentum <= 1.0, "method.balance_momentum", self.balance_momentum,
+                "use 0 < m <= 1 (m = 1 is the cumulative rule)")
+        require(self.balance_window >= 1, "method.balance_window", self.balance_window, "use an integer >= 1")
+        require(self.balance_ratio > 0, "method.balance_ratio", self.balance_ratio, "use a number > 0")
+
+    def balance_rule(self) -> str:
+        """The rule in effect (GSA's old `adaptive_weights=false` maps to constant)."""
+        return self.balance
+
+
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # scalar, detached

@@ -7,11 +7,19 @@ import torch
 
 from cil.core.methods.base import Method, ReplayConfig, register
 from cil.core.objectives.er import er_loss
+from cil.errors import require
 
 
 @dataclass
 class ERConfig(ReplayConfig):
     name: str = "er"
+    balance: str = "constant"  # only constant: ER has one joint cross-entropy, no replay term of its own
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.balance == "constant", "method.balance", self.balance,
+                "ER trains one cross-entropy over the incoming and replayed rows together, with no replay term to "
+                "re-weight; use method=er_ace (separate new-data and replay terms) with method.balance")
 
 
 @register

@@ -32,15 +32,16 @@ from torch import Tensor
 
 from cil.core.augment import CROPS, PreDrawn, two_views
 from cil.core.buffer import ReplayBuffer
-from cil.core.methods.base import ClassSets, Method, ReplayConfig, register
-from cil.core.objectives.gsa import GradientStats, gsa_new_loss, gsa_replay_loss
+from cil.core.methods.base import BalancedReplayConfig, ClassSets, Method, register
+from cil.core.objectives.balance import class_log_values, logit_grad_norm, make_rule
+from cil.core.objectives.gsa import gsa_new_loss, gsa_replay_loss
 from cil.errors import require
 
 Forward = Callable[[Tensor], Tensor]
 
 
 @dataclass
-class GSAConfig(ReplayConfig):
+class GSAConfig(BalancedReplayConfig):
     """The spec's defaults; each of the paper's choices can be switched off for ablations."""
 
     name: str = "gsa"
@@ -48,7 +49,7 @@ class GSAConfig(ReplayConfig):
     current_task_replay: int = 22  # buffer samples of the current task joined to the incoming batch
     warmup_batches: int = 5  # per task: weights fixed at 1 while statistics accumulate
     buffer_loss_weight: float = 2.0  # L = 2 * L_buf + L_new
-    adaptive_weights: bool = True  # False: w_c = 1 (plain CE on the replay batch)
+    adaptive_weights: bool = True  # False: the old name of balance=constant (w_c = 1), kept as an alias
     balanced_replay: bool = True  # False: replay batch drawn uniformly from the whole buffer
     task_only_new_loss: bool = True  # False: new-data loss over all seen classes
     two_views: bool = True  # [A(x), hflip(A(x))]; False: one augmented view
@@ -75,6 +76,12 @@ class GSAConfig(ReplayConfig):
         require(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "method.crop_scale", scale,
                 "use [lo, hi] with 0 < lo <= hi <= 1")
         require(self.crop in CROPS, "method.crop", self.crop, f"choose one of {sorted(CROPS)}")
+        require(self.adaptive_weights or self.balance in ("cumulative", "constant"), "method.adaptive_weights",
+                self.adaptive_weights, f"adaptive_weights=false is the old name of method.balance=constant and "
+                f"contradicts method.balance={self.balance}; drop method.adaptive_weights")
+
+    def balance_rule(self) -> str:
+        return self.balance if self.adaptive_weights else "constant"
 
     def buffer_draws(self) -> dict[str, int]:
         return {**super().buffer_draws(), "method.current_task_replay": self.current_task_replay}
@@ -98,15 +105,21 @@ class GSAStep:
         self.to_input = to_input
         self.report = report if report is not None else (lambda *args, **kwargs: None)
         device = classes.seen.device
-        self.stats = GradientStats(classes.num_classes, device=device)
+        self.rule = make_rule(cfg.balance_rule(), classes.num_classes, device=device, momentum=cfg.balance_momentum,
+                              window=cfg.balance_window, ratio=cfg.balance_ratio)
         self.augment = CROPS[cfg.crop](image_size, scale=tuple(cfg.crop_scale), grayscale_p=cfg.grayscale_p) \
             if cfg.augment and image_size else None
         self.last_weights = torch.ones(classes.num_classes, device=device)  # w_c of the last step (1: warm-up)
 
+    @property
+    def stats(self):
+        """The gradient statistics (a `GradientStats`) that define the replay weights under the balancing rule."""
+        return self.rule.stats
+
     def grow(self, num_classes: int) -> None:
         """Widen the per-class tensors to `num_classes` (new classes: no statistics, weight 1)."""
         self.classes.grow(num_classes)
-        self.stats.grow(num_classes)
+        self.rule.grow(num_classes)
         pad = num_classes - len(self.last_weights)
         if pad > 0:
             self.last_weights = torch.cat([self.last_weights, self.last_weights.new_ones(pad)])
@@ -146,8 +159,9 @@ class GSAStep:
     def loss(self, forward: Forward, x: Tensor, y: Tensor, task: int, step_in_task: int) -> tuple[Tensor, Tensor]:
         """Steps 1-7 on the incoming batch (x as stored, y its labels): returns (L, logits of the incoming rows,
         detached). `forward` maps model input to float logits over the head."""
-        cfg, classes = self.cfg, self.classes
+        cfg, classes, rule = self.cfg, self.classes, self.rule
         n = len(y)
+        rule.start(task)  # task_reset: a new task's first step restarts the statistics
 
         # 1. Xc: the incoming batch plus up to `current_task_replay` buffer samples of the current task
         # (converted to model input once, after the concatenation).
@@ -172,7 +186,8 @@ class GSAStep:
         new_mask = classes.task_mask if cfg.task_only_new_loss else classes.seen
         yv = self.repeat_labels(yc)
         loss = gsa_new_loss(logits_new, yv, new_mask)
-        self.report("new", logits_new, yv, new_mask)
+        if not (rule.scales_terms and xm is not None):  # magnitude: reported with its scale below
+            self.report("new", logits_new, yv, new_mask)
 
         if xm is not None:
             if cfg.bn_extra_passes:  # the official step's feature passes between the two branches
@@ -184,14 +199,22 @@ class GSAStep:
             vm = self.views(xm, aug)
             logits_m = forward(vm)
             ym = self.repeat_labels(ym)
-            self.stats.update(logits_m, ym, classes.seen)
+            rule.update(logits_m, ym, classes.seen)
             warm = step_in_task < cfg.warmup_batches
-            if cfg.adaptive_weights and not warm:
-                self.last_weights = self.stats.weights()
+            if rule.adaptive and not warm:
+                self.last_weights = rule.weights()
             else:
                 self.last_weights = torch.ones_like(self.last_weights)
-            loss = cfg.buffer_loss_weight * gsa_replay_loss(logits_m, ym, self.last_weights, classes.seen) + loss
-            self.report("replay", logits_m, ym, classes.seen, cfg.buffer_loss_weight, self.last_weights)
+            if rule.scales_terms:  # magnitude: detached scales a, b from the closed-form logit-gradient norms
+                bw = cfg.buffer_loss_weight
+                a, b = rule.term_scales(logit_grad_norm(logits_new, yv, new_mask),
+                                        bw * logit_grad_norm(logits_m, ym, classes.seen))
+                loss = (b * bw) * gsa_replay_loss(logits_m, ym, self.last_weights, classes.seen) + a * loss
+                self.report("new", logits_new, yv, new_mask, 1.0, a * torch.ones_like(self.last_weights))
+                self.report("replay", logits_m, ym, classes.seen, bw, b * self.last_weights)
+            else:
+                loss = cfg.buffer_loss_weight * gsa_replay_loss(logits_m, ym, self.last_weights, classes.seen) + loss
+                self.report("replay", logits_m, ym, classes.seen, cfg.buffer_loss_weight, self.last_weights)
             if self.distill is not None:
                 self.distill(vm, logits_m)
             if cfg.bn_extra_passes:
@@ -235,25 +258,22 @@ class GSAStep:
             "classes": seen,
             "positive": self.stats.positive.cpu()[seen].tolist(),
             "negative": self.stats.negative.cpu()[seen].tolist(),
-            "weights": self.stats.weights().cpu()[seen].tolist(),
+            "weights": self.rule.weights().cpu()[seen].tolist(),
+            "balance": self.rule.name,
         }
 
     def log_values(self) -> dict[str, float]:
-        """Per seen class c: w_c = 2 sigmoid(r_c - 1) from the accumulated statistics (the weight the replay loss
-        uses outside warm-up) and r_c = G+_c / G-_c; an infinite ratio (no negative mass yet) is left out."""
-        weights, ratios = self.stats.weights().cpu(), self.stats.ratio().cpu()
-        out = {}
-        for c in sorted(self.classes.seen_labels):
-            out[f"gsa/weight/{c}"] = float(weights[c])
-            if torch.isfinite(ratios[c]):
-                out[f"gsa/ratio/{c}"] = float(ratios[c])
-        return out
+        """Per seen class c: w_c, the weight the replay loss uses outside warm-up under the balancing rule
+        (2 sigmoid(r_c - 1) for the statistics rules, 1 for constant and magnitude), and r_c = G+_c / G-_c of the
+        rule's statistics (cumulative ones for constant and magnitude); an infinite ratio (no negative mass yet)
+        is left out. Magnitude adds its last term scales and logit-gradient norms (balance/...)."""
+        return class_log_values(self.rule, self.classes.seen_labels)
 
     def state_dict(self) -> dict:
-        return {"stats": self.stats.state_dict(), "last_weights": self.last_weights.clone()}
+        return {"stats": self.rule.state_dict(), "last_weights": self.last_weights.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.stats.load_state_dict(state["stats"])
+        self.rule.load_state_dict(state["stats"])
         self.grow(len(state["last_weights"]))
         self.last_weights.copy_(state["last_weights"])
 

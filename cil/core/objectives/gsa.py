@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .common import cross_entropy_masked, mask_logits, zero_loss
 
-__all__ = ["GradientStats", "gsa_new_loss", "gsa_replay_loss", "balance_weights"]
+__all__ = ["GradientStats", "batch_gradient_stats", "gsa_new_loss", "gsa_replay_loss", "balance_weights"]
 
 
 def balance_weights(positive: Tensor, negative: Tensor) -> Tensor:
@@ -33,6 +33,25 @@ def balance_weights(positive: Tensor, negative: Tensor) -> Tensor:
     two = torch.full_like(positive, 2.0)
     one = torch.ones_like(positive)
     return torch.where(has_neg, w, torch.where(positive > 0, two, one))
+
+
+@torch.no_grad()
+def batch_gradient_stats(logits: Tensor, targets: Tensor, mask: Tensor | None = None,
+                         row_weights: Tensor | None = None, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """One batch's contribution to G+ and G- ([C] each, in ``dtype``): see :meth:`GradientStats.update`."""
+    z = logits.detach().to(dtype)
+    if mask is not None:
+        z = mask_logits(z, mask)
+    p = torch.softmax(z, dim=1)
+    onehot = torch.zeros_like(p).scatter_(1, targets.reshape(-1, 1), 1.0)
+    pos = (1.0 - p) * onehot
+    if mask is not None:
+        pos = pos * mask.to(dtype)
+    neg = p * (1.0 - onehot)
+    if row_weights is not None:
+        rw = row_weights.detach().to(dtype).reshape(-1, 1)
+        pos, neg = pos * rw, neg * rw
+    return pos.sum(0), neg.sum(0)
 
 
 class GradientStats:
@@ -97,20 +116,9 @@ class GradientStats:
         if self.positive.device != logits.device:
             self.to(logits.device)
         self.grow(n)
-        z = logits.detach().to(self.dtype)
-        if mask is not None:
-            z = mask_logits(z, mask)
-        p = torch.softmax(z, dim=1)
-        onehot = torch.zeros_like(p).scatter_(1, targets.reshape(-1, 1), 1.0)
-        pos = (1.0 - p) * onehot
-        if mask is not None:
-            pos = pos * mask.to(self.dtype)
-        neg = p * (1.0 - onehot)
-        if row_weights is not None:
-            rw = row_weights.detach().to(self.dtype).reshape(-1, 1)
-            pos, neg = pos * rw, neg * rw
-        self.positive[:n] += pos.sum(0)
-        self.negative[:n] += neg.sum(0)
+        pos, neg = batch_gradient_stats(logits, targets, mask, row_weights, self.dtype)
+        self.positive[:n] += pos
+        self.negative[:n] += neg
 
     def ratio(self) -> Tensor:
         """``r_c = G+_c / G-_c`` (step 6), with the guard: ``+inf`` where G- = 0 < G+, 1 where both are 0."""
