@@ -29,6 +29,10 @@ class StreamConfig:
     # "natural" (0..K-1), "random" (seeded permutation) or an explicit list of class labels
     class_order: Any = "random"
     samples_per_class: Optional[int] = None  # train on a seeded subset of this many samples per class (null: all)
+    # disjoint (tasks of disjoint classes) | iblurry | siblurry (blurry, boundaries hidden from methods: docs/streams.md)
+    kind: str = "disjoint"
+    disjoint_class_pct: int = 50  # blurry streams: N, the share of classes (percent) that appear in one task only
+    blurry_sample_pct: int = 10  # blurry streams: M, the share of blurry classes' samples (percent) spread over tasks
 
 
 @dataclass
@@ -58,6 +62,9 @@ class EvalConfig:
     batch_size: int = 256  # rows per evaluation forward pass (the choice: docs/performance.md)
     anytime_every: int = 100  # stream batches between anytime evaluations; 0 turns them off
     anytime_samples: int = 500  # size of the fixed, seeded test subsample used for anytime accuracy
+    # stream samples between evaluations on the whole test set of the classes seen so far (A_AUC, as in i-Blurry);
+    # null: 100 on blurry streams, off on disjoint ones; 0: off
+    anytime_every_samples: Optional[int] = None
     # test | validation: train on the training set minus a held-out part of every class and evaluate on that part
     # (hyperparameter search: the test set is dropped before the stream is built, so a trial never sees it)
     split: str = "test"

@@ -82,8 +82,10 @@ def _mean_std_curves(curves: list[list[dict]]) -> tuple[np.ndarray, np.ndarray, 
     return x, ys.mean(0), ys.std(0, ddof=1) if len(ys) > 1 else np.zeros_like(x)
 
 
-def plot_anytime(curves_by_label: dict[str, list[list[dict]]], path: Path, title: str = "") -> Path:
-    """Average accuracy on the seen tasks through the stream, one line per label (mean; band: std over seeds)."""
+def plot_anytime(curves_by_label: dict[str, list[list[dict]]], path: Path, title: str = "",
+                 ylabel: str = "accuracy on seen tasks %") -> Path:
+    """Average accuracy on the seen tasks through the stream, one line per label (mean; band: std over seeds).
+    Also the A_AUC curves of blurry streams (results.json `auc_curve`: accuracy on the seen classes)."""
     fig = _figure()
     ax = fig.add_subplot()
     for label, curves in curves_by_label.items():
@@ -94,7 +96,7 @@ def plot_anytime(curves_by_label: dict[str, list[list[dict]]], path: Path, title
         line, = ax.plot(x, mean, label=f"{label} (n={len(curves)})")
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("stream samples seen")
-    ax.set_ylabel("accuracy on seen tasks %")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -214,6 +216,12 @@ def plot_sections(sections, out_dir: Path) -> list[Path]:
                           for g in done if g.memory == memory}
                 written.append(plot_anytime(curves, d / f"{_slug(name)}_m{memory}_anytime.png",
                                             f"{section.name}: {name}, M = {memory}, accuracy through the stream"))
+                auc = {f"{g.label}, A_AUC {g.mean('a_auc'):.1f}": [r.results.get("auc_curve") or [] for r in g.complete]
+                       for g in done if g.memory == memory and g.mean("a_auc") is not None}
+                if auc:  # blurry streams: the curve whose area is A_AUC (docs/streams.md)
+                    written.append(plot_anytime(auc, d / f"{_slug(name)}_m{memory}_auc.png",
+                                                f"{section.name}: {name}, M = {memory}, anytime accuracy (A_AUC)",
+                                                ylabel="accuracy on seen classes %"))
             for g in done:
                 mats = [np.asarray(r.results["acc_matrix"], dtype=float) for r in g.complete]
                 if len({m.shape for m in mats}) == 1:

@@ -37,6 +37,8 @@ IGNORED_PREFIXES = ("seed", "dataset.root", "dataset.download", "dataset.verify"
                     "diagnostics.")  # diagnostics leave training bit-identical (tests/test_diagnostics.py)
 METHOD_ORDER = ["naive", "er", "er_ace", "derpp", "pcr", "ocm", "onpro", "gsa"]
 METRICS = [("final_avg_acc", "final acc. %"), ("avg_forgetting", "forgetting %"), ("anytime_acc", "anytime acc. %")]
+# Blurry streams' metrics (docs/streams.md): a table shows these columns only when one of its runs has them.
+BLURRY_METRICS = [("a_auc", "A_AUC %"), ("a_last", "A_last %")]
 
 
 # Where the final test errors go (results.json "errors"; runs from before it existed have none).
@@ -301,7 +303,7 @@ def summary_rows(section: Section, paper: Optional[dict] = None) -> list[dict]:
                "failed_seeds": " ".join(str(r.seed) for r in g.failed),
                "missing_seeds": " ".join(str(s) for s in g.missing_seeds),
                "incomplete_seeds": " ".join(str(r.seed) for r in g.incomplete)}
-        for metric, _ in METRICS:
+        for metric, _ in METRICS + BLURRY_METRICS:
             row[f"{metric}_mean"] = g.mean(metric)
             row[f"{metric}_std"] = g.std(metric)
         row["_problems"] = _problems(g)
@@ -320,12 +322,13 @@ def _paper_value(paper: dict, method: str, memory: Any) -> str:
 
 def markdown_table(rows: list[dict], paper_header: Optional[str] = None) -> str:
     show_variant = any(r["variant"] for r in rows)
-    head = ["experiment", "method", "M"] + (["variant"] if show_variant else []) + [h for _, h in METRICS] + \
+    shown = METRICS + [(m, h) for m, h in BLURRY_METRICS if any(r.get(f"{m}_mean") is not None for r in rows)]
+    head = ["experiment", "method", "M"] + (["variant"] if show_variant else []) + [h for _, h in shown] + \
            ["n", "seeds", "failed / missing"] + ([paper_header] if paper_header else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["experiment"]), r["method"], str(r["memory"])] + ([r["variant"]] if show_variant else [])
-        cells += [_fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m, _ in METRICS]
+        cells += [_fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m, _ in shown]
         cells += [str(r["n_seeds"]), r["seeds"] or "-", r["_problems"] or "-"]
         if paper_header:
             cells.append(r.get("paper") or "-")
@@ -349,7 +352,8 @@ def errors_table(groups: list) -> Optional[str]:
 
 
 CSV_FIELDS = ["section", "experiment", "method", "memory", "variant", "n_seeds", "seeds", "failed_seeds",
-              "missing_seeds", "incomplete_seeds"] + [f"{m}_{s}" for m, _ in METRICS for s in ("mean", "std")]
+              "missing_seeds", "incomplete_seeds"] + [f"{m}_{s}" for m, _ in METRICS for s in ("mean", "std")] + \
+    [f"{m}_{s}" for m, _ in BLURRY_METRICS for s in ("mean", "std")]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

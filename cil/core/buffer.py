@@ -87,7 +87,7 @@ class ReplayBuffer:
         return min(self.n_seen, self.capacity)
 
     # ---------------------------------------------------------------- add
-    def add(self, x: Tensor, y: Tensor, task: int, **extras: Tensor) -> None:
+    def add(self, x: Tensor, y: Tensor, task: int | None, **extras: Tensor) -> None:
         b = x.shape[0]
         if set(extras) != set(self._extras):
             raise ValueError(f"buffer.add expects the extras {sorted(self._extras)}, got {sorted(extras)}")
@@ -98,7 +98,7 @@ class ReplayBuffer:
             raise ValueError(f"buffer.add expects x of dtype {self.dtype} (raw images), got {x.dtype}")
         if b == 0:
             return
-        task = int(task)
+        task = -1 if task is None else int(task)  # None: a task-free method (blurry stream) does not know it
         if self.policy == "reservoir":
             slots = self._reservoir_slots(self._draw(self.n_seen, b))
             if slots is None:  # nothing kept (most batches once the memory is full): the trash-row writes

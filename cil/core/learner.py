@@ -5,6 +5,7 @@ subsample (anytime accuracy). Losses and accuracies stay on the device and are r
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -14,6 +15,8 @@ from typing import Optional, Sequence
 
 import torch
 from tqdm import tqdm
+
+import numpy as np
 
 from cil.core import compute, metrics
 from cil.core.data.stream import Batch, ClassIncrementalStream
@@ -89,12 +92,16 @@ class Learner:
     `checkpointer`: anything with `due(step, task_ends)` and `checkpoint(learner)` (the runner's Checkpointer).
     flops_every: count the FLOPs of every N-th trained step (cil.core.compute.FlopMeter; 0: off). delay: the
     real-time schedule (cil.core.compute.trains; 1: train on every batch); `realtime`: what results.json records
-    about it (reference, measured FLOPs), None when the real-time mode is off."""
+    about it (reference, measured FLOPs), None when the real-time mode is off.
+    auc_every_samples: every that many stream samples, accuracy on the whole test set of the classes seen so far
+    (the anytime curve whose area is A_AUC, docs/streams.md); 0: off. On a stream that hides its boundaries
+    (a blurry stream) the method gets every batch with `task` and `step_in_task` set to None and no
+    on_task_start/on_task_end: a task-free method cannot read what it is not given."""
 
     def __init__(self, stream: ClassIncrementalStream, method: Method, logger: Optional[MetricsLog] = None, *,
                  seed: int = 0, eval_batch_size: int = 256, anytime_every: int = 100, anytime_samples: int = 500,
                  log_every: int = 50, progress: bool = True, flops_every: int = 0, delay: int = 1,
-                 realtime: Optional[dict] = None):
+                 realtime: Optional[dict] = None, auc_every_samples: int = 0):
         self.stream = stream
         self.method = method
         self.logger = logger if logger is not None else MetricsLog()
@@ -114,6 +121,10 @@ class Learner:
         self.anytime_idx = torch.randperm(len(self.test_y), generator=g)[:n_any].to(self.device)
 
         self.task = -1  # the task of the last batch observed (its start was announced to the method)
+        self.hide_task = stream.hides_boundaries
+        self.auc_every = auc_every_samples
+        self.track_classes = self.hide_task or auc_every_samples > 0  # A_AUC, A_last, F_last in the results
+        self._seen_test = (frozenset(), None)  # (seen classes, their test indices) of the last anytime point
         # Everything below is the run's progress: what a checkpoint must hold.
         self.step = 0  # stream batches observed
         self.acc_matrix: list[list[float]] = []
@@ -129,6 +140,9 @@ class Learner:
         self.last_log = {"loss": math.nan, "online_acc": math.nan}
         self.warnings: list[str] = []  # what a user should know about the run (results.json `warnings`)
         self.head_matrices: dict[str, list[list[float]]] = {}  # add-ons' extra heads (MKD's teacher...)
+        self.seen_classes: set[int] = set()  # labels observed in the stream so far (when track_classes)
+        self.auc_curve: list[dict] = []  # {"step", "samples", "acc"}: accuracy on the seen classes' test samples
+        self.class_acc: list[list[Optional[float]]] = []  # per-class accuracy after each task (None: unseen)
         self.errors: Optional[dict] = None  # metrics.error_breakdown at the last task end
         self.confusion = None  # its confusion matrix (numpy [C, C])
         self.checkpointer = None  # set by the runner (cil.run.checkpoint.Checkpointer)
@@ -176,21 +190,27 @@ class Learner:
         their online accuracy counts the predictions of the model before this step, as the stream shows them to
         a model that is busy (each masked to the classes seen once it arrives); `skip_batch` then passes them."""
         method = self.method
-        if batch.task != self.task:
-            self.task = batch.task
-            method.on_task_start(self.task, self.stream.tasks[self.task].classes)
+        if self.track_classes:
+            self.seen_classes.update(batch.y_host.tolist())
+        if self.hide_task:  # the method gets no boundary and no task: the measurements below still do
+            given = dataclasses.replace(batch, task=None, step_in_task=None)
+        else:
+            given = batch
+            if batch.task != self.task:
+                self.task = batch.task
+                method.on_task_start(self.task, self.stream.tasks[self.task].classes)
         if self.diagnostics is not None:
             self.diagnostics.begin_batch(batch)
         # real time: the batches that arrive while this step trains, predicted by the model as it is now
         ahead_logits = [self._online_logits(b.x) for b in ahead]
         if self.flops.due(batch.step // self.delay):
-            out, flops = compute.count_flops(lambda: method.observe(batch))
+            out, flops = compute.count_flops(lambda: method.observe(given))
             self.flops.samples.append(flops)
         else:
-            out = method.observe(batch)
+            out = method.observe(given)
         if self.diagnostics is not None:
             self.diagnostics.end_batch(self.logger)
-        method.remember(batch, out)
+        method.remember(given, out)
         self.step += 1
         # Kept as they are and reduced in one go at the next read-back: ~7 small ops per step fewer.
         self._pending.append((out.loss, out.logits, batch.y, method.seen))  # never changed in place
@@ -255,11 +275,14 @@ class Learner:
             tick = self._log(task, bar, tick)
         if self.anytime_every and self.step % self.anytime_every == 0 and not task_ends:
             tick = self._timed_eval(tick, lambda: self._anytime(task))
+        if self.auc_every and self.online_seen >= self._next_auc_point():
+            tick = self._timed_eval(tick, lambda: self._auc_point(task))
         if task_ends:
             tick = self._timed_eval(tick, lambda: self._task_end(task))
             # train_time_s now runs to the evaluation's start (already synchronised): no extra sync here
             self.task_train_time_s.append(self.train_time_s - sum(self.task_train_time_s))
-            self.method.on_task_end(task)
+            if not self.hide_task:
+                self.method.on_task_end(task)
         if self.checkpointer is not None and self.checkpointer.due(self.step, task_ends):
             tick = self._checkpoint(tick)
         return tick
@@ -287,9 +310,31 @@ class Learner:
         self.anytime_curve.append({"step": self.step, "samples": self.step * self.stream.batch_size, "acc": acc})
         self.logger.scalar("anytime_acc", acc, self.step, task)
 
+    def _next_auc_point(self) -> int:
+        """Stream samples at which the next A_AUC point is due (the next multiple of auc_every)."""
+        last = self.auc_curve[-1]["samples"] if self.auc_curve else 0
+        return (last // self.auc_every + 1) * self.auc_every
+
+    def _auc_point(self, task: int) -> None:
+        """Accuracy on every test sample of the classes seen so far (i-Blurry's anytime evaluation)."""
+        seen, idx = self._seen_test
+        if seen != self.seen_classes:
+            seen = frozenset(self.seen_classes)
+            classes = torch.tensor(sorted(seen), device=self.device)
+            idx = torch.nonzero(torch.isin(self.test_y, classes)).squeeze(1)
+            self._seen_test = (seen, idx)
+        pred = predict(self.method, self.test_x[idx], self.eval_batch_size)
+        acc = 100.0 * float((pred == self.test_y[idx]).float().mean()) if len(idx) else 0.0
+        self.auc_curve.append({"step": self.step, "samples": self.online_seen, "acc": acc})
+        self.logger.scalar("anytime_seen_acc", acc, self.step, task)
+
     def _task_end(self, task: int) -> None:
         row = self.evaluate_all(task + 1)
         self.acc_matrix.append(row)
+        if self.track_classes:  # per-class accuracy of the seen classes, for F_last
+            per_class = metrics.class_accuracy(self.confusion)
+            self.class_acc.append([None if c not in self.seen_classes or np.isnan(a) else float(a)
+                                   for c, a in enumerate(per_class.tolist())])
         for head in self.method.eval_heads():  # add-ons' extra heads: one accuracy matrix each
             pred = predict(self.method, self.test_x, self.eval_batch_size, head)
             head_row = task_accuracy(pred, self.test_y, self.test_task, self.n_tasks).tolist()
@@ -379,6 +424,21 @@ class Learner:
                 **self.realtime, "delay": self.delay,
                 "trained_batches": compute.trained_batches(self.step, self.delay),
                 "skipped_batches": self.step - compute.trained_batches(self.step, self.delay)},
+            **(self.blurry_results() if self.track_classes else {}),
+        }
+
+    def blurry_results(self) -> dict:
+        """A_AUC, A_last and F_last (docs/streams.md), and the curve A_AUC is the area of."""
+        curve = self.auc_curve
+        rows = [[np.nan if a is None else a for a in row] for row in self.class_acc]
+        return {
+            "a_auc": metrics.area_under_accuracy([p["samples"] for p in curve], [p["acc"] for p in curve]),
+            "a_last": (metrics.seen_accuracy(self.confusion, self.seen_classes)
+                       if self.confusion is not None and self.seen_classes else None),
+            "f_last": metrics.class_forgetting(rows),
+            "auc_curve": curve,
+            "auc_every_samples": self.auc_every,
+            "class_acc": self.class_acc,
         }
 
     # -- progress as state (checkpoints) ---------------------------------------------------------------------
@@ -394,6 +454,7 @@ class Learner:
             "confusion": None if self.confusion is None else torch.from_numpy(self.confusion),
             "head_matrices": self.head_matrices,
             "flop_samples": list(self.flops.samples),
+            "seen_classes": sorted(self.seen_classes), "auc_curve": self.auc_curve, "class_acc": self.class_acc,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -414,3 +475,6 @@ class Learner:
         self.confusion = None if confusion is None else confusion.numpy()
         self.head_matrices = state.get("head_matrices", {})
         self.flops.samples = list(state.get("flop_samples", []))  # absent in older checkpoints
+        self.seen_classes = set(state.get("seen_classes", []))  # absent in older checkpoints (disjoint runs)
+        self.auc_curve = state.get("auc_curve", [])
+        self.class_acc = state.get("class_acc", [])

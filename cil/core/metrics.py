@@ -72,3 +72,50 @@ def error_breakdown(confusion: np.ndarray, class_task: Sequence[int], tasks_seen
     older = int(c[np.broadcast_to((pred_task < true_task) & (pred_task >= 0), c.shape)].sum())
     return {"correct": 100.0 * correct / total, "within_task": 100.0 * same / total,
             "to_newer_task": 100.0 * newer / total, "to_older_task": 100.0 * older / total}
+
+
+# -- blurry streams (i-Blurry, Si-Blurry): docs/streams.md ----------------------------------------------------------
+
+def area_under_accuracy(samples: Sequence[int], acc: Sequence[float]) -> Optional[float]:
+    """A_AUC (Koh et al., ICLR 2022): the area under the curve of accuracy against stream samples seen, divided by
+    the samples the curve covers: sum_i acc_i * (n_i - n_{i-1}) / n_last with n_0 = 0, each accuracy standing for
+    the samples seen since the point before it. With points every Δn samples this is the mean of the accuracies,
+    which is what the official i-Blurry and Si-Blurry code reports. None without points."""
+    n = np.asarray(samples, dtype=np.float64)
+    a = np.asarray(acc, dtype=np.float64)
+    if len(n) == 0:
+        return None
+    if len(n) != len(a) or np.any(np.diff(n) <= 0) or n[0] <= 0:
+        raise ValueError("anytime curve: need increasing positive sample counts, one accuracy each")
+    widths = np.diff(np.concatenate([[0.0], n]))
+    return float((a * widths).sum() / n[-1])
+
+
+def class_accuracy(confusion: np.ndarray) -> np.ndarray:
+    """Accuracy in percent of every class (row) of a confusion matrix; NaN for a class without test samples."""
+    c = np.asarray(confusion, dtype=np.float64)
+    total = c.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, 100.0 * np.diag(c) / total, np.nan)
+
+
+def seen_accuracy(confusion: np.ndarray, seen: Sequence[int]) -> Optional[float]:
+    """Accuracy in percent over the test samples of the classes `seen` (every sample counts once: A_last when
+    taken after the last task). None when those classes have no test samples."""
+    c = np.asarray(confusion, dtype=np.float64)
+    rows = np.asarray(sorted(seen), dtype=np.int64)
+    total = c[rows].sum() if len(rows) else 0.0
+    return float(100.0 * c[rows, rows].sum() / total) if total > 0 else None
+
+
+def class_forgetting(class_acc: Sequence[Sequence[float]]) -> Optional[float]:
+    """F_last per class (as the Si-Blurry code computes it): rows are the per-class accuracies after each task
+    (NaN: not seen yet, or no test samples); for every class whose best accuracy before the last row is above 0,
+    that best minus its last accuracy; their mean. None with fewer than two rows or no such class."""
+    a = np.asarray(class_acc, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] < 2:
+        return None
+    before = np.where(np.isnan(a[:-1]), -np.inf, a[:-1]).max(0)
+    last = np.nan_to_num(a[-1], nan=0.0)
+    drops = (before - last)[before > 0]
+    return float(drops.mean()) if len(drops) else None

@@ -66,9 +66,16 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: list(d) if isinstance(d, tuple) else d}
 
 
+# Keys added after runs were recorded: a saved config without one ran with this value (a finished run stays valid).
+ADDED_KEYS = {"stream.kind": "disjoint", "stream.disjoint_class_pct": 50, "stream.blurry_sample_pct": 10,
+              "eval.anytime_every_samples": None}
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     """`key: saved -> current` for every setting that differs and would change what the run computes."""
     a, b = _flatten(saved), _flatten(current)
+    # a recorded config (not an empty placeholder) lacking a newer key ran with that key's value
+    a, b = ({**ADDED_KEYS, **d} if d else d for d in (a, b))
     keys = sorted(k for k in set(a) | set(b) if not k.startswith(RESUMABLE_CHANGES))
     return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in keys if a.get(k) != b.get(k)]
 

@@ -110,6 +110,8 @@ def main(dcfg: DictConfig) -> dict:
     summary = (f"final average accuracy {results['final_avg_acc']:.2f}%, forgetting "
                f"{results['avg_forgetting'] if results['avg_forgetting'] is None else round(results['avg_forgetting'], 2)}"
                f"%, anytime {results['anytime_acc']:.2f}%, {results['samples_per_s']:.0f} samples/s")
+    if results.get("a_auc") is not None:  # a blurry stream's metrics (docs/streams.md)
+        summary += f", A_AUC {results['a_auc']:.2f}%, A_last {results['a_last']:.2f}%"
     log.info("%s", summary)
     print(f"{cfg.method.name} on {cfg.dataset.name}: {summary}\nrun folder: {out_dir}")
     return results

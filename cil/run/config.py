@@ -13,6 +13,7 @@ OPTIMIZERS = ("sgd", "adam")
 BUFFER_POLICIES = ("reservoir", "class_balanced")
 EVAL_SPLITS = ("test", "validation")
 WANDB_MODES = ("online", "offline", "disabled")
+STREAM_KINDS = ("disjoint", "iblurry", "siblurry")
 
 
 def method_schema(name: str) -> type:
@@ -57,6 +58,15 @@ def validate(cfg: RunConfig) -> None:
     require(0 <= cfg.seed < 2**62, "seed", cfg.seed, "use an integer from 0 to 2**62")
     require(cfg.stream.n_tasks >= 1, "stream.n_tasks", cfg.stream.n_tasks, "use an integer >= 1")
     require(cfg.stream.batch_size >= 1, "stream.batch_size", cfg.stream.batch_size, "use an integer >= 1")
+    require(cfg.stream.kind in STREAM_KINDS, "stream.kind", cfg.stream.kind,
+            f"choose one of {STREAM_KINDS} (docs/streams.md)")
+    require(0 <= cfg.stream.disjoint_class_pct <= 100, "stream.disjoint_class_pct", cfg.stream.disjoint_class_pct,
+            "use a percentage from 0 to 100")
+    require(0 <= cfg.stream.blurry_sample_pct <= 100, "stream.blurry_sample_pct", cfg.stream.blurry_sample_pct,
+            "use a percentage from 0 to 100")
+    require(cfg.eval.anytime_every_samples is None or cfg.eval.anytime_every_samples >= 0,
+            "eval.anytime_every_samples", cfg.eval.anytime_every_samples,
+            "use null (100 on blurry streams, off on disjoint ones), 0 (off) or a number of stream samples")
     require(cfg.buffer.size >= 0, "buffer.size", cfg.buffer.size, "use an integer >= 0")
     require(cfg.buffer.policy in BUFFER_POLICIES, "buffer.policy", cfg.buffer.policy,
             f"choose one of {BUFFER_POLICIES}")
@@ -107,6 +117,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"method.name={cfg.method.name!r} needs its own config ({schema.__name__}); select the "
                           f"method with method={cfg.method.name} rather than setting method.name")
     cfg.method.validate()
+    check_stream_method(cfg)
     from cil.core.addons import addon_configs
     from cil.core.methods import method_class
     for addon in addon_configs(cfg.addon).values():
@@ -129,3 +140,24 @@ def validate(cfg: RunConfig) -> None:
                 raise ConfigError(f"buffer.size={cfg.buffer.size} is smaller than {key}={n}: method "
                                   f"{cfg.method.name!r} draws that many samples from the buffer at once; raise "
                                   f"buffer.size or lower {key}")
+
+
+def check_stream_method(cfg: RunConfig) -> None:
+    """A blurry stream hides task boundaries: a method that needs them is refused, with the fix."""
+    kind = cfg.stream.kind
+    if kind == "disjoint":
+        return
+    name = cfg.method.name
+    if name.startswith("avalanche_"):
+        raise ConfigError(f"method={name} with stream.kind={kind}: Avalanche peers train on one experience per task, "
+                          "which a blurry stream does not announce; use stream.kind=disjoint or one of our task-free "
+                          f"methods ({', '.join(task_free_methods())})")
+    from cil.core.methods import method_class
+    if method_class(name).needs_task_boundaries:
+        raise ConfigError(f"method={name} needs task boundaries; stream.kind={kind} hides them: use "
+                          f"stream.kind=disjoint or a task-free method ({', '.join(task_free_methods())})")
+
+
+def task_free_methods() -> list[str]:
+    from cil.core.methods import METHODS
+    return sorted(n for n, cls in METHODS.items() if not cls.needs_task_boundaries)

@@ -21,6 +21,7 @@ from cil import __version__
 from cil.core.addons import build_addons
 from cil.core.buffer import ReplayBuffer
 from cil.core.data import ImageDataset, holdout_validation, load_dataset
+from cil.core.data.blurry import BlurryStream
 from cil.core.data.stream import ClassIncrementalStream
 from cil.core.diagnostics import Diagnostics
 from cil.core.learner import Learner
@@ -117,8 +118,20 @@ def build_stream(cfg: RunConfig, dataset: ImageDataset) -> ClassIncrementalStrea
     device = resolve_device(cfg.device)
     if method_uses_buffer(cfg.method.name):
         check_buffer_memory(cfg.buffer.size, dataset.input_shape, device)
+    if cfg.stream.kind != "disjoint":  # i-Blurry / Si-Blurry (docs/streams.md)
+        return BlurryStream(dataset, cfg.stream.n_tasks, cfg.stream.batch_size, cfg.stream.class_order,
+                            seed=cfg.seed, device=device, samples_per_class=cfg.stream.samples_per_class,
+                            kind=cfg.stream.kind, disjoint_class_pct=cfg.stream.disjoint_class_pct,
+                            blurry_sample_pct=cfg.stream.blurry_sample_pct)
     return ClassIncrementalStream(dataset, cfg.stream.n_tasks, cfg.stream.batch_size, cfg.stream.class_order,
                                   seed=cfg.seed, device=device, samples_per_class=cfg.stream.samples_per_class)
+
+
+def anytime_every_samples(cfg: RunConfig) -> int:
+    """eval.anytime_every_samples with null resolved: every 100 samples on a blurry stream (the i-Blurry
+    protocol), off on a disjoint one (its results stay as they were)."""
+    every = cfg.eval.anytime_every_samples
+    return every if every is not None else (0 if cfg.stream.kind == "disjoint" else 100)
 
 
 def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset] = None,
@@ -168,7 +181,7 @@ def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset]
         realtime = {"reference": cfg.realtime.reference, "delay_source": "set"}
     return Learner(stream, method, logger, seed=cfg.seed, eval_batch_size=cfg.eval.batch_size,
                    anytime_every=cfg.eval.anytime_every, anytime_samples=cfg.eval.anytime_samples,
-                   log_every=cfg.log.every, progress=cfg.log.progress,
+                   log_every=cfg.log.every, progress=cfg.log.progress, auc_every_samples=anytime_every_samples(cfg),
                    flops_every=cfg.compute.flops_every if cfg.compute.flops else 0,
                    delay=(cfg.realtime.delay or realtime["delay"]) if cfg.realtime.enabled else 1,
                    realtime=None if realtime is None else {k: v for k, v in realtime.items() if k != "delay"})

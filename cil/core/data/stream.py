@@ -7,7 +7,7 @@ labels (the head covers every class of the benchmark), so any class order works 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -20,9 +20,9 @@ class Batch:
     x: torch.Tensor  # uint8 [B, C, H, W] on the device
     y: torch.Tensor  # int64 [B] on the device
     y_host: torch.Tensor  # the same labels on the CPU, so bookkeeping needs no device read-back
-    task: int  # index of the task the batch belongs to
+    task: Optional[int]  # index of the task the batch belongs to (None: hidden from a method on a blurry stream)
     step: int  # index of the batch in the whole stream (0-based)
-    step_in_task: int  # index of the batch within its task (0-based)
+    step_in_task: Optional[int]  # index of the batch within its task (0-based; None when the task is hidden)
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,9 @@ def class_order(num_classes: int, order: str | Sequence[int], seed: int) -> list
 
 class ClassIncrementalStream:
     """Tasks of `num_classes / n_tasks` classes each; batches of `batch_size` yielded once, in a seeded order."""
+
+    kind = "disjoint"  # stream.kind (cil.core.data.blurry.BlurryStream: iblurry, siblurry)
+    hides_boundaries = False  # True: the learner hands methods batches without their task (blurry streams)
 
     def __init__(self, dataset: ImageDataset, n_tasks: int, batch_size: int = 10,
                  order: str | Sequence[int] = "random", seed: int = 0, device: str | torch.device = "cpu",
@@ -94,16 +97,19 @@ class ClassIncrementalStream:
                                 "test/<class>/<image>)")
             self.tasks.append(Task(t, classes.to(self.device), train_idx.to(self.device), train_idx,
                                    test_idx.to(self.device)))
+        self._finish(dataset)
 
+    def _finish(self, dataset: ImageDataset) -> None:
+        """The data on the device and the bookkeeping every stream derives from its tasks."""
         self.train_x = dataset.train_x.to(self.device)
         self.train_y = dataset.train_y.to(self.device)
         self.test_x = dataset.test_x.to(self.device)
         self.test_y = dataset.test_y.to(self.device)
-        self.class_task = [-1] * k  # task of every head class (-1: in no task)
+        self.class_task = [-1] * self.num_classes  # task of every head class (-1: in no task)
         for task in self.tasks:
             for c in task.classes.tolist():
                 self.class_task[c] = task.index
-        self.batches_per_task = [-(-len(task.train_idx) // batch_size) for task in self.tasks]
+        self.batches_per_task = [-(-len(task.train_idx) // self.batch_size) for task in self.tasks]
         self.n_batches = sum(self.batches_per_task)
         self.n_samples = sum(len(task.train_idx) for task in self.tasks)
 
