@@ -7,6 +7,8 @@ import warnings
 
 import pytest
 import torch
+from test_blurry import cli
+from test_resume import comparable
 
 from cil.core.buffer import ReplayBuffer
 from cil.core.data import load_dataset
@@ -18,8 +20,6 @@ from cil.core.models import build_model
 from cil.errors import ConfigError
 from cil.run.config import default_config, validate
 from cil.schema import StreamConfig
-from test_blurry import cli
-from test_resume import comparable
 
 SHAPE = (1, 8, 8)
 
@@ -271,8 +271,9 @@ def avalanche_digits():
     pytest.importorskip("avalanche")
     from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
     from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
-    from avalanche.benchmarks.utils.classification_dataset import \
-        _make_taskaware_tensor_classification_dataset as tensor_dataset
+    from avalanche.benchmarks.utils.classification_dataset import (
+        _make_taskaware_tensor_classification_dataset as tensor_dataset,
+    )
     d = load_dataset("digits", None)
     x, y = d.train_x.float().div(255), d.train_y.long()
     g = torch.Generator().manual_seed(0)
