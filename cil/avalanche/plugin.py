@@ -11,6 +11,9 @@ Where the task comes from (a training-time boundary; nothing at test time):
 - a classic experience: `experience.current_experience` and `experience.classes_in_this_experience`;
 - an online sub-experience (`split_online_stream(..., access_task_boundaries=True)`): the same two attributes of
   `experience.origin_experience`.
+- no boundaries (`split_online_stream`'s default, `access_task_boundaries=False`): the plugin falls back to the
+  task-free GSA (`task_free=True`, docs/methods.md "Task-free GSA": pseudo-tasks and current classes from the
+  labels), with one warning per plugin; `GSAPlugin(task_free=True)` uses it on any stream.
 Labels are used as they are (statistics are keyed by the label itself), so Avalanche's random class order and
 non-contiguous labels need no remapping. The head may be fixed or an `IncrementalClassifier`: logits narrower
 than the label range are padded with columns that the seen-class mask removes from every softmax.
@@ -20,6 +23,7 @@ its output is only used by Avalanche's metrics. With batch-norm models that pass
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import fields
 from typing import Any, Optional
 
@@ -36,13 +40,19 @@ from cil.errors import ConfigError
 GSA_OPTIONS = {f.name for f in fields(GSAConfig)} - {"name", "fresh_head_rows", "freeze_head_after_first_task"}
 
 
+def has_boundaries(experience) -> bool:
+    """Whether the experience grants its task (Avalanche 0.6 leaves origin_experience readable even when an online
+    stream does not, so the flag decides)."""
+    return getattr(experience, "access_task_boundaries", True) is not False
+
+
 def task_of(experience) -> tuple[int, list[int]]:
     """(task index, task classes) of a classic experience or of an online sub-experience's origin.
 
     GSA is boundary-aware (warm-up per task, current-task replay, task-only new loss): an online stream must grant
     the boundaries (Avalanche 0.6 leaves origin_experience readable even when it does not, so we check the flag).
     """
-    if getattr(experience, "access_task_boundaries", True) is False:
+    if not has_boundaries(experience):
         raise ConfigError(
             "GSAPlugin needs task boundaries: make the online stream with split_online_stream(..., "
             "access_task_boundaries=True) so that experience.origin_experience names the current task")
@@ -62,7 +72,8 @@ class GSAPlugin(SupervisedPlugin):
     mem_size: reservoir buffer size (M). num_classes: the label range, or None to grow it with the labels and
     the head. seed: the buffer's and the augmentation's random streams. Every other keyword is a GSA knob of
     `cil.core.methods.gsa.GSAConfig` (replay_batch_size=64, current_task_replay=22, warmup_batches=5, augment,
-    ...), with the same defaults as `method=gsa`.
+    ...), with the same defaults as `method=gsa`. task_free=True: the task-free GSA on any stream (without it, a
+    stream without boundaries switches to it with one warning).
     """
 
     def __init__(self, mem_size: int = 500, num_classes: Optional[int] = None, seed: int = 0, **gsa_options: Any):
@@ -126,6 +137,20 @@ class GSAPlugin(SupervisedPlugin):
 
     # -- Avalanche callbacks ---------------------------------------------------------------------------------
     def before_training_exp(self, strategy, **kwargs):
+        if not self.cfg.task_free and not has_boundaries(strategy.experience):
+            if self.gsa is not None:  # the step was built task-aware: switching now would mix the two
+                raise ConfigError("GSAPlugin got an experience without task boundaries after ones with them; "
+                                  "use one kind of stream, or GSAPlugin(task_free=True) from the start")
+            warnings.warn("GSAPlugin: the online stream does not grant task boundaries "
+                          "(split_online_stream(..., access_task_boundaries=False)): using the task-free GSA "
+                          "(task_free=True; docs/methods.md, Task-free GSA). Pass task_free=True to silence this, or "
+                          "access_task_boundaries=True for GSA with tasks", UserWarning, stacklevel=2)
+            self.cfg.task_free = True  # once per plugin: the step is built task-free below
+        if self.cfg.task_free:  # pseudo-tasks from the labels (before_backward); no task is read
+            if self.gsa is None:
+                x0 = strategy.experience.dataset[0][0]
+                self._build(torch.as_tensor(x0), torch.device(strategy.device), self.num_classes or 1)
+            return
         task, classes = task_of(strategy.experience)
         if self.gsa is None:
             x0 = strategy.experience.dataset[0][0]
@@ -139,11 +164,18 @@ class GSAPlugin(SupervisedPlugin):
         x, y = strategy.mb_x, strategy.mb_y
         y_host = y.cpu()
         self.gsa.grow(int(y_host.max()) + 1)
+        if self.cfg.task_free:  # before mark_seen: novelty is judged against the classes seen before
+            self.task, self.step_in_task = self.gsa.pseudo.observe(y, y_host)
+            self._y_host = y_host
         self.classes.mark_seen(y, y_host)
         strategy.loss, _ = self.gsa.loss(self._forward(strategy), x, y, self.task, self.step_in_task)
 
     def after_training_iteration(self, strategy, **kwargs):
         # Step 9: the raw mini-batch enters the reservoir once (only in the first epoch of a multi-epoch run).
+        if self.cfg.task_free:  # no task stored; the counters live in the pseudo-tasks
+            if strategy.clock.train_exp_epochs == 0:
+                self.buffer.add(strategy.mb_x.detach(), strategy.mb_y, None, y_host=self._y_host)
+            return
         if strategy.clock.train_exp_epochs == 0:
             self.buffer.add(strategy.mb_x.detach(), strategy.mb_y, self.task)
         self.step_in_task += 1

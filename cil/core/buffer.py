@@ -87,7 +87,9 @@ class ReplayBuffer:
         return min(self.n_seen, self.capacity)
 
     # ---------------------------------------------------------------- add
-    def add(self, x: Tensor, y: Tensor, task: int | None, **extras: Tensor) -> None:
+    def add(self, x: Tensor, y: Tensor, task: int | None, *, y_host: Tensor | None = None, **extras: Tensor) -> None:
+        """Offer a batch. ``y_host``: the same labels on the CPU, when the caller has them (the stream does): the
+        label mirror is then written at once, so a later label query (``classes=``) never waits for the device."""
         b = x.shape[0]
         if set(extras) != set(self._extras):
             raise ValueError(f"buffer.add expects the extras {sorted(self._extras)}, got {sorted(extras)}")
@@ -104,10 +106,10 @@ class ReplayBuffer:
             if slots is None:  # nothing kept (most batches once the memory is full): the trash-row writes
                 self.n_seen += b  # below would change nothing visible
                 return
-            self._queue_labels(slots, y)
+            self._queue_labels(slots, y if y_host is None else y_host)
         else:
             self._sync_labels()
-            slots = self._cbrs_slots(y.to("cpu").tolist())  # a sync on CUDA: this policy decides by label
+            slots = self._cbrs_slots((y if y_host is None else y_host).to("cpu").tolist())  # a sync on CUDA: this policy decides by label
         self._task_np[slots] = task
         self.n_seen += b
 

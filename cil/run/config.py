@@ -153,11 +153,18 @@ def check_stream_method(cfg: RunConfig) -> None:
                           "which a blurry stream does not announce; use stream.kind=disjoint or one of our task-free "
                           f"methods ({', '.join(task_free_methods())})")
     from cil.core.methods import method_class
-    if method_class(name).needs_task_boundaries:
+    if method_class(name).boundaries_needed(cfg.method):
         raise ConfigError(f"method={name} needs task boundaries; stream.kind={kind} hides them: use "
                           f"stream.kind=disjoint or a task-free method ({', '.join(task_free_methods())})")
 
 
 def task_free_methods() -> list[str]:
+    """Methods that run without task boundaries; one with a task-free switch is named with it (gsa)."""
     from cil.core.methods import METHODS
-    return sorted(n for n, cls in METHODS.items() if not cls.needs_task_boundaries)
+    names = []
+    for n, cls in sorted(METHODS.items()):
+        if not cls.needs_task_boundaries:
+            names.append(n)
+        elif "task_free" in cls.Config.__dataclass_fields__ and not cls.boundaries_needed(cls.Config(task_free=True)):
+            names.append(f"{n} with method.task_free=true")
+    return names

@@ -185,6 +185,11 @@ class Method:
         self.addons: list = []
 
     @classmethod
+    def boundaries_needed(cls, cfg: MethodConfig) -> bool:
+        """Whether a run of this method with `cfg` needs task boundaries (GSA: not with method.task_free=true)."""
+        return cls.needs_task_boundaries
+
+    @classmethod
     def buffer_extras(cls, cfg: MethodConfig, num_classes: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """What the buffer keeps per sample beyond image, label and task: {name: (shape, dtype)} (DER++: logits)."""
         return {}

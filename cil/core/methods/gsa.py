@@ -24,6 +24,7 @@ Step numbers in comments refer to the spec. Choices of the official code that th
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -63,6 +64,10 @@ class GSAConfig(BalancedReplayConfig):
     bn_extra_passes: bool = False  # the official step's forward passes outside the loss (batch-norm statistics)
     fresh_head_rows: bool = False  # a task's head rows re-initialised when it starts (a head grown per task)
     freeze_head_after_first_task: bool = False  # the official code's defect: the head stops learning after task 0
+    # Task-free GSA (docs/methods.md, "Task-free GSA"): the current classes and pseudo-tasks come from the stream
+    task_free: bool = False  # True: never read the task; runs on streams without boundaries (stream.kind=iblurry...)
+    current_classes: str = "novelty"  # task_free: "novelty" (classes since the last novel class) | "window"
+    current_window: int = 10  # current_classes=window: the classes of the last W incoming batches
 
     def validate(self) -> None:
         super().validate()
@@ -76,6 +81,13 @@ class GSAConfig(BalancedReplayConfig):
         require(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "method.crop_scale", scale,
                 "use [lo, hi] with 0 < lo <= hi <= 1")
         require(self.crop in CROPS, "method.crop", self.crop, f"choose one of {sorted(CROPS)}")
+        require(self.current_classes in CURRENT_CLASSES, "method.current_classes", self.current_classes,
+                f"choose one of {', '.join(CURRENT_CLASSES)} (docs/methods.md, Task-free GSA)")
+        require(self.current_window >= 1, "method.current_window", self.current_window, "use an integer >= 1")
+        for key in ("fresh_head_rows", "freeze_head_after_first_task"):
+            require(not (self.task_free and getattr(self, key)), f"method.{key}", True,
+                    f"it acts at task starts, which task-free GSA does not read; drop method.{key} or set "
+                    "method.task_free=false")
         require(self.adaptive_weights or self.balance in ("cumulative", "constant"), "method.adaptive_weights",
                 self.adaptive_weights, f"adaptive_weights=false is the old name of method.balance=constant and "
                 f"contradicts method.balance={self.balance}; drop method.adaptive_weights")
@@ -85,6 +97,70 @@ class GSAConfig(BalancedReplayConfig):
 
     def buffer_draws(self) -> dict[str, int]:
         return {**super().buffer_draws(), "method.current_task_replay": self.current_task_replay}
+
+
+CURRENT_CLASSES = ("novelty", "window")
+
+
+class PseudoTasks:
+    """Task-free GSA's stand-in for the task (docs/methods.md, "Task-free GSA"), from the incoming labels alone.
+
+    A batch holding a label never seen before is a *novelty event*: it starts a new pseudo-task. The pseudo-task
+    index (novelty events so far, minus one) and the batches since the last event replace the task index and the
+    step in the task (the warm-up and `balance=task_reset` restart at every event). The *current classes* replace
+    the task's classes (the new-data loss's mask, the current-class buffer draw, the mixed-batch ratio):
+    - ``novelty``: the labels of the batch that brought the last novel class and of every batch since;
+    - ``window``: the labels of the last ``window`` incoming batches (this one included).
+    Both always hold the incoming batch's labels. They are written into `classes` (a ClassSets) as its task mask,
+    task labels and task, so the step reads them where task-aware GSA reads the task's. Call `observe` once per
+    incoming batch, before `classes.mark_seen` (novelty is judged against the classes seen before the batch).
+    Host work only (Python sets of labels); the device mask is rebuilt, from the batches' device labels, only when
+    the set changes (no read-back).
+    """
+
+    def __init__(self, classes: ClassSets, rule: str = "novelty", window: int = 10):
+        self.classes, self.rule, self.window = classes, rule, window
+        self.task = -1  # pseudo-task index: novelty events so far - 1
+        self.step = 0  # incoming batches since the last novelty event (0: the event's batch)
+        self.recent: deque = deque(maxlen=window)  # window: (labels on the host, labels on the device) per batch
+
+    def observe(self, y: Tensor, y_host: Tensor) -> tuple[int, int]:
+        """Take one incoming batch's labels (device, host); returns (pseudo-task, batches since its start)."""
+        classes = self.classes
+        labels = set(y_host.tolist())
+        novel = not classes.seen_labels.issuperset(labels)
+        self.task, self.step = (self.task + 1, 0) if novel else (self.task, self.step + 1)
+        if self.rule == "novelty":
+            current = labels if novel else classes.task_labels | labels
+            if current != classes.task_labels:  # a new mask, never changed in place (ClassSets' rule)
+                base = torch.zeros_like(classes.task_mask) if novel else classes.task_mask
+                classes.task_mask = base.index_fill(0, y, True)
+        else:
+            self.recent.append((labels, y))
+            current = set().union(*(held for held, _ in self.recent))
+            if current != classes.task_labels:
+                ys = torch.cat([dev for _, dev in self.recent])
+                classes.task_mask = torch.zeros_like(classes.task_mask).index_fill_(0, ys, True)
+        classes.task_labels, classes.task = current, self.task
+        return self.task, self.step
+
+    def current(self) -> list[int]:
+        """The current classes (host), for the buffer's label filter."""
+        return sorted(self.classes.task_labels)
+
+    def others(self) -> list[int]:
+        """The seen classes outside the current ones (host): the "old" side of the mixed replay batch."""
+        return sorted(self.classes.seen_labels - self.classes.task_labels)
+
+    def state_dict(self) -> dict:
+        return {"task": self.task, "step": self.step, "recent": [sorted(held) for held, _ in self.recent]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.task, self.step = int(state["task"]), int(state["step"])
+        device = self.classes.task_mask.device
+        self.recent.clear()
+        for held in state["recent"]:  # a batch's labels as a set: the same mask, the same current classes
+            self.recent.append((set(held), torch.tensor(held, dtype=torch.long, device=device)))
 
 
 class GSAStep:
@@ -110,6 +186,8 @@ class GSAStep:
         self.augment = CROPS[cfg.crop](image_size, scale=tuple(cfg.crop_scale), grayscale_p=cfg.grayscale_p) \
             if cfg.augment and image_size else None
         self.last_weights = torch.ones(classes.num_classes, device=device)  # w_c of the last step (1: warm-up)
+        # Task-free: pseudo-tasks and current classes from the labels (the caller calls `pseudo.observe`)
+        self.pseudo = PseudoTasks(classes, cfg.current_classes, cfg.current_window) if cfg.task_free else None
 
     @property
     def stats(self):
@@ -165,7 +243,10 @@ class GSAStep:
 
         # 1. Xc: the incoming batch plus up to `current_task_replay` buffer samples of the current task
         # (converted to model input once, after the concatenation).
-        cur = self._sample(cfg.current_task_replay, task=task)
+        if self.pseudo is None:
+            cur = self._sample(cfg.current_task_replay, task=task)
+        else:  # task-free: buffer rows of the current classes
+            cur = self._sample(cfg.current_task_replay, classes=self.pseudo.current())
         xc, yc = (x, y) if cur is None else (torch.cat([x, cur[0]]), torch.cat([y, cur[1]]))
         xc = self.to_input(xc)
 
@@ -234,7 +315,10 @@ class GSAStep:
             return self.to_input(x), y, None
         r = self.classes.current_share()
         n_old, n_cur = int(r_batch * (1 - r)), int(r_batch * r)
-        old = self._sample(n_old, exclude_task=task)
+        if self.pseudo is None:
+            old = self._sample(n_old, exclude_task=task)
+        else:  # task-free: buffer rows of the seen classes outside the current ones
+            old = self._sample(n_old, classes=self.pseudo.others())
         if old is None:
             return xc[:n_cur], yc[:n_cur], None
         # Row order does not matter to a mean loss or to batch norm, so the spec's shuffle is left out.
@@ -270,12 +354,17 @@ class GSAStep:
         return class_log_values(self.rule, self.classes.seen_labels)
 
     def state_dict(self) -> dict:
-        return {"stats": self.rule.state_dict(), "last_weights": self.last_weights.clone()}
+        state = {"stats": self.rule.state_dict(), "last_weights": self.last_weights.clone()}
+        if self.pseudo is not None:  # the current classes themselves are the ClassSets' task mask
+            state["pseudo_tasks"] = self.pseudo.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.rule.load_state_dict(state["stats"])
         self.grow(len(state["last_weights"]))
         self.last_weights.copy_(state["last_weights"])
+        if self.pseudo is not None:
+            self.pseudo.load_state_dict(state["pseudo_tasks"])
 
 
 @register
@@ -283,33 +372,55 @@ class GSA(Method):
     name = "gsa"
     Config = GSAConfig
     declares_main_pass = True
-    needs_task_boundaries = True
+    needs_task_boundaries = True  # unless method.task_free=true (`boundaries_needed`)
+
+    @classmethod
+    def boundaries_needed(cls, cfg: GSAConfig) -> bool:
+        return not cfg.task_free
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         size = tuple(self.input_shape[1:]) if self.input_shape else None
         self.gsa = GSAStep(self.cfg, self.buffer, self.classes, self.generator, size, self.to_input, self.report,
                            self.distill_pass)
+        self.pseudo_step = (-1, 0)  # task-free: (pseudo-task, batches since its start) of the incoming batch
 
     def on_task_start(self, task: int, classes: torch.Tensor) -> None:
+        if self.cfg.task_free:  # a disjoint stream still announces tasks: GSA ignores them, add-ons keep theirs
+            for addon in self.addons:
+                addon.on_task_start(self, task, classes)
+            return
         super().on_task_start(task, classes)
         if self.cfg.freeze_head_after_first_task and task >= 1:  # the optimizer no longer reaches the head
             self.head.requires_grad_(False)
 
     def observe(self, batch):
+        if self.cfg.task_free:  # before the base class marks the batch's labels seen
+            self.pseudo_step = self.gsa.pseudo.observe(batch.y, batch.y_host)
         if self.cfg.fresh_head_rows and batch.task >= 1 and batch.step_in_task == 0:  # a task starts (not a resume)
             generator = torch.Generator().manual_seed(self.seed * 1000 + batch.task)
             self.refresh_head_rows(sorted(self.classes.task_labels), generator)
         return super().observe(batch)
 
     def update(self, batch):
-        loss, logits_new = self.gsa.loss(self.forward_float, batch.x, batch.y, batch.task, batch.step_in_task)
+        task, step_in_task = self.pseudo_step if self.cfg.task_free else (batch.task, batch.step_in_task)
+        loss, logits_new = self.gsa.loss(self.forward_float, batch.x, batch.y, task, step_in_task)
         # 8. One optimizer step. (9. The learner adds the raw batch to the buffer afterwards.)
         self.step(loss)
         return loss, logits_new
 
+    def remember(self, batch, out) -> None:
+        if not self.cfg.task_free or self.buffer is None:
+            return super().remember(batch, out)
+        # No task stored; the host labels keep the buffer's label mirror exact, so the step's label-filtered
+        # draws never wait for the device.
+        self.buffer.add(batch.x, batch.y, None, y_host=batch.y_host)
+
     def extra_results(self) -> dict:
-        return {"gsa": self.gsa.summary()}
+        out = {"gsa": self.gsa.summary()}
+        if self.cfg.task_free:
+            out["gsa"]["pseudo_tasks"] = self.gsa.pseudo.task + 1  # novelty events in the stream
+        return out
 
     def log_values(self) -> dict[str, float]:
         return self.gsa.log_values()
