@@ -33,7 +33,8 @@ def test_dry_run_runs_the_whole_plan_and_reports_every_section(tmp_path):
     assert report["correctness"]["same seed twice, deterministic=true: same accuracy matrix"] == "yes"
     assert report["correctness"]["SIGKILL + resume: same accuracy matrix as uninterrupted"].startswith("yes")
     assert [r["method"] for r in report["sync"]["host/device syncs inside training steps"]] == [
-        "er", "er_ace (separate passes)", "gsa", "gsa (official)"]
+        "er", "er_ace (separate passes)", "gsa", "gsa (official)", "gsa (task-free)", "gsa (balance=window)",
+        "er_ace (balance=magnitude)", "derpp", "pcr", "ocm", "onpro"]
     speed = report["speed"]["training samples/s (CIFAR-10 JPEG copy, batch 10, M = 500, one process)"]
     assert len(speed) == 14 and all(isinstance(r["samples/s"], float) for r in speed)
     runs = report["fidelity"]["Split CIFAR-10 (JPEG copy), full ResNet-18, whole stream, fp32"]
