@@ -162,3 +162,23 @@ def test_crash_and_resume_in_process_with_diagnostics_and_class_balanced_buffer(
     assert "diagnostics" in ref
     for name in ("metrics.csv", "diagnostics.json"):
         assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
+def test_a_recorded_config_lacking_newer_keys_is_the_same_run():
+    """Keys added after a run was recorded default to what the code did before: the old folder stays valid."""
+    import dataclasses
+
+    from cil.run.checkpoint import config_differences
+    from cil.run.config import default_config
+
+    for method in ("er", "er_ace", "gsa"):
+        current = dataclasses.asdict(default_config(method))
+        recorded = dataclasses.asdict(default_config(method))
+        del recorded["compute"], recorded["realtime"], recorded["eval"]["split"], recorded["stream"]["kind"]
+        del recorded["method"]["balance"]
+        assert config_differences(recorded, current) == []
+        recorded["method"]["replay_batch_size"] = 7  # a real difference is still one
+        assert config_differences(recorded, current) == [
+            f"method.replay_batch_size: 7 -> {current['method']['replay_batch_size']}"]
+        current["eval"]["split"] = "validation"  # and so is a newer key set away from its default
+        assert "eval.split: 'test' -> 'validation'" in config_differences(recorded, current)

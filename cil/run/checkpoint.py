@@ -20,6 +20,7 @@ flight: a checkpoint is written and the run exits with EXIT_PREEMPTED.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -33,6 +34,7 @@ import torch
 
 from cil.schema import RunConfig
 from cil.errors import ConfigError, DataError, Preempted, TrainingError
+from cil.run.config import default_config
 from cil.run.folder import write
 from cil.runfolder import CHECKPOINT, atomic_write
 
@@ -66,16 +68,20 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: list(d) if isinstance(d, tuple) else d}
 
 
-# Keys added after runs were recorded: a saved config without one ran with this value (a finished run stays valid).
-ADDED_KEYS = {"stream.kind": "disjoint", "stream.disjoint_class_pct": 50, "stream.blurry_sample_pct": 10,
-              "eval.anytime_every_samples": None}
+def added_key_defaults(flat: dict) -> dict[str, Any]:
+    """The defaults of the run schema and of the config's method: a key added after a run was recorded defaults to
+    what the code did before it existed, so a recorded config lacking it ran with that value."""
+    try:
+        return _flatten(dataclasses.asdict(default_config(str(flat.get("method.name", "er")))))
+    except (ConfigError, KeyError, TypeError, ValueError):  # a method this version no longer has
+        return {}
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """`key: saved -> current` for every setting that differs and would change what the run computes."""
     a, b = _flatten(saved), _flatten(current)
-    # a recorded config (not an empty placeholder) lacking a newer key ran with that key's value
-    a, b = ({**ADDED_KEYS, **d} if d else d for d in (a, b))
+    # a recorded config (not an empty placeholder) lacking a newer key ran with that key's default
+    a, b = ({**added_key_defaults(d), **d} if d else d for d in (a, b))
     keys = sorted(k for k in set(a) | set(b) if not k.startswith(RESUMABLE_CHANGES))
     return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in keys if a.get(k) != b.get(k)]
 
