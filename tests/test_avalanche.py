@@ -32,18 +32,23 @@ REPO = Path(__file__).resolve().parents[1]
 ORDER = [[7, 3], [9, 1], [5, 0]]  # permuted, non-contiguous labels in every task
 
 
-@pytest.fixture(scope="module")
-def digits_stream():
-    """An Avalanche benchmark of three digits tasks in a permuted class order (classes_in_this_experience set)."""
+def avalanche_digits(per_task: int) -> list:
+    """An Avalanche benchmark of three digits tasks in a permuted class order (classes_in_this_experience set),
+    `per_task` seeded samples each (also used by tests/test_avalanche_mkd.py and tests/test_taskfree_gsa.py)."""
     d = load_dataset("digits", None)
     x, y = d.train_x.float().div(255), d.train_y.long()
     g = torch.Generator().manual_seed(0)
     datasets = []
     for classes in ORDER:
         idx = torch.nonzero(torch.isin(y, torch.tensor(classes))).squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=g)][:200]
+        idx = idx[torch.randperm(len(idx), generator=g)][:per_task]
         datasets.append(tensor_dataset(x[idx], y[idx], task_labels=0, targets=y[idx].tolist()))
     return list(with_classes_timeline(benchmark_from_datasets(train=datasets)).train_stream)
+
+
+@pytest.fixture(scope="module")
+def digits_stream():
+    return avalanche_digits(200)
 
 
 def mlp(out=10):

@@ -14,11 +14,7 @@ from torch import nn
 
 pytest.importorskip("avalanche")
 
-from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets  # noqa: E402
 from avalanche.benchmarks.scenarios.online import split_online_stream  # noqa: E402
-from avalanche.benchmarks.scenarios.supervised import with_classes_timeline  # noqa: E402
-from avalanche.benchmarks.utils.classification_dataset import (  # noqa: E402
-    _make_taskaware_tensor_classification_dataset as tensor_dataset)
 from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint  # noqa: E402
 from avalanche.core import SupervisedPlugin  # noqa: E402
 from avalanche.models import IncrementalClassifier  # noqa: E402
@@ -26,24 +22,15 @@ from avalanche.training import Naive  # noqa: E402
 from avalanche.training.plugins import ReplayPlugin  # noqa: E402
 
 from cil.avalanche import MKDPlugin  # noqa: E402
-from cil.core.data import load_dataset  # noqa: E402
 from cil.errors import ConfigError  # noqa: E402
+from test_avalanche import avalanche_digits  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ORDER = [[7, 3], [9, 1], [5, 0]]
 
 
 @pytest.fixture(scope="module")
 def digits_stream():
-    d = load_dataset("digits", None)
-    x, y = d.train_x.float().div(255), d.train_y.long()
-    g = torch.Generator().manual_seed(0)
-    datasets = []
-    for classes in ORDER:
-        idx = torch.nonzero(torch.isin(y, torch.tensor(classes))).squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=g)][:60]
-        datasets.append(tensor_dataset(x[idx], y[idx], task_labels=0, targets=y[idx].tolist()))
-    return list(with_classes_timeline(benchmark_from_datasets(train=datasets)).train_stream)
+    return avalanche_digits(60)
 
 
 def mlp(out=10, bn=False):

@@ -267,25 +267,13 @@ def test_state_round_trip_continues_identically_with_the_novelty_rule():
 
 # -- the Avalanche plugin ----------------------------------------------------------------------------------------
 def avalanche_digits():
-    """Three digits tasks as an Avalanche benchmark (as tests/test_avalanche.py's fixture), and a Naive builder."""
+    """Three digits tasks as an Avalanche benchmark (tests/test_avalanche.py's), 100 samples each."""
     pytest.importorskip("avalanche")
-    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
-    from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
-    from avalanche.benchmarks.utils.classification_dataset import (
-        _make_taskaware_tensor_classification_dataset as tensor_dataset,
-    )
-    d = load_dataset("digits", None)
-    x, y = d.train_x.float().div(255), d.train_y.long()
-    g = torch.Generator().manual_seed(0)
-    datasets = []
-    for classes in ORDER:
-        idx = torch.nonzero(torch.isin(y, torch.tensor(classes))).squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=g)][:100]
-        datasets.append(tensor_dataset(x[idx], y[idx], task_labels=0, targets=y[idx].tolist()))
-    return list(with_classes_timeline(benchmark_from_datasets(train=datasets)).train_stream)
+    from test_avalanche import avalanche_digits as benchmark
+    return benchmark(100)
 
 
-ORDER = [[7, 3], [9, 1], [5, 0]]
+ORDER = [[7, 3], [9, 1], [5, 0]]  # the task classes of that benchmark
 
 
 def naive(plugin):

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from cil.core.data.dataset import ImageDataset
-from cil.core.data.stream import ClassIncrementalStream, Task, class_order
+from cil.core.data.stream import ClassIncrementalStream, Task
 from cil.errors import ConfigError, DataError
 
 KINDS = ("iblurry", "siblurry")
@@ -67,18 +67,11 @@ class BlurryStream(ClassIncrementalStream):
             raise ConfigError(f"stream.disjoint_class_pct={disjoint_class_pct} must be a percentage from 0 to 100")
         if not 0 <= blurry_sample_pct <= 100:
             raise ConfigError(f"stream.blurry_sample_pct={blurry_sample_pct} must be a percentage from 0 to 100")
-        if batch_size < 1:
-            raise ConfigError(f"stream.batch_size={batch_size} must be >= 1")
         if n_tasks < 1 or n_tasks > k:
             raise ConfigError(f"stream.n_tasks={n_tasks}: a blurry stream of dataset {dataset.name!r} needs 1 to {k} "
                               "tasks (one class at least in each)")
         self.kind = kind
-        self.dataset = dataset
-        self.n_tasks = n_tasks
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.class_order = class_order(k, order, seed)
-        self.num_classes = k
+        self._setup(dataset, n_tasks, batch_size, order, seed, device)
         self.disjoint_class_pct, self.blurry_sample_pct = disjoint_class_pct, blurry_sample_pct
         g = torch.Generator().manual_seed(seed + 11)  # the stream's own draws, apart from the disjoint stream's
 

@@ -68,14 +68,7 @@ class ClassIncrementalStream:
             divisors = [d for d in range(1, k + 1) if k % d == 0]
             raise ConfigError(f"stream.n_tasks={n_tasks} does not divide the {k} classes of dataset {dataset.name!r} "
                               f"evenly; choose one of {divisors}")
-        if batch_size < 1:
-            raise ConfigError(f"stream.batch_size={batch_size} must be >= 1")
-        self.dataset = dataset
-        self.n_tasks = n_tasks
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.class_order = class_order(k, order, seed)
-        self.num_classes = k
+        self._setup(dataset, n_tasks, batch_size, order, seed, device)
         self.classes_per_task = k // n_tasks
 
         # Shuffle within each task with its own generator so the order does not depend on anything else.
@@ -112,6 +105,17 @@ class ClassIncrementalStream:
         self.batches_per_task = [-(-len(task.train_idx) // self.batch_size) for task in self.tasks]
         self.n_batches = sum(self.batches_per_task)
         self.n_samples = sum(len(task.train_idx) for task in self.tasks)
+
+    def _setup(self, dataset: ImageDataset, n_tasks: int, batch_size: int, order, seed: int, device) -> None:
+        """What every stream kind checks and keeps first: the batch size, the data, the class order, the device."""
+        if batch_size < 1:
+            raise ConfigError(f"stream.batch_size={batch_size} must be >= 1")
+        self.dataset = dataset
+        self.n_tasks = n_tasks
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.class_order = class_order(dataset.num_classes, order, seed)
+        self.num_classes = dataset.num_classes
 
     def __len__(self) -> int:
         return self.n_batches
