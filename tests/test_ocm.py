@@ -258,7 +258,7 @@ def test_defaults_are_the_official_code():
 
 
 def test_rotations_are_the_official_expansion():
-    from cil.core.methods.ocm import rotations
+    from cil.core.augment import rotation_views as rotations
     x = torch.rand(3, 2, 6, 6)
     torch.testing.assert_close(rotations(x, True), expand16(x), rtol=0, atol=0)
     r4 = rotations(x, False)

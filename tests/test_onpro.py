@@ -348,7 +348,8 @@ def test_apf_pair_selection_on_hand_made_prototypes():
 
 
 def test_rotations_and_beta_sampler():
-    from cil.core.methods.onpro import beta_sample, rotations
+    from cil.core.augment import rotation_views as rotations
+    from cil.core.methods.onpro import beta_sample
     x = torch.rand(3, 2, 6, 6)
     assert torch.equal(rotations(x), rotate_ref(x))
     g = torch.Generator().manual_seed(0)

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GSAAugment", "AffineCropAugment", "CROPS", "PreDrawn", "sample_crop_boxes", "hflip", "two_views", "LUMA_WEIGHTS"]
+__all__ = ["GSAAugment", "AffineCropAugment", "CROPS", "PreDrawn", "sample_crop_boxes", "hflip", "two_views", "LUMA_WEIGHTS",
+           "rotation_views"]
 
 #: ITU-R BT.601 luma weights, as in torchvision's rgb_to_grayscale.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
@@ -292,6 +293,26 @@ class PreDrawn:
 def hflip(x: Tensor) -> Tensor:
     """Horizontal flip of a [..., H, W] batch."""
     return x.flip(-1)
+
+
+def local_rotations(x: Tensor) -> Tensor:
+    """[x, L(x), LR(x), R(x)] stacked [4N, C, H, W]: L / R turn the left / right half of every image by 180
+    degrees in place, LR both halves (W must be even)."""
+    n, c, h, w = x.shape
+    halves = x.reshape(n, c, h, 2, w // 2)
+    turned = halves.flip(2, 4)
+    # variant j, half s: turned or not
+    pick = torch.tensor([[0, 0], [1, 0], [1, 1], [0, 1]], dtype=torch.bool, device=x.device)
+    out = torch.where(pick.view(4, 1, 1, 1, 2, 1), turned.unsqueeze(0), halves.unsqueeze(0))
+    return out.reshape(4 * n, c, h, w)
+
+
+def rotation_views(x: Tensor, local: bool = True) -> Tensor:
+    """OCM's expansion of square images x [N, C, H, H] (also OnPro's): X = the local variants of x (or x alone),
+    then [X, rot180(X), rot90(X), rot270(X)]; copy k of row i is row k * N + i (16 copies, or 4 without local)."""
+    base = local_rotations(x) if local else x
+    return torch.cat([base, torch.rot90(base, 2, (2, 3)), torch.rot90(base, 1, (2, 3)),
+                      torch.rot90(base, 3, (2, 3))])
 
 
 def two_views(x: Tensor, augment: Callable[[Tensor, torch.Generator], Tensor],

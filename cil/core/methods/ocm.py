@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cil.core.augment import CROPS
+from cil.core.augment import CROPS, rotation_views
 from cil.core.methods.base import Method, ReplayConfig, register
 from cil.core.objectives.ocm import (ocm_ce, ocm_nt_xent_buffer, ocm_nt_xent_new, ocm_nt_xent_previous,
                                      ocm_similarity, old_logit_mse)
@@ -69,25 +69,6 @@ class OCMConfig(ReplayConfig):
                 "use [lo, hi] with 0 < lo <= hi <= 1")
         require(0.0 <= self.grayscale_p <= 1.0, "method.grayscale_p", self.grayscale_p, "use 0 <= p <= 1")
         require(0.0 <= self.flip_p <= 1.0, "method.flip_p", self.flip_p, "use 0 <= p <= 1")
-
-
-def local_rotations(x: torch.Tensor) -> torch.Tensor:
-    """[x, L(x), LR(x), R(x)] stacked [4N, C, H, W]: L / R turn the left / right half of every image by 180
-    degrees in place, LR both halves (W must be even)."""
-    n, c, h, w = x.shape
-    halves = x.reshape(n, c, h, 2, w // 2)
-    turned = halves.flip(2, 4)
-    # variant j, half s: turned or not
-    pick = torch.tensor([[0, 0], [1, 0], [1, 1], [0, 1]], dtype=torch.bool, device=x.device)
-    out = torch.where(pick.view(4, 1, 1, 1, 2, 1), turned.unsqueeze(0), halves.unsqueeze(0))
-    return out.reshape(4 * n, c, h, w)
-
-
-def rotations(x: torch.Tensor, local: bool) -> torch.Tensor:
-    """The official expansion: X = local variants (or x), then [X, rot180(X), rot90(X), rot270(X)]."""
-    base = local_rotations(x) if local else x
-    return torch.cat([base, torch.rot90(base, 2, (2, 3)), torch.rot90(base, 1, (2, 3)),
-                      torch.rot90(base, 3, (2, 3))])
 
 
 @register
@@ -167,7 +148,7 @@ class OCM(Method):
         mem = self.replay(self.n_replay()) if batch.task > 0 else None
         ce_mask = None if cfg.ce_classes == "all" else self.seen
         x = self.to_input(batch.x)
-        x16 = rotations(x, cfg.local_rotations)
+        x16 = rotation_views(x, cfg.local_rotations)
         y16 = self.expanded_labels(batch.y)
         if mem is None:
             pair = torch.cat([x16, self.simclr_augment(x16)])
@@ -183,7 +164,7 @@ class OCM(Method):
             self.last = {"ce": l_ce.detach(), "new": l_new.detach()}
         else:
             xm, ym = self.to_input(mem[0]), mem[1]
-            m16 = rotations(xm, cfg.local_rotations)
+            m16 = rotation_views(xm, cfg.local_rotations)
             ym16 = self.expanded_labels(ym)
             k = len(x16)
             aug = self.simclr_augment(torch.cat([x16, m16]))

@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cil.core.augment import CROPS
+from cil.core.augment import CROPS, rotation_views
 from cil.core.methods.base import Method, ReplayConfig, register
-from cil.core.objectives.onpro import mixup_cross_entropy, ocm_contrastive_loss, prototype_loss
+from cil.core.objectives.ocm import ocm_nt_xent_buffer, ocm_nt_xent_new
+from cil.core.objectives.onpro import mixup_cross_entropy, prototype_loss
 from cil.errors import ConfigError, require
 
 ROTATIONS = 16  # copies per image (the official `oop`)
@@ -80,18 +81,6 @@ class OnProConfig(ReplayConfig):
         require(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "method.crop_scale", scale,
                 "use [lo, hi] with 0 < lo <= hi <= 1")
         require(self.crop in CROPS, "method.crop", self.crop, f"choose one of {sorted(CROPS)}")
-
-
-def rotations(x: Tensor) -> Tensor:
-    """OCM's 16 rotations of square images x [B, C, H, H] (H even): [R0, R1, R2, R3] turned by 0, 180, 90 and
-    270 degrees, where R0 = x, R1 = x with its left half (columns < H/2) turned by 180 degrees in place, R2 =
-    both halves turned, R3 = the right half turned. Copy k of row i is row k * B + i."""
-    w = x.shape[-1] // 2
-    left, right = x[..., :w], x[..., w:]
-    left_t, right_t = left.flip(-2, -1), right.flip(-2, -1)
-    base = torch.cat([x, torch.cat([left_t, right], -1), torch.cat([left_t, right_t], -1),
-                      torch.cat([left, right_t], -1)])
-    return torch.cat([base, base.rot90(2, (2, 3)), base.rot90(1, (2, 3)), base.rot90(3, (2, 3))])
 
 
 def beta_sample(n: int, alpha: float, generator: torch.Generator, device) -> Tensor:
@@ -230,6 +219,11 @@ class OnPro(Method):
     def rotation_labels(self, y: Tensor) -> Tensor:
         return torch.cat([y + self.num_classes * k for k in range(ROTATIONS)])
 
+    def view_labels(self, y: Tensor) -> Tensor:
+        """The rotation labels of the rows of [rotations; their augmented views]."""
+        labels = self.rotation_labels(y)
+        return torch.cat([labels, labels])
+
     def seen_prototypes(self, x: Tensor, y: Tensor) -> Tensor:
         """OPE on replayed rows (model input x): a pass over [x, A(x)]; keeps the class means for APF."""
         _, z = self.embed(torch.cat([x, self.augment(x)]))
@@ -243,10 +237,10 @@ class OnPro(Method):
         x, y, n = self.to_input(batch.x), batch.y, len(batch.y)
         zero = x.new_zeros(())
         if batch.task == 0:
-            rx = rotations(x)
+            rx = rotation_views(x)
             f, z = self.embed(torch.cat([rx, self.augment(rx)]))
-            ins = ocm_contrastive_loss(self.similarity(z, f, self.feature_offsets(1)[0], 1.0),
-                                       self.rotation_labels(y), cfg.ins_temperature, exclude_self=True)
+            ins = ocm_nt_xent_new(self.similarity(z, f, self.feature_offsets(1)[0], 1.0).float(),
+                                  self.view_labels(y), cfg.ins_temperature)
             ope_seen = zero
             mem = self.replay(cfg.replay_batch_size) if batch.step_in_task != 0 else None
             if mem is not None:
@@ -266,14 +260,14 @@ class OnPro(Method):
             else:
                 x_mix, y_a, y_b, lam = xm, ym, ym, torch.zeros(len(ym), device=xm.device)
             soft = (1 - lam) * y_a.float() + lam * y_b.float()  # the official float label of a mixed row
-            rx, rr = rotations(x), rotations(x_mix)
+            rx, rr = rotation_views(x), rotation_views(x_mix)
             f, z = self.embed(torch.cat([rx, self.augment(rx), rr, self.augment(rr)]))
             k = 32 * n
             offsets = self.feature_offsets(2)
             sim = self.similarity(z[:k], f[:k], offsets[0], cfg.sim_lambda)
             sim_r = self.similarity(z[k:], f[k:], offsets[1], cfg.sim_lambda)
-            ins = ocm_contrastive_loss(sim_r, self.rotation_labels(soft), cfg.ins_temperature, exclude_self=False) \
-                + ocm_contrastive_loss(sim, self.rotation_labels(y), cfg.ins_temperature, exclude_self=True)
+            ins = ocm_nt_xent_buffer(sim_r.float(), self.view_labels(soft), cfg.ins_temperature) \
+                + ocm_nt_xent_new(sim.float(), self.view_labels(y), cfg.ins_temperature)
             logits_ce = self.forward_float(self.augment(x_mix))
             ope_seen = self.seen_prototypes(xm, ym)
             ope_new = prototype_loss(z[:n], z[16 * n:17 * n], y, self.num_classes, cfg.proto_temperature)[0]

@@ -1,8 +1,8 @@
 """OnPro's losses (Wei et al., ICCV 2023, "Online Prototype Learning for Online Continual Learning"), as its
 official code computes them, batched and free of host/device synchronisation.
 
-- `ocm_contrastive_loss`: the instance-wise supervised contrastive loss OnPro inherits from OCM, on a
-  similarity matrix over [views; augmented views] (rows i and i + B are the two views of one image).
+- The instance-wise supervised contrastive loss OnPro inherits from OCM is OCM's (`cil.core.objectives.ocm`:
+  `ocm_nt_xent_new` on the incoming batch, `ocm_nt_xent_buffer` on the replayed one).
 - `prototype_loss`: Online Prototype Equilibrium (OPE): per class present in a batch, the prototype of each
   view is the mean of the (L2-normalised) projections of its samples; the two views' normalised prototypes
   are contrasted, the same class's prototype in the other view being the only positive.
@@ -14,39 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ocm_contrastive_loss", "class_prototypes", "prototype_loss", "mixup_cross_entropy"]
-
-EPS = 1e-8  # the official code's epsilon inside -log(p + eps) and in the positive-mask normalisation
-
-
-def ocm_contrastive_loss(sim: Tensor, labels: Tensor, temperature: float, exclude_self: bool) -> Tensor:
-    """OCM's supervised NT-Xent on ``sim`` [2B, 2B] (rows/columns: B views, then their B augmented views;
-    ``labels`` [B], repeated for the second half; any dtype, compared with ``==``).
-
-    p_ij = exp(s_ij / T) / (sum_k exp(s_ik / T) + eps), with the self-similarity removed from numerator and
-    denominator when ``exclude_self``; l_ij = -log(p_ij + eps). With M_ij = [y_i = y_j] / (|{j: y_i = y_j}| + eps)
-    (the diagonal included):
-    - ``exclude_self`` (the incoming batch's loss): (sum_i l_{i, i+-B}) / 2B + 2 sum_ij M_ij l_ij / 2B;
-    - otherwise (the replayed batch's loss): sum_ij M_ij l_ij / 2B.
-    """
-    sim = sim.float()
-    rows = sim.shape[0]
-    half = rows // 2
-    shifted = sim - sim.max(dim=1, keepdim=True).values.detach()
-    e = torch.exp(shifted / temperature)
-    if exclude_self:
-        e = e * (1.0 - torch.eye(rows, dtype=e.dtype, device=e.device))
-    nll = -torch.log(e / (e.sum(dim=1, keepdim=True) + EPS) + EPS)
-    lab = torch.cat([labels, labels])
-    pos = (lab[:, None] == lab[None, :]).to(nll.dtype)
-    pos = pos / (pos.sum(dim=1, keepdim=True) + EPS)
-    supervised = (pos * nll).sum() / rows
-    if not exclude_self:
-        return supervised
-    idx = torch.arange(half, device=sim.device)
-    instance = (nll[idx, idx + half].sum() + nll[idx + half, idx].sum()) / rows
-    return instance + 2.0 * supervised
-
+__all__ = ["class_prototypes", "prototype_loss", "mixup_cross_entropy"]
 
 def class_prototypes(z: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     """(mean of the rows of ``z`` [N, D] per class [num_classes, D] (0 for absent classes), present bool
