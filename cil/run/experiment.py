@@ -34,6 +34,7 @@ from cil.run.config import validate
 from cil.schema import RunConfig
 from cil.run.determinism import enable_determinism
 from cil.run.folder import RunFolder
+from cil.run.machine import machine_info
 from cil.run.logger import RunLogger, save_diagnostics
 from cil.runfolder import RESULTS, read_json
 
@@ -286,6 +287,7 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: 
                 "wall_time_s": checkpointer.wall_time(),
                 "versions": {"cil": __version__, "torch": torch.__version__, "python": platform.python_version()},
                 "device": str(learner.device),
+                "machine": machine_info(),
                 "precision": learner.method.precision,  # what ran (precision=auto picks per machine)
             }
             try:

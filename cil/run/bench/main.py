@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cil.run.bench.contestants import CONTESTANTS, OURS
+from cil.run.machine import machine_info
 
 DEFAULT_BATCHES = {"mnist": 0, "cifar": 20}  # per task; 0 = the whole stream
 TEST_PER_CLASS = {"cifar": 200}  # untimed evaluations of a ResNet on a CPU are slow: 2000 test images suffice
@@ -199,25 +199,6 @@ def print_table(summary: dict) -> None:
           "(CPU) time\nover the (CPU) time inside the model's forward passes, backward and optimizer step, "
           "minus 1, from one extra\ninstrumented run (the timed runs carry no timers). 'last/1st': CPU time per "
           "sample of the last task over\nthe first task's (a slow-down over the stream shows as > 1).")
-
-
-def machine_info() -> dict:
-    import torch
-
-    cpu = ""
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    flags = ""
-    try:
-        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "amx": "amx_bf16" in flags,
-            "torch": torch.__version__, "python": platform.python_version(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
 
 def _write(args, runs: list, load_before: list, started: float) -> dict:
