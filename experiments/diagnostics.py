@@ -5,6 +5,8 @@
     python experiments/diagnostics.py overhead er 2   # off / accounting only / on, interleaved, 2 rounds
     python experiments/diagnostics.py overhead gsa 1 short   # off / on only
     python experiments/diagnostics.py micro er 6      # per-batch cost in one process, variants interleaved
+    python experiments/diagnostics.py rules-run [key=value ...]   # GSA under each balancing rule, diagnostics on
+    python experiments/diagnostics.py rules-plots [key=value ...]  # their weights and G+/G- (figure + table)
 
 Each run is an ordinary `python -m cil` call; extra `key=value` arguments go to every run (e.g. seed=1).
 """
@@ -23,10 +25,15 @@ BASE = ["experiment=split_mnist", "log.progress=false"]
 
 
 def cil(out: Path, *args: str) -> dict:
-    cmd = [sys.executable, "-m", "cil", *BASE, f"hydra.run.dir={out}", *args]
+    cmd = [sys.executable, "-m", "cil", *base_args(list(args)), f"hydra.run.dir={out}", *args]
     print("$ python -m cil " + " ".join(cmd[3:]), flush=True)
     subprocess.run(cmd, check=True)
     return json.loads((out / "results.json").read_text())
+
+
+def base_args(extra: list[str]) -> list[str]:
+    """BASE with an `experiment=` of `extra` in place of its own (Hydra refuses a key given twice)."""
+    return [a for a in BASE if not (a.startswith("experiment=") and any(e.startswith("experiment=") for e in extra))]
 
 
 def run(extra: list[str]) -> None:
@@ -160,6 +167,97 @@ def plots() -> None:
               f"{mean(e['grad_norm/replay'] for e in per_task):.3f} | {mean(e['grad_cos'] for e in per_task):.3f} |")
 
 
+RULES = ("cumulative", "constant", "ema", "task_reset", "window", "magnitude")
+
+
+def rules_dir(extra: list[str]) -> Path:
+    """outputs/diagnostics/rules/<the overrides>/: one folder per protocol, so MNIST and CIFAR runs coexist."""
+    tag = "_".join(a.replace("=", "-") for a in extra) or "default"
+    return RUNS / "rules" / tag
+
+
+def rules_run(extra: list[str]) -> None:
+    """GSA under each balancing rule (issue 18's evidence), diagnostics on; `extra` goes to every run
+    (default: Split MNIST, M = 500, seed 0)."""
+    for rule in RULES:
+        cil(rules_dir(extra) / rule, "method=gsa", f"method.balance={rule}", "diagnostics.enabled=true",
+            "diagnostics.every=50", "diagnostics.plots=false", *(extra or ["buffer.size=500"]))
+
+
+def _weights_by_group(metrics_csv: Path, class_task: list[int]) -> dict[str, list[tuple[int, int, float]]]:
+    """Mean logged weight (gsa/weight/<c>) of the old and of the current task's classes at every logging step."""
+    import csv
+    import re
+    from collections import defaultdict
+
+    groups: dict[tuple[int, int, str], list[float]] = defaultdict(list)
+    with open(metrics_csv, newline="") as f:
+        for r in csv.DictReader(f):
+            m = re.fullmatch(r"gsa/weight/(\d+)", r["key"])
+            if m and r["task"] not in ("", None):
+                step, task, c = int(r["step"]), int(r["task"]), int(m.group(1))
+                group = "new" if class_task[c] == task else "old"
+                groups[(step, task, group)].append(float(r["value"]))
+    out: dict[str, list[tuple[int, int, float]]] = {"old": [], "new": []}  # (step, task, mean weight)
+    for (step, task, group), values in sorted(groups.items()):
+        out[group].append((step, task, sum(values) / len(values)))
+    return out
+
+
+def rules_plots(extra: list[str]) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import matplotlib.pyplot as plt
+
+    from cil.analysis.diagnostics_plots import plot_group_ratios
+
+    folder = rules_dir(extra)
+    series = {r: json.loads((folder / r / "diagnostics.json").read_text()) for r in RULES}
+    results = {r: json.loads((folder / r / "results.json").read_text()) for r in RULES}
+    FIGS.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(2, len(RULES), figsize=(3.2 * len(RULES), 6.0), sharey="row", sharex=True)
+    weights = {}
+    for i, rule in enumerate(RULES):
+        weights[rule] = _weights_by_group(folder / rule / "metrics.csv", series[rule]["class_task"])
+        for group, colour in (("old", "tab:blue"), ("new", "tab:red")):
+            pts = weights[rule][group]
+            axes[0, i].plot([p[0] for p in pts], [p[2] for p in pts], color=colour, lw=1.0,
+                            label=f"{group} classes")
+        axes[0, i].axhline(1.0, color="k", lw=0.8, ls="--")
+        axes[0, i].set_title(f"{rule}: mean replay weight", fontsize=9)
+        axes[0, i].legend(fontsize=7)
+        plot_group_ratios(axes[1, i], series[rule], title=f"{rule}: recent G+/G-")
+    name = f"rules_{folder.name}.png"
+    save(fig, FIGS / name)
+
+    print("| rule | final avg acc % | forgetting % | old-class weight | new-class weight | new / replay term scale "
+          "| old-class G+/G- (mass / effective) | new-class G+/G- (mass / effective) | errors to a newer / older task % |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for rule in RULES:
+        per_task = [e for e in results[rule]["diagnostics"]["per_task"] if e["task"] >= 1]
+
+        def mean(values):
+            values = [v for v in values if v is not None]
+            return sum(values) / len(values) if values else float("nan")
+
+        def ratios(group):
+            return "/".join(f"{mean(e[f'{k}/all/{group}']['ratio'] for e in per_task):.3f}"
+                            for k in ("mass", "effective"))
+
+        def weight(group):  # over tasks 1.., where old classes exist
+            return mean(v for _, task, v in weights[rule][group] if task >= 1)
+
+        def scale(key):  # magnitude's term scales (1 under the other rules), over tasks 1..
+            rows = [ln.split(",") for ln in (folder / rule / "metrics.csv").read_text().splitlines()[1:]]
+            return mean(float(v) for _, task, k, v in rows if k == f"balance/{key}" and task and int(task) >= 1)
+
+        r = results[rule]
+        err = r.get("errors") or {}
+        scales = "1 / 1" if rule != "magnitude" else f"{scale('new_scale'):.3f} / {scale('replay_scale'):.3f}"
+        print(f"| {rule} | {r['final_avg_acc']:.2f} | {r['avg_forgetting']:.2f} | {weight('old'):.3f} | "
+              f"{weight('new'):.3f} | {scales} | {ratios('old')} | {ratios('new')} | "
+              f"{err.get('to_newer_task', float('nan')):.2f} / {err.get('to_older_task', float('nan')):.2f} |")
+
+
 def save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=72)
@@ -167,11 +265,13 @@ def save(fig, path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("run", "plots", "overhead", "micro"):
+    modes = {"run": lambda: run(argv[1:]), "plots": plots, "overhead": lambda: overhead(argv[1:]),
+             "micro": lambda: micro(argv[1:]), "rules-run": lambda: rules_run(argv[1:]),
+             "rules-plots": lambda: rules_plots(argv[1:])}
+    if not argv or argv[0] not in modes:
         print(__doc__)
         return 2
-    {"run": lambda: run(argv[1:]), "plots": plots, "overhead": lambda: overhead(argv[1:]),
-     "micro": lambda: micro(argv[1:])}[argv[0]]()
+    modes[argv[0]]()
     return 0
 
 
