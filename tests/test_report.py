@@ -207,3 +207,17 @@ def test_runs_with_an_addon_are_their_own_rows_named_after_method_and_addon(tmp_
     assert set(by) == {"er", "er+mkd"}
     assert by["er"]["final_avg_acc_mean"] == pytest.approx(82.0) and by["er"]["n_seeds"] == 3
     assert by["er+mkd"]["final_avg_acc_mean"] == pytest.approx(91.0) and by["er+mkd"]["variant"] == ""
+
+
+def test_a_table_names_the_machines_its_runs_were_recorded_on(tmp_path):
+    s = tmp_path / "t"
+    for seed, cpu in enumerate(["AMD EPYC", "AMD EPYC", "Intel Xeon"]):
+        d = write_run(s, f"seed={seed}", 70.0, seed=seed)
+        res = json.loads((d / "results.json").read_text())
+        (d / "results.json").write_text(json.dumps({**res, "machine": {"cpu": cpu, "cuda": None}}))
+    write_run(s, "seed=3", 70.0, seed=3)  # recorded before results.json had `machine`
+    md = tmp_path / "RESULTS.md"
+    md.write_text("<!-- cil.report:begin t -->\n<!-- cil.report:end t -->\n")
+    report.update_results_md(md, report.collect_sections([s]), {"t": {"title": "T"}}, "cil report")
+    assert "Machines: AMD EPYC (2), Intel Xeon (1), not recorded (1)." in md.read_text()
+    assert report.machines_note([report.load_run(s / "seed=3")]) == ""

@@ -83,6 +83,23 @@ class Run:
         return self.config.get("seed")
 
 
+def machines_note(runs: list[Run]) -> str:
+    """" Machines: <cpu> (n runs), ..." from results.json `machine` (floats repeat bit for bit on one CPU type
+    only, so a table mixing machines says so); "" when no run records one."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        cpu = ((r.results or {}).get("machine") or {}).get("cpu")
+        cuda = ((r.results or {}).get("machine") or {}).get("cuda")
+        if cpu:
+            name = f"{cpu} + {cuda}" if cuda and (r.results or {}).get("device", "").startswith("cuda") else cpu
+            counts[name] = counts.get(name, 0) + 1
+    if not counts:
+        return ""
+    unknown = sum(r.status == "complete" for r in runs) - sum(counts.values())
+    parts = [f"{k} ({v})" for k, v in sorted(counts.items())] + ([f"not recorded ({unknown})"] if unknown else [])
+    return " Machines: " + ", ".join(parts) + "."
+
+
 def load_run(run_dir: Path) -> Run:
     status = run_status(run_dir)
     if status == "complete":
@@ -418,7 +435,7 @@ def table_block(name: str, spec: dict, section: Optional[Section]) -> str:
         rows = summary_rows(section, paper)
         n = {s: sum(r.status == s for r in runs) for s in ("complete", "failed", "incomplete")}
         lines += ["", f"{len(runs)} run(s): {n['complete']} complete, {n['failed']} failed, {n['incomplete']} "
-                      "incomplete. Mean ± sample std over seeds.", "",
+                      f"incomplete. Mean ± sample std over seeds.{machines_note(runs)}", "",
                   markdown_table(rows, paper_header=paper.get("header", "paper") if paper else None)]
         if paper and paper.get("source"):
             lines += ["", f"Paper column: {paper['source'].rstrip('. ')}."]
