@@ -170,10 +170,12 @@ def plots() -> None:
 RULES = ("cumulative", "constant", "ema", "task_reset", "window", "magnitude")
 
 
+RULES_DEFAULT = ["experiment=split_mnist", "buffer.size=500"]
+
+
 def rules_dir(extra: list[str]) -> Path:
     """outputs/diagnostics/rules/<the overrides>/: one folder per protocol, so MNIST and CIFAR runs coexist."""
-    tag = "_".join(a.replace("=", "-") for a in extra) or "default"
-    return RUNS / "rules" / tag
+    return RUNS / "rules" / "_".join(a.replace("=", "-") for a in (extra or RULES_DEFAULT))
 
 
 def rules_run(extra: list[str]) -> None:
@@ -181,7 +183,7 @@ def rules_run(extra: list[str]) -> None:
     (default: Split MNIST, M = 500, seed 0)."""
     for rule in RULES:
         cil(rules_dir(extra) / rule, "method=gsa", f"method.balance={rule}", "diagnostics.enabled=true",
-            "diagnostics.every=50", "diagnostics.plots=false", *(extra or ["buffer.size=500"]))
+            "diagnostics.every=50", "diagnostics.plots=false", *(extra or RULES_DEFAULT))
 
 
 def _weights_by_group(metrics_csv: Path, class_task: list[int]) -> dict[str, list[tuple[int, int, float]]]:
