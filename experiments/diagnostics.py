@@ -7,6 +7,8 @@
     python experiments/diagnostics.py micro er 6      # per-batch cost in one process, variants interleaved
     python experiments/diagnostics.py rules-run [key=value ...]   # GSA under each balancing rule, diagnostics on
     python experiments/diagnostics.py rules-plots [key=value ...]  # their weights and G+/G- (figure + table)
+    python experiments/diagnostics.py rules-plots SWEEP_DIR seed=0 buffer.size=1000   # the same from a sweep's
+                                                 # runs with diagnostics on (e.g. split_cifar10_jpeg_balance)
 
 Each run is an ordinary `python -m cil` call; extra `key=value` arguments go to every run (e.g. seed=1).
 """
@@ -206,20 +208,44 @@ def _weights_by_group(metrics_csv: Path, class_task: list[int]) -> dict[str, lis
     return out
 
 
+def sweep_runs_by_rule(sweep: Path, filters: list[str]) -> dict[str, Path]:
+    """{rule: the complete GSA run of `sweep` with that method.balance and every key=value of `filters`}."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from cil.analysis.report import flatten
+
+    wanted = dict(f.split("=", 1) for f in filters)
+    found: dict[str, Path] = {}
+    for res in sorted(sweep.glob("*/results.json")):
+        r = json.loads(res.read_text())
+        flat = {k: str(v) for k, v in flatten(r.get("config") or {}).items()}
+        if r.get("status") == "complete" and flat.get("method.name") == "gsa" and \
+                all(flat.get(k) == v for k, v in wanted.items()) and (res.parent / "diagnostics.json").exists():
+            found.setdefault(flat.get("method.balance", "cumulative"), res.parent)
+    missing = [r for r in RULES if r not in found]
+    if missing:
+        raise SystemExit(f"{sweep}: no complete GSA run with diagnostics for rule(s) {missing} matching {filters}")
+    return found
+
+
 def rules_plots(extra: list[str]) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import matplotlib.pyplot as plt
 
     from cil.analysis.diagnostics_plots import plot_group_ratios
 
-    folder = rules_dir(extra)
-    series = {r: json.loads((folder / r / "diagnostics.json").read_text()) for r in RULES}
-    results = {r: json.loads((folder / r / "results.json").read_text()) for r in RULES}
+    if extra and Path(extra[0]).is_dir():  # a sweep folder: one GSA run per rule matching the key=value filters
+        runs = sweep_runs_by_rule(Path(extra[0]), extra[1:])
+        tag = "_".join([Path(extra[0]).name] + [a.replace("=", "-") for a in extra[1:]])
+    else:
+        runs = {r: rules_dir(extra) / r for r in RULES}
+        tag = rules_dir(extra).name
+    series = {r: json.loads((runs[r] / "diagnostics.json").read_text()) for r in RULES}
+    results = {r: json.loads((runs[r] / "results.json").read_text()) for r in RULES}
     FIGS.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(2, len(RULES), figsize=(3.2 * len(RULES), 6.0), sharey="row", sharex=True)
     weights = {}
     for i, rule in enumerate(RULES):
-        weights[rule] = _weights_by_group(folder / rule / "metrics.csv", series[rule]["class_task"])
+        weights[rule] = _weights_by_group(runs[rule] / "metrics.csv", series[rule]["class_task"])
         for group, colour in (("old", "tab:blue"), ("new", "tab:red")):
             pts = weights[rule][group]
             axes[0, i].plot([p[0] for p in pts], [p[2] for p in pts], color=colour, lw=1.0,
@@ -228,7 +254,7 @@ def rules_plots(extra: list[str]) -> None:
         axes[0, i].set_title(f"{rule}: mean replay weight", fontsize=9)
         axes[0, i].legend(fontsize=7)
         plot_group_ratios(axes[1, i], series[rule], title=f"{rule}: recent G+/G-")
-    name = f"rules_{folder.name}.png"
+    name = f"rules_{tag}.png"
     save(fig, FIGS / name)
 
     print("| rule | final avg acc % | forgetting % | old-class weight | new-class weight | new / replay term scale "
@@ -249,7 +275,7 @@ def rules_plots(extra: list[str]) -> None:
             return mean(v for _, task, v in weights[rule][group] if task >= 1)
 
         def scale(key):  # magnitude's term scales (1 under the other rules), over tasks 1..
-            rows = [ln.split(",") for ln in (folder / rule / "metrics.csv").read_text().splitlines()[1:]]
+            rows = [ln.split(",") for ln in (runs[rule] / "metrics.csv").read_text().splitlines()[1:]]
             return mean(float(v) for _, task, k, v in rows if k == f"balance/{key}" and task and int(task) >= 1)
 
         r = results[rule]
