@@ -154,18 +154,10 @@ def plots() -> None:
     for m in METHODS:
         per_task = [e for e in results[m]["diagnostics"]["per_task"] if e["task"] >= 1]  # tasks with old classes
 
-        def mean(values):
-            values = [v for v in values if v is not None]
-            return sum(values) / len(values) if values else float("nan")
-
-        def ratios(group):
-            return "/".join(f"{mean(e[f'{k}/all/{group}']['ratio'] for e in per_task):.3f}"
-                            for k in ("mass", "effective"))
-
         share = mean(e["mass/new/old"]["neg"] / e["mass/all/old"]["neg"] for e in per_task)
         r = results[m]
         print(f"| {LABELS[m]} | {r['final_avg_acc']:.2f} | {r['avg_forgetting']:.2f} | {share:.2f} "
-              f"| {ratios('old')} | {ratios('new')} | {mean(e['grad_norm/new'] for e in per_task):.3f} / "
+              f"| {ratios(per_task, 'old')} | {ratios(per_task, 'new')} | {mean(e['grad_norm/new'] for e in per_task):.3f} / "
               f"{mean(e['grad_norm/replay'] for e in per_task):.3f} | {mean(e['grad_cos'] for e in per_task):.3f} |")
 
 
@@ -263,14 +255,6 @@ def rules_plots(extra: list[str]) -> None:
     for rule in RULES:
         per_task = [e for e in results[rule]["diagnostics"]["per_task"] if e["task"] >= 1]
 
-        def mean(values):
-            values = [v for v in values if v is not None]
-            return sum(values) / len(values) if values else float("nan")
-
-        def ratios(group):
-            return "/".join(f"{mean(e[f'{k}/all/{group}']['ratio'] for e in per_task):.3f}"
-                            for k in ("mass", "effective"))
-
         def weight(group):  # over tasks 1.., where old classes exist
             return mean(v for _, task, v in weights[rule][group] if task >= 1)
 
@@ -282,8 +266,18 @@ def rules_plots(extra: list[str]) -> None:
         err = r.get("errors") or {}
         scales = "1 / 1" if rule != "magnitude" else f"{scale('new_scale'):.3f} / {scale('replay_scale'):.3f}"
         print(f"| {rule} | {r['final_avg_acc']:.2f} | {r['avg_forgetting']:.2f} | {weight('old'):.3f} | "
-              f"{weight('new'):.3f} | {scales} | {ratios('old')} | {ratios('new')} | "
+              f"{weight('new'):.3f} | {scales} | {ratios(per_task, 'old')} | {ratios(per_task, 'new')} | "
               f"{err.get('to_newer_task', float('nan')):.2f} / {err.get('to_older_task', float('nan')):.2f} |")
+
+
+def mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def ratios(per_task: list[dict], group: str) -> str:
+    """"mass/effective" G+/G- of a class group, averaged over the given task intervals."""
+    return "/".join(f"{mean(e[f'{k}/all/{group}']['ratio'] for e in per_task):.3f}" for k in ("mass", "effective"))
 
 
 def save(fig, path: Path) -> None:
