@@ -213,10 +213,9 @@ def sweep_runs_by_rule(sweep: Path, filters: list[str]) -> dict[str, Path]:
         if r.get("status") == "complete" and flat.get("method.name") == "gsa" and \
                 all(flat.get(k) == v for k, v in wanted.items()) and (res.parent / "diagnostics.json").exists():
             found.setdefault(flat.get("method.balance", "cumulative"), res.parent)
-    missing = [r for r in RULES if r not in found]
-    if missing:
-        raise SystemExit(f"{sweep}: no complete GSA run with diagnostics for rule(s) {missing} matching {filters}")
-    return found
+    if not found:
+        raise SystemExit(f"{sweep}: no complete GSA run with diagnostics matching {filters}")
+    return {r: found[r] for r in RULES if r in found}  # the rules run so far, in RULES order
 
 
 def rules_plots(extra: list[str]) -> None:
@@ -231,12 +230,14 @@ def rules_plots(extra: list[str]) -> None:
     else:
         runs = {r: rules_dir(extra) / r for r in RULES}
         tag = rules_dir(extra).name
-    series = {r: json.loads((runs[r] / "diagnostics.json").read_text()) for r in RULES}
-    results = {r: json.loads((runs[r] / "results.json").read_text()) for r in RULES}
+    rules = list(runs)
+    series = {r: json.loads((runs[r] / "diagnostics.json").read_text()) for r in rules}
+    results = {r: json.loads((runs[r] / "results.json").read_text()) for r in rules}
     FIGS.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(2, len(RULES), figsize=(3.2 * len(RULES), 6.0), sharey="row", sharex=True)
+    fig, axes = plt.subplots(2, len(rules), figsize=(3.2 * max(len(rules), 2), 6.0), sharey="row", sharex=True,
+                             squeeze=False)
     weights = {}
-    for i, rule in enumerate(RULES):
+    for i, rule in enumerate(rules):
         weights[rule] = _weights_by_group(runs[rule] / "metrics.csv", series[rule]["class_task"])
         for group, colour in (("old", "tab:blue"), ("new", "tab:red")):
             pts = weights[rule][group]
@@ -252,7 +253,7 @@ def rules_plots(extra: list[str]) -> None:
     print("| rule | final avg acc % | forgetting % | old-class weight | new-class weight | new / replay term scale "
           "| old-class G+/G- (mass / effective) | new-class G+/G- (mass / effective) | errors to a newer / older task % |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for rule in RULES:
+    for rule in rules:
         per_task = [e for e in results[rule]["diagnostics"]["per_task"] if e["task"] >= 1]
 
         def weight(group):  # over tasks 1.., where old classes exist
