@@ -90,3 +90,33 @@ def test_slurm_launcher_config_composes(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "submitit_launcher.SlurmLauncher" in proc.stdout and "partition: gpu" in proc.stdout
     assert "timeout_min: 240" in proc.stdout and "submitit_folder: ${hydra.sweep.dir}/.submitit/%j" in proc.stdout
+
+
+def test_a_folder_name_past_the_file_name_limit_is_shortened_stably(tmp_path):
+    """A job whose overrides make a folder name longer than one file name may be (255 bytes) gets its head and a
+    hash of the whole name, the same on every launch, so the run completes and a re-launch skips it (before, the
+    job's folder could not be created and the joblib launcher stopped the whole sweep)."""
+    sep = "_is_set_to_the_value_" * 2  # Hydra's key/value separator, long enough to push the name past 255 bytes
+    args = ("method=er", "seed=0", f"hydra.job.config.override_dirname.kv_sep={sep}")
+    proc, sweep = multirun(tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [(name, run)] = run_dirs(sweep).items()
+    full = sep.join(["buffer.size", "100"])  # the name Hydra composes starts so; ours keeps whole overrides of it
+    assert name.startswith(full) and ",hash=" in name and len(name.encode()) <= 255
+    assert_complete(run, 0)
+    proc2, _ = multirun(tmp_path, *args, sweep_dir=sweep)
+    assert proc2.returncode == 0 and f"skipped (already complete): {run}" in proc2.stdout
+    assert list(run_dirs(sweep)) == [name]
+
+
+def test_run_dirname_keeps_names_that_fit_and_cuts_at_an_override():
+    from cil.run.sweep import run_dirname
+
+    fits = "a=1,b=2"
+    assert run_dirname(fits) is fits and run_dirname("x" * 255) == "x" * 255
+    long = ",".join(f"key{i}=value{i}" for i in range(40))
+    short = run_dirname(long)
+    assert len(short.encode()) <= 255 and short == run_dirname(long)
+    head, digest = short.rsplit(",hash=", 1)
+    assert long.startswith(head + ",") and len(digest) == 12  # whole overrides, then the hash
+    assert run_dirname(long.replace("value39", "other")) != short  # a different tail, a different folder

@@ -31,6 +31,7 @@ from cil.run.config import method_defaults
 from cil.schema import RunConfig
 from cil.run.config_errors import describe, unknown_keys
 from cil.run.folder import LOCK
+from cil.run.sweep import run_dirname
 
 log = logging.getLogger("cil")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -49,6 +50,10 @@ def register_schemas() -> None:
 
 
 register_schemas()
+# hydra.sweep.subdir: a job's folder name within the file-name limit (cil.run.sweep.run_dirname); also registered
+# in launcher workers, which import this module to run the job
+if not OmegaConf.has_resolver("cil_dirname"):
+    OmegaConf.register_new_resolver("cil_dirname", run_dirname)
 
 
 def _tidy_failed_run(out_dir: Path) -> None:

@@ -23,6 +23,24 @@ from cil.runfolder import FAILED, RESULTS, find_run_dirs, read_json, run_status,
 log = logging.getLogger("cil")
 
 
+NAME_LIMIT = 255  # bytes in one file name on ext4, xfs, btrfs, tmpfs, Lustre, GPFS
+
+
+def run_dirname(override_dirname: str, limit: int = NAME_LIMIT) -> str:
+    """A sweep job's folder name: its `override_dirname` when that fits one file name, else its head cut at an
+    override boundary and a hash of the whole name (stable, so a re-launch finds the same folder; the full
+    overrides stay in the folder's .hydra/overrides.yaml and results.json). Names that fit are unchanged, so
+    folders recorded before this rule keep their names."""
+    import hashlib
+
+    if len(override_dirname.encode()) <= limit:
+        return override_dirname
+    digest = "hash=" + hashlib.sha1(override_dirname.encode()).hexdigest()[:12]
+    head = override_dirname.encode()[:limit - len(digest) - 1].decode(errors="ignore")
+    head = head[:head.rfind(",")] if "," in head else head  # whole overrides only
+    return f"{head},{digest}"
+
+
 def write_failure(run_dir: Path, err: BaseException, config: Optional[dict], overrides: list[str]) -> Path:
     path = Path(run_dir) / FAILED
     write_json_atomic(path, {
