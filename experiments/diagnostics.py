@@ -180,20 +180,18 @@ def rules_run(extra: list[str]) -> None:
             "diagnostics.every=50", "diagnostics.plots=false", *(extra or RULES_DEFAULT))
 
 
-def _weights_by_group(metrics_csv: Path, class_task: list[int]) -> dict[str, list[tuple[int, int, float]]]:
-    """Mean logged weight (gsa/weight/<c>) of the old and of the current task's classes at every logging step."""
-    import csv
+def _weights_by_group(rows: list, class_task: list[int]) -> dict[str, list[tuple[int, int, float]]]:
+    """Mean logged weight (gsa/weight/<c>) of the old and of the current task's classes at every logging step,
+    from metrics.csv rows (cil.analysis.plots.read_metrics)."""
     import re
     from collections import defaultdict
 
     groups: dict[tuple[int, int, str], list[float]] = defaultdict(list)
-    with open(metrics_csv, newline="") as f:
-        for r in csv.DictReader(f):
-            m = re.fullmatch(r"gsa/weight/(\d+)", r["key"])
-            if m and r["task"] not in ("", None):
-                step, task, c = int(r["step"]), int(r["task"]), int(m.group(1))
-                group = "new" if class_task[c] == task else "old"
-                groups[(step, task, group)].append(float(r["value"]))
+    for step, task, key, value in rows:
+        m = re.fullmatch(r"gsa/weight/(\d+)", key)
+        if m and task is not None:
+            group = "new" if class_task[int(m.group(1))] == task else "old"
+            groups[(step, task, group)].append(value)
     out: dict[str, list[tuple[int, int, float]]] = {"old": [], "new": []}  # (step, task, mean weight)
     for (step, task, group), values in sorted(groups.items()):
         out[group].append((step, task, sum(values) / len(values)))
@@ -223,6 +221,7 @@ def rules_plots(extra: list[str]) -> None:
     import matplotlib.pyplot as plt
 
     from cil.analysis.diagnostics_plots import plot_group_ratios
+    from cil.analysis.plots import read_metrics
 
     if extra and Path(extra[0]).is_dir():  # a sweep folder: one GSA run per rule matching the key=value filters
         runs = sweep_runs_by_rule(Path(extra[0]), extra[1:])
@@ -233,12 +232,13 @@ def rules_plots(extra: list[str]) -> None:
     rules = list(runs)
     series = {r: json.loads((runs[r] / "diagnostics.json").read_text()) for r in rules}
     results = {r: json.loads((runs[r] / "results.json").read_text()) for r in rules}
+    metrics = {r: read_metrics(runs[r] / "metrics.csv") for r in rules}
     FIGS.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(2, len(rules), figsize=(3.2 * max(len(rules), 2), 6.0), sharey="row", sharex=True,
                              squeeze=False)
     weights = {}
     for i, rule in enumerate(rules):
-        weights[rule] = _weights_by_group(runs[rule] / "metrics.csv", series[rule]["class_task"])
+        weights[rule] = _weights_by_group(metrics[rule], series[rule]["class_task"])
         for group, colour in (("old", "tab:blue"), ("new", "tab:red")):
             pts = weights[rule][group]
             axes[0, i].plot([p[0] for p in pts], [p[2] for p in pts], color=colour, lw=1.0,
@@ -260,8 +260,7 @@ def rules_plots(extra: list[str]) -> None:
             return mean(v for _, task, v in weights[rule][group] if task >= 1)
 
         def scale(key):  # magnitude's term scales (1 under the other rules), over tasks 1..
-            rows = [ln.split(",") for ln in (runs[rule] / "metrics.csv").read_text().splitlines()[1:]]
-            return mean(float(v) for _, task, k, v in rows if k == f"balance/{key}" and task and int(task) >= 1)
+            return mean(v for _, task, k, v in metrics[rule] if k == f"balance/{key}" and task is not None and task >= 1)
 
         r = results[rule]
         err = r.get("errors") or {}

@@ -88,10 +88,11 @@ def machines_note(runs: list[Run]) -> str:
     only, so a table mixing machines says so); "" when no run records one."""
     counts: dict[str, int] = {}
     for r in runs:
-        cpu = ((r.results or {}).get("machine") or {}).get("cpu")
-        cuda = ((r.results or {}).get("machine") or {}).get("cuda")
-        if cpu:
-            name = f"{cpu} + {cuda}" if cuda and (r.results or {}).get("device", "").startswith("cuda") else cpu
+        res = r.results or {}
+        machine = res.get("machine") or {}
+        if machine.get("cpu"):
+            on_gpu = machine.get("cuda") and str(res.get("device", "")).startswith("cuda")
+            name = f"{machine['cpu']} + {machine['cuda']}" if on_gpu else machine["cpu"]
             counts[name] = counts.get(name, 0) + 1
     if not counts:
         return ""

@@ -11,6 +11,7 @@ Nothing here imports hydra (`cil.run.cli` is the only module that does); the cal
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import time
@@ -31,8 +32,6 @@ def run_dirname(override_dirname: str, limit: int = NAME_LIMIT) -> str:
     override boundary and a hash of the whole name (stable, so a re-launch finds the same folder; the full
     overrides stay in the folder's .hydra/overrides.yaml and results.json). Names that fit are unchanged, so
     folders recorded before this rule keep their names."""
-    import hashlib
-
     if len(override_dirname.encode()) <= limit:
         return override_dirname
     digest = "hash=" + hashlib.sha1(override_dirname.encode()).hexdigest()[:12]

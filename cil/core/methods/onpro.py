@@ -216,12 +216,9 @@ class OnPro(Method):
         fs = F.normalize(f.float(), dim=1).index_select(1, cols)
         return scale * (z @ fs.t()) + scale * (z @ z.t())
 
-    def rotation_labels(self, y: Tensor) -> Tensor:
-        return torch.cat([y + self.num_classes * k for k in range(ROTATIONS)])
-
     def view_labels(self, y: Tensor) -> Tensor:
-        """The rotation labels of the rows of [rotations; their augmented views]."""
-        labels = self.rotation_labels(y)
+        """Labels of the rows of [rotation views; their augmented views]: class + num_classes x rotation index."""
+        labels = torch.cat([y + self.num_classes * k for k in range(ROTATIONS)])
         return torch.cat([labels, labels])
 
     def seen_prototypes(self, x: Tensor, y: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 __all__ = ["class_prototypes", "prototype_loss", "mixup_cross_entropy"]
 
+
 def class_prototypes(z: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     """(mean of the rows of ``z`` [N, D] per class [num_classes, D] (0 for absent classes), present bool
     [num_classes])."""
