@@ -6,7 +6,7 @@
 
 A config is given as a dict (nested, or with dotted keys: {"buffer.size": 200}), as Hydra override strings
 (["method=gsa", "buffer.size=200"]) or both; config groups (dataset, model, method, optimizer, addon, experiment)
-take an option's name. It is composed from cil/conf/ and checked exactly as on the command line, so a wrong key or
+take an option's name. It is composed from conf/ and checked exactly as on the command line, so a wrong key or
 value raises one ConfigError naming it. docs/api.md has the examples (run by tests/test_docs.py).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cil.core.learner import Learner
 from cil.errors import ConfigError
-from cil.run.cli import CONF_DIR
+from cil.run.config_dir import CONF_DIR
 from cil.run.config_errors import describe, unknown_keys
 from cil.run.experiment import build_learner, run_experiment
 from cil.schema import RunConfig
@@ -76,7 +76,7 @@ def overrides(cfg: Config = None) -> list[str]:
 
 
 def config(cfg: Config = None) -> RunConfig:
-    """The typed run config: cil/conf/ composed with `cfg`, checked like the command line's."""
+    """The typed run config: conf/ composed with `cfg`, checked like the command line's."""
     if isinstance(cfg, RunConfig):
         return cfg
     args = overrides(cfg)

@@ -1,6 +1,6 @@
 """The run's typed config: one plain dataclass per config group (no torch, no hydra).
 
-It is the Hydra schema of `cil/conf/` (so a wrong type or an unknown key fails at start with the key named) and
+It is the Hydra schema of `conf/` (so a wrong type or an unknown key fails at start with the key named) and
 the format of the `config` that every results.json records, so both the runner and the analysis read it. The
 `method` group's schema is each method's own config dataclass, declared in its module (cil.core.methods.<name>,
 cil.avalanche.peers). Ranges and combinations are checked by cil.run.config.validate.

@@ -1,4 +1,4 @@
-"""A regular (non-editable) install works from any folder: the configs ship inside the package.
+"""A regular (non-editable) install works from any folder: the top-level conf/ ships inside the package.
 
 The project is built and installed with pip into a fresh virtual environment whose only other packages are this
 checkout's dependencies (made visible through a .pth file, so nothing is downloaded); then `cil --help`, the
@@ -28,8 +28,9 @@ def test_regular_install_runs_from_an_unrelated_folder(tmp_path):
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     source = tmp_path / "source"  # a copy: building in the checkout would leave build/ there
-    shutil.copytree(REPO / "cil", source / "cil", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
+    for folder in ("cil", "conf", "hydra_plugins"):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(REPO / name, source / name)
     install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                               "--ignore-installed", "--no-index", str(source)],
@@ -45,8 +46,10 @@ def test_regular_install_runs_from_an_unrelated_folder(tmp_path):
         return proc.stdout
 
     where = run(str(python), "-c", "import cil, cil.run.cli; print(cil.__file__); print(cil.run.cli.CONF_DIR)")
+    assert where.split()[1] == str(site / "cil" / "conf"), where
     assert all(line.startswith(str(site)) for line in where.split()), where  # the installed copy, not the checkout
-    assert "method: " in run(str(venv / "bin" / "cil"), "--help")
+    usage = run(str(venv / "bin" / "cil"), "--help")
+    assert "method: " in usage and "gsa_cifar100" in usage and "split_cifar10_jpeg_native" in usage  # conf/ groups
     job = run(str(python), "-m", "cil", "experiment=gsa_cifar100", "--cfg", "job")
     assert "name: cifar100" in job and "name: gsa" in job and "replay_batch_size: 64" in job
     run(str(python), "-m", "cil", "dataset=digits", "method=er", "buffer.size=50", "log.progress=false",

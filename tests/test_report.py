@@ -143,7 +143,7 @@ def test_repository_tables_match_the_sweep_configs():
     tables = report.load_tables(REPO / "experiments" / "tables.yaml")
     assert {"split_mnist_er", "split_mnist_methods", "split_fashion_mnist_methods",
             "split_cifar10_jpeg_500pc"} <= set(tables)
-    conf = REPO / "cil" / "conf" / "sweep"
+    conf = REPO / "conf" / "sweep"
     for name in tables:
         sweep_cfg = yaml.safe_load((conf / f"{name}.yaml").read_text())
         assert sweep_cfg["hydra"]["sweep"]["dir"] == f"experiments/runs/{name}"

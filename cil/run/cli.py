@@ -1,6 +1,6 @@
 """`python -m cil` / `cil`: the command line (the only module that imports hydra).
 
-`cil <overrides>` runs an experiment: Hydra composes cil/conf/ against the typed schema (cil.run.config, and for
+`cil <overrides>` runs an experiment: Hydra composes conf/ against the typed schema (cil.run.config, and for
 the `method` group each method's own config dataclass), so wrong types and unknown keys fail here, naming the
 key; then `run_experiment` does the work in the Hydra run directory. `cil report|plots|bench|gpu-check|demo ...` run the
 other tools (a Hydra override always holds `=`, so a bare word is never one).
@@ -28,13 +28,13 @@ from cil.core.methods import METHODS
 from cil.errors import EXIT_PREEMPTED, CilError, Preempted
 from cil.run.checkpoint import note_stop
 from cil.run.config import method_defaults
+from cil.run.config_dir import CONF_DIR
 from cil.schema import RunConfig
 from cil.run.config_errors import describe, unknown_keys
 from cil.run.folder import LOCK
 from cil.run.sweep import run_dirname
 
 log = logging.getLogger("cil")
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 

@@ -35,7 +35,7 @@ def method_defaults(name: str):
 
 
 def default_config(method: str = "er", **sections) -> RunConfig:
-    """The built-in defaults (cil/conf/config.yaml with no protocol) with method `method`'s own; `sections`
+    """The built-in defaults (conf/config.yaml with no protocol) with method `method`'s own; `sections`
     replace whole groups, e.g. default_config("gsa", dataset=DatasetConfig(name="digits"))."""
     return RunConfig(method=method_defaults(method), **sections)
 

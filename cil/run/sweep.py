@@ -2,7 +2,7 @@
 
 A run folder is complete when its `results.json` says `"status": "complete"`; a job whose folder is complete is
 skipped, so re-launching a sweep into the same `hydra.sweep.dir` runs only what is missing or failed (the run
-folder name is `hydra.job.override_dirname`, a function of the job's overrides alone: see cil/conf/config.yaml).
+folder name is `hydra.job.override_dirname`, a function of the job's overrides alone: see conf/config.yaml).
 A job that raises writes `failed.json` (error, traceback, config) and returns instead of raising, so one failed
 run never stops the others; `SweepSummary` (a Hydra callback) prints what the sweep folder holds at the end and
 makes the command exit 1 when a run failed.

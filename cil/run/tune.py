@@ -3,7 +3,7 @@ several seeds, in one command.
 
     python -m cil tune search=gsa experiment=split_mnist [--trials 20] [--seeds 0,1,2] [--dir DIR] [overrides]
 
-1. Search: the search space `search=<name>` (cil/conf/search/<name>.yaml: Hydra's Optuna sweeper, its parameter
+1. Search: the search space `search=<name>` (conf/search/<name>.yaml: Hydra's Optuna sweeper, its parameter
    ranges, eval.split=validation) runs as a Hydra multirun into DIR/search. Every trial trains on the training set
    minus a held-out 10 % of every class and is scored on that 10 % (final average accuracy); the test set is
    dropped before a trial's stream is built (cil.core.data.holdout_validation), and the command line refuses a
@@ -25,10 +25,11 @@ from typing import Callable, Optional
 
 import yaml
 
+from cil.run.config_dir import CONF_DIR
 from cil.runfolder import RESULTS, read_json, write_json_atomic
 
 TUNE_FILE = "tune.json"
-SEARCH_SPACES = Path(__file__).resolve().parents[1] / "conf" / "search"
+SEARCH_SPACES = Path(CONF_DIR) / "search"
 SEARCH_DIR, FINAL_DIR = "search", "final"
 # Overrides that belong to the search only: the final runs drop them.
 SEARCH_ONLY = ("search=", "hydra/sweeper=", "hydra.sweeper.", "eval.split=", "eval.validation_fraction=", "seed=",
@@ -68,7 +69,7 @@ def main(argv: list[str], run_hydra: Callable[[list[str]], int]) -> int:
         p.error(f"unknown option(s) {' '.join(flags)}; Hydra overrides take the form key=value")
     search = next((o.split("=", 1)[1] for o in overrides if o.startswith("search=")), None)
     if not search:
-        print("error: cil tune needs a search space: search=<name> (cil/conf/search/: "
+        print("error: cil tune needs a search space: search=<name> (conf/search/: "
               f"{', '.join(sorted(s.stem for s in SEARCH_SPACES.glob('*.yaml')))})", file=sys.stderr)
         return 2
     if args.trials is not None and args.trials < 1:

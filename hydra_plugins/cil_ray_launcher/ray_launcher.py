@@ -47,7 +47,7 @@ class CilRayLauncherConf:
     max_retries: int = 0  # Ray re-runs a job whose worker died this many times (a rerun resumes its checkpoint)
 
 
-# A distinct name: cil/conf/hydra/launcher/ray.yaml selects it, so hydra/launcher=ray stays cil's even where
+# A distinct name: conf/hydra/launcher/ray.yaml selects it, so hydra/launcher=ray stays cil's even where
 # another package registers a launcher called `ray`.
 ConfigStore.instance().store(group="hydra/launcher", name="cil_ray", node=CilRayLauncherConf,
                              provider="cil_ray_launcher")
