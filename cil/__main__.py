@@ -1,4 +1,5 @@
 """`python -m cil`: the command line (cil.run.cli)."""
+
 from cil.run.cli import cli
 
 if __name__ == "__main__":

@@ -9,13 +9,15 @@ A config is given as a dict (nested, or with dotted keys: {"buffer.size": 200}),
 take an option's name. It is composed from conf/ and checked exactly as on the command line, so a wrong key or
 value raises one ConfigError naming it. docs/api.md has the examples (run by tests/test_docs.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import re
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Union
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -93,8 +95,11 @@ def config(cfg: Config = None) -> RunConfig:
 
 
 def _default_dir(cfg: RunConfig) -> Path:
-    return Path("outputs") / time.strftime("%Y-%m-%d") / (
-        f"{time.strftime('%H-%M-%S')}_{cfg.dataset.name}_{cfg.method.name}_m{cfg.buffer.size}_s{cfg.seed}")
+    return (
+        Path("outputs")
+        / time.strftime("%Y-%m-%d")
+        / (f"{time.strftime('%H-%M-%S')}_{cfg.dataset.name}_{cfg.method.name}_m{cfg.buffer.size}_s{cfg.seed}")
+    )
 
 
 def _record(out_dir: Path, cfg: RunConfig, args: list[str]) -> None:
@@ -105,18 +110,19 @@ def _record(out_dir: Path, cfg: RunConfig, args: list[str]) -> None:
     OmegaConf.save(OmegaConf.create(args), folder / "overrides.yaml")
 
 
-def run(cfg: Config = None, out_dir: Optional[Union[str, Path]] = None) -> dict:
+def run(cfg: Config = None, out_dir: str | Path | None = None) -> dict:
     """Run one experiment into `out_dir` (default outputs/<date>/<time>_<dataset>_<method>_m<M>_s<seed>) and return
     its results (results.json's content). As on the command line, a folder holding a checkpoint of the same config
     is resumed, and one holding the complete run just returns its results."""
     args = overrides(cfg) if not isinstance(cfg, RunConfig) else []
     run_cfg = config(cfg)
     out = Path(out_dir) if out_dir is not None else _default_dir(run_cfg)
-    return run_experiment(run_cfg, out, resolved_config=dataclasses.asdict(run_cfg),
-                          on_start=lambda: _record(out, run_cfg, args))
+    return run_experiment(
+        run_cfg, out, resolved_config=dataclasses.asdict(run_cfg), on_start=lambda: _record(out, run_cfg, args)
+    )
 
 
-def build(cfg: Config = None, out_dir: Optional[Union[str, Path]] = None) -> Learner:
+def build(cfg: Config = None, out_dir: str | Path | None = None) -> Learner:
     """The parts of a run, to drive one's own loop: the Learner with its `.stream` (iterate it for batches),
     `.method` (its `.model`, `.buffer`, `.optimizer`) and `.train_batch(batch)` / `.evaluate_all(tasks_seen)`.
     Its metrics.csv goes to `out_dir` (default: as for run). Nothing is checkpointed."""

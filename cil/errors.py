@@ -1,7 +1,7 @@
 """Errors a user can cause (each message names the bad value and says what to do), and the pre-emption stop."""
+
 import signal
 from pathlib import Path
-from typing import Optional
 
 # sysexits.h EX_TEMPFAIL, "temporary failure, the user is invited to retry": the run was stopped by SIGTERM,
 # wrote a checkpoint, and continues when started again with the same command and run folder.
@@ -29,17 +29,21 @@ class Preempted(BaseException):
     (like KeyboardInterrupt): it is a request to stop, so `except Exception` handlers (a sweep recording failed
     jobs and going on) must not catch it."""
 
-    def __init__(self, step: int, path: Optional[Path], signum: int):
+    def __init__(self, step: int, path: Path | None, signum: int):
         self.step, self.path, self.signum = step, path, signum
         name = signal.Signals(signum).name
         if path is None:
-            super().__init__(f"{name} received at stream batch {step}; this run cannot write a checkpoint "
-                             "(Avalanche's strategies keep state we cannot save): the same command starts it over "
-                             f"(exit code {EXIT_PREEMPTED}: pre-empted)")
+            super().__init__(
+                f"{name} received at stream batch {step}; this run cannot write a checkpoint "
+                "(Avalanche's strategies keep state we cannot save): the same command starts it over "
+                f"(exit code {EXIT_PREEMPTED}: pre-empted)"
+            )
             return
-        super().__init__(f"{name} received: checkpoint written at stream batch {step} to {path}; to resume, run "
-                         f"the same command again with hydra.run.dir={path.parent} (a sweep: with the same "
-                         f"hydra.sweep.dir) (exit code {EXIT_PREEMPTED}: pre-empted, resumable)")
+        super().__init__(
+            f"{name} received: checkpoint written at stream batch {step} to {path}; to resume, run "
+            f"the same command again with hydra.run.dir={path.parent} (a sweep: with the same "
+            f"hydra.sweep.dir) (exit code {EXIT_PREEMPTED}: pre-empted, resumable)"
+        )
 
 
 def require(ok: bool, key: str, value, allowed: str) -> None:
@@ -53,5 +57,7 @@ class StorageError(CilError, OSError):
 
     def __init__(self, path: Path, err: OSError):
         self.path = path
-        super().__init__(f"cannot write {path}: {err.strerror or err}; free space (or raise the file-size limit), "
-                         "then run the same command again: the last checkpoint written, if any, is kept")
+        super().__init__(
+            f"cannot write {path}: {err.strerror or err}; free space (or raise the file-size limit), "
+            "then run the same command again: the last checkpoint written, if any, is kept"
+        )

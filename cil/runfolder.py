@@ -3,14 +3,16 @@
 The bottom layer: the runner writes run folders with these helpers, the analysis reads them, and neither needs
 the other (nor torch) for it.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional
+from typing import Any, BinaryIO
 
 RESULTS = "results.json"
 FAILED = "failed.json"
@@ -53,7 +55,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     atomic_write(Path(path), lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
-def read_json(path: Path) -> Optional[dict]:
+def read_json(path: Path) -> dict | None:
     """The parsed file, or None when it is absent or unreadable (half-written by a killed job: not complete)."""
     try:
         return json.loads(Path(path).read_text())

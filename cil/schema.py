@@ -5,18 +5,19 @@ the format of the `config` that every results.json records, so both the runner a
 `method` group's schema is each method's own config dataclass, declared in its module (cil.core.methods.<name>,
 cil.avalanche.peers). Ranges and combinations are checked by cil.run.config.validate.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any
 
 
 @dataclass
 class DatasetConfig:
     name: str = "mnist"
-    root: Optional[str] = None  # None: $CIL_DATA_ROOT, else ./data
-    path: Optional[str] = None  # imagefolder: the folder holding train/ and test/
-    image_size: Optional[int] = None  # imagefolder: resize every image to this square size
+    root: str | None = None  # None: $CIL_DATA_ROOT, else ./data
+    path: str | None = None  # imagefolder: the folder holding train/ and test/
+    image_size: int | None = None  # imagefolder: resize every image to this square size
     download: bool = True  # let torchvision download missing files (writes into the data root)
     verify: bool = True  # check md5 sums of files whose canonical sums are known
     normalize: bool = False  # standardise inputs per channel (published CIFAR values, else the training set's)
@@ -28,7 +29,7 @@ class StreamConfig:
     batch_size: int = 10
     # "natural" (0..K-1), "random" (seeded permutation) or an explicit list of class labels
     class_order: Any = "random"
-    samples_per_class: Optional[int] = None  # train on a seeded subset of this many samples per class (null: all)
+    samples_per_class: int | None = None  # train on a seeded subset of this many samples per class (null: all)
     # disjoint (tasks of disjoint classes) | iblurry | siblurry (blurry, boundaries hidden from methods: docs/streams.md)
     kind: str = "disjoint"
     disjoint_class_pct: int = 50  # blurry streams: N, the share of classes (percent) that appear in one task only
@@ -44,8 +45,8 @@ class BufferConfig:
 @dataclass
 class ModelConfig:
     name: str = "mlp"
-    hidden: List[int] = field(default_factory=lambda: [400, 400])  # mlp only
-    nf: Optional[int] = None  # resnets: base width; None keeps the architecture's own (20 reduced, 64 full)
+    hidden: list[int] = field(default_factory=lambda: [400, 400])  # mlp only
+    nf: int | None = None  # resnets: base width; None keeps the architecture's own (20 reduced, 64 full)
 
 
 @dataclass
@@ -53,7 +54,7 @@ class OptimizerConfig:
     name: str = "sgd"  # sgd | adam
     lr: float = 0.1
     momentum: float = 0.0  # sgd
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
     weight_decay: float = 0.0
 
 
@@ -64,7 +65,7 @@ class EvalConfig:
     anytime_samples: int = 500  # size of the fixed, seeded test subsample used for anytime accuracy
     # stream samples between evaluations on the whole test set of the classes seen so far (A_AUC, as in i-Blurry);
     # null: 100 on blurry streams, off on disjoint ones; 0: off
-    anytime_every_samples: Optional[int] = None
+    anytime_every_samples: int | None = None
     # test | validation: train on the training set minus a held-out part of every class and evaluate on that part
     # (hyperparameter search: the test set is dropped before the stream is built, so a trial never sees it)
     split: str = "test"
@@ -78,11 +79,11 @@ class LogConfig:
     tensorboard: bool = False
     wandb: bool = False  # Weights & Biases (README "Weights & Biases"; needs `pip install 'cil[wandb]'`)
     wandb_project: str = "cil"
-    wandb_entity: Optional[str] = None  # None: the logged-in user's default entity
-    wandb_tags: List[str] = field(default_factory=list)
-    wandb_group: Optional[str] = None  # None: a sweep job's group is its sweep folder; a single run has none
+    wandb_entity: str | None = None  # None: the logged-in user's default entity
+    wandb_tags: list[str] = field(default_factory=list)
+    wandb_group: str | None = None  # None: a sweep job's group is its sweep folder; a single run has none
     # online | offline (files only, `wandb sync` later) | disabled; None: W&B's own choice ($WANDB_MODE, else online)
-    wandb_mode: Optional[str] = None
+    wandb_mode: str | None = None
 
 
 @dataclass
@@ -117,7 +118,7 @@ class RealtimeConfig:
 
     enabled: bool = False
     reference: str = "er"  # the native method whose training step sets the stream's rate (its default config)
-    delay: Optional[int] = None  # k by hand; None: ceil(FLOPs(method step) / FLOPs(reference step)), measured
+    delay: int | None = None  # k by hand; None: ceil(FLOPs(method step) / FLOPs(reference step)), measured
 
 
 @dataclass
@@ -141,6 +142,6 @@ class RunConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 where the device has it natively)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model (opt-in)
-    threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default (1 per run in sweeps)
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default (1 per run in sweeps)
     deterministic: bool = False  # CUDA: deterministic kernels (cil.run.determinism); CPU runs are deterministic anyway
-    experiment: Optional[str] = None  # name of the protocol, set by conf/experiment/*
+    experiment: str | None = None  # name of the protocol, set by conf/experiment/*

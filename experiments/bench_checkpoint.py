@@ -4,6 +4,7 @@
 
 GSA with a full 500-sample buffer (60 batches observed first), MLP on MNIST and reduced ResNet-18 on cifar10_jpeg.
 """
+
 import dataclasses
 import os
 import statistics
@@ -43,9 +44,11 @@ def main():
         save = timed(lambda: ckpt.save(learner), 5)
         restore = timed(lambda: ckpt.restore(learner, ckpt.load()), 3)
         batch = timed(train_batch, 20)
-        print(f"{model} on {dataset}, GSA, buffer {len(method.buffer)}: checkpoint "
-              f"{os.path.getsize(ckpt.path) / 2**20:.2f} MB, write {save:.0f} ms, load+restore {restore:.0f} ms, "
-              f"one training batch {batch:.1f} ms (medians)")
+        print(
+            f"{model} on {dataset}, GSA, buffer {len(method.buffer)}: checkpoint "
+            f"{os.path.getsize(ckpt.path) / 2**20:.2f} MB, write {save:.0f} ms, load+restore {restore:.0f} ms, "
+            f"one training batch {batch:.1f} ms (medians)"
+        )
 
 
 if __name__ == "__main__":

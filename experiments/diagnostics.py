@@ -12,6 +12,7 @@
 
 Each run is an ordinary `python -m cil` call; extra `key=value` arguments go to every run (e.g. seed=1).
 """
+
 from __future__ import annotations
 
 import json
@@ -43,9 +44,11 @@ def run(extra: list[str]) -> None:
         cil(RUNS / m, f"method={m}", "diagnostics.enabled=true", "diagnostics.every=50", *extra)
 
 
-VARIANTS = (("off", ["diagnostics.enabled=false"]),
-            ("accounting only", ["diagnostics.enabled=true", "diagnostics.every=1000000", "diagnostics.plots=false"]),
-            ("on, every=50", ["diagnostics.enabled=true", "diagnostics.every=50", "diagnostics.plots=false"]))
+VARIANTS = (
+    ("off", ["diagnostics.enabled=false"]),
+    ("accounting only", ["diagnostics.enabled=true", "diagnostics.every=1000000", "diagnostics.plots=false"]),
+    ("on, every=50", ["diagnostics.enabled=true", "diagnostics.every=50", "diagnostics.plots=false"]),
+)
 
 
 def overhead(argv: list[str]) -> None:
@@ -114,16 +117,23 @@ def micro(argv: list[str]) -> None:
         print(f"  {v:20s} {med[v]:.3f}   blocks: {' '.join(f'{t:.2f}' for t in times[v])}")
     measure = med["measure every batch"] - med["accounting only"]
     on50 = med["accounting only"] + measure / 50
-    print(f"  -> accounting {100 * (med['accounting only'] / med['off'] - 1):+.1f}%, one measurement "
-          f"{measure:.2f} ms, diagnostics.every=50 estimated {100 * (on50 / med['off'] - 1):+.1f}%")
+    print(
+        f"  -> accounting {100 * (med['accounting only'] / med['off'] - 1):+.1f}%, one measurement "
+        f"{measure:.2f} ms, diagnostics.every=50 estimated {100 * (on50 / med['off'] - 1):+.1f}%"
+    )
 
 
 def plots() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import matplotlib.pyplot as plt
 
-    from cil.analysis.diagnostics_plots import (plot_class_ratios, plot_gain, plot_grad_norms, plot_group_ratios,
-                                       plot_old_class_pushes)
+    from cil.analysis.diagnostics_plots import (
+        plot_class_ratios,
+        plot_gain,
+        plot_grad_norms,
+        plot_group_ratios,
+        plot_old_class_pushes,
+    )
 
     FIGS.mkdir(parents=True, exist_ok=True)
     series = {m: json.loads((RUNS / m / "diagnostics.json").read_text()) for m in METHODS}
@@ -138,8 +148,7 @@ def plots() -> None:
 
     fig, axes = plt.subplots(2, 3, figsize=(14, 6.0), sharey="row")
     for i, m in enumerate(METHODS):
-        plot_grad_norms(axes[0, i], series[m], title=f"{LABELS[m]}: gradient norms (all parameters)",
-                        cos_ax=axes[1, i])
+        plot_grad_norms(axes[0, i], series[m], title=f"{LABELS[m]}: gradient norms (all parameters)", cos_ax=axes[1, i])
     save(fig, FIGS / "grad_norms.png")
 
     fig, axes = plt.subplots(2, 3, figsize=(14, 6.5), sharey="row", sharex="row")
@@ -148,17 +157,21 @@ def plots() -> None:
         plot_gain(axes[1, i], series[m], title=f"{LABELS[m]}: the task being learned", current=True)
     save(fig, FIGS / "gain.png")
 
-    print("| method | final avg acc % | forgetting % | share of old-class G- from new data | old-class G+/G- "
-          "(mass / effective) | new-class G+/G- (mass / effective) | grad norm new / replay | cos(new, replay) |")
+    print(
+        "| method | final avg acc % | forgetting % | share of old-class G- from new data | old-class G+/G- "
+        "(mass / effective) | new-class G+/G- (mass / effective) | grad norm new / replay | cos(new, replay) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for m in METHODS:
         per_task = [e for e in results[m]["diagnostics"]["per_task"] if e["task"] >= 1]  # tasks with old classes
 
         share = mean(e["mass/new/old"]["neg"] / e["mass/all/old"]["neg"] for e in per_task)
         r = results[m]
-        print(f"| {LABELS[m]} | {r['final_avg_acc']:.2f} | {r['avg_forgetting']:.2f} | {share:.2f} "
-              f"| {ratios(per_task, 'old')} | {ratios(per_task, 'new')} | {mean(e['grad_norm/new'] for e in per_task):.3f} / "
-              f"{mean(e['grad_norm/replay'] for e in per_task):.3f} | {mean(e['grad_cos'] for e in per_task):.3f} |")
+        print(
+            f"| {LABELS[m]} | {r['final_avg_acc']:.2f} | {r['avg_forgetting']:.2f} | {share:.2f} "
+            f"| {ratios(per_task, 'old')} | {ratios(per_task, 'new')} | {mean(e['grad_norm/new'] for e in per_task):.3f} / "
+            f"{mean(e['grad_norm/replay'] for e in per_task):.3f} | {mean(e['grad_cos'] for e in per_task):.3f} |"
+        )
 
 
 RULES = ("cumulative", "constant", "ema", "task_reset", "window", "magnitude")
@@ -176,8 +189,15 @@ def rules_run(extra: list[str]) -> None:
     """GSA under each balancing rule (issue 18's evidence), diagnostics on; `extra` goes to every run
     (default: Split MNIST, M = 500, seed 0)."""
     for rule in RULES:
-        cil(rules_dir(extra) / rule, "method=gsa", f"method.balance={rule}", "diagnostics.enabled=true",
-            "diagnostics.every=50", "diagnostics.plots=false", *(extra or RULES_DEFAULT))
+        cil(
+            rules_dir(extra) / rule,
+            "method=gsa",
+            f"method.balance={rule}",
+            "diagnostics.enabled=true",
+            "diagnostics.every=50",
+            "diagnostics.plots=false",
+            *(extra or RULES_DEFAULT),
+        )
 
 
 def _weights_by_group(rows: list, class_task: list[int]) -> dict[str, list[tuple[int, int, float]]]:
@@ -208,8 +228,12 @@ def sweep_runs_by_rule(sweep: Path, filters: list[str]) -> dict[str, Path]:
     for res in sorted(sweep.glob("*/results.json")):
         r = json.loads(res.read_text())
         flat = {k: str(v) for k, v in flatten(r.get("config") or {}).items()}
-        if r.get("status") == "complete" and flat.get("method.name") == "gsa" and \
-                all(flat.get(k) == v for k, v in wanted.items()) and (res.parent / "diagnostics.json").exists():
+        if (
+            r.get("status") == "complete"
+            and flat.get("method.name") == "gsa"
+            and all(flat.get(k) == v for k, v in wanted.items())
+            and (res.parent / "diagnostics.json").exists()
+        ):
             found.setdefault(flat.get("method.balance", "cumulative"), res.parent)
     if not found:
         raise SystemExit(f"{sweep}: no complete GSA run with diagnostics matching {filters}")
@@ -234,15 +258,15 @@ def rules_plots(extra: list[str]) -> None:
     results = {r: json.loads((runs[r] / "results.json").read_text()) for r in rules}
     metrics = {r: read_metrics(runs[r] / "metrics.csv") for r in rules}
     FIGS.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(2, len(rules), figsize=(3.2 * max(len(rules), 2), 6.0), sharey="row", sharex=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        2, len(rules), figsize=(3.2 * max(len(rules), 2), 6.0), sharey="row", sharex=True, squeeze=False
+    )
     weights = {}
     for i, rule in enumerate(rules):
         weights[rule] = _weights_by_group(metrics[rule], series[rule]["class_task"])
         for group, colour in (("old", "tab:blue"), ("new", "tab:red")):
             pts = weights[rule][group]
-            axes[0, i].plot([p[0] for p in pts], [p[2] for p in pts], color=colour, lw=1.0,
-                            label=f"{group} classes")
+            axes[0, i].plot([p[0] for p in pts], [p[2] for p in pts], color=colour, lw=1.0, label=f"{group} classes")
         axes[0, i].axhline(1.0, color="k", lw=0.8, ls="--")
         axes[0, i].set_title(f"{rule}: mean replay weight", fontsize=9)
         axes[0, i].legend(fontsize=7)
@@ -250,8 +274,10 @@ def rules_plots(extra: list[str]) -> None:
     name = f"rules_{tag}.png"
     save(fig, FIGS / name)
 
-    print("| rule | final avg acc % | forgetting % | old-class weight | new-class weight | new / replay term scale "
-          "| old-class G+/G- (mass / effective) | new-class G+/G- (mass / effective) | errors to a newer / older task % |")
+    print(
+        "| rule | final avg acc % | forgetting % | old-class weight | new-class weight | new / replay term scale "
+        "| old-class G+/G- (mass / effective) | new-class G+/G- (mass / effective) | errors to a newer / older task % |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for rule in rules:
         per_task = [e for e in results[rule]["diagnostics"]["per_task"] if e["task"] >= 1]
@@ -260,14 +286,18 @@ def rules_plots(extra: list[str]) -> None:
             return mean(v for _, task, v in weights[rule][group] if task >= 1)
 
         def scale(key):  # magnitude's term scales (1 under the other rules), over tasks 1..
-            return mean(v for _, task, k, v in metrics[rule] if k == f"balance/{key}" and task is not None and task >= 1)
+            return mean(
+                v for _, task, k, v in metrics[rule] if k == f"balance/{key}" and task is not None and task >= 1
+            )
 
         r = results[rule]
         err = r.get("errors") or {}
         scales = "1 / 1" if rule != "magnitude" else f"{scale('new_scale'):.3f} / {scale('replay_scale'):.3f}"
-        print(f"| {rule} | {r['final_avg_acc']:.2f} | {r['avg_forgetting']:.2f} | {weight('old'):.3f} | "
-              f"{weight('new'):.3f} | {scales} | {ratios(per_task, 'old')} | {ratios(per_task, 'new')} | "
-              f"{err.get('to_newer_task', float('nan')):.2f} / {err.get('to_older_task', float('nan')):.2f} |")
+        print(
+            f"| {rule} | {r['final_avg_acc']:.2f} | {r['avg_forgetting']:.2f} | {weight('old'):.3f} | "
+            f"{weight('new'):.3f} | {scales} | {ratios(per_task, 'old')} | {ratios(per_task, 'new')} | "
+            f"{err.get('to_newer_task', float('nan')):.2f} / {err.get('to_older_task', float('nan')):.2f} |"
+        )
 
 
 def mean(values) -> float:
@@ -276,7 +306,7 @@ def mean(values) -> float:
 
 
 def ratios(per_task: list[dict], group: str) -> str:
-    """"mass/effective" G+/G- of a class group, averaged over the given task intervals."""
+    """ "mass/effective" G+/G- of a class group, averaged over the given task intervals."""
     return "/".join(f"{mean(e[f'{k}/all/{group}']['ratio'] for e in per_task):.3f}" for k in ("mass", "effective"))
 
 
@@ -287,9 +317,14 @@ def save(fig, path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    modes = {"run": lambda: run(argv[1:]), "plots": plots, "overhead": lambda: overhead(argv[1:]),
-             "micro": lambda: micro(argv[1:]), "rules-run": lambda: rules_run(argv[1:]),
-             "rules-plots": lambda: rules_plots(argv[1:])}
+    modes = {
+        "run": lambda: run(argv[1:]),
+        "plots": plots,
+        "overhead": lambda: overhead(argv[1:]),
+        "micro": lambda: micro(argv[1:]),
+        "rules-run": lambda: rules_run(argv[1:]),
+        "rules-plots": lambda: rules_plots(argv[1:]),
+    }
     if not argv or argv[0] not in modes:
         print(__doc__)
         return 2

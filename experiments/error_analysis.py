@@ -9,6 +9,7 @@ the pairs with the most such errors over all methods, in percent of the test sam
 method), and per label the total cross-task and within-task error. A label is a run folder's name
 without `_m<M>_s<seed>` (gsa, er_ace, gsa-two-views-false, ...). Class names are Fashion-MNIST's for that dataset.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,18 @@ import numpy as np
 
 CLASS_NAMES = {
     "mnist": [str(i) for i in range(10)],
-    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                      "Ankle boot"],
+    "fashion_mnist": [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ],
 }
 
 
@@ -69,10 +80,12 @@ def main() -> None:
         by_method[label].append(cross_task_pairs(res))
         dataset = res["config"]["dataset"]["name"]
     if not by_method:
-        raise SystemExit(f"no complete run with a confusion matrix under {', '.join(map(str, args.folders))}"
-                         + (f" with buffer size {args.memory}" if args.memory is not None else "")
-                         + "; results.json has 'confusion' only for runs made since it was added")
-    names = CLASS_NAMES.get(dataset, None)
+        raise SystemExit(
+            f"no complete run with a confusion matrix under {', '.join(map(str, args.folders))}"
+            + (f" with buffer size {args.memory}" if args.memory is not None else "")
+            + "; results.json has 'confusion' only for runs made since it was added"
+        )
+    names = CLASS_NAMES.get(dataset)
     label = (lambda c: names[c]) if names else str
 
     methods = sorted(by_method)
@@ -82,16 +95,22 @@ def main() -> None:
             for pair, share in pairs.items():
                 mean_pairs[m][pair] += share / len(by_method[m])
     every_pair = {pair for m in methods for pair in mean_pairs[m]}
-    top = sorted(every_pair, key=lambda pr: -sum(mean_pairs[m][pr] for m in methods))[:args.top]
+    top = sorted(every_pair, key=lambda pr: -sum(mean_pairs[m][pr] for m in methods))[: args.top]
 
     print("| class pair (cross-task errors, % of test samples) | " + " | ".join(methods) + " |")
     print("|---|" + "---|" * len(methods))
     for i, j in top:
         print(f"| {label(i)} / {label(j)} | " + " | ".join(f"{mean_pairs[m][(i, j)]:.2f}" for m in methods) + " |")
-    print("| **all cross-task errors** | " + " | ".join(
-        f"**{np.mean([c for _, c, _ in by_method[m]]):.2f}**" for m in methods) + " |")
-    print("| within-task errors | " + " | ".join(
-        f"{np.mean([w for _, _, w in by_method[m]]):.2f}" for m in methods) + " |")
+    print(
+        "| **all cross-task errors** | "
+        + " | ".join(f"**{np.mean([c for _, c, _ in by_method[m]]):.2f}**" for m in methods)
+        + " |"
+    )
+    print(
+        "| within-task errors | "
+        + " | ".join(f"{np.mean([w for _, _, w in by_method[m]]):.2f}" for m in methods)
+        + " |"
+    )
     print("| runs | " + " | ".join(str(len(by_method[m])) for m in methods) + " |")
 
 

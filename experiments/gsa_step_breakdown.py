@@ -7,6 +7,7 @@ each piece and prints CPU microseconds per step. Pieces nest (e.g. `views` holds
 holds everything up to the optimizer step), and the timers themselves add to the total, so read the pieces
 against each other, not as a sum.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -11,14 +11,15 @@ holds its folder for a while), where WHERE is one of:
 
 Used by tests/test_resume.py to interrupt real CLI runs at chosen points.
 """
+
 import os
 import signal
 import sys
 import time
 
+import cil.core.learner
 import cil.run.checkpoint
 import cil.runfolder
-import cil.core.learner
 from cil.core.methods.base import Method
 
 where, nth, action = sys.argv.pop(1).split(":")

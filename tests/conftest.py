@@ -1,5 +1,6 @@
 """Shared fixtures. Tests read real data from the offline copy beside the checkout (../shared/data) or from
 $CIL_TEST_DATA_ROOT, and never write into it."""
+
 import os
 from pathlib import Path
 

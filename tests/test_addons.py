@@ -4,28 +4,30 @@ The EMA update equals its formula; teachers never get gradients; the distillatio
 each add-on's loss matches an independent float64 reference on a fixed batch (loss and every gradient); weight 0
 is the base method bit for bit; the add-ons compose with ER, ER-ACE and GSA; a run killed mid-step resumes bit for
 bit with an add-on on; bad keys give one clear error."""
+
 import copy
-import json
 import math
 import signal
 from pathlib import Path
 
 import pytest
 import torch
+from test_resume import FAST, cli, comparable
 
 from cil.core.addons import addon_configs
-from cil.core.addons.ccl_dc import CCLDC
-from cil.core.addons.mkd import MKD, ema_factor
+from cil.core.addons.mkd import ema_factor
 from cil.core.objectives.distill import kd_loss
 from cil.errors import ConfigError
 from cil.run.bench.workloads import shorten_stream
 from cil.run.config import default_config, validate
 from cil.run.experiment import build_learner, load_run_dataset
 from cil.schema import DatasetConfig
-from test_resume import FAST, cli, comparable
 
-METHOD_KEYS = {"er": {"replay_batch_size": 10}, "er_ace": {"replay_batch_size": 10},
-               "gsa": {"replay_batch_size": 16, "current_task_replay": 4}}
+METHOD_KEYS = {
+    "er": {"replay_batch_size": 10},
+    "er_ace": {"replay_batch_size": 10},
+    "gsa": {"replay_batch_size": 16, "current_task_replay": 4},
+}
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +56,9 @@ def run_batches(learner, n):
 
 # -- MKD ---------------------------------------------------------------------------------------------------
 def test_ema_update_equals_its_formula_and_teacher_gets_no_gradient(tmp_path, digits):
-    learner = learner_for(tmp_path, digits, addon="mkd", n_teachers=3, alpha_min=0.005, alpha_max=0.1,
-                          correction_step=2)
+    learner = learner_for(
+        tmp_path, digits, addon="mkd", n_teachers=3, alpha_min=0.005, alpha_max=0.1, correction_step=2
+    )
     method = learner.method
     mkd = method.addons[0]
     assert mkd.alphas == pytest.approx([0.005, math.sqrt(0.005 * 0.1), 0.1])
@@ -70,9 +73,9 @@ def test_ema_update_equals_its_formula_and_teacher_gets_no_gradient(tmp_path, di
         k = max(1, mkd.batches // 2)
         for a, t, old in zip(mkd.alphas, mkd.teachers, before):
             for p, e, e0 in zip(method.model.parameters(), t.parameters(), old):
-                torch.testing.assert_close(e, (1 - a) * e0 + p.detach() * (a / (1 - a ** k)), rtol=1e-5, atol=1e-7)
+                torch.testing.assert_close(e, (1 - a) * e0 + p.detach() * (a / (1 - a**k)), rtol=1e-5, atol=1e-7)
                 assert not e.requires_grad and e.grad is None
-    assert ema_factor(0.01, 25, 10) == pytest.approx(0.01 / (1 - 0.01 ** 2))
+    assert ema_factor(0.01, 25, 10) == pytest.approx(0.01 / (1 - 0.01**2))
 
 
 def test_distillation_sends_no_gradient_into_the_teacher():
@@ -156,8 +159,12 @@ def test_ccl_dc_loss_and_gradients_match_a_reference(tmp_path, digits):
         z = {k: me(v) for k, v in chain.items()}
         w = {k: other(v) for k, v in chain.items()}
         ce = sum(ref_ce(z[k], y, seen) for k in chain)
-        kd = (ref_kd(z["x3"], w["x3"], 4.0, seen) + ref_kd(z["x0"], w["x1"], 4.0, seen)
-              + ref_kd(z["x1"], w["x2"], 4.0, seen) + ref_kd(z["x2"], w["x3"], 4.0, seen))
+        kd = (
+            ref_kd(z["x3"], w["x3"], 4.0, seen)
+            + ref_kd(z["x0"], w["x1"], 4.0, seen)
+            + ref_kd(z["x1"], w["x2"], 4.0, seen)
+            + ref_kd(z["x2"], w["x3"], 4.0, seen)
+        )
         refs.append(0.5 * ce + 2.0 * kd)
     torch.testing.assert_close(loss1.double(), refs[0].detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss2.double(), refs[1].detach(), rtol=1e-5, atol=1e-6)
@@ -230,8 +237,8 @@ def test_addon_settings_are_checked():
 def test_main_pass_mode_is_refused_for_a_method_that_declares_no_main_pass():
     """MKD's main_pass mode distils on the pass a method declares; a method that declares none would silently
     train without distillation, so the run is refused in one line that names the fix."""
-    from cil.run.config import default_config, validate
     from cil.core.addons import addon_configs
+    from cil.run.config import default_config, validate
 
     cfg = default_config("pcr")
     cfg.addon = {"mkd": {"mode": "main_pass"}}

@@ -1,15 +1,23 @@
 """Tests of cil.core.augment: batched per-sample augmentation with torchvision RandomResizedCrop semantics."""
+
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-import torch.nn.functional as F
-
-from cil.core.augment import (GSAAugment, PreDrawn, _boxes_from_uniforms, _fallback_box, hflip, resized_crop,
-                         sample_crop_boxes, two_views)
+from cil.core.augment import (
+    GSAAugment,
+    PreDrawn,
+    _boxes_from_uniforms,
+    _fallback_box,
+    hflip,
+    resized_crop,
+    sample_crop_boxes,
+    two_views,
+)
 
 SCALE = (0.6, 1.0)
 RATIO = (3 / 4, 4 / 3)
@@ -43,7 +51,7 @@ def test_boxes_respect_scale_and_ratio_bounds():
     top, left, h, w = boxes.unbind(1)
     assert boxes.dtype == torch.long and boxes.shape == (n, 4)
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= size).all() and (left + w <= size).all()
-    frac = (h * w).double() / size ** 2
+    frac = (h * w).double() / size**2
     r = w.double() / h.double()
     assert frac.min() >= SCALE[0] * 0.99 and frac.max() <= SCALE[1] * 1.01
     assert r.min() >= RATIO[0] * 0.99 and r.max() <= RATIO[1] * 1.01
@@ -105,8 +113,9 @@ def test_grayscale_all_or_nothing():
     g, boxes = aug.sample(x, gen(6))
     assert not g.any() and torch.equal(colour, resized_crop(x, boxes, (32, 32)))  # colours preserved exactly
     one = images(8, c=1)
-    assert torch.equal(GSAAugment((32, 32), grayscale_p=1.0)(one, gen(7)),
-                       GSAAugment((32, 32), grayscale_p=0.0)(one, gen(7)))
+    assert torch.equal(
+        GSAAugment((32, 32), grayscale_p=1.0)(one, gen(7)), GSAAugment((32, 32), grayscale_p=0.0)(one, gen(7))
+    )
 
 
 def test_grayscale_probability():
@@ -141,8 +150,8 @@ def test_two_views_and_hflip():
     v = two_views(x, aug, gen(12))
     assert v.shape == (12, 3, 32, 32)
     a = aug(x, gen(12))
-    assert torch.equal(v[:6], a)                 # the same augmented batch ...
-    assert torch.equal(v[6:], hflip(v[:6]))      # ... and its mirror image
+    assert torch.equal(v[:6], a)  # the same augmented batch ...
+    assert torch.equal(v[6:], hflip(v[:6]))  # ... and its mirror image
     assert torch.equal(hflip(x)[..., 0], x[..., -1]) and torch.equal(hflip(hflip(x)), x)
     assert not torch.equal(hflip(x), x)
     g = gen(13)
@@ -155,12 +164,13 @@ def test_two_views_and_hflip():
 
 # -- the batched code against a straightforward formulation, bit for bit --------------------------------------
 
+
 def reference_augment(x, generator, size, scale=SCALE, ratio=RATIO, grayscale_p=0.2, attempts=10):
     """GSAAugment written one axis at a time (as before its ops were stacked and its draws fused): the same
     draws and the same float operations, so the batched code must match it exactly."""
     b, _, height, width = x.shape
     u = torch.rand(b, 2 * attempts + 3, generator=generator)
-    u_area, u_ratio, u_pos = u[:, 1:1 + attempts], u[:, 1 + attempts:1 + 2 * attempts], u[:, 1 + 2 * attempts:]
+    u_area, u_ratio, u_pos = u[:, 1 : 1 + attempts], u[:, 1 + attempts : 1 + 2 * attempts], u[:, 1 + 2 * attempts :]
     target_area = float(height * width) * (scale[0] + (scale[1] - scale[0]) * u_area)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u_ratio)
@@ -192,12 +202,15 @@ def reference_augment(x, generator, size, scale=SCALE, ratio=RATIO, grayscale_p=
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-@pytest.mark.parametrize("c, hw, size, scale, ratio", [
-    (1, (28, 28), (28, 28), SCALE, RATIO),
-    (3, (32, 32), (32, 32), SCALE, RATIO),
-    (3, (40, 36), (32, 24), (0.08, 1.0), RATIO),  # non-square, downscaling crops
-    (1, (32, 64), (20, 30), (0.9, 1.0), (2.0, 3.0)),  # mostly the fallback box
-])
+@pytest.mark.parametrize(
+    "c, hw, size, scale, ratio",
+    [
+        (1, (28, 28), (28, 28), SCALE, RATIO),
+        (3, (32, 32), (32, 32), SCALE, RATIO),
+        (3, (40, 36), (32, 24), (0.08, 1.0), RATIO),  # non-square, downscaling crops
+        (1, (32, 64), (20, 30), (0.9, 1.0), (2.0, 3.0)),  # mostly the fallback box
+    ],
+)
 def test_batched_augmentation_equals_the_per_axis_formulation(c, hw, size, scale, ratio):
     aug = GSAAugment(size, scale, ratio)
     for seed in range(5):
@@ -205,8 +218,11 @@ def test_batched_augmentation_equals_the_per_axis_formulation(c, hw, size, scale
             x = images(b, c, *hw, seed=seed)
             for dtype in (torch.float32, torch.float64):
                 ours = aug(x.to(dtype), gen(seed))
-                assert torch.equal(ours, reference_augment(x.to(dtype), gen(seed), size, scale, ratio)), \
-                    (seed, b, dtype)
+                assert torch.equal(ours, reference_augment(x.to(dtype), gen(seed), size, scale, ratio)), (
+                    seed,
+                    b,
+                    dtype,
+                )
 
 
 @pytest.mark.parametrize("c", [1, 3])

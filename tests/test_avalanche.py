@@ -2,6 +2,7 @@
 
 Small data only: sklearn's digits (1,797 8x8 images) as an Avalanche benchmark with a permuted class order.
 """
+
 import json
 import os
 import subprocess
@@ -14,19 +15,20 @@ from torch import nn
 
 pytest.importorskip("avalanche")
 
-from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets  # noqa: E402
-from avalanche.benchmarks.scenarios.online import split_online_stream  # noqa: E402
-from avalanche.benchmarks.scenarios.supervised import with_classes_timeline  # noqa: E402
-from avalanche.benchmarks.utils.classification_dataset import (  # noqa: E402
-    _make_taskaware_tensor_classification_dataset as tensor_dataset)
-from avalanche.core import SupervisedPlugin  # noqa: E402
-from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint  # noqa: E402
-from avalanche.models import IncrementalClassifier  # noqa: E402
-from avalanche.training import Naive  # noqa: E402
+from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+from avalanche.benchmarks.scenarios.online import split_online_stream
+from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
+from avalanche.benchmarks.utils.classification_dataset import (
+    _make_taskaware_tensor_classification_dataset as tensor_dataset,
+)
+from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
+from avalanche.core import SupervisedPlugin
+from avalanche.models import IncrementalClassifier
+from avalanche.training import Naive
 
-from cil.avalanche import GSAPlugin  # noqa: E402
-from cil.core.data import load_dataset  # noqa: E402
-from cil.errors import ConfigError  # noqa: E402
+from cil.avalanche import GSAPlugin
+from cil.core.data import load_dataset
+from cil.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 ORDER = [[7, 3], [9, 1], [5, 0]]  # permuted, non-contiguous labels in every task
@@ -57,8 +59,13 @@ def mlp(out=10):
 
 
 def naive(model, *plugins):
-    return Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_mb_size=10,
-                 plugins=list(plugins), evaluator=None)
+    return Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        train_mb_size=10,
+        plugins=list(plugins),
+        evaluator=None,
+    )
 
 
 class LossRecorder(SupervisedPlugin):
@@ -87,7 +94,7 @@ def test_plugin_online_permuted_classes_stats_and_weights_evolve(digits_stream):
     weights_after = []
     for t, exp in enumerate(digits_stream):
         train_online(strategy, exp)
-        seen = sorted(c for task in ORDER[:t + 1] for c in task)
+        seen = sorted(c for task in ORDER[: t + 1] for c in task)
         # statistics are keyed by the real labels: exactly the seen labels carry mass
         has_mass = (gsa.stats.positive > 0).nonzero().squeeze(1).tolist()
         if t > 0:  # task 0 has no replay step (the buffer is empty on its first batch only; later batches replay)
@@ -157,10 +164,25 @@ def test_plugin_known_options_and_one_kind_of_stream(digits_stream):
 
 def cli(tmp_path, name, *args):
     run_dir = tmp_path / name
-    cmd = [sys.executable, "-m", "cil", f"hydra.run.dir={run_dir}", "dataset=digits", "log.progress=false",
-           "eval.anytime_every=50", "buffer.size=100", *args]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "cil",
+        f"hydra.run.dir={run_dir}",
+        "dataset=digits",
+        "log.progress=false",
+        "eval.anytime_every=50",
+        "buffer.size=100",
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((run_dir / "results.json").read_text())
 
@@ -175,8 +197,11 @@ def test_avalanche_peers_through_cli(tmp_path):
         assert res["samples_per_s"] > 0 and res["stream_samples"] == er_ace["stream_samples"] > 1000
     assert lwf["avalanche"]["params"] == {"alpha": 0.5, "temperature": 2.0}
     # the training loss is read where Avalanche computes it (it resets strategy.loss when train() ends)
-    losses = [float(row.split(",")[3]) for row in (tmp_path / "er_ace" / "metrics.csv").read_text().splitlines()
-              if row.split(",")[2] == "loss"]
+    losses = [
+        float(row.split(",")[3])
+        for row in (tmp_path / "er_ace" / "metrics.csv").read_text().splitlines()
+        if row.split(",")[2] == "loss"
+    ]
     assert losses and all(0 < v < 100 for v in losses)
     # ER-ACE keeps old tasks alive; LwF (no memory) in class-incremental mostly does not
     assert er_ace["final_avg_acc"] > 55 and er_ace["final_avg_acc"] > lwf["final_avg_acc"] + 15
@@ -206,9 +231,16 @@ def test_unknown_peer_or_knob_is_one_clear_error():
 
 
 def test_core_does_not_import_avalanche():
-    code = ("import sys, cil, cil.run.experiment, cil.core.learner, cil.core.methods, cil.run.config; "
-            "print(sorted(m for m in ('avalanche', 'hydra') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        "import sys, cil, cil.run.experiment, cil.core.learner, cil.core.methods, cil.run.config; "
+        "print(sorted(m for m in ('avalanche', 'hydra') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

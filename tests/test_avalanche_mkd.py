@@ -2,6 +2,7 @@
 
 Small data only: sklearn's digits as an Avalanche benchmark of three tasks with a permuted class order.
 """
+
 import json
 import os
 import subprocess
@@ -14,16 +15,16 @@ from torch import nn
 
 pytest.importorskip("avalanche")
 
-from avalanche.benchmarks.scenarios.online import split_online_stream  # noqa: E402
-from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint  # noqa: E402
-from avalanche.core import SupervisedPlugin  # noqa: E402
-from avalanche.models import IncrementalClassifier  # noqa: E402
-from avalanche.training import Naive  # noqa: E402
-from avalanche.training.plugins import ReplayPlugin  # noqa: E402
+from avalanche.benchmarks.scenarios.online import split_online_stream
+from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
+from avalanche.core import SupervisedPlugin
+from avalanche.models import IncrementalClassifier
+from avalanche.training import Naive
+from avalanche.training.plugins import ReplayPlugin
+from test_avalanche import avalanche_digits
 
-from cil.avalanche import MKDPlugin  # noqa: E402
-from cil.errors import ConfigError  # noqa: E402
-from test_avalanche import avalanche_digits  # noqa: E402
+from cil.avalanche import MKDPlugin
+from cil.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,8 +41,14 @@ def mlp(out=10, bn=False):
 
 
 def naive(model, *plugins):
-    return Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_mb_size=10,
-                 eval_mb_size=50, plugins=list(plugins), evaluator=None)
+    return Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        train_mb_size=10,
+        eval_mb_size=50,
+        plugins=list(plugins),
+        evaluator=None,
+    )
 
 
 def train_online(strategy, exp):
@@ -79,7 +86,7 @@ def test_ema_update_follows_its_formula_and_teachers_get_no_gradient(digits_stre
         ema = [alpha / (1 - alpha) * p.double() for p in snap.init]
         for batches, theta in snap.steps:
             k = max(1, batches // 3)
-            ema = [(1 - alpha) * e + alpha / (1 - alpha ** k) * p.double() for e, p in zip(ema, theta)]
+            ema = [(1 - alpha) * e + alpha / (1 - alpha**k) * p.double() for e, p in zip(ema, theta)]
         for e, t in zip(ema, teacher.parameters()):
             torch.testing.assert_close(t.double(), e, rtol=1e-5, atol=1e-6)
         assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
@@ -104,7 +111,7 @@ def kd_reference(student, teacher, temperature, seen):
     cols = torch.tensor(sorted(seen))
     s, t = student[:, cols] / temperature, teacher[:, cols] / temperature
     p_t = torch.softmax(t, 1)
-    return (p_t * (torch.log(p_t) - torch.log_softmax(s, 1))).sum(1).mean() * temperature ** 2
+    return (p_t * (torch.log(p_t) - torch.log_softmax(s, 1))).sum(1).mean() * temperature**2
 
 
 def test_kd_term_added_to_the_strategy_loss(digits_stream):
@@ -211,8 +218,9 @@ def test_checkpoint_round_trip_keeps_teachers_and_counters(digits_stream, tmp_pa
     train_online(strategy, digits_stream[0])
     train_online(strategy, digits_stream[1])
     save_checkpoint(strategy, tmp_path / "ckpt.pkl", exclude=["optimizer"])  # see test_avalanche.py
-    restored, _ = maybe_load_checkpoint(naive(mlp(), MKDPlugin(n_teachers=2, alpha_min=0.05, alpha_max=0.2)),
-                                        tmp_path / "ckpt.pkl")
+    restored, _ = maybe_load_checkpoint(
+        naive(mlp(), MKDPlugin(n_teachers=2, alpha_min=0.05, alpha_max=0.2)), tmp_path / "ckpt.pkl"
+    )
     restored.optimizer = torch.optim.SGD(restored.model.parameters(), lr=0.1)
     plugin = [p for p in restored.plugins if isinstance(p, MKDPlugin)][0]
     assert (plugin.batches, plugin.updates) == (mkd.batches, mkd.updates) == (12, 12)
@@ -266,10 +274,26 @@ def test_options_the_plugin_does_not_take():
 
 def cli(tmp_path, name, *args, ok=True):
     run_dir = tmp_path / name
-    cmd = [sys.executable, "-m", "cil", f"hydra.run.dir={run_dir}", "dataset=digits", "log.progress=false",
-           "threads=1", "eval.anytime_every=0", "buffer.size=100", *args]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "cil",
+        f"hydra.run.dir={run_dir}",
+        "dataset=digits",
+        "log.progress=false",
+        "threads=1",
+        "eval.anytime_every=0",
+        "buffer.size=100",
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
     if not ok:
         return proc
     assert proc.returncode == 0, proc.stderr[-3000:]

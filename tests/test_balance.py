@@ -2,6 +2,7 @@
 "Balancing rules"): each rule's weights against a hand computation, the equivalences between rules, the
 magnitude rule's closed-form logit-gradient norms against autograd, GSA's default unchanged, resume after SIGKILL
 with each stateful rule, and the config errors."""
+
 import io
 import math
 import signal
@@ -48,8 +49,10 @@ def hand_weights(pos, neg):
 
 def toy_batches(n=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, C, generator=g, dtype=torch.float64) * 2, torch.randint(0, C, (8,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(8, C, generator=g, dtype=torch.float64) * 2, torch.randint(0, C, (8,), generator=g))
+        for _ in range(n)
+    ]
 
 
 def feed(rule, batches, tasks=None):
@@ -59,8 +62,9 @@ def feed(rule, batches, tasks=None):
 
 
 def close(a, b):
-    assert torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
-                          rtol=1e-9, atol=1e-12), (a, b)
+    assert torch.allclose(
+        torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), rtol=1e-9, atol=1e-12
+    ), (a, b)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,8 +154,8 @@ def test_magnitude_norms_and_scales_against_autograd():
     bw = 2.0
     loss_new = cross_entropy_masked(z_new, y_new, present)
     loss_buf = bw * cross_entropy_masked(z_buf, y_buf, seen)
-    g_new, = torch.autograd.grad(loss_new, z_new, retain_graph=True)
-    g_buf, = torch.autograd.grad(loss_buf, z_buf, retain_graph=True)
+    (g_new,) = torch.autograd.grad(loss_new, z_new, retain_graph=True)
+    (g_buf,) = torch.autograd.grad(loss_buf, z_buf, retain_graph=True)
     n_new, n_buf = logit_grad_norm(z_new, y_new, present), bw * logit_grad_norm(z_buf, y_buf, seen)
     assert torch.allclose(n_new, g_new.norm(), rtol=1e-5) and torch.allclose(n_buf, g_buf.norm(), rtol=1e-5)
     rho = 0.5
@@ -159,8 +163,8 @@ def test_magnitude_norms_and_scales_against_autograd():
     a, b = rule.term_scales(n_new, n_buf)
     assert not a.requires_grad and not b.requires_grad
     # the scaled terms' logit gradients (autograd again) keep the ratio rho and the unscaled sum of norms
-    sa, = torch.autograd.grad(a * loss_new, z_new)
-    sb, = torch.autograd.grad(b * loss_buf, z_buf)
+    (sa,) = torch.autograd.grad(a * loss_new, z_new)
+    (sb,) = torch.autograd.grad(b * loss_buf, z_buf)
     assert torch.allclose(sb.norm() / sa.norm(), torch.tensor(rho), rtol=1e-5)
     assert torch.allclose(sa.norm() + sb.norm(), g_new.norm() + g_buf.norm(), rtol=1e-5)
     # nothing to balance: a zero norm leaves both terms as they are
@@ -176,8 +180,16 @@ def build(name, **cfg):
     model = build_model("mlp", (1, 8, 8), 10, hidden=(32,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     cls = method_class(name)
-    return cls(model, opt, ReplayBuffer(100, (1, 8, 8), seed=1), cls.Config(**cfg), 10, torch.device("cpu"), seed=2,
-               input_shape=(1, 8, 8))
+    return cls(
+        model,
+        opt,
+        ReplayBuffer(100, (1, 8, 8), seed=1),
+        cls.Config(**cfg),
+        10,
+        torch.device("cpu"),
+        seed=2,
+        input_shape=(1, 8, 8),
+    )
 
 
 def run(name, steps=45, start=0, method=None, **cfg):
@@ -201,6 +213,7 @@ def run(name, steps=45, start=0, method=None, **cfg):
 
 class LegacyStats:
     """GSA's statistics as they were before the rules existed: a bare GradientStats and its weights."""
+
     name, adaptive, scales_terms = "legacy", True, False
 
     def __init__(self):
@@ -218,6 +231,7 @@ class LegacyStats:
 
 def test_gsa_cumulative_is_the_spec_step_bit_for_bit_and_ema_one_equals_it(monkeypatch):
     from cil.core.methods import gsa as gsa_module
+
     real = gsa_module.make_rule
     monkeypatch.setattr(gsa_module, "make_rule", lambda *a, **k: LegacyStats())
     _, loss_legacy, grads_legacy = run("gsa", 40)
@@ -268,16 +282,19 @@ def test_er_ace_augment_off_is_the_paper_step_and_on_doubles_the_rows():
 # ---------------------------------------------------------------------------------------------------------------
 # Config errors
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method, key, value", [
-    ("gsa", "balance", "median"),
-    ("gsa", "balance_momentum", 0.0),
-    ("gsa", "balance_momentum", 1.5),
-    ("gsa", "balance_window", 0),
-    ("gsa", "balance_ratio", -1.0),
-    ("er_ace", "balance", "nope"),
-    ("er", "balance", "window"),
-    ("er", "balance", "magnitude"),
-])
+@pytest.mark.parametrize(
+    "method, key, value",
+    [
+        ("gsa", "balance", "median"),
+        ("gsa", "balance_momentum", 0.0),
+        ("gsa", "balance_momentum", 1.5),
+        ("gsa", "balance_window", 0),
+        ("gsa", "balance_ratio", -1.0),
+        ("er_ace", "balance", "nope"),
+        ("er", "balance", "window"),
+        ("er", "balance", "magnitude"),
+    ],
+)
 def test_bad_values_name_the_key(method, key, value):
     cfg = default_config(method)
     setattr(cfg.method, key, value)
@@ -295,8 +312,16 @@ def test_adaptive_weights_false_with_another_rule_is_refused():
 # ---------------------------------------------------------------------------------------------------------------
 # Resume after SIGKILL, bit for bit, with each stateful rule
 # ---------------------------------------------------------------------------------------------------------------
-STATEFUL = [("gsa", "ema"), ("gsa", "task_reset"), ("gsa", "window"), ("gsa", "magnitude"), ("er_ace", "ema"),
-            ("er_ace", "task_reset"), ("er_ace", "window"), ("er_ace", "magnitude")]
+STATEFUL = [
+    ("gsa", "ema"),
+    ("gsa", "task_reset"),
+    ("gsa", "window"),
+    ("gsa", "magnitude"),
+    ("er_ace", "ema"),
+    ("er_ace", "task_reset"),
+    ("er_ace", "window"),
+    ("er_ace", "magnitude"),
+]
 
 
 @pytest.mark.parametrize("name, rule", STATEFUL)
@@ -308,8 +333,9 @@ def test_state_dict_round_trip_resumes_bit_for_bit(name, rule):
     whole, loss_whole, _ = run(name, 40, **cfg)
     first, loss_a, _ = run(name, 31, **cfg)
     buf = io.BytesIO()
-    torch.save({"method": first.state_dict(), "buffer": first.buffer.state_dict(),
-                "model": first.model.state_dict()}, buf)
+    torch.save(
+        {"method": first.state_dict(), "buffer": first.buffer.state_dict(), "model": first.model.state_dict()}, buf
+    )
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
     fresh = build(name, **cfg)
@@ -322,8 +348,14 @@ def test_state_dict_round_trip_resumes_bit_for_bit(name, rule):
 
 
 def test_cli_resume_after_sigkill_is_bit_identical_with_a_window(tmp_path):
-    args = [*FAST, "method=gsa", "method.replay_batch_size=16", "method.current_task_replay=4", "method.balance=window",
-            "method.balance_window=7"]
+    args = [
+        *FAST,
+        "method=gsa",
+        "method.replay_batch_size=16",
+        "method.current_task_replay=4",
+        "method.balance=window",
+        "method.balance_window=7",
+    ]
     ref = tmp_path / "ref"
     ref.mkdir()
     proc = cli(ref / "run", args)
@@ -339,8 +371,9 @@ def test_cli_resume_after_sigkill_is_bit_identical_with_a_window(tmp_path):
     assert (run_dir / "metrics.csv").read_bytes() == (ref / "run" / "metrics.csv").read_bytes()
 
 
-@pytest.mark.parametrize("name, rule", [("gsa", "magnitude"), ("gsa", "window"), ("er_ace", "window"),
-                                        ("er_ace", "magnitude")])
+@pytest.mark.parametrize(
+    "name, rule", [("gsa", "magnitude"), ("gsa", "window"), ("er_ace", "window"), ("er_ace", "magnitude")]
+)
 def test_diagnostics_terms_add_up_to_the_rebalanced_loss(tmp_path, name, rule):
     """The per-term reports carry the rule's weights and scales: on a task-1 batch with replay, the reported
     terms add up to the loss the optimizer steps on."""
@@ -349,8 +382,9 @@ def test_diagnostics_terms_add_up_to_the_rebalanced_loss(tmp_path, name, rule):
 
     from cil.run.experiment import build_learner
 
-    learner = build_learner(config(name, True, every=1, balance=rule, balance_window=5), tmp_path,
-                            dataset=load_dataset("digits"))
+    learner = build_learner(
+        config(name, True, every=1, balance=rule, balance_window=5), tmp_path, dataset=load_dataset("digits")
+    )
     batch = feed_learner(learner, learner.stream.batches_per_task[0] + 8)  # past GSA's warm-up of task 1
     diag, captured = learner.diagnostics, {}
     original = diag.before_backward

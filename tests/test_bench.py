@@ -1,5 +1,6 @@
 """The benchmark command end to end on a tiny stream (no timing is asserted), and the loop's speed changes:
 they must not change what a run computes."""
+
 import json
 import os
 import subprocess
@@ -9,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from cil.core.data.stream import ClassIncrementalStream
+from cil.core.objectives.common import mask_logits
+from cil.errors import ConfigError
 from cil.run.bench.contestants import OURS, final_accuracy, run_ours
 from cil.run.bench.workloads import shorten_stream, workload_config, workload_dataset
 from cil.run.config import validate
-from cil.core.data.stream import ClassIncrementalStream
-from cil.errors import ConfigError
-from cil.core.objectives.common import mask_logits
 from cil.run.experiment import build_learner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,8 +23,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_bench_smoke_writes_json_with_expected_keys(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "cil", "bench", "--workloads", "digits", "--contestants", "er",
-           "--batches-per-task", "3", "--repeats", "1", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cil",
+        "bench",
+        "--workloads",
+        "digits",
+        "--contestants",
+        "er",
+        "--batches-per-task",
+        "3",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = json.loads(out.read_text())
@@ -94,8 +109,9 @@ def test_deferred_online_accuracy_and_loss_match_per_step_accounting(tmp_path, m
     learner.logger.close()
     assert res["online_acc"] == pytest.approx(100.0 * ref["correct"] / learner.stream.n_samples, abs=1e-9)
     # the last read-back covers the steps since the previous multiple of log.every (or task end)
-    n_last = len(learner.stream) - max(k for k in range(len(learner.stream))
-                                       if k % 7 == 0 or k in _task_end_steps(learner.stream))
+    n_last = len(learner.stream) - max(
+        k for k in range(len(learner.stream)) if k % 7 == 0 or k in _task_end_steps(learner.stream)
+    )
     expected = sum(ref["losses"][-n_last:]) / n_last
     assert learner.last_log["loss"] == pytest.approx(expected, rel=1e-5)
 
@@ -190,7 +206,7 @@ def test_er_ace_joint_loss_equals_the_two_term_loss_bit_for_bit():
     for n, r, c in [(10, 10, 10), (10, 3, 10), (7, 10, 100)]:
         logits = torch.randn(n + r, c, generator=g) * 4
         seen = torch.zeros(c, dtype=torch.bool)
-        seen[torch.randperm(c, generator=g)[:max(4, c // 2)]] = True
+        seen[torch.randperm(c, generator=g)[: max(4, c // 2)]] = True
         labels = seen.nonzero().squeeze(1)
         y = labels[torch.randint(0, len(labels), (n + r,), generator=g)]
         y[:n] = labels[torch.randint(0, 2, (n,), generator=g)]  # the incoming batch holds two classes
@@ -223,10 +239,21 @@ def test_per_task_training_time_for_ours_and_the_floor():
 def test_summary_reports_per_task_time_and_the_slowdown():
     from cil.run.bench.main import summarise
 
-    run = {"workload": "w", "contestant": "x", "repeat": 0, "samples": 40, "samples_per_s": 1.0,
-           "samples_per_cpu_s": 1.0, "train_time_s": 4.0, "final_acc": 50.0, "peak_rss_mb": 1.0,
-           "rss_after_data_mb": 1.0, "task_train_time_s": [1.0, 3.0], "task_train_cpu_s": [1.0, 3.0],
-           "task_samples": [20, 20]}
+    run = {
+        "workload": "w",
+        "contestant": "x",
+        "repeat": 0,
+        "samples": 40,
+        "samples_per_s": 1.0,
+        "samples_per_cpu_s": 1.0,
+        "train_time_s": 4.0,
+        "final_acc": 50.0,
+        "peak_rss_mb": 1.0,
+        "rss_after_data_mb": 1.0,
+        "task_train_time_s": [1.0, 3.0],
+        "task_train_cpu_s": [1.0, 3.0],
+        "task_samples": [20, 20],
+    }
     s = summarise([run])["w"]["x"]
     assert s["task_train_cpu_s"] == [1.0, 3.0] and s["slowdown_last_over_first_cpu"] == pytest.approx(3.0)
     assert s["task_us_per_sample_cpu"] == pytest.approx([5e4, 15e4])
@@ -251,8 +278,9 @@ def test_avalanche_classic_split_mnist_contestant(which, tmp_path, monkeypatch):
     ds = workload_dataset("mnist", cfg)
     stream = shorten_stream(ClassIncrementalStream(ds, 5, 10, cfg.stream.class_order, seed=0), 2)
     bench = classic_benchmark("mnist", MNIST_RAW.parents[1], stream.class_order, 5, 0)
-    assert [sorted(e.classes_in_this_experience) for e in bench.train_stream] == \
-        [sorted(t.classes.tolist()) for t in stream.tasks]
+    assert [sorted(e.classes_in_this_experience) for e in bench.train_stream] == [
+        sorted(t.classes.tolist()) for t in stream.tasks
+    ]
     res = run_avalanche(cfg, stream, which, "mnist", 2)
     assert res["samples"] == stream.n_samples == 100 and res["task_samples"] == [20] * 5
     assert len(res["task_train_cpu_s"]) == 5 and all(t > 0 for t in res["task_train_time_s"])
@@ -264,6 +292,7 @@ def test_breakdown_with_an_addon_counts_no_time_twice(monkeypatch):
     backward and the optimizer step themselves, not the whole step, so an add-on's own work lands in "other"
     (here: 5 ms of CPU burnt in every extra_loss call), and the process-wide backward timer is removed afterwards."""
     import time as clock
+
     from cil.core.addons.mkd import MKD
 
     burnt = {"s": 0.0}

@@ -1,5 +1,6 @@
 """Blurry streams (i-Blurry, Si-Blurry), their metrics (A_AUC, A_last, F_last) and task-free methods on them
 (docs/streams.md)."""
+
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from test_resume import INTERRUPT, comparable
 
 from cil.core import metrics
 from cil.core.data import ImageDataset
@@ -20,8 +22,7 @@ from cil.core.methods.er import ER
 from cil.core.models import build_model
 from cil.errors import ConfigError
 from cil.run.config import default_config, validate
-from cil.schema import DatasetConfig, StreamConfig
-from test_resume import INTERRUPT, comparable
+from cil.schema import StreamConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,9 +30,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def cli(run_dir, args, interrupt=None):
     """`python -m cil` (or the interrupting wrapper of tests/test_resume.py) on this checkout's cil."""
     entry = [str(INTERRUPT), interrupt] if interrupt else ["-m", "cil"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, *entry, f"hydra.run.dir={run_dir}", *args], cwd=run_dir.parent,
-                          capture_output=True, text=True, timeout=600, env=env)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(
+        [sys.executable, *entry, f"hydra.run.dir={run_dir}", *args],
+        cwd=run_dir.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 def toy(num_classes=10, per_class=50, test_per_class=4):
@@ -120,11 +131,14 @@ def test_test_samples_belong_to_the_home_task_of_their_class():
     assert s.hides_boundaries and s.kind == "iblurry"
 
 
-@pytest.mark.parametrize("key, value, needle", [
-    ("kind", "fuzzy", "stream.kind"),
-    ("disjoint_class_pct", 130, "stream.disjoint_class_pct"),
-    ("blurry_sample_pct", -1, "stream.blurry_sample_pct"),
-])
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("kind", "fuzzy", "stream.kind"),
+        ("disjoint_class_pct", 130, "stream.disjoint_class_pct"),
+        ("blurry_sample_pct", -1, "stream.blurry_sample_pct"),
+    ],
+)
 def test_bad_stream_settings_name_the_key(key, value, needle):
     cfg = default_config("er", stream=StreamConfig(**{key: value}))
     with pytest.raises(ConfigError, match=needle):
@@ -141,8 +155,11 @@ def test_iblurry_split_that_cannot_be_even_is_refused_with_the_choices():
 def test_methods_that_need_boundaries_are_refused_with_the_fix(name):
     assert method_class(name).needs_task_boundaries
     cfg = default_config(name, stream=StreamConfig(kind="iblurry"))
-    with pytest.raises(ConfigError, match=rf"method={name} needs task boundaries; stream.kind=iblurry hides them: "
-                                          r"use stream.kind=disjoint or a task-free method \(.*er_ace"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"method={name} needs task boundaries; stream.kind=iblurry hides them: "
+        r"use stream.kind=disjoint or a task-free method \(.*er_ace",
+    ):
         validate(cfg)
 
 
@@ -174,6 +191,7 @@ class Probe(ER):
 
 def probe_run(stream, **kw):
     from cil.core.buffer import ReplayBuffer
+
     torch.manual_seed(0)
     model = build_model("mlp", stream.dataset.input_shape, stream.num_classes, hidden=(8,))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -185,8 +203,7 @@ def probe_run(stream, **kw):
 
 def test_a_task_free_method_never_receives_the_task_on_a_blurry_stream():
     ds = toy()
-    method, learner, res = probe_run(BlurryStream(ds, 5, batch_size=10, seed=0, kind="iblurry"),
-                                     auc_every_samples=50)
+    method, learner, res = probe_run(BlurryStream(ds, 5, batch_size=10, seed=0, kind="iblurry"), auc_every_samples=50)
     assert method.tasks_seen and set(method.tasks_seen) == {None} and set(method.steps_in_task) == {None}
     assert method.starts == [] and method.ends == []
     assert set(method.buffer.task.tolist()) == {-1}  # what it could replay carries no task either
@@ -196,6 +213,7 @@ def test_a_task_free_method_never_receives_the_task_on_a_blurry_stream():
     assert res["a_auc"] == pytest.approx(np.mean([p["acc"] for p in res["auc_curve"]]))
     # on a disjoint stream the same method gets its tasks and boundaries, and no blurry metrics appear
     from cil.core.data.stream import ClassIncrementalStream
+
     method, _, res = probe_run(ClassIncrementalStream(ds, 5, batch_size=10, seed=0))
     assert method.starts == [0, 1, 2, 3, 4] and None not in method.tasks_seen
     assert "a_auc" not in res and "auc_curve" not in res
@@ -227,8 +245,16 @@ def test_a_last_and_class_forgetting_by_hand():
 
 
 # -- the CLI, checkpoint/resume -------------------------------------------------------------------------------
-BLURRY = ["dataset=digits", "log.progress=false", "threads=1", "buffer.size=100", "stream.kind=iblurry",
-          "eval.anytime_every=0", "checkpoint.every=25", "log.every=15"]
+BLURRY = [
+    "dataset=digits",
+    "log.progress=false",
+    "threads=1",
+    "buffer.size=100",
+    "stream.kind=iblurry",
+    "eval.anytime_every=0",
+    "checkpoint.every=25",
+    "log.every=15",
+]
 
 
 def test_cli_er_on_iblurry_digits_reports_a_auc_and_resumes_bit_for_bit(tmp_path):

@@ -1,4 +1,5 @@
 """The command line end to end: a short run writes a sane results.json; bad input fails early and clearly."""
+
 import json
 import os
 import subprocess
@@ -14,8 +15,9 @@ FAST = ["dataset=digits", "log.progress=false", "eval.anytime_every=20"]
 def cli(tmp_path, *args, env=None):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "cil", f"hydra.run.dir={run_dir}", *args]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}
+    )
     return proc, run_dir
 
 
@@ -38,7 +40,7 @@ def test_short_run_writes_sane_results(tmp_path, method):
     # The confusion matrix agrees with the accuracy matrix: per task, its diagonal over its rows.
     conf, order = res["confusion"], res["class_order"]
     for t in range(5):
-        cls = order[2 * t:2 * t + 2]
+        cls = order[2 * t : 2 * t + 2]
         hits, total = sum(conf[c][c] for c in cls), sum(sum(conf[c]) for c in cls)
         assert 100 * hits / total == pytest.approx(acc[-1][t], abs=1e-3)
     assert sum(res["errors"].values()) == pytest.approx(100.0)
@@ -52,21 +54,24 @@ def test_experiment_protocol_composes(tmp_path):
     assert "name: resnet18" in proc.stdout and "n_tasks: 10" in proc.stdout and "replay_batch_size: 64" in proc.stdout
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["dataset=nope"], "nope"),
-    (["method=nope"], "nope"),
-    (["buffer.size=5", "method.replay_batch_size=10"], "buffer.size=5"),
-    (["stream.n_tasks=3"], "stream.n_tasks=3"),
-    (["device=cuda:7"], "cuda:7"),
-    (["device=tpu"], "tpu"),
-    (["buffer.size=-1"], "buffer.size=-1"),
-    (["buffer.policy=fifo"], "fifo"),
-    (["buffer.size=abc"], "buffer.size"),
-    (["stream.bogus_key=1"], "bogus_key"),
-    (["addon=null"], "addon=null is not an option"),
-    (["addon=bogus"], "bogus"),
-    (["addon=mkd", "addon.mkd.kd_lambda=-1"], "addon.mkd.kd_lambda"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["dataset=nope"], "nope"),
+        (["method=nope"], "nope"),
+        (["buffer.size=5", "method.replay_batch_size=10"], "buffer.size=5"),
+        (["stream.n_tasks=3"], "stream.n_tasks=3"),
+        (["device=cuda:7"], "cuda:7"),
+        (["device=tpu"], "tpu"),
+        (["buffer.size=-1"], "buffer.size=-1"),
+        (["buffer.policy=fifo"], "fifo"),
+        (["buffer.size=abc"], "buffer.size"),
+        (["stream.bogus_key=1"], "bogus_key"),
+        (["addon=null"], "addon=null is not an option"),
+        (["addon=bogus"], "bogus"),
+        (["addon=mkd", "addon.mkd.kd_lambda=-1"], "addon.mkd.kd_lambda"),
+    ],
+)
 def test_bad_input_fails_before_training_and_leaves_nothing(tmp_path, args, needle):
     proc, run_dir = cli(tmp_path, *FAST, *args)
     assert proc.returncode != 0
@@ -78,8 +83,9 @@ def test_bad_input_fails_before_training_and_leaves_nothing(tmp_path, args, need
 def test_missing_data_file_is_named(tmp_path):
     empty = tmp_path / "empty_root"
     empty.mkdir()
-    proc, run_dir = cli(tmp_path, "dataset=mnist", "dataset.download=false", f"dataset.root={empty}",
-                        "log.progress=false")
+    proc, run_dir = cli(
+        tmp_path, "dataset=mnist", "dataset.download=false", f"dataset.root={empty}", "log.progress=false"
+    )
     assert proc.returncode == 2
     assert "train-images-idx3-ubyte" in proc.stderr and str(empty) in proc.stderr
     assert not run_dir.exists()

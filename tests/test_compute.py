@@ -1,11 +1,13 @@
 """Compute accounting and the real-time mode (cil/core/compute.py, cil/run/realtime.py, docs/compute.md): the FLOP
 counter against a hand count, counting changes nothing, the real-time schedule trains and stores exactly the
 scheduled batches and predicts all of them, delay 1 is a normal run, and a killed real-time run resumes bit for bit."""
+
 import json
 import signal
 
 import pytest
 import torch
+from test_resume import TIMINGS, checkpoint_step, cli
 
 from cil.core.buffer import ReplayBuffer
 from cil.core.compute import count_flops, delay_from_flops
@@ -16,8 +18,6 @@ from cil.core.models.mlp import MLP
 from cil.errors import ConfigError
 from cil.run.config import default_config, validate
 from cil.run.experiment import build_learner, run_experiment
-
-from test_resume import TIMINGS, checkpoint_step, cli
 
 IGNORED = TIMINGS | {"config", "flops", "realtime"}
 
@@ -47,8 +47,14 @@ def test_er_step_flops_match_a_hand_count():
     model = MLP((1, 28, 28), 10, (400, 400))
     buffer = ReplayBuffer(50, (1, 28, 28))
     buffer.add(torch.randint(0, 256, (20, 1, 28, 28), dtype=torch.uint8), torch.arange(20) % 10, 0)
-    method = ER(model, torch.optim.SGD(model.parameters(), lr=0.1), buffer, ERConfig(replay_batch_size=10), 10,
-                torch.device("cpu"))
+    method = ER(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        buffer,
+        ERConfig(replay_batch_size=10),
+        10,
+        torch.device("cpu"),
+    )
     y = torch.arange(10)
     batch = Batch(torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8), y, y.clone(), 0, 0, 0)
     _, flops = count_flops(lambda: method.observe(batch))
@@ -76,19 +82,26 @@ def test_realtime_delay_3_trains_and_stores_every_third_batch_and_predicts_all(t
     trained, stored = [], []
     observe, remember = Method.observe, Method.remember
     monkeypatch.setattr(Method, "observe", lambda self, batch: trained.append(batch.step) or observe(self, batch))
-    monkeypatch.setattr(Method, "remember",
-                        lambda self, batch, out: stored.append(len(batch.y)) or remember(self, batch, out))
+    monkeypatch.setattr(
+        Method, "remember", lambda self, batch, out: stored.append(len(batch.y)) or remember(self, batch, out)
+    )
     learner = build_learner(cfg(realtime__enabled=True, realtime__delay=3), tmp_path)
     res = learner.run()
     n = len(learner.stream)
     assert trained == list(range(0, n, 3))
     assert learner.method.buffer.n_seen == sum(stored) == 10 * len(trained)  # digits: full batches of 10 here
     assert learner.online_seen == learner.stream.n_samples  # every batch is predicted
-    assert res["realtime"] == {"reference": "er", "delay_source": "set", "delay": 3,
-                               "trained_batches": len(trained), "skipped_batches": n - len(trained)}
+    assert res["realtime"] == {
+        "reference": "er",
+        "delay_source": "set",
+        "delay": 3,
+        "trained_batches": len(trained),
+        "skipped_batches": n - len(trained),
+    }
     assert len(res["acc_matrix"]) == 5  # evaluations at the same stream positions as a normal run
-    assert [p["step"] for p in res["anytime_curve"]] == [p["step"] for p in run_experiment(
-        cfg(), tmp_path / "normal")["anytime_curve"]]
+    assert [p["step"] for p in res["anytime_curve"]] == [
+        p["step"] for p in run_experiment(cfg(), tmp_path / "normal")["anytime_curve"]
+    ]
 
 
 def test_skipped_batches_are_predicted_by_the_model_before_the_training_step(tmp_path):
@@ -116,8 +129,17 @@ def test_measured_delay_and_delay_1_is_a_normal_run(tmp_path):
 
 def test_realtime_run_resumes_bit_for_bit_after_sigkill(tmp_path):
     # checkpoints every 10 batches fall between a training step and its skipped batches (delay 3)
-    args = ["dataset=digits", "log.progress=false", "log.every=15", "eval.anytime_every=20", "checkpoint.every=10",
-            "buffer.size=100", "realtime.enabled=true", "realtime.delay=3", "threads=1"]
+    args = [
+        "dataset=digits",
+        "log.progress=false",
+        "log.every=15",
+        "eval.anytime_every=20",
+        "checkpoint.every=10",
+        "buffer.size=100",
+        "realtime.enabled=true",
+        "realtime.delay=3",
+        "threads=1",
+    ]
     ref_dir, run_dir = tmp_path / "ref" / "run", tmp_path / "killed" / "run"
     ref_dir.parent.mkdir()
     run_dir.parent.mkdir()
@@ -132,11 +154,14 @@ def test_realtime_run_resumes_bit_for_bit_after_sigkill(tmp_path):
     assert (run_dir / "metrics.csv").read_bytes() == (ref_dir / "metrics.csv").read_bytes()
 
 
-@pytest.mark.parametrize("over, key", [
-    ({"realtime__enabled": True, "realtime__delay": 0}, "realtime.delay"),
-    ({"realtime__enabled": True, "realtime__reference": "nope"}, "realtime.reference"),
-    ({"compute__flops_every": 0}, "compute.flops_every"),
-])
+@pytest.mark.parametrize(
+    "over, key",
+    [
+        ({"realtime__enabled": True, "realtime__delay": 0}, "realtime.delay"),
+        ({"realtime__enabled": True, "realtime__reference": "nope"}, "realtime.reference"),
+        ({"compute__flops_every": 0}, "compute.flops_every"),
+    ],
+)
 def test_bad_keys_one_clear_error(over, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(cfg(**over))

@@ -14,16 +14,19 @@ import pytest
 import torch
 from torchvision.io import encode_jpeg, encode_png
 
-from cil.core.data import folders
-from cil.core.data import DATASET_NAMES, ImageDataset, cache_dir, data_root, load_dataset
+from cil.core.data import DATASET_NAMES, ImageDataset, cache_dir, data_root, folders, load_dataset
 from cil.errors import ConfigError, DataError
 
 SHARED_DATA = Path(os.environ.get("CIL_TEST_DATA_ROOT", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 # torchvision 0.29 deprecates its image codecs (in favour of torchcodec); they still work and are what we use.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
-MNIST_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+MNIST_FILES = [
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -62,6 +65,7 @@ def _write_image(path: Path, img: torch.Tensor) -> None:
 
 # ------------------------------------------------------------------------------------------ general
 
+
 def test_unknown_name_raises_config_error_listing_valid_names():
     with pytest.raises(ConfigError) as e:
         load_dataset("imagenet21k")
@@ -71,8 +75,16 @@ def test_unknown_name_raises_config_error_listing_valid_names():
 
 
 def test_dataset_names_are_the_documented_ones():
-    assert set(DATASET_NAMES) == {"mnist", "fashion_mnist", "cifar10", "cifar100", "tinyimagenet",
-                                  "imagefolder", "cifar10_jpeg", "digits"}
+    assert set(DATASET_NAMES) == {
+        "mnist",
+        "fashion_mnist",
+        "cifar10",
+        "cifar100",
+        "tinyimagenet",
+        "imagefolder",
+        "cifar10_jpeg",
+        "digits",
+    }
 
 
 def test_data_root_and_cache_dir_resolution(tmp_path, monkeypatch):
@@ -100,7 +112,8 @@ def test_image_dataset_rejects_malformed_tensors():
 
 needs_shared_mnist = pytest.mark.skipif(
     not (SHARED_DATA / "MNIST" / "raw" / MNIST_FILES[0]).is_file(),
-    reason=f"no MNIST copy at {SHARED_DATA} (set CIL_TEST_DATA_ROOT to the shared data folder)")
+    reason=f"no MNIST copy at {SHARED_DATA} (set CIL_TEST_DATA_ROOT to the shared data folder)",
+)
 
 
 @needs_shared_mnist
@@ -148,16 +161,19 @@ def test_real_mnist_extracted_idx_files_are_accepted(tmp_path):
 
 # ------------------------------------------------------------------------------ MNIST (synthetic)
 
+
 def _idx_bytes(arr: np.ndarray) -> bytes:
     return bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
 
 
 def _write_synthetic_mnist(root: Path, n_train: int = 6, n_test: int = 4) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    arrays = {"train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, 28, 28)),
-              "train-labels-idx1-ubyte.gz": np.arange(n_train) % 10,
-              "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (n_test, 28, 28)),
-              "t10k-labels-idx1-ubyte.gz": (np.arange(n_test) + 3) % 10}
+    arrays = {
+        "train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte.gz": np.arange(n_train) % 10,
+        "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte.gz": (np.arange(n_test) + 3) % 10,
+    }
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for name, arr in arrays.items():
@@ -226,11 +242,19 @@ def _write_cifar10(root: Path, n: int = 4) -> dict[str, np.ndarray]:
     data = {}
     for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
         data[name] = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        _dump(base / name, {b"batch_label": name.encode(), b"data": data[name],
-                            b"labels": [(i + j) % 10 for j in range(n)],
-                            b"filenames": [f"{name}_{j}.png".encode() for j in range(n)]})
-    _dump(base / "batches.meta", {b"label_names": [s.encode() for s in CIFAR10_NAMES],
-                                  b"num_cases_per_batch": n, b"num_vis": 3072})
+        _dump(
+            base / name,
+            {
+                b"batch_label": name.encode(),
+                b"data": data[name],
+                b"labels": [(i + j) % 10 for j in range(n)],
+                b"filenames": [f"{name}_{j}.png".encode() for j in range(n)],
+            },
+        )
+    _dump(
+        base / "batches.meta",
+        {b"label_names": [s.encode() for s in CIFAR10_NAMES], b"num_cases_per_batch": n, b"num_vis": 3072},
+    )
     return data
 
 
@@ -239,11 +263,21 @@ def _write_cifar100(root: Path, n_train: int = 10, n_test: int = 5) -> None:
     base.mkdir(parents=True)
     rng = np.random.default_rng(2)
     for name, n in (("train", n_train), ("test", n_test)):
-        _dump(base / name, {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                            b"fine_labels": [(7 * j) % 100 for j in range(n)],
-                            b"coarse_labels": [j % 20 for j in range(n)]})
-    _dump(base / "meta", {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-                          b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]})
+        _dump(
+            base / name,
+            {
+                b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                b"fine_labels": [(7 * j) % 100 for j in range(n)],
+                b"coarse_labels": [j % 20 for j in range(n)],
+            },
+        )
+    _dump(
+        base / "meta",
+        {
+            b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
+        },
+    )
 
 
 def test_synthetic_cifar10_layout_labels_and_names(tmp_path):
@@ -293,14 +327,16 @@ def test_missing_cifar_without_download_names_directory(tmp_path):
 
 # ------------------------------------------------------------------------------------ TinyImageNet
 
+
 def test_synthetic_tinyimagenet(tmp_path):
     base = tmp_path / "tiny-imagenet-200"
     wnids = ["n0300", "n0100", "n0200"]  # deliberately unsorted: labels follow wnids.txt
     colours = {0: (200, 30, 30), 1: (30, 200, 30), 2: (30, 30, 200)}
     base.mkdir()
     (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
-    (base / "words.txt").write_text("n0100\tgoldfish, Carassius auratus\nn0200\ttabby cat\n"
-                                    "n0300\tschool bus\nn9999\tnot in this subset\n")
+    (base / "words.txt").write_text(
+        "n0100\tgoldfish, Carassius auratus\nn0200\ttabby cat\nn0300\tschool bus\nn9999\tnot in this subset\n"
+    )
     for label, wnid in enumerate(wnids):
         imgs = base / "train" / wnid / "images"
         for i in range(2):
@@ -310,8 +346,7 @@ def test_synthetic_tinyimagenet(tmp_path):
     annotations = [("val_0.JPEG", "n0100"), ("val_1.JPEG", "n0200"), ("val_2.JPEG", "n0300")]
     for fname, wnid in annotations:
         _write_image(base / "val" / "images" / fname, _solid(colours[wnids.index(wnid)], size=64))
-    (base / "val" / "val_annotations.txt").write_text(
-        "".join(f"{f}\t{w}\t0\t0\t63\t63\n" for f, w in annotations))
+    (base / "val" / "val_annotations.txt").write_text("".join(f"{f}\t{w}\t0\t0\t63\t63\n" for f, w in annotations))
 
     ds = load_dataset("tinyimagenet", tmp_path)
     assert ds.train_x.shape == (7, 3, 64, 64) and ds.test_x.shape == (3, 3, 64, 64)
@@ -332,6 +367,7 @@ def test_missing_tinyimagenet_explains_where_to_get_it(tmp_path):
 
 # ------------------------------------------------------------------------------------- image folder
 
+
 def _tree(base: Path, spec: dict[str, dict[str, list[torch.Tensor]]], ext: str = ".png") -> Path:
     for split, classes in spec.items():
         for cls, imgs in classes.items():
@@ -342,9 +378,13 @@ def _tree(base: Path, spec: dict[str, dict[str, list[torch.Tensor]]], ext: str =
 
 
 def test_imagefolder_classes_labels_and_pixels(tmp_path):
-    _tree(tmp_path / "tree", {"train": {"cat": [_solid(10, 1), _solid(11, 1)], "ant": [_solid(20, 1)],
-                                        "bee": [_solid(30, 1)]},
-                              "test": {"bee": [_solid(31, 1)]}})
+    _tree(
+        tmp_path / "tree",
+        {
+            "train": {"cat": [_solid(10, 1), _solid(11, 1)], "ant": [_solid(20, 1)], "bee": [_solid(30, 1)]},
+            "test": {"bee": [_solid(31, 1)]},
+        },
+    )
     (tmp_path / "tree" / "train" / "cat" / "notes.txt").write_text("not an image: ignored")
     ds = load_dataset("imagefolder", tmp_path, path="tree")  # relative path: taken from the data root
     assert ds.name == "imagefolder"
@@ -356,8 +396,9 @@ def test_imagefolder_classes_labels_and_pixels(tmp_path):
 
 
 def test_imagefolder_mixed_channels_become_rgb(tmp_path):
-    _tree(tmp_path, {"train": {"a": [_solid(50, 1)], "b": [_solid((1, 2, 3), 3)]},
-                     "test": {"a": [_solid((9, 8, 7), 3)]}})
+    _tree(
+        tmp_path, {"train": {"a": [_solid(50, 1)], "b": [_solid((1, 2, 3), 3)]}, "test": {"a": [_solid((9, 8, 7), 3)]}}
+    )
     from PIL import Image  # torchvision cannot encode RGBA PNGs; only the test needs to write one
 
     Image.new("RGBA", (8, 8), (4, 5, 6, 128)).save(tmp_path / "train" / "b" / "rgba.png")
@@ -368,8 +409,9 @@ def test_imagefolder_mixed_channels_become_rgb(tmp_path):
 
 
 def test_imagefolder_second_load_uses_cache_until_files_change(tmp_path, monkeypatch):
-    tree = _tree(tmp_path / "tree", {"train": {"a": [_solid(1)], "b": [_solid(2)]}, "test": {"a": [_solid(3)]}},
-                 ext=".jpg")
+    tree = _tree(
+        tmp_path / "tree", {"train": {"a": [_solid(1)], "b": [_solid(2)]}, "test": {"a": [_solid(3)]}}, ext=".jpg"
+    )
     calls = []
     real_decode = folders.decode_images
     monkeypatch.setattr(folders, "decode_images", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
@@ -403,8 +445,10 @@ def test_imagefolder_corrupt_cache_is_rebuilt(tmp_path):
 
 
 def test_imagefolder_mismatched_sizes_name_the_file_and_suggest_image_size(tmp_path):
-    tree = _tree(tmp_path, {"train": {"a": [_solid(1, size=8)], "b": [_solid(2, size=(8, 12))]},
-                            "test": {"a": [_solid(3, size=8)]}})
+    tree = _tree(
+        tmp_path,
+        {"train": {"a": [_solid(1, size=8)], "b": [_solid(2, size=(8, 12))]}, "test": {"a": [_solid(3, size=8)]}},
+    )
     with pytest.raises(DataError, match=r"train/b/000\.png is 12x8.*image_size"):
         load_dataset("imagefolder", path=str(tree))
     ds = load_dataset("imagefolder", path=str(tree), image_size=16)
@@ -444,8 +488,11 @@ def test_imagefolder_missing_dirs_and_path(tmp_path):
 
 
 def test_cifar10_jpeg_reads_the_tree_under_the_root(tmp_path):
-    _tree(tmp_path / "cifar10-jpeg", {"train": {"cat": [_solid(5, size=32)], "dog": [_solid(6, size=32)]},
-                                      "test": {"dog": [_solid(7, size=32)]}}, ext=".jpg")
+    _tree(
+        tmp_path / "cifar10-jpeg",
+        {"train": {"cat": [_solid(5, size=32)], "dog": [_solid(6, size=32)]}, "test": {"dog": [_solid(7, size=32)]}},
+        ext=".jpg",
+    )
     ds = load_dataset("cifar10_jpeg", tmp_path)
     assert ds.name == "cifar10_jpeg" and ds.class_names == ["cat", "dog"] and ds.input_shape == (3, 32, 32)
     assert list((tmp_path / "cache").glob("cifar10_jpeg-*.pt"))
@@ -455,13 +502,16 @@ def test_cifar10_jpeg_reads_the_tree_under_the_root(tmp_path):
 
 # ------------------------------------------------------------------------------------------ digits
 
+
 def test_digits_shapes_scale_and_stratified_split():
     ds = load_dataset("digits")
     assert ds.train_x.shape == (1437, 1, 8, 8) and ds.test_x.shape == (360, 1, 8, 8)
     assert ds.train_x.dtype == torch.uint8 and int(ds.train_x.max()) == 255 and int(ds.train_x.min()) == 0
     assert ds.class_names == [str(d) for d in range(10)]
-    share = torch.bincount(ds.test_y, minlength=10).float() / (
-        torch.bincount(ds.test_y, minlength=10) + torch.bincount(ds.train_y, minlength=10)).float()
+    share = (
+        torch.bincount(ds.test_y, minlength=10).float()
+        / (torch.bincount(ds.test_y, minlength=10) + torch.bincount(ds.train_y, minlength=10)).float()
+    )
     assert ((share > 0.18) & (share < 0.22)).all()
 
 

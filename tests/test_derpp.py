@@ -12,6 +12,7 @@ and the augmentations (each checked to be a crop of the padded input, flipped or
 rows the step added to the buffer carry the logits of the model before the update on the augmented incoming
 batch. Further: the CLI on digits, a bit-identical resume after SIGKILL, and the config errors.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,16 +21,30 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from test_reference_steps import (
+    ATOL,
+    BATCH,
+    BUFFER_SIZE,
+    N_TASKS,
+    NUM_CLASSES,
+    ORDER,
+    RTOL,
+    SHAPE,
+    TASK_CLASSES,
+    _digits,
+    ce_rows,
+    make_batches,
+    to_unit,
+    where,
+)
+from test_resume import FAST, checkpoint_step, cli, comparable
 
+from cil.core.buffer import ReplayBuffer
 from cil.core.data.stream import ClassIncrementalStream
 from cil.core.learner import Learner
 from cil.core.methods.derpp import DERPP, DERPPConfig, apply_crop_flip, draw_crop_flip
-from cil.errors import ConfigError
-from cil.core.buffer import ReplayBuffer
 from cil.core.models import build_model
-from test_reference_steps import (ATOL, BATCH, BUFFER_SIZE, N_TASKS, NUM_CLASSES, ORDER, RTOL, SHAPE, TASK_CLASSES,
-                                  _digits, ce_rows, make_batches, to_unit, where)
-from test_resume import FAST, checkpoint_step, cli, comparable
+from cil.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -79,8 +94,8 @@ def is_crop_flip(inp: torch.Tensor, out: torch.Tensor, padding: int) -> bool:
     h, w = inp.shape[-2:]
     for a, b in zip(inp, out):
         p = torch.zeros(a.shape[0], h + 2 * padding, w + 2 * padding, dtype=a.dtype)
-        p[:, padding:padding + h, padding:padding + w] = a
-        windows = [p[:, i:i + h, j:j + w] for i in range(2 * padding + 1) for j in range(2 * padding + 1)]
+        p[:, padding : padding + h, padding : padding + w] = a
+        windows = [p[:, i : i + h, j : j + w] for i in range(2 * padding + 1) for j in range(2 * padding + 1)]
         if not any(torch.equal(b, win) or torch.equal(b, win.flip(-1)) for win in windows):
             return False
     return True
@@ -105,8 +120,11 @@ class Draws:
         x_buf, y_buf, z_buf = self.snapshot
         n, filters, x, y, z = self.rec.draws[k]
         assert filters == {} and len(y) == min(want, len(y_buf))
-        match = (x.flatten(1)[:, None] == x_buf.flatten(1)[None]).all(-1) & (y[:, None] == y_buf[None]) \
+        match = (
+            (x.flatten(1)[:, None] == x_buf.flatten(1)[None]).all(-1)
+            & (y[:, None] == y_buf[None])
             & (z[:, None] == z_buf[None]).all(-1)
+        )
         slots = set()
         for row in range(len(y)):
             cand = [s for s in torch.nonzero(match[row]).squeeze(1).tolist() if s not in slots]
@@ -151,9 +169,15 @@ def build_method(cfg: DERPPConfig, seed: int = 0) -> DERPP:
 def config_of(spec: Spec) -> DERPPConfig:
     if spec == SPEC:
         return DERPPConfig()
-    return DERPPConfig(alpha=spec.alpha, beta=spec.beta, replay_batch_size=spec.replay,
-                       ce_classes="all" if spec.whole_head else "seen", independent_draws=spec.independent,
-                       augment=spec.padding > 0, crop_padding=spec.padding)
+    return DERPPConfig(
+        alpha=spec.alpha,
+        beta=spec.beta,
+        replay_batch_size=spec.replay,
+        ce_classes="all" if spec.whole_head else "seen",
+        independent_draws=spec.independent,
+        augment=spec.padding > 0,
+        crop_padding=spec.padding,
+    )
 
 
 def run_lockstep(spec: Spec, separate_passes: bool = True) -> dict:
@@ -163,7 +187,7 @@ def run_lockstep(spec: Spec, separate_passes: bool = True) -> dict:
     method = build_method(cfg)
     stream = ClassIncrementalStream(ds, N_TASKS, BATCH, order=ORDER, seed=0)
     assert [t.classes.tolist() for t in stream.tasks] == TASK_CLASSES
-    learner = Learner(stream, method, progress=False, anytime_every=0, log_every=10 ** 9)
+    learner = Learner(stream, method, progress=False, anytime_every=0, log_every=10**9)
     rec = Recorder(method)
     captured = {}
     original_step = method.step
@@ -189,19 +213,34 @@ def run_lockstep(spec: Spec, separate_passes: bool = True) -> dict:
         seen |= set(batch.y.tolist())
         loss, grads, logits_new, used = reference_step(model64, batch, seen, Draws(rec, snapshot, spec), spec, n)
         at = where(type("R", (), {"batch": batch})())
-        torch.testing.assert_close(captured["loss"].double(), loss, rtol=RTOL, atol=ATOL,
-                                   msg=lambda m: f"loss differs from the reference at {at}: {m}")
+        torch.testing.assert_close(
+            captured["loss"].double(),
+            loss,
+            rtol=RTOL,
+            atol=ATOL,
+            msg=lambda m: f"loss differs from the reference at {at}: {m}",
+        )
         for name, g, g_ref in zip(names, captured["grads"], grads):
-            torch.testing.assert_close(g.double(), g_ref, rtol=RTOL, atol=ATOL,
-                                       msg=lambda m, name=name: f"gradient of {name} differs at {at}: {m}")
+            torch.testing.assert_close(
+                g.double(),
+                g_ref,
+                rtol=RTOL,
+                atol=ATOL,
+                msg=lambda m, name=name: f"gradient of {name} differs at {at}: {m}",
+            )
         # the rows this step wrote carry the pre-update logits of their augmented incoming row
         after = len(buf)
         changed = [s for s in range(after) if s >= n or not torch.equal(buf.x[s], snapshot[0][s])]
         for s in changed:
             rows = [i for i in range(len(batch.y)) if torch.equal(batch.x[i], buf.x[s]) and batch.y[i] == buf.y[s]]
             assert rows, f"slot {s} changed at {at} but holds no incoming row"
-            torch.testing.assert_close(buf._extras["logits"][s].double(), logits_new[rows[-1]], rtol=RTOL, atol=ATOL,
-                                       msg=lambda m: f"stored logits are not the pre-update logits at {at}: {m}")
+            torch.testing.assert_close(
+                buf._extras["logits"][s].double(),
+                logits_new[rows[-1]],
+                rtol=RTOL,
+                atol=ATOL,
+                msg=lambda m: f"stored logits are not the pre-update logits at {at}: {m}",
+            )
             stats["stored_checked"] += 1
         assert buf.n_seen == n_seen_before + len(batch.y)
         stats["steps"] += 1
@@ -212,14 +251,26 @@ def run_lockstep(spec: Spec, separate_passes: bool = True) -> dict:
 
 def test_config_defaults_are_the_spec():
     cfg = DERPPConfig()
-    assert (cfg.alpha, cfg.beta, cfg.replay_batch_size, cfg.ce_classes, cfg.independent_draws, cfg.augment) == \
-        (SPEC.alpha, SPEC.beta, SPEC.replay, "seen", SPEC.independent, SPEC.padding > 0)
+    assert (cfg.alpha, cfg.beta, cfg.replay_batch_size, cfg.ce_classes, cfg.independent_draws, cfg.augment) == (
+        SPEC.alpha,
+        SPEC.beta,
+        SPEC.replay,
+        "seen",
+        SPEC.independent,
+        SPEC.padding > 0,
+    )
     assert cfg.separate_passes and cfg.crop_padding == 4 and cfg.iters == 1
 
 
-@pytest.mark.parametrize("spec", [SPEC, Spec(alpha=0.7, beta=0.3, replay=24, whole_head=True, padding=2),
-                                  Spec(alpha=1.5, beta=0.5, replay=16, independent=False, padding=1)],
-                         ids=["defaults", "whole_head_augmented", "one_draw"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        SPEC,
+        Spec(alpha=0.7, beta=0.3, replay=24, whole_head=True, padding=2),
+        Spec(alpha=1.5, beta=0.5, replay=16, independent=False, padding=1),
+    ],
+    ids=["defaults", "whole_head_augmented", "one_draw"],
+)
 def test_every_step_matches_reference(spec):
     """Thirty steps over three tasks (the first with an empty buffer, the buffer filling, reservoir replacement in
     the last ones): loss and every gradient equal the reference's, stored logits are the pre-update ones."""
@@ -242,7 +293,7 @@ def test_crop_flip_matches_a_per_sample_loop():
     out = apply_crop_flip(x, corner, flip, 3)
     for i in range(17):
         p = torch.nn.functional.pad(x[i], (3, 3, 3, 3))
-        win = p[:, corner[i, 0]:corner[i, 0] + 6, corner[i, 1]:corner[i, 1] + 5]
+        win = p[:, corner[i, 0] : corner[i, 0] + 6, corner[i, 1] : corner[i, 1] + 5]
         assert torch.equal(out[i], win.flip(-1) if flip[i] else win)
 
 
@@ -275,8 +326,17 @@ def test_cli_run_is_sane_and_resumes_bit_identically_after_sigkill(tmp_path):
     assert (run_dir / "metrics.csv").read_bytes() == (ref / "metrics.csv").read_bytes()
 
 
-@pytest.mark.parametrize("key, value", [("alpha", -0.1), ("beta", -1.0), ("ce_classes", "present"),
-                                        ("crop_padding", -1), ("replay_batch_size", -2), ("iters", 0)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("alpha", -0.1),
+        ("beta", -1.0),
+        ("ce_classes", "present"),
+        ("crop_padding", -1),
+        ("replay_batch_size", -2),
+        ("iters", 0),
+    ],
+)
 def test_bad_settings_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"method.{key}"):
         DERPPConfig(**{key: value}).validate()

@@ -1,4 +1,5 @@
 """cil.core.diagnostics: the accounting against autograd on the methods' real losses, and training unchanged by it."""
+
 import json
 import os
 import subprocess
@@ -9,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cil.run.config import default_config, validate
-from cil.schema import RunConfig
-from cil.errors import ConfigError
 from cil.core.data import load_dataset
 from cil.core.objectives import GradientStats
+from cil.errors import ConfigError
+from cil.run.config import default_config, validate
 from cil.run.experiment import build_learner
+from cil.schema import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("er", "er_ace", "gsa")
@@ -122,9 +123,10 @@ def test_er_reports_incoming_and_replay_rows_separately(tmp_path, digits):
     hook = learner.method.model.register_forward_hook(lambda mod, inp, out: outputs.append(out))
     grads = {}
     original = diag.before_backward
-    diag.before_backward = lambda loss: (grads.setdefault("g", torch.autograd.grad(loss, outputs[0],
-                                                                                   retain_graph=True)[0]),
-                                         original(loss))
+    diag.before_backward = lambda loss: (
+        grads.setdefault("g", torch.autograd.grad(loss, outputs[0], retain_graph=True)[0]),
+        original(loss),
+    )
     diag.flush()
     before = {s: diag.stats["effective", s].negative.clone() for s in ("new", "replay")}
     diag.begin_batch(batch)
@@ -134,8 +136,7 @@ def test_er_reports_incoming_and_replay_rows_separately(tmp_path, digits):
     n = len(batch.y)
     g = grads["g"].double()
     torch.testing.assert_close(diag.stats["effective", "new"].negative - before["new"], g[:n].clamp(min=0).sum(0))
-    torch.testing.assert_close(diag.stats["effective", "replay"].negative - before["replay"],
-                               g[n:].clamp(min=0).sum(0))
+    torch.testing.assert_close(diag.stats["effective", "replay"].negative - before["replay"], g[n:].clamp(min=0).sum(0))
 
 
 def run_result(cfg, digits, tmp_path):
@@ -182,17 +183,32 @@ def test_every_must_be_positive():
 
 def test_cli_writes_diagnostics_logs_and_plots(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cil", f"hydra.run.dir={run_dir}", "dataset=digits", "method=er",
-           "buffer.size=100", "log.progress=false", "eval.anytime_every=0", "diagnostics.enabled=true",
-           "diagnostics.every=10"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cil",
+        f"hydra.run.dir={run_dir}",
+        "dataset=digits",
+        "method=er",
+        "buffer.size=100",
+        "log.progress=false",
+        "eval.anytime_every=0",
+        "diagnostics.enabled=true",
+        "diagnostics.every=10",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((run_dir / "results.json").read_text())
     assert len(res["diagnostics"]["per_task"]) == 5 and res["diagnostics"]["measured_steps"] >= 10
     keys = {line.split(",")[2] for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]}
-    assert {"diag/grad_norm/new", "diag/grad_norm/replay", "diag/grad_cos", "diag/mass/all/ratio_old",
-            "diag/gain/task_0"} <= keys
+    assert {
+        "diag/grad_norm/new",
+        "diag/grad_norm/replay",
+        "diag/grad_cos",
+        "diag/mass/all/ratio_old",
+        "diag/gain/task_0",
+    } <= keys
     series = json.loads((run_dir / "diagnostics.json").read_text())
     assert series["snapshots"] and series["grads"]
     for name in ("diag_ratio.png", "diag_grad_norms.png", "diag_gain.png"):

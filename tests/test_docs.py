@@ -1,4 +1,5 @@
 """The documentation's examples run as written (docs/api.md)."""
+
 import re
 from pathlib import Path
 

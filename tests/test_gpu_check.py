@@ -1,5 +1,6 @@
 """`cil gpu-check`: without CUDA it says so in one line and exits 1; `--dry-run` runs its whole plan at toy size on
 the CPU and writes a report with every section filled in."""
+
 import json
 import os
 import subprocess
@@ -14,8 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_without_cuda_one_line_and_exit_1(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "cil", "gpu-check", "--out", str(tmp_path / "r")],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cil", "gpu-check", "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "no CUDA device" in proc.stderr
     assert not (tmp_path / "r").exists()
@@ -24,17 +30,32 @@ def test_without_cuda_one_line_and_exit_1(tmp_path):
 @pytest.mark.slow
 def test_dry_run_runs_the_whole_plan_and_reports_every_section(tmp_path):
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "cil", "gpu-check", "--dry-run", "--budget", "180", "--out",
-                           str(out)], capture_output=True, text=True, timeout=900, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "cil", "gpu-check", "--dry-run", "--budget", "180", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())["sections"]
     assert set(report) >= {"environment", "correctness", "sync", "speed", "fidelity", "timing"}
     assert report["correctness"]["same seed twice, deterministic=true: same accuracy matrix"] == "yes"
     assert report["correctness"]["SIGKILL + resume: same accuracy matrix as uninterrupted"].startswith("yes")
     assert [r["method"] for r in report["sync"]["host/device syncs inside training steps"]] == [
-        "er", "er_ace (separate passes)", "gsa", "gsa (official)", "gsa (task-free)", "gsa (balance=window)",
-        "er_ace (balance=magnitude)", "derpp", "pcr", "ocm", "onpro"]
+        "er",
+        "er_ace (separate passes)",
+        "gsa",
+        "gsa (official)",
+        "gsa (task-free)",
+        "gsa (balance=window)",
+        "er_ace (balance=magnitude)",
+        "derpp",
+        "pcr",
+        "ocm",
+        "onpro",
+    ]
     speed = report["speed"]["training samples/s (CIFAR-10 JPEG copy, batch 10, M = 500, one process)"]
     assert len(speed) == 14 and all(isinstance(r["samples/s"], float) for r in speed)
     runs = report["fidelity"]["Split CIFAR-10 (JPEG copy), full ResNet-18, whole stream, fp32"]

@@ -1,5 +1,6 @@
 """GSA's online step (cil/core/methods/gsa.py) against docs/gsa.md: replay-batch composition, warm-up, the buffer
 of the current task, and invariance of the whole method to how classes are labelled."""
+
 import copy
 
 import pytest
@@ -26,11 +27,14 @@ def fill(buf, task, label, n):
     buf.add(x, torch.full((n,), label), task)
 
 
-@pytest.mark.parametrize("seen_old, seen_cur, expect_old, expect_cur", [
-    (4, 1, 51, 12),   # r = 1/5: floor(64 * 4/5) = 51 from other tasks, floor(64/5) = 12 from Xc
-    (4, 2, 42, 21),   # r = 1/3
-    (4, 4, 32, 32),   # r = 1/2
-])
+@pytest.mark.parametrize(
+    "seen_old, seen_cur, expect_old, expect_cur",
+    [
+        (4, 1, 51, 12),  # r = 1/5: floor(64 * 4/5) = 51 from other tasks, floor(64/5) = 12 from Xc
+        (4, 2, 42, 21),  # r = 1/3
+        (4, 4, 32, 32),  # r = 1/2
+    ],
+)
 def test_balanced_replay_batch_composition(seen_old, seen_cur, expect_old, expect_cur):
     m = make_gsa()
     for label in range(4):  # tasks 0 and 1 in the buffer, 40 samples per class
@@ -62,8 +66,7 @@ def test_first_task_replay_is_current_data_only():
 def digits_stream(seed=0, label_map=None):
     ds = load_dataset("digits")
     if label_map is not None:
-        ds = ImageDataset(ds.name, ds.train_x, label_map[ds.train_y], ds.test_x, label_map[ds.test_y],
-                          ds.class_names)
+        ds = ImageDataset(ds.name, ds.train_x, label_map[ds.train_y], ds.test_x, label_map[ds.test_y], ds.class_names)
     return ds, ClassIncrementalStream(ds, n_tasks=5, batch_size=10, order="natural", seed=seed)
 
 
@@ -143,6 +146,7 @@ def test_state_dict_round_trip_continues_identically():
 
 class _PerCall:
     """Stands in for the step's pre-drawn augmentations: one draw from the method's generator per call."""
+
     left = 0
 
     def __init__(self, step):

@@ -3,6 +3,7 @@
 The project is built and installed with pip into a fresh virtual environment whose only other packages are this
 checkout's dependencies (made visible through a .pth file, so nothing is downloaded); then `cil --help`, the
 config of a protocol and a short run are asked for from an unrelated folder."""
+
 import json
 import os
 import shutil
@@ -21,8 +22,14 @@ def test_regular_install_runs_from_an_unrelated_folder(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     # The dependencies (and pip, setuptools) of this checkout's environment; its editable `cil` is not on that
     # path: a .pth file's own .pth files are not processed.
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -32,9 +39,25 @@ def test_regular_install_runs_from_an_unrelated_folder(tmp_path):
         shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(REPO / name, source / name)
-    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                              "--ignore-installed", "--no-index", str(source)],
-                             capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    install = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--ignore-installed",
+            "--no-index",
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
     assert install.returncode == 0, install.stdout + install.stderr
 
     elsewhere = tmp_path / "elsewhere"
@@ -52,7 +75,16 @@ def test_regular_install_runs_from_an_unrelated_folder(tmp_path):
     assert "method: " in usage and "gsa_cifar100" in usage and "split_cifar10_jpeg_native" in usage  # conf/ groups
     job = run(str(python), "-m", "cil", "experiment=gsa_cifar100", "--cfg", "job")
     assert "name: cifar100" in job and "name: gsa" in job and "replay_batch_size: 64" in job
-    run(str(python), "-m", "cil", "dataset=digits", "method=er", "buffer.size=50", "log.progress=false",
-        "eval.anytime_every=0", "hydra.run.dir=run")
+    run(
+        str(python),
+        "-m",
+        "cil",
+        "dataset=digits",
+        "method=er",
+        "buffer.size=50",
+        "log.progress=false",
+        "eval.anytime_every=0",
+        "hydra.run.dir=run",
+    )
     results = json.loads((elsewhere / "run" / "results.json").read_text())
     assert results["status"] == "complete" and len(results["acc_matrix"]) == 5

@@ -1,19 +1,25 @@
 """What a run logs: metrics.csv always, GSA's per-class statistics through the stream, and TensorBoard (scalars,
 the accuracy matrix as text and image, GSA's weights) only when log.tensorboard=true."""
+
 import csv
 from dataclasses import replace
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cil.run.config import method_defaults
-from cil.schema import BufferConfig, DatasetConfig, EvalConfig, LogConfig, RunConfig, StreamConfig
 from cil.run.experiment import run_experiment
+from cil.schema import BufferConfig, DatasetConfig, EvalConfig, LogConfig, RunConfig, StreamConfig
 
 
 def tiny(method: str, tensorboard: bool) -> RunConfig:
-    return RunConfig(dataset=DatasetConfig(name="digits"), stream=StreamConfig(batch_size=20),
-                     buffer=BufferConfig(size=100), method=replace(method_defaults(method), replay_batch_size=10),
-                     eval=EvalConfig(anytime_every=10), log=LogConfig(every=10, progress=False, tensorboard=tensorboard))
+    return RunConfig(
+        dataset=DatasetConfig(name="digits"),
+        stream=StreamConfig(batch_size=20),
+        buffer=BufferConfig(size=100),
+        method=replace(method_defaults(method), replay_batch_size=10),
+        eval=EvalConfig(anytime_every=10),
+        log=LogConfig(every=10, progress=False, tensorboard=tensorboard),
+    )
 
 
 def test_gsa_statistics_in_metrics_csv_and_tensorboard(tmp_path):

@@ -1,4 +1,3 @@
-
 import numpy as np
 import pytest
 
@@ -47,13 +46,21 @@ def test_confusion_matrix_counts_target_prediction_pairs():
 def test_error_breakdown_splits_errors_by_the_task_of_the_predicted_class():
     # classes 0, 1: task 0; classes 2, 3: task 1; class 4: task 2 (not seen yet); class 5: in no task.
     class_task = [0, 0, 1, 1, 2, -1]
-    conf = [[5, 1, 2, 0, 0, 0],   # class 0: 5 right, 1 within its task, 2 to a newer task
-            [0, 6, 1, 1, 0, 0],   # class 1: 6 right, 2 to a newer task
-            [3, 0, 4, 1, 0, 0],   # class 2: 4 right, 1 within, 3 to an older task
-            [0, 0, 0, 8, 0, 0],
-            [9, 9, 9, 9, 9, 0],   # task 2 is not seen: left out
-            [7, 0, 0, 0, 0, 0]]   # class 5 is in no task: left out
+    conf = [
+        [5, 1, 2, 0, 0, 0],  # class 0: 5 right, 1 within its task, 2 to a newer task
+        [0, 6, 1, 1, 0, 0],  # class 1: 6 right, 2 to a newer task
+        [3, 0, 4, 1, 0, 0],  # class 2: 4 right, 1 within, 3 to an older task
+        [0, 0, 0, 8, 0, 0],
+        [9, 9, 9, 9, 9, 0],  # task 2 is not seen: left out
+        [7, 0, 0, 0, 0, 0],
+    ]  # class 5 is in no task: left out
     out = metrics.error_breakdown(np.array(conf), class_task, tasks_seen=2)
     total = 8 + 8 + 8 + 8
-    assert out == pytest.approx({"correct": 100 * 23 / total, "within_task": 100 * 2 / total,
-                                 "to_newer_task": 100 * 4 / total, "to_older_task": 100 * 3 / total})
+    assert out == pytest.approx(
+        {
+            "correct": 100 * 23 / total,
+            "within_task": 100 * 2 / total,
+            "to_newer_task": 100 * 4 / total,
+            "to_older_task": 100 * 3 / total,
+        }
+    )

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from cil.errors import ConfigError
 from cil.core.models import MODEL_NAMES, build_model
+from cil.errors import ConfigError
 
 SHAPES = [(1, 28, 28), (3, 32, 32), (3, 64, 64)]
 FEATURE_DIM = {"mlp": 400, "reduced_resnet18": 160, "resnet18": 512}

@@ -1,12 +1,22 @@
 """Tests of cil.core.objectives: every assertion checks a property that breaks if the feature breaks."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cil.core.objectives import (GradientStats, balance_weights, classes_mask, cross_entropy_masked, er_ace_loss,
-                            er_loss, gsa_new_loss, gsa_replay_loss, mask_logits)
+from cil.core.objectives import (
+    GradientStats,
+    balance_weights,
+    classes_mask,
+    cross_entropy_masked,
+    er_ace_loss,
+    er_loss,
+    gsa_new_loss,
+    gsa_replay_loss,
+    mask_logits,
+)
 
 C = 10
 SEEN_LABELS = [0, 2, 3, 7, 9]  # non-contiguous subset of the head
@@ -39,6 +49,7 @@ def autograd_masses(logits, y, mask):
 
 # ---------------------------------------------------------------- common
 
+
 def test_mask_logits_and_classes_mask():
     logits = torch.arange(2 * C, dtype=torch.float32).reshape(2, C)
     m = mask_of(SEEN_LABELS)
@@ -66,6 +77,7 @@ def test_cross_entropy_masked_equals_sliced_ce_and_empty_batch():
 
 
 # ---------------------------------------------------------------- GradientStats
+
 
 def test_stats_equal_autograd_masses_single_update():
     g = gen(2)
@@ -127,7 +139,7 @@ def test_relabelling_invariance():
         m = mask_of(labels)
         logits, y = random_batch(g, 16, labels)
         logits_p = torch.empty_like(logits)
-        logits_p[:, perm] = logits          # column perm[c] of the relabelled head is old column c
+        logits_p[:, perm] = logits  # column perm[c] of the relabelled head is old column c
         m_p = torch.zeros_like(m)
         m_p[perm] = m
         a.update(logits, y, m)
@@ -145,11 +157,11 @@ def test_weights_values_and_guards():
     s.negative = torch.tensor([1.0, 1.0, 0.0, 0.0, 2.0, 3.0], dtype=torch.float64)
     w = s.weights()
     assert w.dtype == torch.float32 and not w.requires_grad
-    assert w[0].item() == 1.0                                   # exact balance
+    assert w[0].item() == 1.0  # exact balance
     assert w[1].item() == pytest.approx(2 / (1 + math.exp(1 - 3.0)))  # G+ > G- -> > 1
     assert w[1].item() > 1.0
-    assert w[2].item() == 1.0                                   # no evidence
-    assert w[3].item() == 2.0                                   # G- = 0 < G+: the limit
+    assert w[2].item() == 1.0  # no evidence
+    assert w[3].item() == 2.0  # G- = 0 < G+: the limit
     assert w[4].item() == pytest.approx(2 / (1 + math.e)) and w[4].item() < 1.0  # G+ = 0 < G-
     assert w[5].item() == pytest.approx(2 / (1 + math.exp(1 - 1 / 3))) and w[5].item() < 1.0
     assert torch.isfinite(w).all()
@@ -180,6 +192,7 @@ def test_stats_state_dict_roundtrip():
 
 # ---------------------------------------------------------------- GSA losses
 
+
 def test_gsa_new_loss_gradient_only_on_task_classes_and_equals_sliced_ce():
     task = [3, 7]
     tm = mask_of(task)
@@ -187,7 +200,7 @@ def test_gsa_new_loss_gradient_only_on_task_classes_and_equals_sliced_ce():
     logits.requires_grad_(True)
     loss = gsa_new_loss(logits, y, tm)
     loss.backward()
-    assert (logits.grad[:, ~tm] == 0).all()       # exactly zero on every other class (old ones included)
+    assert (logits.grad[:, ~tm] == 0).all()  # exactly zero on every other class (old ones included)
     assert (logits.grad[:, tm] != 0).all()
     remap = torch.full((C,), -1, dtype=torch.long)
     remap[torch.tensor(task)] = torch.arange(len(task))
@@ -203,13 +216,14 @@ def test_gsa_replay_loss_weights_are_constants_and_value():
     w = (torch.rand(C, generator=g) * 2).requires_grad_(True)
     loss = gsa_replay_loss(logits, y, w, m)
     loss.backward()
-    assert w.grad is None                          # weights enter as constants
+    assert w.grad is None  # weights enter as constants
     assert (logits.grad[:, ~m] == 0).all() and (logits.grad[:, m] != 0).any()
     z = logits.detach().masked_fill(~m, float("-inf"))
     manual = -(w.detach()[y] * torch.log_softmax(z, 1)[torch.arange(16), y]).mean()
     assert torch.allclose(loss.detach(), manual, atol=1e-6)
-    double_softmax = -(w.detach()[y] * torch.log_softmax(torch.softmax(z, 1).masked_fill(~m, float("-inf")),
-                                                          1)[torch.arange(16), y]).mean()
+    double_softmax = -(
+        w.detach()[y] * torch.log_softmax(torch.softmax(z, 1).masked_fill(~m, float("-inf")), 1)[torch.arange(16), y]
+    ).mean()
     assert not torch.allclose(loss.detach(), double_softmax, atol=1e-3)
     # only the target term is weighted: uniform weights 1 give plain masked CE, weights 2 give twice it
     ce = cross_entropy_masked(logits.detach(), y, m)
@@ -228,6 +242,7 @@ def test_gsa_replay_loss_pads_short_weights_with_one_and_empty_batch():
 
 # ---------------------------------------------------------------- ER-ACE
 
+
 def test_er_ace_incoming_term_only_present_classes_replay_term_all_seen():
     g = gen(11)
     seen = mask_of(SEEN_LABELS)
@@ -239,10 +254,10 @@ def test_er_ace_incoming_term_only_present_classes_replay_term_all_seen():
     lb.requires_grad_(True)
     loss = er_ace_loss(ln, yn, lb, yb, seen)
     loss.backward()
-    assert (ln.grad[:, ~present] == 0).all()           # absent classes (old seen ones too) untouched
+    assert (ln.grad[:, ~present] == 0).all()  # absent classes (old seen ones too) untouched
     assert (ln.grad[:, present] != 0).all()
     assert (lb.grad[:, ~seen] == 0).all()
-    assert (lb.grad[:, seen] != 0).all()               # replay covers all seen classes
+    assert (lb.grad[:, seen] != 0).all()  # replay covers all seen classes
     ref = cross_entropy_masked(ln.detach(), yn, present) + cross_entropy_masked(lb.detach(), yb, seen)
     assert torch.allclose(loss.detach(), ref, atol=1e-6)
 

@@ -12,6 +12,7 @@ InfoNCE/contrastive_learning.py), in float64, with per-image Python where that i
 - the random start of each feature window.
 Loss and the gradient of every parameter (model and projection head) are compared at every step of three tasks.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,6 +21,22 @@ import signal
 
 import pytest
 import torch
+from conftest import REPO
+from test_reference_steps import (
+    BATCH,
+    BUFFER_SIZE,
+    N_TASKS,
+    NUM_CLASSES,
+    ORDER,
+    SHAPE,
+    TASK_CLASSES,
+    BufferSnapshot,
+    Draws,
+    SampleLog,
+    _digits,
+    make_batches,
+)
+from test_resume import cli, comparable
 
 from cil.core.buffer import ReplayBuffer
 from cil.core.data.stream import ClassIncrementalStream
@@ -27,10 +44,6 @@ from cil.core.learner import Learner
 from cil.core.methods.ocm import OCM, OCMConfig
 from cil.core.models import build_model
 from cil.errors import ConfigError
-from conftest import REPO
-from test_reference_steps import (BATCH, BUFFER_SIZE, N_TASKS, NUM_CLASSES, ORDER, SHAPE, TASK_CLASSES,
-                                  BufferSnapshot, Draws, SampleLog, _digits, make_batches)
-from test_resume import cli, comparable
 
 RTOL, ATOL = 1e-5, 1e-6
 TAU, EPS = 0.07, 1e-8
@@ -144,7 +157,7 @@ def ocm_reference(model, proj, prev, batch, seen, draws, rec: Recorded, first_ta
         assert 0 <= s < d - PROJ, "feature window out of range"
 
     def sims(z, fn, start, weight):
-        return weight * (z @ z.t()) + weight * (z @ fn[:, start:start + PROJ].t())
+        return weight * (z @ z.t()) + weight * (z @ fn[:, start : start + PROJ].t())
 
     info = {}
     if batch.task == 0:
@@ -163,8 +176,8 @@ def ocm_reference(model, proj, prev, batch, seen, draws, rec: Recorded, first_ta
         xm = to_unit(mem_x)
         x16, m16 = expand16(x), expand16(xm)
         both = rec.augmented(torch.cat([x16, m16]), used)
-        pair = torch.cat([x16.double(), both[:len(x16)]])
-        pair_r = torch.cat([m16.double(), both[len(x16):]])
+        pair = torch.cat([x16.double(), both[: len(x16)]])
+        pair_r = torch.cat([m16.double(), both[len(x16) :]])
         f = model.features(torch.cat([pair, pair_r]))
         u = proj(f)
         n2 = len(pair)
@@ -174,11 +187,11 @@ def ocm_reference(model, proj, prev, batch, seen, draws, rec: Recorded, first_ta
             pre_u = normalize(prev[1](prev[0].features(m16.double())))
         loss_sim = nt_xent_n(sims(z, fn, starts[0], w), labels16(y))
         loss_sim_r = nt_xent_uni(sims(z_r, fn_r, starts[1], w), labels16(mem_y))
-        loss_pre = nt_xent_pre(z_r[:len(m16)] @ pre_u.t(), labels16(mem_y))
+        loss_pre = nt_xent_pre(z_r[: len(m16)] @ pre_u.t(), labels16(mem_y))
         am = rec.augmented(torch.cat([xm, xm]), used)
-        y_label = model(am[:len(mem_y)])
+        y_label = model(am[: len(mem_y)])
         with torch.no_grad():
-            y_label_pre = prev[0](am[len(mem_y):])
+            y_label_pre = prev[0](am[len(mem_y) :])
         old = sorted(c for t in range(batch.task) for c in TASK_CLASSES[t])  # ":2*task_id" in the natural order
         mse = ((y_label_pre[:, old] - y_label[:, old]) ** 2).mean()
         loss = torch.nn.functional.cross_entropy(y_label, mem_y) + loss_sim_r + loss_sim + loss_pre + mse
@@ -201,7 +214,7 @@ def run_lockstep(cfg: OCMConfig, check):
     ds = _digits()
     method = build(cfg)
     stream = ClassIncrementalStream(ds, N_TASKS, BATCH, order=ORDER, seed=0)
-    learner = Learner(stream, method, progress=False, anytime_every=0, log_every=10 ** 9)
+    learner = Learner(stream, method, progress=False, anytime_every=0, log_every=10**9)
     samples, rec = SampleLog(method.buffer), Recorded(method)
     captured = {}
     original_step = method.step
@@ -236,12 +249,14 @@ def test_every_step_matches_the_official_equations():
 
     def check(batch, captured, loss, grads, info):
         where = f"task {batch.task}, batch {batch.step_in_task}"
-        torch.testing.assert_close(captured["loss"].double(), loss, rtol=RTOL, atol=ATOL,
-                                   msg=lambda m: f"loss differs at {where}: {m}")
+        torch.testing.assert_close(
+            captured["loss"].double(), loss, rtol=RTOL, atol=ATOL, msg=lambda m: f"loss differs at {where}: {m}"
+        )
         assert len(grads) == len(captured["grads"])
         for i, (g, g_ref) in enumerate(zip(captured["grads"], grads)):
-            torch.testing.assert_close(g.double(), g_ref, rtol=RTOL, atol=ATOL,
-                                       msg=lambda m, i=i: f"gradient {i} differs at {where}: {m}")
+            torch.testing.assert_close(
+                g.double(), g_ref, rtol=RTOL, atol=ATOL, msg=lambda m, i=i: f"gradient {i} differs at {where}: {m}"
+            )
         replayed.append(info["n_replay"])
 
     run_lockstep(OCMConfig(proj_dim=PROJ), check)
@@ -259,17 +274,26 @@ def test_defaults_are_the_official_code():
 
 def test_rotations_are_the_official_expansion():
     from cil.core.augment import rotation_views as rotations
+
     x = torch.rand(3, 2, 6, 6)
     torch.testing.assert_close(rotations(x, True), expand16(x), rtol=0, atol=0)
     r4 = rotations(x, False)
     assert torch.equal(r4[3:6], torch.rot90(x, 2, (2, 3))) and len(r4) == 12
 
 
-@pytest.mark.parametrize("key, value, match", [
-    ("temperature", 0.0, "method.temperature"), ("replay_per_class", -1, "method.replay_per_class"),
-    ("ce_classes", "task", "method.ce_classes"), ("crop_scale", [0.5, 0.2], "method.crop_scale"),
-    ("crop", "nope", "method.crop"), ("sim_weight", 0, "method.sim_weight"), ("grayscale_p", 2, "method.grayscale_p"),
-    ("replay_batch_size", 0, "method.replay_batch_size")])
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("temperature", 0.0, "method.temperature"),
+        ("replay_per_class", -1, "method.replay_per_class"),
+        ("ce_classes", "task", "method.ce_classes"),
+        ("crop_scale", [0.5, 0.2], "method.crop_scale"),
+        ("crop", "nope", "method.crop"),
+        ("sim_weight", 0, "method.sim_weight"),
+        ("grayscale_p", 2, "method.grayscale_p"),
+        ("replay_batch_size", 0, "method.replay_batch_size"),
+    ],
+)
 def test_bad_settings_name_the_key(key, value, match):
     with pytest.raises(ConfigError, match=match):
         OCMConfig(**{key: value}).validate()
@@ -281,9 +305,21 @@ def test_projection_wider_than_the_features_is_refused():
 
 
 # Adam lr 1e-3 as in the official code (SGD lr 0.1, the digits default, is too large for OCM's tau = 0.07 losses)
-FAST = ["dataset=digits", "method=ocm", "optimizer=adam", "optimizer.lr=0.001", "buffer.size=100", "log.progress=false", "threads=1", "model.hidden=[48]",
-        "method.proj_dim=16", "method.replay_batch_size=16", "log.every=15", "checkpoint.every=25",
-        "eval.anytime_every=0"]
+FAST = [
+    "dataset=digits",
+    "method=ocm",
+    "optimizer=adam",
+    "optimizer.lr=0.001",
+    "buffer.size=100",
+    "log.progress=false",
+    "threads=1",
+    "model.hidden=[48]",
+    "method.proj_dim=16",
+    "method.replay_batch_size=16",
+    "log.every=15",
+    "checkpoint.every=25",
+    "eval.anytime_every=0",
+]
 
 
 def test_cli_run_and_resume_after_sigkill_is_bit_identical(tmp_path, monkeypatch):

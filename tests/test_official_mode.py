@@ -1,6 +1,7 @@
 """The paper protocols in two named modes: `gsa_<dataset>` (our corrected step, with the paper's class order and
 input normalisation) and `gsa_<dataset>_official` (the official code's behaviour, each piece a switch). On a reduced
 CIFAR-10 JPEG stream the official mode's head stops learning after task 0 exactly as the official code's does."""
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -24,26 +25,48 @@ def test_both_modes_set_the_paper_protocol_and_only_official_sets_the_official_s
     for cfg in (corrected, official):
         assert cfg.stream.class_order == "natural" and cfg.dataset.normalize and cfg.dataset.name == dataset
         assert (cfg.model.name, cfg.optimizer.name, cfg.optimizer.lr, cfg.method.replay_batch_size) == (
-            "resnet18", "adam", 0.001, 64)
+            "resnet18",
+            "adam",
+            0.001,
+            64,
+        )
     assert {k: getattr(official.method, k) for k in OFFICIAL} == OFFICIAL
     assert {k: getattr(corrected.method, k) for k in OFFICIAL} == {
-        "crop": "torchvision", "bn_extra_passes": False, "fresh_head_rows": False,
-        "freeze_head_after_first_task": False}
+        "crop": "torchvision",
+        "bn_extra_passes": False,
+        "fresh_head_rows": False,
+        "freeze_head_after_first_task": False,
+    }
     assert official.experiment == f"gsa_{dataset}_official"
 
 
 def head_history(tmp_path, shared_data, experiment):
     """Drive a reduced official-protocol run on the CIFAR-10 JPEG copy; the head after every batch."""
-    cfg = compose_cfg(f"experiment={experiment}", "dataset=cifar10_jpeg", f"dataset.root={shared_data}",
-                      "model=reduced_resnet18", "model.nf=8", "stream.samples_per_class=20", "buffer.size=100",
-                      "log.progress=false", "eval.anytime_every=0")
+    cfg = compose_cfg(
+        f"experiment={experiment}",
+        "dataset=cifar10_jpeg",
+        f"dataset.root={shared_data}",
+        "model=reduced_resnet18",
+        "model.nf=8",
+        "stream.samples_per_class=20",
+        "buffer.size=100",
+        "log.progress=false",
+        "eval.anytime_every=0",
+    )
     learner = build_learner(cfg, tmp_path)
     head = learner.method.head
     history = []
     for batch in learner.stream.batches():
         learner.train_batch(batch)
-        history.append((batch.task, batch.step_in_task, head.weight.detach().clone(), head.bias.detach().clone(),
-                        head.weight.requires_grad))
+        history.append(
+            (
+                batch.task,
+                batch.step_in_task,
+                head.weight.detach().clone(),
+                head.bias.detach().clone(),
+                head.weight.requires_grad,
+            )
+        )
     return learner, history
 
 

@@ -1,5 +1,6 @@
 """The switches that reproduce the official codes, each against an independent formulation: the affine crop, the
 extra batch-norm passes, the head's fresh rows, ER-ACE's separate passes and the input normalisation."""
+
 import copy
 import math
 
@@ -29,8 +30,13 @@ def test_affine_crop_is_affine_grid_with_half_pixel_offsets_and_reflection():
     theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = w, h, cx, cy
     grid = F.affine_grid(theta, (500, 3, 16, 16), align_corners=False)
     luma = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1).expand_as(x)
-    expected = F.grid_sample(torch.where(gray[:, None, None, None], luma, x), grid, mode="bilinear",
-                             padding_mode="reflection", align_corners=False)
+    expected = F.grid_sample(
+        torch.where(gray[:, None, None, None], luma, x),
+        grid,
+        mode="bilinear",
+        padding_mode="reflection",
+        align_corners=False,
+    )
     torch.testing.assert_close(aug.apply(x, gray, boxes), expected)
 
 
@@ -42,8 +48,15 @@ def bn_step(bn_extra_passes: bool):
     g = torch.Generator().manual_seed(3)
     buf.add(torch.randint(0, 256, (30, 3, 8, 8), generator=g, dtype=torch.uint8), torch.tensor([0, 1] * 15), 0)
     buf.add(torch.randint(0, 256, (8, 3, 8, 8), generator=g, dtype=torch.uint8), torch.tensor([2, 3] * 4), 1)
-    m = GSA(model, opt, buf, GSAConfig(augment=False, bn_extra_passes=bn_extra_passes), 4, torch.device("cpu"),
-            input_shape=(3, 8, 8))
+    m = GSA(
+        model,
+        opt,
+        buf,
+        GSAConfig(augment=False, bn_extra_passes=bn_extra_passes),
+        4,
+        torch.device("cpu"),
+        input_shape=(3, 8, 8),
+    )
     m.on_task_start(1, torch.tensor([2, 3]))
     m.classes.mark_seen(torch.arange(4), torch.arange(4))
     x = torch.randint(0, 256, (10, 3, 8, 8), generator=g, dtype=torch.uint8)
@@ -91,8 +104,15 @@ def test_er_ace_separate_passes_against_two_forward_passes_by_hand():
     g = torch.Generator().manual_seed(2)
     mem_x = torch.randint(0, 256, (20, 3, 8, 8), generator=g, dtype=torch.uint8)
     buf.add(mem_x, torch.tensor([0, 1] * 10), 0)
-    m = ERACE(model, torch.optim.SGD(model.parameters(), lr=0.0), buf, ERACEConfig(separate_passes=True), 4,
-              torch.device("cpu"), seed=3)
+    m = ERACE(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        buf,
+        ERACEConfig(separate_passes=True),
+        4,
+        torch.device("cpu"),
+        seed=3,
+    )
     m.classes.mark_seen(torch.arange(4), torch.arange(4))
     x = torch.randint(0, 256, (10, 3, 8, 8), generator=g, dtype=torch.uint8)
     y = torch.tensor([2, 3] * 5)
@@ -116,8 +136,16 @@ def test_er_ace_separate_passes_against_two_forward_passes_by_hand():
 def test_normalized_input_is_standardised_per_channel(channels_last):
     model = build_model("reduced_resnet18", (3, 4, 4), 2, nf=2)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    m = ERACE(model, torch.optim.SGD(model.parameters(), lr=0.1), None, ERACEConfig(), 2, torch.device("cpu"),
-              channels_last=channels_last, normalize=(mean, std))
+    m = ERACE(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        None,
+        ERACEConfig(),
+        2,
+        torch.device("cpu"),
+        channels_last=channels_last,
+        normalize=(mean, std),
+    )
     x = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
     expected = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     torch.testing.assert_close(m.to_input(x), expected)

@@ -8,6 +8,7 @@ the feature-slice offsets, and APF's output (whose structure the reference check
 before using it). Rotations, views, similarities, both contrastive losses, prototypes, OPE, the mixup CE and the
 total are computed here.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,6 +20,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_reference_steps import (
+    BATCH,
+    N_TASKS,
+    NUM_CLASSES,
+    ORDER,
+    SHAPE,
+    TASK_CLASSES,
+    BufferSnapshot,
+    SampleLog,
+    _digits,
+    make_batches,
+    to_unit,
+)
+from test_resume import FAST, checkpoint_step, cli, comparable
 
 from cil.core.buffer import ReplayBuffer
 from cil.core.data.stream import ClassIncrementalStream
@@ -26,9 +41,6 @@ from cil.core.learner import Learner
 from cil.core.methods.onpro import OnPro, OnProConfig
 from cil.core.models import build_model
 from cil.errors import ConfigError
-from test_reference_steps import (BATCH, N_TASKS, NUM_CLASSES, ORDER, SHAPE, BufferSnapshot, SampleLog,
-                                  TASK_CLASSES, _digits, make_batches, to_unit)
-from test_resume import FAST, checkpoint_step, cli, comparable
 
 EPS = 1e-8
 RTOL, ATOL = 2e-5, 2e-6
@@ -118,7 +130,9 @@ class Recorder:
             if inp.shape == x.shape and torch.equal(inp, x):
                 self.augs.pop(i)
                 return out
-        raise AssertionError(f"the method never augmented a tensor of shape {tuple(x.shape)} that the reference augments")
+        raise AssertionError(
+            f"the method never augmented a tensor of shape {tuple(x.shape)} that the reference augments"
+        )
 
 
 class Ref:
@@ -146,15 +160,19 @@ def check_apf(rec, ref: Ref, mem_x, mem_y, size, knobs, buf: BufferSnapshot):
     for i in range(base):
         cand_a = [r for r in range(len(mem_y)) if mem_y[r] == ya[i]]
         cand_b = [r for r in range(len(mem_y)) if mem_y[r] == yb[i]]
-        assert any(torch.allclose((1 - lb[i]) * flat[a] + lb[i] * flat[b], x_mix[i].flatten(), atol=1e-6)
-                   for a in cand_a for b in cand_b), f"base row {i} is not a mix of two drawn rows"
+        assert any(
+            torch.allclose((1 - lb[i]) * flat[a] + lb[i] * flat[b], x_mix[i].flatten(), atol=1e-6)
+            for a in cand_a
+            for b in cand_b
+        ), f"base row {i} is not a mix of two drawn rows"
     # APF rows: pair counts = round(m softmax(1/d)) fixed to sum m, one +-1 per pair at most
     classes = ref.classes
-    pairs = [(a, b) for i, a in enumerate(classes) for b in classes[i + 1:]]
+    pairs = [(a, b) for i, a in enumerate(classes) for b in classes[i + 1 :]]
     d = torch.stack([(ref.means[a] - ref.means[b]).norm() for a, b in pairs])
     expect = torch.round(torch.softmax(1 / d, 0) * m)
-    got = torch.tensor([sum(1 for r in range(base, size) if (int(ya[r]), int(yb[r])) == p) for p in pairs],
-                       dtype=torch.float64)
+    got = torch.tensor(
+        [sum(1 for r in range(base, size) if (int(ya[r]), int(yb[r])) == p) for p in pairs], dtype=torch.float64
+    )
     assert got.sum() == m
     delta = got - expect
     short = m - expect.sum()
@@ -185,14 +203,14 @@ def onpro_reference(model64, proj64, batch, seen, samples, rec, buf, ref: Ref, k
         return F.normalize(f, dim=1), F.normalize(proj64(f), dim=1)
 
     def sim(z, f, d, scale):
-        return scale * z @ f[:, d:d + p_dim].t() + scale * z @ z.t()
+        return scale * z @ f[:, d : d + p_dim].t() + scale * z @ z.t()
 
     def rot_labels(lab):
         return torch.cat([lab + NUM_CLASSES * k for k in range(16)])
 
     def seen_pass(mx, my):
         _, z = embed(torch.cat([mx, rec.augmented(mx)]))
-        loss, means, classes = ope_ref(z[:len(my)], z[len(my):], my, t_proto)
+        loss, means, classes = ope_ref(z[: len(my)], z[len(my) :], my, t_proto)
         ref.means, ref.classes = means, classes
         return loss
 
@@ -208,7 +226,7 @@ def onpro_reference(model64, proj64, batch, seen, samples, rec, buf, ref: Ref, k
             n_draw, _, (mx, my, _) = next(draws)
             assert n_draw == knobs["replay_batch_size"] and len(my) == min(n_draw, len(buf.y))
             ope_seen = seen_pass(to_unit(mx), my)
-        ope_new = ope_ref(z[:n], z[16 * n:17 * n], y, t_proto)[0]
+        ope_new = ope_ref(z[:n], z[16 * n : 17 * n], y, t_proto)[0]
         ce = F.cross_entropy(model64(rec.augmented(x).double()), y)
     else:
         size = min(knobs["replay_batch_size"], knobs["per_class_replay"] * len(seen))
@@ -226,14 +244,15 @@ def onpro_reference(model64, proj64, batch, seen, samples, rec, buf, ref: Ref, k
         k = 32 * n
         d1, d2 = rec.offsets.pop(0), rec.offsets.pop(0)
         lam_s = knobs["sim_lambda"]
-        ins = ntxent_ref(sim(z[k:], f[k:], d2, lam_s), rot_labels(soft), t_ins, False) \
-            + ntxent_ref(sim(z[:k], f[:k], d1, lam_s), rot_labels(y), t_ins, True)
+        ins = ntxent_ref(sim(z[k:], f[k:], d2, lam_s), rot_labels(soft), t_ins, False) + ntxent_ref(
+            sim(z[:k], f[:k], d1, lam_s), rot_labels(y), t_ins, True
+        )
         logp = F.log_softmax(model64(rec.augmented(x_mix.float()).double()), 1)
         nll_a = -logp[torch.arange(len(ya)), ya]
         nll_b = -logp[torch.arange(len(yb)), yb]
         ce = ((1 - lam) * nll_a + lam * nll_b).mean()
         ope_seen = seen_pass(mx, my)
-        ope_new = ope_ref(z[:n], z[16 * n:17 * n], y, t_proto)[0]
+        ope_new = ope_ref(z[:n], z[16 * n : 17 * n], y, t_proto)[0]
     assert next(draws, None) is None, "the method drew buffer rows the reference does not use"
     assert not rec.augs and not rec.offsets and not rec.apf, "the method made draws the reference does not use"
     loss = ce + ins + ope_new + ope_seen
@@ -241,10 +260,30 @@ def onpro_reference(model64, proj64, batch, seen, samples, rec, buf, ref: Ref, k
     return loss.detach(), torch.autograd.grad(loss, params)
 
 
-SPEC = dict(replay_batch_size=64, per_class_replay=7, proj_dim=16, ins_temperature=0.07, proto_temperature=0.5,
-            sim_lambda=1.0, mixup_base_rate=0.9, mixup_p=0.2, mixup_lower=0.0, mixup_upper=0.6)
-OTHER = dict(replay_batch_size=24, per_class_replay=5, proj_dim=12, ins_temperature=0.2, proto_temperature=0.3,
-             sim_lambda=0.5, mixup_base_rate=0.5, mixup_p=1.0, mixup_lower=0.1, mixup_upper=0.4)
+SPEC = dict(
+    replay_batch_size=64,
+    per_class_replay=7,
+    proj_dim=16,
+    ins_temperature=0.07,
+    proto_temperature=0.5,
+    sim_lambda=1.0,
+    mixup_base_rate=0.9,
+    mixup_p=0.2,
+    mixup_lower=0.0,
+    mixup_upper=0.6,
+)
+OTHER = dict(
+    replay_batch_size=24,
+    per_class_replay=5,
+    proj_dim=12,
+    ins_temperature=0.2,
+    proto_temperature=0.3,
+    sim_lambda=0.5,
+    mixup_base_rate=0.5,
+    mixup_p=1.0,
+    mixup_lower=0.1,
+    mixup_upper=0.4,
+)
 
 
 def build(knobs):
@@ -265,7 +304,7 @@ def test_onpro_steps_match_reference(knobs):
     method = build(knobs)
     stream = ClassIncrementalStream(ds, N_TASKS, BATCH, order=ORDER, seed=0)
     assert [task.classes.tolist() for task in stream.tasks] == TASK_CLASSES
-    learner = Learner(stream, method, progress=False, anytime_every=0, log_every=10 ** 9)
+    learner = Learner(stream, method, progress=False, anytime_every=0, log_every=10**9)
     samples, rec = SampleLog(method.buffer), Recorder(method)
     captured = {}
     params = list(method.model.parameters()) + list(method.projection.parameters())
@@ -337,8 +376,7 @@ def test_apf_pair_selection_on_hand_made_prototypes():
     assert all(p in got for p in seq) and seq == sorted(seq, key=pairs.index)
     for r in range(base, 16):
         va = x_mix[r, 0, 0, 0] * 255
-        ok = [(1 - lam[r]) * i + lam[r] * j for i in range(20) for j in range(20)
-              if y[i] == ya[r] and y[j] == yb[r]]
+        ok = [(1 - lam[r]) * i + lam[r] * j for i in range(20) for j in range(20) if y[i] == ya[r] and y[j] == yb[r]]
         assert any(abs(float(va - o)) < 1e-3 for o in ok)
     # a class absent from the buffer is replaced by one that is there (with a prototype)
     method.proto_present[5] = True
@@ -350,6 +388,7 @@ def test_apf_pair_selection_on_hand_made_prototypes():
 def test_rotations_and_beta_sampler():
     from cil.core.augment import rotation_views as rotations
     from cil.core.methods.onpro import beta_sample
+
     x = torch.rand(3, 2, 6, 6)
     assert torch.equal(rotations(x), rotate_ref(x))
     g = torch.Generator().manual_seed(0)
@@ -361,10 +400,19 @@ def test_rotations_and_beta_sampler():
     assert abs(s2.var() - 0.25 / 5) < 0.005
 
 
-@pytest.mark.parametrize("key, value", [("method.proj_dim", 0), ("method.mixup_p", 1.5),
-                                        ("method.mixup_base_rate", -0.1), ("method.ins_temperature", 0),
-                                        ("method.crop_scale", [0.5, 0.2]), ("method.per_class_replay", 0),
-                                        ("method.mixup_alpha", 9.0), ("method.crop", "nope")])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("method.proj_dim", 0),
+        ("method.mixup_p", 1.5),
+        ("method.mixup_base_rate", -0.1),
+        ("method.ins_temperature", 0),
+        ("method.crop_scale", [0.5, 0.2]),
+        ("method.per_class_replay", 0),
+        ("method.mixup_alpha", 9.0),
+        ("method.crop", "nope"),
+    ],
+)
 def test_bad_settings_name_the_key(key, value):
     cfg = OnProConfig(**{key.split(".")[1]: value})
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -10,6 +10,7 @@ utils/setup_elements.py transforms_aug).
 - Evaluation uses the cosine head; incoming and replayed rows go through separate passes; `iters` shares the
   incoming augmentation; a short CLI run and a kill/resume are sane; bad knobs name their key.
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,7 +26,7 @@ import torchvision.transforms.functional as TF
 from cil.core.augment import SimCLRAugment
 from cil.core.buffer import ReplayBuffer
 from cil.core.data import load_dataset
-from cil.core.data.stream import Batch, ClassIncrementalStream
+from cil.core.data.stream import ClassIncrementalStream
 from cil.core.learner import Learner
 from cil.core.methods.pcr import PCR, PCRConfig
 from cil.core.models import build_model
@@ -55,8 +56,12 @@ def torchvision_reference(img: torch.Tensor, p: dict, i: int, size) -> torch.Ten
         out = TF.hflip(out)
     if p["jitter"][i]:
         b, c, s, hue = (float(v) for v in p["factors"][i])
-        ops = [lambda x: TF.adjust_brightness(x, b), lambda x: TF.adjust_contrast(x, c),
-               lambda x: TF.adjust_saturation(x, s), lambda x: TF.adjust_hue(x, hue)]
+        ops = [
+            lambda x: TF.adjust_brightness(x, b),
+            lambda x: TF.adjust_contrast(x, c),
+            lambda x: TF.adjust_saturation(x, s),
+            lambda x: TF.adjust_hue(x, hue),
+        ]
         for k in p["order"][i].tolist():
             out = ops[k](out)
     if p["gray"][i] and out.shape[0] == 3:
@@ -81,8 +86,9 @@ def test_augmentation_matches_torchvision_per_image(channels):
     assert areas.min() < 0.4 and (areas >= 0.2 - 0.05).all()  # scale (0.2, 1)
     # tolerance: torchvision's tensor luma weighs red 0.2989, PIL (the official code's path) and we 0.299
     for i in range(len(x)):
-        torch.testing.assert_close(out[i], torchvision_reference(x[i], p, i, (16, 16)), rtol=0, atol=3e-4,
-                                   msg=lambda m, i=i: f"image {i}: {m}")
+        torch.testing.assert_close(
+            out[i], torchvision_reference(x[i], p, i, (16, 16)), rtol=0, atol=3e-4, msg=lambda m, i=i: f"image {i}: {m}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,7 +138,7 @@ def run_lockstep(cfg: PCRConfig, check):
     and the recorded draws; `check(method_loss, method_grads, ref_loss, ref_grads, names, info)`."""
     method = build(cfg)
     stream, batches = stream_batches()
-    learner = Learner(stream, method, progress=False, anytime_every=0, log_every=10 ** 9)
+    learner = Learner(stream, method, progress=False, anytime_every=0, log_every=10**9)
     samples, augments, captured = [], [], {}
     original_sample, original_apply, original_step = method.buffer.sample, method.augment.apply, method.step
 
@@ -171,7 +177,7 @@ def run_lockstep(cfg: PCRConfig, check):
         assert len(augments) == 1
         inp, out = augments[0]
         assert torch.equal(inp, torch.cat([x_new, x_mem])), "augmented something else than [incoming; replayed]"
-        a_new, a_mem = out[:len(x_new)], out[len(x_new):]
+        a_new, a_mem = out[: len(x_new)], out[len(x_new) :]
         rows = torch.cat([x_new, a_new, x_mem, a_mem]).double()
         y = torch.cat([batch.y, batch.y, mem_y, mem_y])
         params = list(model64.parameters())
@@ -181,8 +187,7 @@ def run_lockstep(cfg: PCRConfig, check):
         else:
             ref = proxy_supcon_reference(feats, model64.head.weight, y)
         grads = torch.autograd.grad(ref, params, allow_unused=True)
-        check(captured["loss"], captured["grads"], ref.detach(), grads, names,
-              {"batch": batch, "n_mem": len(mem_y)})
+        check(captured["loss"], captured["grads"], ref.detach(), grads, names, {"batch": batch, "n_mem": len(mem_y)})
     return method
 
 
@@ -212,7 +217,13 @@ def test_defaults_are_the_official_ones():
     assert cfg.augment and cfg.separate_passes
     aug = build(cfg).augment
     assert (aug.scale, aug.ratio, aug.flip_p, aug.jitter, aug.jitter_p, aug.grayscale_p) == (
-        (0.2, 1.0), (3 / 4, 4 / 3), 0.5, (0.4, 0.4, 0.4, 0.1), 0.8, 0.2)
+        (0.2, 1.0),
+        (3 / 4, 4 / 3),
+        0.5,
+        (0.4, 0.4, 0.4, 0.1),
+        0.8,
+        0.2,
+    )
 
 
 def test_passes_iters_and_the_evaluation_head():
@@ -250,12 +261,15 @@ def test_passes_iters_and_the_evaluation_head():
     assert out.logits.shape == (BATCH, NUM_CLASSES) and out.logits.abs().max() <= 1 / SCALE + 1e-4
 
 
-@pytest.mark.parametrize("changes, key", [
-    ({"replay_batch_size": 0}, "method.replay_batch_size"),
-    ({"temperature": 0.0}, "method.temperature"),
-    ({"temperature": -1.0}, "method.temperature"),
-    ({"iters": 0}, "method.iters"),
-])
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"replay_batch_size": 0}, "method.replay_batch_size"),
+        ({"temperature": 0.0}, "method.temperature"),
+        ({"temperature": -1.0}, "method.temperature"),
+        ({"iters": 0}, "method.iters"),
+    ],
+)
 def test_bad_knobs_name_their_key(changes, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         PCRConfig(**changes).validate()
@@ -264,8 +278,16 @@ def test_bad_knobs_name_their_key(changes, key):
 # ---------------------------------------------------------------------------------------------------------------
 # The command line: a short run, and a kill / resume that ends bit for bit where an uninterrupted run ends
 # ---------------------------------------------------------------------------------------------------------------
-ARGS = ["dataset=digits", "log.progress=false", "log.every=15", "eval.anytime_every=20", "checkpoint.every=25",
-        "buffer.size=100", "method=pcr", "threads=1"]
+ARGS = [
+    "dataset=digits",
+    "log.progress=false",
+    "log.every=15",
+    "eval.anytime_every=20",
+    "checkpoint.every=25",
+    "buffer.size=100",
+    "method=pcr",
+    "threads=1",
+]
 
 
 def test_cli_run_is_sane_and_resumes_bit_for_bit_after_sigkill(tmp_path, monkeypatch):

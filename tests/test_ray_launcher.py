@@ -1,6 +1,7 @@
 """Sweeps through cil's Ray launcher (hydra/launcher=ray, hydra_plugins/cil_ray_launcher) on a local Ray instance:
 the same results as the in-process launcher, complete runs skipped on re-launch, a failed job recorded while
 the other finishes, no Ray process left behind, and one clear error without Ray."""
+
 import json
 import os
 import subprocess
@@ -13,8 +14,15 @@ import pytest
 pytest.importorskip("ray")
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["dataset=digits", "log.progress=false", "eval.anytime_every=20", "buffer.size=100",
-        "method.replay_batch_size=10", "stream.batch_size=50", "method=er"]
+TINY = [
+    "dataset=digits",
+    "log.progress=false",
+    "eval.anytime_every=20",
+    "buffer.size=100",
+    "method.replay_batch_size=10",
+    "stream.batch_size=50",
+    "method=er",
+]
 RAY = ["hydra/launcher=ray", "hydra.launcher.num_cpus=2"]
 
 
@@ -23,8 +31,13 @@ def env():
     # Ray's sockets live under RAY_TMPDIR (a short path: unix socket names are limited to 107 bytes); the
     # subprocesses and Ray's workers import this checkout's cil and hydra_plugins.
     ray_tmp = tempfile.mkdtemp(prefix="cilray", dir="/tmp")
-    yield {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp,
-           "RAY_AUTH_MODE": "disabled"}
+    yield {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "RAY_TMPDIR": ray_tmp,
+        "RAY_AUTH_MODE": "disabled",
+    }
     left = subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True, text=True).stdout.split()
     assert not left, f"Ray processes left behind: {left}"  # ray.shutdown() stops the local instance
 
@@ -87,10 +100,13 @@ def test_sweep_on_ray_equals_in_process_runs_records_failure_and_relaunch_skips(
 
 
 def test_without_ray_one_clear_error(tmp_path, env):
-    code = ("import sys; sys.modules['ray'] = None; from cil.run.cli import cli; "
-            f"sys.argv = ['cil', '-m', 'hydra.sweep.dir={tmp_path / 'sweep'}', 'seed=0', *{TINY!r}, *{RAY!r}]; cli()")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, env=env)
+    code = (
+        "import sys; sys.modules['ray'] = None; from cil.run.cli import cli; "
+        f"sys.argv = ['cil', '-m', 'hydra.sweep.dir={tmp_path / 'sweep'}', 'seed=0', *{TINY!r}, *{RAY!r}]; cli()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "pip install 'cil[ray]'" in proc.stderr and "Traceback" not in proc.stderr
     assert not any(p.is_dir() for p in (tmp_path / "sweep").glob("*"))  # no job started

@@ -20,6 +20,7 @@ Everything else (Xc, the views and their labels, the new-branch pass, the class 
 mixed-batch composition, the statistics, the weights, the warm-up, the weighted replay loss, the total) is
 computed here. The GSA defaults are the spec's numbers written below, not read from GSAConfig.
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,7 +45,7 @@ SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
 ORDER = [3, 7, 0, 9, 5, 1, 8, 2, 6, 4]  # a non-natural class order: statistics must be keyed by label
 N_TASKS = 5
-TASK_CLASSES = [ORDER[2 * t:2 * t + 2] for t in range(N_TASKS)]
+TASK_CLASSES = [ORDER[2 * t : 2 * t + 2] for t in range(N_TASKS)]
 BATCH = 10
 BATCHES_PER_TASK = 10
 RUN_TASKS = 3  # tasks 0, 1, 2: in task 2 the buffer holds two earlier tasks and rows of the current one
@@ -88,10 +89,10 @@ def make_batches(ds) -> list[Batch]:
         ib = torch.nonzero(ds.train_y == b).squeeze(1)
         ia, ib = ia[torch.randperm(len(ia), generator=g)], ib[torch.randperm(len(ib), generator=g)]
         n_rest = (BATCHES_PER_TASK - 1) * BATCH
-        rest = torch.cat([ia[BATCH:BATCH + n_rest // 2], ib[:n_rest - n_rest // 2]])
+        rest = torch.cat([ia[BATCH : BATCH + n_rest // 2], ib[: n_rest - n_rest // 2]])
         idx = torch.cat([ia[:BATCH], rest[torch.randperm(len(rest), generator=g)]])
         for k in range(BATCHES_PER_TASK):
-            rows = idx[k * BATCH:(k + 1) * BATCH]
+            rows = idx[k * BATCH : (k + 1) * BATCH]
             y = ds.train_y[rows].clone()
             batches.append(Batch(ds.train_x[rows].clone(), y, y.clone(), t, step, k))
             step += 1
@@ -183,8 +184,12 @@ class Draws:
             return x, y
         # every row is a distinct buffer row the filter allows
         bx = self.buffer.x.flatten(1)
-        match = (x.flatten(1)[:, None] == bx[None]).all(-1) & (y[:, None] == self.buffer.y[None]) \
-            & (t[:, None] == self.buffer.task[None]) & allowed[None]
+        match = (
+            (x.flatten(1)[:, None] == bx[None]).all(-1)
+            & (y[:, None] == self.buffer.y[None])
+            & (t[:, None] == self.buffer.task[None])
+            & allowed[None]
+        )
         taken: set[int] = set()
         for row in range(len(y)):
             slots = [s for s in torch.nonzero(match[row]).squeeze(1).tolist() if s not in taken]
@@ -207,14 +212,19 @@ class Draws:
                 if perm is not None:
                     self.used_augments.add(i)
                     return out[perm]
-        raise AssertionError(f"the method never augmented {what} (shape {tuple(x.shape)}) as the spec says; "
-                             f"augmented inputs: {[tuple(inp.shape) for inp, _ in self.augments]}")
+        raise AssertionError(
+            f"the method never augmented {what} (shape {tuple(x.shape)}) as the spec says; "
+            f"augmented inputs: {[tuple(inp.shape) for inp, _ in self.augments]}"
+        )
 
     def check_all_used(self):
         unused_aug = [tuple(inp.shape) for i, (inp, _) in enumerate(self.augments) if i not in self.used_augments]
         assert not unused_aug, f"the method augmented tensors the spec does not augment: {unused_aug}"
-        unused = [(n, f, len(out[1])) for i, (n, f, out) in enumerate(self.samples)
-                  if i not in self.used_samples and len(out[1]) > 0]
+        unused = [
+            (n, f, len(out[1]))
+            for i, (n, f, out) in enumerate(self.samples)
+            if i not in self.used_samples and len(out[1]) > 0
+        ]
         assert not unused, f"the method drew buffer rows the spec does not use: {unused}"
 
 
@@ -368,8 +378,13 @@ class StepRecord:
     ref_stats: RefStats | None = None
 
 
-def run_lockstep(kind: str, cfg, knobs: Knobs = SPEC, until: tuple[int, int] | None = None,
-                 on_step: Callable[[StepRecord], None] | None = None) -> StepRecord:
+def run_lockstep(
+    kind: str,
+    cfg,
+    knobs: Knobs = SPEC,
+    until: tuple[int, int] | None = None,
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> StepRecord:
     """Feed the stream to the method through `Learner.train_batch`, computing the reference at every step (from
     the parameters before the step) and handing both to ``on_step``; stop after batch ``until`` = (task,
     step_in_task). Returns the last step's record."""
@@ -378,7 +393,7 @@ def run_lockstep(kind: str, cfg, knobs: Knobs = SPEC, until: tuple[int, int] | N
     method = build_method(cls, cfg)
     stream = ClassIncrementalStream(ds, N_TASKS, BATCH, order=ORDER, seed=0)
     assert [task.classes.tolist() for task in stream.tasks] == TASK_CLASSES
-    learner = Learner(stream, method, progress=False, anytime_every=0, log_every=10 ** 9)
+    learner = Learner(stream, method, progress=False, anytime_every=0, log_every=10**9)
 
     samples = SampleLog(method.buffer)
     augments = AugmentLog(method.gsa.augment) if kind == "gsa" else None
@@ -412,8 +427,9 @@ def run_lockstep(kind: str, cfg, knobs: Knobs = SPEC, until: tuple[int, int] | N
             ref = er_ace_reference(model64, batch, seen, draws, cfg.replay_batch_size)
         else:
             ref = er_reference(model64, batch, seen, draws, cfg.replay_batch_size)
-        record = StepRecord(batch, captured["loss"], captured["grads"], names, ref, method, set(seen),
-                            stats if kind == "gsa" else None)
+        record = StepRecord(
+            batch, captured["loss"], captured["grads"], names, ref, method, set(seen), stats if kind == "gsa" else None
+        )
         if on_step is not None:
             on_step(record)
         if until is not None and (batch.task, batch.step_in_task) == until:
@@ -426,28 +442,51 @@ def where(r: StepRecord) -> str:
 
 
 def assert_loss_and_grads(r: StepRecord):
-    torch.testing.assert_close(r.loss.double(), r.ref.loss, rtol=RTOL, atol=ATOL,
-                               msg=lambda m: f"loss differs from the reference at {where(r)}: {m}")
+    torch.testing.assert_close(
+        r.loss.double(),
+        r.ref.loss,
+        rtol=RTOL,
+        atol=ATOL,
+        msg=lambda m: f"loss differs from the reference at {where(r)}: {m}",
+    )
     assert len(r.grads) == len(r.ref.grads)
     for name, g, g_ref in zip(r.names, r.grads, r.ref.grads):
         torch.testing.assert_close(
-            g.double(), g_ref, rtol=RTOL, atol=ATOL,
-            msg=lambda m, name=name: f"gradient of {name} differs from the reference at {where(r)}: {m}")
+            g.double(),
+            g_ref,
+            rtol=RTOL,
+            atol=ATOL,
+            msg=lambda m, name=name: f"gradient of {name} differs from the reference at {where(r)}: {m}",
+        )
 
 
 def assert_stats(r: StepRecord):
     stats = r.method.gsa.stats
-    torch.testing.assert_close(stats.positive.double(), r.ref_stats.positive, rtol=RTOL, atol=ATOL,
-                               msg=lambda m: f"G+ differs from the reference after {where(r)}: {m}")
-    torch.testing.assert_close(stats.negative.double(), r.ref_stats.negative, rtol=RTOL, atol=ATOL,
-                               msg=lambda m: f"G- differs from the reference after {where(r)}: {m}")
+    torch.testing.assert_close(
+        stats.positive.double(),
+        r.ref_stats.positive,
+        rtol=RTOL,
+        atol=ATOL,
+        msg=lambda m: f"G+ differs from the reference after {where(r)}: {m}",
+    )
+    torch.testing.assert_close(
+        stats.negative.double(),
+        r.ref_stats.negative,
+        rtol=RTOL,
+        atol=ATOL,
+        msg=lambda m: f"G- differs from the reference after {where(r)}: {m}",
+    )
 
 
 def gsa_config(knobs: Knobs) -> GSAConfig:
     if knobs == SPEC:
         return GSAConfig()  # the defaults must be the spec's
-    return GSAConfig(replay_batch_size=knobs.R, current_task_replay=knobs.current_task_replay,
-                     warmup_batches=knobs.warmup, buffer_loss_weight=knobs.buffer_loss_weight)
+    return GSAConfig(
+        replay_batch_size=knobs.R,
+        current_task_replay=knobs.current_task_replay,
+        warmup_batches=knobs.warmup,
+        buffer_loss_weight=knobs.buffer_loss_weight,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -509,8 +548,9 @@ def test_gsa_every_step_matches_reference(knobs):
         assert_stats(r)
         if "weights" in r.ref.info:
             seen = sorted(r.seen)
-            torch.testing.assert_close(r.method.gsa.last_weights.double()[seen], r.ref.info["weights"][seen],
-                                       rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(
+                r.method.gsa.last_weights.double()[seen], r.ref.info["weights"][seen], rtol=RTOL, atol=ATOL
+            )
         if r.batch.task > 0 and r.batch.step_in_task == 0:
             single_class_starts.append(r.ref.info["n_cur"])
 
@@ -521,8 +561,12 @@ def test_gsa_every_step_matches_reference(knobs):
 
 def test_gsa_config_defaults_are_the_spec():
     cfg = GSAConfig()
-    assert (cfg.replay_batch_size, cfg.current_task_replay, cfg.warmup_batches, cfg.buffer_loss_weight) == \
-        (SPEC.R, SPEC.current_task_replay, SPEC.warmup, SPEC.buffer_loss_weight)
+    assert (cfg.replay_batch_size, cfg.current_task_replay, cfg.warmup_batches, cfg.buffer_loss_weight) == (
+        SPEC.R,
+        SPEC.current_task_replay,
+        SPEC.warmup,
+        SPEC.buffer_loss_weight,
+    )
     assert cfg.augment and cfg.two_views and not cfg.independent_views and cfg.new_branch_augment
     assert cfg.adaptive_weights and cfg.balanced_replay and cfg.task_only_new_loss
 
@@ -534,6 +578,7 @@ def test_gsa_config_defaults_are_the_spec():
 def test_replay_baseline_every_step_matches_reference(kind, cfg):
     """ER-ACE and ER (replay_batch_size 10): the loss and every gradient equal the reference's at every step of
     three tasks; the mid-stream batch (task 2, batch 7) has a full replay batch of several tasks."""
+
     def check(r: StepRecord):
         assert_loss_and_grads(r)
 
@@ -545,6 +590,6 @@ def test_replay_baseline_every_step_matches_reference(kind, cfg):
 def test_replay_baseline_mid_stream_step_matches_reference(kind, cfg):
     """ER-ACE / ER at task 2, batch 7: loss and gradients equal the reference's."""
     r = run_lockstep(kind, cfg, until=(2, 7))
-    assert {0, 1, 2} <= set(r.method.buffer.task[:len(r.method.buffer)].tolist())
+    assert {0, 1, 2} <= set(r.method.buffer.task[: len(r.method.buffer)].tolist())
     assert r.ref.info["n_replay"] == cfg.replay_batch_size
     assert_loss_and_grads(r)

@@ -1,6 +1,7 @@
 """The faults of a hostile user or a cluster, each reproduced: a run folder never looks complete when it is not,
 it has one writer at a time, a resume refuses other data, nothing the run did not create is deleted, and every
 failure ends in one line naming the value or the path (and a results.json status that says what happened)."""
+
 import errno
 import json
 import os
@@ -30,8 +31,9 @@ def cli(run_dir: Path, *args, interrupt=None, wait=True, preexec=None, env=None)
     cmd = [sys.executable, *entry, f"hydra.run.dir={run_dir}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if not wait:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=preexec)
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec
+        )
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env, preexec_fn=preexec)
 
 
@@ -75,9 +77,16 @@ def test_a_restart_invalidates_the_old_results_before_touching_anything(tmp_path
 # 2. -------------------------------------------------------------------------------------------------------------
 def test_a_task_without_test_images_is_refused_not_scored_zero(tmp_path):
     folder = image_folder(tmp_path / "imgs", {"a": (6, 2), "b": (6, 2), "c": (6, 0), "d": (6, 0)})
-    proc = cli(tmp_path / "run", "dataset=imagefolder", f"dataset.path={folder}", "stream.n_tasks=2",
-               "stream.class_order=natural", "buffer.size=20", "log.progress=false",
-               env={"CIL_CACHE_DIR": str(tmp_path / "cache")})
+    proc = cli(
+        tmp_path / "run",
+        "dataset=imagefolder",
+        f"dataset.path={folder}",
+        "stream.n_tasks=2",
+        "stream.class_order=natural",
+        "buffer.size=20",
+        "log.progress=false",
+        env={"CIL_CACHE_DIR": str(tmp_path / "cache")},
+    )
     line = one_error_line(proc)
     assert "task 1" in line and "'c', 'd'" in line and "no test samples" in line
     assert not (tmp_path / "run").exists()
@@ -89,8 +98,10 @@ def test_one_writer_per_folder_and_a_crashed_holder_leaves_no_lock(tmp_path):
         with pytest.raises(ConfigError, match=rf"in use by another run \(pid {os.getpid()}\)"):
             RunFolder(tmp_path / "run").__enter__()
     # a holder killed with SIGKILL: the operating system drops its lock
-    code = (f"import os, signal; from cil.run.folder import RunFolder; RunFolder({str(tmp_path / 'run2')!r})"
-            ".__enter__(); os.kill(os.getpid(), signal.SIGKILL)")
+    code = (
+        f"import os, signal; from cil.run.folder import RunFolder; RunFolder({str(tmp_path / 'run2')!r})"
+        ".__enter__(); os.kill(os.getpid(), signal.SIGKILL)"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == -signal.SIGKILL
     with RunFolder(tmp_path / "run2"):
         pass
@@ -109,9 +120,15 @@ def test_a_second_cli_run_into_a_busy_folder_is_refused_and_the_first_finishes(t
 
 # 4. -------------------------------------------------------------------------------------------------------------
 def test_resume_refuses_a_dataset_that_changed_since_the_checkpoint(tmp_path):
-    folder = image_folder(tmp_path / "imgs", {c: (20, 3) for c in "abcd"})
-    args = ["dataset=imagefolder", f"dataset.path={folder}", "stream.n_tasks=2", "buffer.size=20",
-            "log.progress=false", "checkpoint.every=2"]
+    folder = image_folder(tmp_path / "imgs", dict.fromkeys("abcd", (20, 3)))
+    args = [
+        "dataset=imagefolder",
+        f"dataset.path={folder}",
+        "stream.n_tasks=2",
+        "buffer.size=20",
+        "log.progress=false",
+        "checkpoint.every=2",
+    ]
     env = {"CIL_CACHE_DIR": str(tmp_path / "cache")}
     run = tmp_path / "run"
     assert cli(run, *args, interrupt="observe:5:KILL", env=env).returncode == -signal.SIGKILL
@@ -121,7 +138,9 @@ def test_resume_refuses_a_dataset_that_changed_since_the_checkpoint(tmp_path):
         shutil.copy(png, folder / "train" / "a" / f"new{i}.png")
     line = one_error_line(cli(run, *args, env=env))
     assert "other data" in line and "checkpoint.resume=false" in line
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.suffix not in (".lock", ".log")} == before
+    assert {
+        p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.suffix not in (".lock", ".log")
+    } == before
 
 
 # 5. -------------------------------------------------------------------------------------------------------------
@@ -147,13 +166,16 @@ def test_a_config_error_never_deletes_files_it_did_not_create(tmp_path):
     assert (run / ".hydra" / "notes").is_dir()
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("stream.class_order=5", "stream.class_order=5 is not allowed"),
-    ("stream.class_order=abc", "stream.class_order='abc'"),
-    ("seed=100000000000000000000", "seed=100000000000000000000 is not allowed"),
-    ("buffer.size=1000000000000", "buffer.size=1000000000000 needs"),
-    ("method=gsa", "method.current_task_replay=22"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("stream.class_order=5", "stream.class_order=5 is not allowed"),
+        ("stream.class_order=abc", "stream.class_order='abc'"),
+        ("seed=100000000000000000000", "seed=100000000000000000000 is not allowed"),
+        ("buffer.size=1000000000000", "buffer.size=1000000000000 needs"),
+        ("method=gsa", "method.current_task_replay=22"),
+    ],
+)
 def test_impossible_settings_end_in_one_line_and_no_stray_folder(tmp_path, override, needle):
     extra = ["buffer.size=16", "method.replay_batch_size=16"] if override == "method=gsa" else []
     line = one_error_line(cli(tmp_path / "run", "dataset=digits", "log.progress=false", override, *extra))
@@ -265,5 +287,8 @@ def test_a_missing_file_is_fetched_alone_and_nothing_else_is_unpacked(tmp_path, 
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz"):
         load_dataset("mnist", tmp_path, download=True)
     assert set(asked) == {"t10k-labels-idx1-ubyte.gz"}
-    assert sorted(p.name for p in raw.iterdir()) == ["t10k-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz",
-                                                     "train-labels-idx1-ubyte.gz"]  # nothing unpacked
+    assert sorted(p.name for p in raw.iterdir()) == [
+        "t10k-images-idx3-ubyte.gz",
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+    ]  # nothing unpacked

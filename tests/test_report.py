@@ -1,5 +1,6 @@
 """`cil report` on synthetic sweep folders: mean and std over seeds, missing/failed/incomplete runs,
 groups that must not be averaged together, CSV, and the RESULTS.md regeneration that keeps hand-written text."""
+
 import csv
 import json
 import math
@@ -14,27 +15,51 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def config(method="er", memory=200, seed=0, experiment="split_mnist", **method_keys):
-    return {"experiment": experiment, "dataset": {"name": "mnist", "root": "/somewhere"},
-            "method": {"name": method, "replay_batch_size": 10, **method_keys}, "buffer": {"size": memory},
-            "stream": {"n_tasks": 2, "batch_size": 10}, "seed": seed, "device": "cpu",
-            "log": {"progress": False, "tensorboard": False}}
+    return {
+        "experiment": experiment,
+        "dataset": {"name": "mnist", "root": "/somewhere"},
+        "method": {"name": method, "replay_batch_size": 10, **method_keys},
+        "buffer": {"size": memory},
+        "stream": {"n_tasks": 2, "batch_size": 10},
+        "seed": seed,
+        "device": "cpu",
+        "log": {"progress": False, "tensorboard": False},
+    }
 
 
 def write_run(root: Path, name: str, acc: float, forgetting: float = 10.0, **cfg) -> Path:
     d = root / name
     d.mkdir(parents=True)
     curve = [{"step": 10, "samples": 100, "acc": 90.0}, {"step": 20, "samples": 200, "acc": acc}]
-    (d / "results.json").write_text(json.dumps({
-        "status": "complete", "config": config(**cfg), "acc_matrix": [[95.0, 0.0], [acc + 5, acc - 5]],
-        "final_avg_acc": acc, "avg_forgetting": forgetting, "anytime_acc": 90.0, "anytime_curve": curve}))
+    (d / "results.json").write_text(
+        json.dumps(
+            {
+                "status": "complete",
+                "config": config(**cfg),
+                "acc_matrix": [[95.0, 0.0], [acc + 5, acc - 5]],
+                "final_avg_acc": acc,
+                "avg_forgetting": forgetting,
+                "anytime_acc": 90.0,
+                "anytime_curve": curve,
+            }
+        )
+    )
     return d
 
 
 def write_failed(root: Path, name: str, **cfg) -> Path:
     d = root / name
     d.mkdir(parents=True)
-    (d / "failed.json").write_text(json.dumps({"status": "failed", "error_type": "TrainingError",
-                                               "error": "the training loss became non-finite", "config": config(**cfg)}))
+    (d / "failed.json").write_text(
+        json.dumps(
+            {
+                "status": "failed",
+                "error_type": "TrainingError",
+                "error": "the training loss became non-finite",
+                "config": config(**cfg),
+            }
+        )
+    )
     return d
 
 
@@ -109,8 +134,11 @@ def test_cli_prints_and_writes_markdown_and_csv(sweep, tmp_path, capsys):
     assert (out / "summary.md").read_text().startswith("### split_mnist_table")
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["method"], r["memory"], r["n_seeds"]) for r in rows] == [("er", "200", "3"), ("er", "500", "1"),
-                                                                         ("gsa", "200", "1")]
+    assert [(r["method"], r["memory"], r["n_seeds"]) for r in rows] == [
+        ("er", "200", "3"),
+        ("er", "500", "1"),
+        ("gsa", "200", "1"),
+    ]
     assert math.isclose(float(rows[0]["final_avg_acc_std"]), 10.0)
     assert rows[2]["failed_seeds"] == "1" and rows[2]["missing_seeds"] == "2"
     assert report.main([str(tmp_path / "nope")]) == 2
@@ -118,13 +146,18 @@ def test_cli_prints_and_writes_markdown_and_csv(sweep, tmp_path, capsys):
 
 def test_results_md_regenerated_keeping_prose(sweep, tmp_path):
     tables = {
-        "split_mnist_table": {"title": "Split MNIST table", "command": "python -m cil -m sweep=split_mnist_table",
-                              "paper": {"header": "paper", "source": "made up", "values": {"er": {200: "61.0"}}}},
+        "split_mnist_table": {
+            "title": "Split MNIST table",
+            "command": "python -m cil -m sweep=split_mnist_table",
+            "paper": {"header": "paper", "source": "made up", "values": {"er": {200: "61.0"}}},
+        },
         "empty_table": {"title": "A table nobody ran yet", "paper": {"source": "GSA", "values": {"gsa": {1000: 31.4}}}},
     }
     md = tmp_path / "RESULTS.md"
-    md.write_text("# Results\n\nHand-written intro.\n\n<!-- cil.report:begin split_mnist_table -->\nstale table\n"
-                  "<!-- cil.report:end split_mnist_table -->\n\n## Avalanche parity (hand-written)\nkeep me\n")
+    md.write_text(
+        "# Results\n\nHand-written intro.\n\n<!-- cil.report:begin split_mnist_table -->\nstale table\n"
+        "<!-- cil.report:end split_mnist_table -->\n\n## Avalanche parity (hand-written)\nkeep me\n"
+    )
     report.update_results_md(md, report.collect_sections([sweep]), tables, "cil report --results-md X")
     text = md.read_text()
     assert "Hand-written intro." in text and "## Avalanche parity (hand-written)\nkeep me" in text
@@ -141,8 +174,9 @@ def test_results_md_regenerated_keeping_prose(sweep, tmp_path):
 def test_repository_tables_match_the_sweep_configs():
     """Every table of experiments/tables.yaml has a sweep config writing into experiments/runs/<table>."""
     tables = report.load_tables(REPO / "experiments" / "tables.yaml")
-    assert {"split_mnist_er", "split_mnist_methods", "split_fashion_mnist_methods",
-            "split_cifar10_jpeg_500pc"} <= set(tables)
+    assert {"split_mnist_er", "split_mnist_methods", "split_fashion_mnist_methods", "split_cifar10_jpeg_500pc"} <= set(
+        tables
+    )
     conf = REPO / "conf" / "sweep"
     for name in tables:
         sweep_cfg = yaml.safe_load((conf / f"{name}.yaml").read_text())
@@ -155,8 +189,10 @@ def test_results_md_cli_before_any_sweep_was_recorded(tmp_path, capsys):
     md.parent.mkdir()
     md.write_text("# Results\n\nprose\n")
     tables = REPO / "experiments" / "tables.yaml"
-    assert report.main(["--results-md", str(md), "--tables", str(tables),
-                        str(tmp_path / "experiments" / "runs" / "*")]) == 0
+    assert (
+        report.main(["--results-md", str(md), "--tables", str(tables), str(tmp_path / "experiments" / "runs" / "*")])
+        == 0
+    )
     text = md.read_text()
     assert text.startswith("# Results\n\nprose\n")
     for name in report.load_tables(tables):
@@ -169,8 +205,9 @@ def test_results_json_with_failed_status_counts_as_failed(tmp_path):
     run = tmp_path / "sec" / "gsa_s0"
     run.mkdir(parents=True)
     cfg = {"experiment": "split_mnist", "seed": 0, "method": {"name": "gsa"}, "buffer": {"size": 200}}
-    (run / "results.json").write_text(json.dumps({"status": "failed", "error": "loss became non-finite",
-                                                   "config": cfg}))
+    (run / "results.json").write_text(
+        json.dumps({"status": "failed", "error": "loss became non-finite", "config": cfg})
+    )
     r = report.load_run(run)
     assert r.status == "failed" and "non-finite" in r.error
 

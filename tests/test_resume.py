@@ -1,5 +1,6 @@
 """Killed, pre-empted and resumed CLI runs end exactly where an uninterrupted run ends (results.json and
 metrics.csv, timings aside), bit for bit on CPU; two runs of one seed agree."""
+
 import json
 import os
 import signal
@@ -15,11 +16,27 @@ TESTS = Path(__file__).resolve().parent
 INTERRUPT = TESTS / "_interrupt_cli.py"
 # digits: 5 tasks of ~29 batches; checkpoints every 25 batches and at task ends, losses read back every 15
 # batches (so checkpoints fall between read-backs and carry accumulated loss), anytime evaluation every 20.
-FAST = ["dataset=digits", "log.progress=false", "log.every=15", "eval.anytime_every=20", "checkpoint.every=25",
-        "buffer.size=100"]
-METHODS = {"er": ["method=er", "method.replay_batch_size=10"],
-           "gsa": ["method=gsa", "method.replay_batch_size=32", "method.current_task_replay=8"]}
-TIMINGS = {"train_time_s", "task_train_time_s", "eval_time_s", "samples_per_s", "wall_time_s", "peak_rss_mb", "peak_cuda_mb"}
+FAST = [
+    "dataset=digits",
+    "log.progress=false",
+    "log.every=15",
+    "eval.anytime_every=20",
+    "checkpoint.every=25",
+    "buffer.size=100",
+]
+METHODS = {
+    "er": ["method=er", "method.replay_batch_size=10"],
+    "gsa": ["method=gsa", "method.replay_batch_size=32", "method.current_task_replay=8"],
+}
+TIMINGS = {
+    "train_time_s",
+    "task_train_time_s",
+    "eval_time_s",
+    "samples_per_s",
+    "wall_time_s",
+    "peak_rss_mb",
+    "peak_cuda_mb",
+}
 EXIT_PREEMPTED = 75
 
 
@@ -28,8 +45,9 @@ def cli(run_dir: Path, args, interrupt=None, wait=True):
     cmd = [sys.executable, *entry, f"hydra.run.dir={run_dir}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not wait:
-        return subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        return subprocess.Popen(
+            cmd, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
     return subprocess.run(cmd, cwd=run_dir.parent, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -135,8 +153,13 @@ def test_crash_and_resume_in_process_with_diagnostics_and_class_balanced_buffer(
 
     def cfg():
         c = default_config("gsa")
-        c.dataset.name, c.log.progress, c.log.every, c.buffer.size, c.buffer.policy = "digits", False, 15, 60, \
-            "class_balanced"
+        c.dataset.name, c.log.progress, c.log.every, c.buffer.size, c.buffer.policy = (
+            "digits",
+            False,
+            15,
+            60,
+            "class_balanced",
+        )
         c.method.replay_batch_size, c.method.current_task_replay = 16, 4
         c.optimizer.name, c.optimizer.lr = "adam", 1e-3
         c.diagnostics.enabled, c.diagnostics.every, c.diagnostics.plots = True, 10, False
@@ -179,6 +202,7 @@ def test_a_recorded_config_lacking_newer_keys_is_the_same_run():
         assert config_differences(recorded, current) == []
         recorded["method"]["replay_batch_size"] = 7  # a real difference is still one
         assert config_differences(recorded, current) == [
-            f"method.replay_batch_size: 7 -> {current['method']['replay_batch_size']}"]
+            f"method.replay_batch_size: 7 -> {current['method']['replay_batch_size']}"
+        ]
         current["eval"]["split"] = "validation"  # and so is a newer key set away from its default
         assert "eval.split: 'test' -> 'validation'" in config_differences(recorded, current)

@@ -81,8 +81,9 @@ def test_samples_per_class_subsamples_each_class_with_a_seed():
 
 
 def test_evaluate_ignores_test_samples_outside_every_task():
-    from types import SimpleNamespace
     from contextlib import nullcontext
+    from types import SimpleNamespace
+
     from cil.core.learner import evaluate
 
     class Const(torch.nn.Module):  # always predicts class 0
@@ -92,9 +93,14 @@ def test_evaluate_ignores_test_samples_outside_every_task():
             return out
 
     model = Const()
-    method = SimpleNamespace(model=model, seen=torch.tensor([True, True]), autocast=nullcontext,
-                             to_input=lambda x: x.float(), owned=torch.nn.ModuleDict(),
-                             eval_logits=lambda x, head: model(x))
+    method = SimpleNamespace(
+        model=model,
+        seen=torch.tensor([True, True]),
+        autocast=nullcontext,
+        to_input=lambda x: x.float(),
+        owned=torch.nn.ModuleDict(),
+        eval_logits=lambda x, head: model(x),
+    )
     x = torch.zeros(4, 1, 1, 1, dtype=torch.uint8)
     y = torch.tensor([0, 1, 0, 0])
     tasks = torch.tensor([0, 0, -1, -1])  # the last two belong to no task: they must not count for task 0

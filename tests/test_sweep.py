@@ -1,14 +1,20 @@
 """Sweeps end to end through `python -m cil -m` on tiny digits streams: the joblib and submitit-local launchers,
 skipping complete runs on re-launch, and one failed run not stopping the others."""
+
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-
-TINY = ["dataset=digits", "log.progress=false", "eval.anytime_every=20", "buffer.size=100",
-        "method.replay_batch_size=10", "stream.batch_size=50"]
+TINY = [
+    "dataset=digits",
+    "log.progress=false",
+    "eval.anytime_every=20",
+    "buffer.size=100",
+    "method.replay_batch_size=10",
+    "stream.batch_size=50",
+]
 
 
 def multirun(tmp_path, *args, sweep_dir=None):
@@ -37,8 +43,11 @@ def test_joblib_two_jobs_then_relaunch_skips_them(tmp_path):
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr  # the joblib launcher ran the jobs
     dirs = run_dirs(sweep)
     # run folders are named by the job's overrides only: the same sweep maps to the same folders every time
-    names = [f"buffer.size=100,dataset=digits,eval.anytime_every=20,method.replay_batch_size=10,method=er,seed={s},"
-             "stream.batch_size=50" for s in (0, 1)]
+    names = [
+        f"buffer.size=100,dataset=digits,eval.anytime_every=20,method.replay_batch_size=10,method=er,seed={s},"
+        "stream.batch_size=50"
+        for s in (0, 1)
+    ]
     assert sorted(dirs) == names
     r0, r1 = (assert_complete(dirs[n], s) for n, s in zip(names, (0, 1)))
     assert r0["class_order"] != r1["class_order"]  # two different seeds really ran
@@ -85,8 +94,13 @@ def test_submitit_local_two_jobs_one_fails_and_the_other_finishes(tmp_path):
 
 
 def test_slurm_launcher_config_composes(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "cil", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                           "--cfg", "hydra"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cil", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "submitit_launcher.SlurmLauncher" in proc.stdout and "partition: gpu" in proc.stdout
     assert "timeout_min: 240" in proc.stdout and "submitit_folder: ${hydra.sweep.dir}/.submitit/%j" in proc.stdout

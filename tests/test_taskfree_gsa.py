@@ -1,6 +1,7 @@
 """Task-free GSA (`method.task_free=true`, docs/methods.md "Task-free GSA"): pseudo-tasks and current classes from
 the incoming labels, the label-filtered buffer draws, its equality with task-aware GSA on a disjoint stream, blurry
 streams through the CLI with SIGKILL/resume, and the Avalanche plugin's fallback on streams without boundaries."""
+
 import json
 import signal
 import warnings
@@ -76,8 +77,9 @@ def test_masks_are_replaced_never_changed_in_place():
 
 
 def test_warmup_restarts_at_every_novelty_event():
-    m = make_gsa(task_free=True, warmup_batches=2, augment=False, two_views=False, replay_batch_size=8,
-                 current_task_replay=4)
+    m = make_gsa(
+        task_free=True, warmup_batches=2, augment=False, two_views=False, replay_batch_size=8, current_task_replay=4
+    )
     unit = []
     for step, labels in enumerate([[0, 1]] * 4 + [[2, 3]] * 4 + [[0, 2]] * 2 + [[4, 0]] * 3):
         batch = labels_batch(labels * 3, step)
@@ -90,16 +92,18 @@ def test_warmup_restarts_at_every_novelty_event():
 
 
 def test_task_reset_balance_restarts_at_novelty():
-    m = make_gsa(task_free=True, balance="task_reset", augment=False, two_views=False, replay_batch_size=8,
-                 current_task_replay=4)
+    m = make_gsa(
+        task_free=True, balance="task_reset", augment=False, two_views=False, replay_batch_size=8, current_task_replay=4
+    )
     for step, labels in enumerate([[0, 1]] * 3 + [[0, 1, 2]]):
         batch = labels_batch(labels * 3, step)
         m.observe(batch)
         m.remember(batch, None)
     # the novelty batch (class 2) restarted the statistics: only its own replay batch is in them
     assert m.gsa.rule.task == 1
-    fresh = make_gsa(task_free=True, balance="cumulative", augment=False, two_views=False, replay_batch_size=8,
-                     current_task_replay=4)
+    fresh = make_gsa(
+        task_free=True, balance="cumulative", augment=False, two_views=False, replay_batch_size=8, current_task_replay=4
+    )
     for step, labels in enumerate([[0, 1]] * 3 + [[0, 1, 2]]):
         batch = labels_batch(labels * 3, step)
         fresh.observe(batch)
@@ -149,8 +153,16 @@ def learner(cfg, stream, seed=0):
     torch.manual_seed(seed)
     model = build_model("mlp", SHAPE, 10, hidden=(32,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    method = GSA(model, opt, ReplayBuffer(100, SHAPE, seed=seed + 1), cfg, 10, torch.device("cpu"), seed=seed + 2,
-                 input_shape=SHAPE)
+    method = GSA(
+        model,
+        opt,
+        ReplayBuffer(100, SHAPE, seed=seed + 1),
+        cfg,
+        10,
+        torch.device("cpu"),
+        seed=seed + 2,
+        input_shape=SHAPE,
+    )
     return Learner(stream, method, progress=False, anytime_every=0)
 
 
@@ -201,12 +213,15 @@ def test_window_rule_current_classes_are_the_task_once_the_window_is_full():
 
 
 # -- configuration ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cfg, key", [
-    (dict(task_free=True, current_classes="recent"), "method.current_classes"),
-    (dict(task_free=True, current_window=0), "method.current_window"),
-    (dict(task_free=True, fresh_head_rows=True), "method.fresh_head_rows"),
-    (dict(task_free=True, freeze_head_after_first_task=True), "method.freeze_head_after_first_task"),
-])
+@pytest.mark.parametrize(
+    "cfg, key",
+    [
+        (dict(task_free=True, current_classes="recent"), "method.current_classes"),
+        (dict(task_free=True, current_window=0), "method.current_window"),
+        (dict(task_free=True, fresh_head_rows=True), "method.fresh_head_rows"),
+        (dict(task_free=True, freeze_head_after_first_task=True), "method.freeze_head_after_first_task"),
+    ],
+)
 def test_bad_task_free_settings_name_the_key(cfg, key):
     with pytest.raises(ConfigError, match=key):
         GSAConfig(**cfg).validate()
@@ -222,10 +237,22 @@ def test_blurry_streams_take_task_free_gsa_and_refuse_plain_gsa_naming_the_switc
 
 
 # -- the CLI on a blurry stream, SIGKILL and resume -------------------------------------------------------------
-TASK_FREE = ["dataset=digits", "log.progress=false", "threads=1", "buffer.size=100", "stream.kind=iblurry",
-             "eval.anytime_every=0", "checkpoint.every=25", "log.every=15", "method=gsa", "method.task_free=true",
-             "method.replay_batch_size=32", "method.current_task_replay=8", "method.current_classes=window",
-             "method.current_window=3"]
+TASK_FREE = [
+    "dataset=digits",
+    "log.progress=false",
+    "threads=1",
+    "buffer.size=100",
+    "stream.kind=iblurry",
+    "eval.anytime_every=0",
+    "checkpoint.every=25",
+    "log.every=15",
+    "method=gsa",
+    "method.task_free=true",
+    "method.replay_batch_size=32",
+    "method.current_task_replay=8",
+    "method.current_classes=window",
+    "method.current_window=3",
+]
 
 
 def test_cli_task_free_gsa_on_iblurry_reports_a_auc_and_resumes_bit_for_bit(tmp_path):
@@ -247,8 +274,10 @@ def test_cli_task_free_gsa_on_iblurry_reports_a_auc_and_resumes_bit_for_bit(tmp_
 
 
 def test_state_round_trip_continues_identically_with_the_novelty_rule():
-    batches = [labels_batch(labels * 2, i) for i, labels in
-               enumerate([[0, 1]] * 3 + [[2, 0]] * 3 + [[3, 1]] * 3 + [[3, 2, 4]] * 3)]
+    batches = [
+        labels_batch(labels * 2, i)
+        for i, labels in enumerate([[0, 1]] * 3 + [[2, 0]] * 3 + [[3, 1]] * 3 + [[3, 2, 4]] * 3)
+    ]
     a = make_gsa(task_free=True, augment=True, replay_batch_size=8, current_task_replay=4)
     for b in batches[:7]:
         a.remember(b, a.observe(b))
@@ -270,6 +299,7 @@ def avalanche_digits():
     """Three digits tasks as an Avalanche benchmark (tests/test_avalanche.py's), 100 samples each."""
     pytest.importorskip("avalanche")
     from test_avalanche import avalanche_digits as benchmark
+
     return benchmark(100)
 
 
@@ -278,10 +308,16 @@ ORDER = [[7, 3], [9, 1], [5, 0]]  # the task classes of that benchmark
 
 def naive(plugin):
     from avalanche.training import Naive
+
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
-    return Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_mb_size=10,
-                 plugins=[plugin], evaluator=None)
+    return Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        train_mb_size=10,
+        plugins=[plugin],
+        evaluator=None,
+    )
 
 
 def test_plugin_falls_back_to_task_free_gsa_with_one_warning():
@@ -289,6 +325,7 @@ def test_plugin_falls_back_to_task_free_gsa_with_one_warning():
     from avalanche.benchmarks.scenarios.online import split_online_stream
 
     from cil.avalanche import GSAPlugin
+
     gsa = GSAPlugin(mem_size=100, num_classes=10, warmup_batches=2)
     strategy = naive(gsa)
     with warnings.catch_warnings(record=True) as caught:

@@ -1,4 +1,5 @@
 """Hyperparameter search on the validation protocol (`cil tune`, eval.split=validation, conf/search/)."""
+
 import json
 from pathlib import Path
 
@@ -92,8 +93,19 @@ def poisoned_digits(monkeypatch):
 
 
 def test_tune_searches_on_validation_only_then_runs_the_best_on_test(tmp_path, poisoned_digits, capsys):
-    args = ["search=er", "dataset=digits", "log.progress=false", "threads=1", "buffer.size=100",
-            "--trials", "3", "--seeds", "0,1", "--dir", str(tmp_path / "t")]
+    args = [
+        "search=er",
+        "dataset=digits",
+        "log.progress=false",
+        "threads=1",
+        "buffer.size=100",
+        "--trials",
+        "3",
+        "--seeds",
+        "0,1",
+        "--dir",
+        str(tmp_path / "t"),
+    ]
     evaluated = []  # per phase: whether each evaluated batch held a test image
 
     def phase(argv):
@@ -135,18 +147,29 @@ def test_tune_searches_on_validation_only_then_runs_the_best_on_test(tmp_path, p
 
 
 def test_a_search_scored_on_the_test_set_is_refused(tmp_path, capsys):
-    code = run_hydra(["-m", "hydra/sweeper=optuna", "dataset=digits", "hydra.sweeper.n_trials=1",
-                      "optimizer.lr=interval(0.01,0.1)", f"hydra.sweep.dir={tmp_path}"])
+    code = run_hydra(
+        [
+            "-m",
+            "hydra/sweeper=optuna",
+            "dataset=digits",
+            "hydra.sweeper.n_trials=1",
+            "optimizer.lr=interval(0.01,0.1)",
+            f"hydra.sweep.dir={tmp_path}",
+        ]
+    )
     assert code == 2
     assert "must not score its trials on the test set" in capsys.readouterr().err
     assert not list(tmp_path.glob("*/results.json"))
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["dataset=digits"], "needs a search space"),
-    (["search=er", "--trials", "0"], "--trials 0"),
-    (["search=er", "--seeds", "a,b"], "--seeds"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["dataset=digits"], "needs a search space"),
+        (["search=er", "--trials", "0"], "--trials 0"),
+        (["search=er", "--seeds", "a,b"], "--seeds"),
+    ],
+)
 def test_tune_bad_arguments(args, needle, capsys):
     assert tune_main(args, run_hydra) == 2
     assert needle in capsys.readouterr().err
@@ -163,5 +186,6 @@ def test_a_missing_sweeper_plugin_names_the_extra():
     from hydra.errors import MissingConfigException
 
     from cil.run.config_errors import describe
+
     err = MissingConfigException("In 'hydra/config': Could not find 'hydra/sweeper/optuna'\nConfig search path: ...")
     assert describe(err) == "optuna is a Hydra plugin that is not installed: pip install 'cil[tune]'"

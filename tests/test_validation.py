@@ -1,6 +1,7 @@
 """Bad input fails at start with one message naming the key, the value and what is allowed: config mistakes
 caught by Hydra's schema (in process through Hydra's compose API, and through the CLI), range and combination
 checks, corrupt data through the CLI, a resumed run with changed settings, an unreadable checkpoint."""
+
 import dataclasses
 import os
 import subprocess
@@ -31,19 +32,28 @@ def hydra_error(*overrides) -> str:
         return str(info.value)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("buffer.size=abc", "buffer.size='abc' is not allowed: buffer.size takes an integer"),
-    ("method.iters=1.5", "method.iters=1.5 is not allowed: method.iters takes an integer"),
-    ("log.progress=maybe", "log.progress='maybe' is not allowed: log.progress takes true or false"),
-    ("optimizer.lr=fast", "optimizer.lr='fast' is not allowed: optimizer.lr takes a number"),
-    ("model.hidden=[400,x]", "model.hidden[1]='x' is not allowed: model.hidden takes a list of integers"),
-    ("dataset.image_size=big", "dataset.image_size='big' is not allowed: dataset.image_size takes null or an integer"),
-    ("stream.n_taks=2", "stream.n_taks is not a setting of cil (did you mean stream.n_tasks?): stream takes n_tasks,"),
-    ("bogus=1", "bogus is not a setting of cil: top-level keys are dataset, stream,"),
-    ("+bogus=1", "bogus is not a setting of cil: top-level keys are dataset, stream,"),
-    ("+checkpoint.evry=5", "checkpoint.evry is not a setting of cil (did you mean checkpoint.every?)"),
-    ("method=nope", "Could not find 'method/nope'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("buffer.size=abc", "buffer.size='abc' is not allowed: buffer.size takes an integer"),
+        ("method.iters=1.5", "method.iters=1.5 is not allowed: method.iters takes an integer"),
+        ("log.progress=maybe", "log.progress='maybe' is not allowed: log.progress takes true or false"),
+        ("optimizer.lr=fast", "optimizer.lr='fast' is not allowed: optimizer.lr takes a number"),
+        ("model.hidden=[400,x]", "model.hidden[1]='x' is not allowed: model.hidden takes a list of integers"),
+        (
+            "dataset.image_size=big",
+            "dataset.image_size='big' is not allowed: dataset.image_size takes null or an integer",
+        ),
+        (
+            "stream.n_taks=2",
+            "stream.n_taks is not a setting of cil (did you mean stream.n_tasks?): stream takes n_tasks,",
+        ),
+        ("bogus=1", "bogus is not a setting of cil: top-level keys are dataset, stream,"),
+        ("+bogus=1", "bogus is not a setting of cil: top-level keys are dataset, stream,"),
+        ("+checkpoint.evry=5", "checkpoint.evry is not a setting of cil (did you mean checkpoint.every?)"),
+        ("method=nope", "Could not find 'method/nope'"),
+    ],
+)
 def test_schema_errors_name_key_value_and_what_is_allowed(override, message):
     text = hydra_error(override)
     assert message in text
@@ -66,23 +76,31 @@ def cfg_with(**changes) -> RunConfig:
     return cfg
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"stream__batch_size": 0}, "stream.batch_size=0 is not allowed: use an integer >= 1"),
-    ({"buffer__size": -1}, "buffer.size=-1 is not allowed: use an integer >= 0"),
-    ({"buffer__policy": "fifo"}, "buffer.policy='fifo' is not allowed: choose one of ('reservoir', 'class_balanced')"),
-    ({"model__nf": 0}, "model.nf=0 is not allowed: use null or an integer >= 1"),
-    ({"model__hidden": [400, 0]}, "model.hidden=[400, 0] is not allowed"),
-    ({"optimizer__lr": -0.1}, "optimizer.lr=-0.1 is not allowed: use a learning rate > 0"),
-    ({"optimizer__momentum": -0.5}, "optimizer.momentum=-0.5 is not allowed"),
-    ({"optimizer__betas": [0.9]}, "optimizer.betas=[0.9] is not allowed: use [beta1, beta2] with 0 <= beta < 1"),
-    ({"checkpoint__every": -3}, "checkpoint.every=-3 is not allowed"),
-    ({"eval__anytime_every": -1}, "eval.anytime_every=-1 is not allowed"),
-    ({"method": GSAConfig(grayscale_p=1.5)}, "method.grayscale_p=1.5 is not allowed: use 0 <= p <= 1"),
-    ({"method": GSAConfig(name="er")}, "method.name='er' needs its own config (ERConfig)"),
-    ({"precision": "fp16"}, "precision='fp16' is not allowed: choose one of ('fp32', 'bf16', 'auto')"),
-    ({"buffer__size": 5, "method__replay_batch_size": 10},
-     "buffer.size=5 is smaller than method.replay_batch_size=10"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"stream__batch_size": 0}, "stream.batch_size=0 is not allowed: use an integer >= 1"),
+        ({"buffer__size": -1}, "buffer.size=-1 is not allowed: use an integer >= 0"),
+        (
+            {"buffer__policy": "fifo"},
+            "buffer.policy='fifo' is not allowed: choose one of ('reservoir', 'class_balanced')",
+        ),
+        ({"model__nf": 0}, "model.nf=0 is not allowed: use null or an integer >= 1"),
+        ({"model__hidden": [400, 0]}, "model.hidden=[400, 0] is not allowed"),
+        ({"optimizer__lr": -0.1}, "optimizer.lr=-0.1 is not allowed: use a learning rate > 0"),
+        ({"optimizer__momentum": -0.5}, "optimizer.momentum=-0.5 is not allowed"),
+        ({"optimizer__betas": [0.9]}, "optimizer.betas=[0.9] is not allowed: use [beta1, beta2] with 0 <= beta < 1"),
+        ({"checkpoint__every": -3}, "checkpoint.every=-3 is not allowed"),
+        ({"eval__anytime_every": -1}, "eval.anytime_every=-1 is not allowed"),
+        ({"method": GSAConfig(grayscale_p=1.5)}, "method.grayscale_p=1.5 is not allowed: use 0 <= p <= 1"),
+        ({"method": GSAConfig(name="er")}, "method.name='er' needs its own config (ERConfig)"),
+        ({"precision": "fp16"}, "precision='fp16' is not allowed: choose one of ('fp32', 'bf16', 'auto')"),
+        (
+            {"buffer__size": 5, "method__replay_batch_size": 10},
+            "buffer.size=5 is smaller than method.replay_batch_size=10",
+        ),
+    ],
+)
 def test_ranges_and_combinations_are_checked(changes, message):
     with pytest.raises(ConfigError) as info:
         validate(cfg_with(**changes))
@@ -115,14 +133,26 @@ def test_resume_refuses_other_settings_and_a_complete_run_is_not_redone(tmp_path
     with pytest.raises(ConfigError, match=r"already holds a complete run with other settings \(seed: 0 -> 1\)"):
         run_experiment(digits_cfg(checkpoint__keep=True, seed=1), tmp_path)
     (tmp_path / "results.json").unlink()  # as if killed after the last checkpoint, before results.json
-    with pytest.raises(ConfigError, match=r"checkpoint.pt was written by a run with other settings "
-                                          r"\(buffer.size: 50 -> 60\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"checkpoint.pt was written by a run with other settings "
+        r"\(buffer.size: 50 -> 60\)",
+    ):
         run_experiment(dataclasses.replace(digits_cfg(), buffer=dataclasses.replace(cfg.buffer, size=60)), tmp_path)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != "results.json"} == \
-        {k: v for k, v in before.items() if k != "results.json"}
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != "results.json"} == {
+        k: v for k, v in before.items() if k != "results.json"
+    }
     # checkpoint.* may change: resumed from the final checkpoint, same results
     resumed = run_experiment(digits_cfg(checkpoint__every=7), tmp_path)
-    timing = ("train_time_s", "task_train_time_s", "eval_time_s", "samples_per_s", "wall_time_s", "peak_rss_mb", "config")
+    timing = (
+        "train_time_s",
+        "task_train_time_s",
+        "eval_time_s",
+        "samples_per_s",
+        "wall_time_s",
+        "peak_rss_mb",
+        "config",
+    )
     assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in first.items() if k not in timing}
     assert not (tmp_path / "checkpoint.pt").exists()  # keep=false now
 
@@ -136,6 +166,7 @@ def test_corrupt_checkpoint_is_named_and_resume_false_starts_over(tmp_path):
 
 def test_deterministic_switch_sets_torch_and_cublas(monkeypatch):
     from cil.run.determinism import enable_determinism
+
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
@@ -152,9 +183,14 @@ def test_deterministic_switch_sets_torch_and_cublas(monkeypatch):
 def cli(tmp_path, *args, interrupt=None):
     run_dir = tmp_path / "run"
     entry = [str(Path(__file__).parent / "_interrupt_cli.py"), interrupt] if interrupt else ["-m", "cil"]
-    proc = subprocess.run([sys.executable, *entry, f"hydra.run.dir={run_dir}", "log.progress=false", *args],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, *entry, f"hydra.run.dir={run_dir}", "log.progress=false", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     return proc, run_dir
 
 
@@ -172,20 +208,28 @@ def mnist_copy(tmp_path, shared_data):
     root = tmp_path / "root"
     (root / "MNIST" / "raw").mkdir(parents=True)
     for f in (shared_data / "MNIST" / "raw").glob("*.gz"):
-        (root / "MNIST" / "raw" / f.name).write_bytes(f.read_bytes()[:10000] if f.name.startswith("train-im") else
-                                                      f.read_bytes())  # the training images cut short
+        (root / "MNIST" / "raw" / f.name).write_bytes(
+            f.read_bytes()[:10000] if f.name.startswith("train-im") else f.read_bytes()
+        )  # the training images cut short
     return root
 
 
-@pytest.mark.parametrize("verify, message", [
-    ("true", "error: checksum mismatch for {f}: md5 "),
-    ("false", "error: cannot read {f}: Compressed file ended before the end-of-stream marker was reached; the file "
-              "is corrupt or truncated"),
-])
+@pytest.mark.parametrize(
+    "verify, message",
+    [
+        ("true", "error: checksum mismatch for {f}: md5 "),
+        (
+            "false",
+            "error: cannot read {f}: Compressed file ended before the end-of-stream marker was reached; the file "
+            "is corrupt or truncated",
+        ),
+    ],
+)
 def test_cli_truncated_archive_is_named(tmp_path, mnist_copy, verify, message):
     f = mnist_copy / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
-    proc, run_dir = cli(tmp_path, "dataset=mnist", f"dataset.root={mnist_copy}", "dataset.download=false",
-                        f"dataset.verify={verify}")
+    proc, run_dir = cli(
+        tmp_path, "dataset=mnist", f"dataset.root={mnist_copy}", "dataset.download=false", f"dataset.verify={verify}"
+    )
     assert proc.returncode == 2
     assert message.format(f=f) in proc.stderr
     assert not run_dir.exists()
@@ -194,6 +238,7 @@ def test_cli_truncated_archive_is_named(tmp_path, mnist_copy, verify, message):
 @pytest.fixture
 def image_folder(tmp_path):
     from PIL import Image
+
     for split in ("train", "test"):
         for c in ("a", "b"):
             (tmp_path / "img" / split / c).mkdir(parents=True)
@@ -221,12 +266,16 @@ def test_cli_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     # the weights become NaN in batch 12's update; checkpoints every 5 batches: 5 and 10 written, 15 refused
     proc, run_dir = cli(tmp_path, "dataset=digits", "checkpoint.every=5", "buffer.size=50", interrupt="observe:12:NAN")
     assert proc.returncode == 2, proc.stderr
-    assert "error: training diverged: the loss or the weights became non-finite (nan or inf) by stream batch 15" \
-        in proc.stderr and "Lower optimizer.lr" in proc.stderr
+    assert (
+        "error: training diverged: the loss or the weights became non-finite (nan or inf) by stream batch 15"
+        in proc.stderr
+        and "Lower optimizer.lr" in proc.stderr
+    )
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert state["learner"]["step"] == 10
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     import json
+
     res = json.loads((run_dir / "results.json").read_text())
     assert res["status"] == "failed" and "diverged" in res["error"] and res["checkpoint"].endswith("checkpoint.pt")
 

@@ -1,6 +1,7 @@
 """Weights & Biases logging (log.wandb=true), offline: what a run writes under its folder, read back from W&B's own
 run file (`wandb.proto` records); a resumed run continuing the same W&B run; a sweep's jobs as W&B runs of one
 group; bad settings refused before anything is written."""
+
 import json
 import os
 import signal
@@ -12,16 +13,29 @@ import pytest
 
 pytest.importorskip("wandb")
 
-from cil.run.wandb_log import RUN_ID_FILE, read_records  # noqa: E402
+from cil.run.wandb_log import RUN_ID_FILE, read_records
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 INTERRUPT = TESTS / "_interrupt_cli.py"
 # checkpoints at task ends (~every 29 batches) and every 25 batches; diagnostics on: their PNGs are the run's plots
-ARGS = ["dataset=digits", "log.progress=false", "threads=1", "buffer.size=100", "method=er",
-        "method.replay_batch_size=10", "eval.anytime_every=20", "log.every=15", "checkpoint.every=25",
-        "diagnostics.enabled=true", "diagnostics.every=20", "log.wandb=true", "log.wandb_mode=offline",
-        "log.wandb_project=cil-test", "log.wandb_tags=[a,b]"]
+ARGS = [
+    "dataset=digits",
+    "log.progress=false",
+    "threads=1",
+    "buffer.size=100",
+    "method=er",
+    "method.replay_batch_size=10",
+    "eval.anytime_every=20",
+    "log.every=15",
+    "checkpoint.every=25",
+    "diagnostics.enabled=true",
+    "diagnostics.every=20",
+    "log.wandb=true",
+    "log.wandb_mode=offline",
+    "log.wandb_project=cil-test",
+    "log.wandb_tags=[a,b]",
+]
 EXIT_PREEMPTED = 75
 
 
@@ -29,9 +43,17 @@ EXIT_PREEMPTED = 75
 def wandb_env(tmp_path_factory):
     home = tmp_path_factory.mktemp("wandb-home")
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # this checkout's cil
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "WANDB_MODE": "offline",
-            "WANDB_DIR": str(home / "dir"), "WANDB_CACHE_DIR": str(home / "cache"),
-            "WANDB_CONFIG_DIR": str(home / "config"), "WANDB_DATA_DIR": str(home / "data")}
+    return {
+        **os.environ,
+        "PYTHONPATH": path,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_SILENT": "true",
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(home / "dir"),
+        "WANDB_CACHE_DIR": str(home / "cache"),
+        "WANDB_CONFIG_DIR": str(home / "config"),
+        "WANDB_DATA_DIR": str(home / "data"),
+    }
 
 
 def cli(run_dir: Path, env: dict, *args, interrupt=None):
@@ -52,11 +74,13 @@ def attempts(run_dir: Path) -> list[dict]:
                 rec.update(id=r.run.run_id, project=r.run.project, tags=list(r.run.tags), group=r.run.run_group)
                 rec["config"].update({i.key: json.loads(i.value_json) for i in r.run.config.update})
             elif kind == "history":
-                rec["rows"][r.history.step.num] = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                                                   for i in r.history.item}
+                rec["rows"][r.history.step.num] = {
+                    i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item
+                }
             elif kind == "summary":
-                rec["summary"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                                       for i in r.summary.update})
+                rec["summary"].update(
+                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.summary.update}
+                )
             elif kind == "exit":
                 rec["exit"] = r.exit.exit_code
         out.append(rec)
@@ -83,8 +107,17 @@ def test_offline_run_records_scalars_matrix_config_summary_and_plots(uninterrupt
     for step, _, key, value in csv_rows:
         assert run["rows"][int(step)][key] == pytest.approx(float(value), rel=1e-5), (step, key)
     keys = set().union(*run["rows"].values())
-    for key in ("loss", "online_acc", "anytime_acc", "avg_acc_seen", "acc/task_0", "errors/correct",
-                "diag/grad_norm/new", "plots/diag_ratio/path", "plots/digits_er_m100_acc_matrix/path"):
+    for key in (
+        "loss",
+        "online_acc",
+        "anytime_acc",
+        "avg_acc_seen",
+        "acc/task_0",
+        "errors/correct",
+        "diag/grad_norm/new",
+        "plots/diag_ratio/path",
+        "plots/digits_er_m100_acc_matrix/path",
+    ):
         assert key in keys, key
     # the accuracy matrix after each task: a table of as many rows as tasks done, and its heatmap
     tables = {s: r for s, r in run["rows"].items() if "acc_matrix/_type" in r}
@@ -132,10 +165,26 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_env, uninterru
 
 def test_sweep_jobs_are_runs_of_one_group(tmp_path, wandb_env):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "cil", "-m", f"hydra.sweep.dir={sweep}", "hydra/launcher=joblib",
-           "hydra.launcher.n_jobs=2", "dataset=digits", "log.progress=false", "threads=1", "buffer.size=100",
-           "method.replay_batch_size=10", "stream.n_tasks=2", "stream.batch_size=50", "eval.anytime_every=0",
-           "log.wandb=true", "log.wandb_mode=offline", "seed=0,1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cil",
+        "-m",
+        f"hydra.sweep.dir={sweep}",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "dataset=digits",
+        "log.progress=false",
+        "threads=1",
+        "buffer.size=100",
+        "method.replay_batch_size=10",
+        "stream.n_tasks=2",
+        "stream.batch_size=50",
+        "eval.anytime_every=0",
+        "log.wandb=true",
+        "log.wandb_mode=offline",
+        "seed=0,1",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=wandb_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(d for d in sweep.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -145,11 +194,14 @@ def test_sweep_jobs_are_runs_of_one_group(tmp_path, wandb_env):
     assert {r["group"] for r in runs} == {f"{tmp_path.name}/sweep"}
 
 
-@pytest.mark.parametrize("setting, value, needle", [
-    ("wandb_mode", "bogus", "log.wandb_mode='bogus' is not allowed"),
-    ("wandb_project", "", "log.wandb_project='' is not allowed"),
-    (None, None, "pip install 'cil[wandb]'"),  # the package missing
-])
+@pytest.mark.parametrize(
+    "setting, value, needle",
+    [
+        ("wandb_mode", "bogus", "log.wandb_mode='bogus' is not allowed"),
+        ("wandb_project", "", "log.wandb_project='' is not allowed"),
+        (None, None, "pip install 'cil[wandb]'"),  # the package missing
+    ],
+)
 def test_bad_wandb_settings_are_one_clear_error(monkeypatch, setting, value, needle):
     """validate() runs before the run folder is looked at: nothing is written (tests/test_cli.py checks that for
     every ConfigError of validate)."""
@@ -161,8 +213,9 @@ def test_bad_wandb_settings_are_one_clear_error(monkeypatch, setting, value, nee
     cfg = default_config("er")
     if setting is None:
         find_spec = importlib.util.find_spec
-        monkeypatch.setattr(importlib.util, "find_spec",
-                            lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a)
+        )
     else:
         setattr(cfg.log, setting, value)
     validate(cfg)  # W&B off: its settings and package do not matter

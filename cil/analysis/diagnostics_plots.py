@@ -3,16 +3,16 @@
 Each ``plot_*`` draws into given axes, so experiment scripts can put several runs side by side; ``plot_run``
 writes the three standard figures of one run. matplotlib runs with the Agg backend (no display needed).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 SOURCES = ("new", "replay")
 
@@ -84,8 +84,11 @@ def old_class_pushes(series: dict, kind: str = "mass"):
     interval: where the downward and upward pushes on the old classes come from."""
     snaps = series["snapshots"]
     task_of = np.array(series["class_task"])
-    arr = {(src, key): np.diff(np.array([s["stats"][f"{kind}/{src}"][key] for s in snaps]), axis=0, prepend=0.0)
-           for src in SOURCES for key in ("pos", "neg")}
+    arr = {
+        (src, key): np.diff(np.array([s["stats"][f"{kind}/{src}"][key] for s in snaps]), axis=0, prepend=0.0)
+        for src in SOURCES
+        for key in ("pos", "neg")
+    }
     steps, neg_new, neg_rep, pos_rep = [], [], [], []
     keep = long_windows(series)
     for i, s in enumerate(snaps):
@@ -99,14 +102,22 @@ def old_class_pushes(series: dict, kind: str = "mass"):
     return tuple(np.array(a) for a in (steps, neg_new, neg_rep, pos_rep))
 
 
-def plot_old_class_pushes(ax, series: dict, kind: str = "mass", title: Optional[str] = None):
+def plot_old_class_pushes(ax, series: dict, kind: str = "mass", title: str | None = None):
     """Downward pushes on the old classes from new data and from replay, and their upward push."""
     steps, neg_new, neg_rep, pos = old_class_pushes(series, kind)
-    for values, color, label in ((neg_new, "tab:red", "G- from new-data rows"),
-                                 (neg_rep, "tab:orange", "G- from replay rows"), (pos, "tab:blue", "G+")):
+    for values, color, label in (
+        (neg_new, "tab:red", "G- from new-data rows"),
+        (neg_rep, "tab:orange", "G- from replay rows"),
+        (pos, "tab:blue", "G+"),
+    ):
         zero = not np.any(values > 0)  # a log axis cannot show 0: say it in the legend
-        ax.plot(steps, np.where(values > 0, values, np.nan), color=color, lw=1.0,
-                label=label + (" (always 0)" if zero else ""))
+        ax.plot(
+            steps,
+            np.where(values > 0, values, np.nan),
+            color=color,
+            lw=1.0,
+            label=label + (" (always 0)" if zero else ""),
+        )
     _boundaries(ax, series)
     ax.set_yscale("log")
     ax.set_xlabel("stream batch")
@@ -116,7 +127,7 @@ def plot_old_class_pushes(ax, series: dict, kind: str = "mass", title: Optional[
         ax.set_title(title, fontsize=9)
 
 
-def plot_class_ratios(ax, series: dict, kind: str = "mass", recent: bool = False, title: Optional[str] = None):
+def plot_class_ratios(ax, series: dict, kind: str = "mass", recent: bool = False, title: str | None = None):
     """G+/G- per class over the stream (log scale), one line per class coloured by its task."""
     steps, r = class_ratios(series, kind, recent=recent)
     task_of = series["class_task"]
@@ -135,7 +146,7 @@ def plot_class_ratios(ax, series: dict, kind: str = "mass", recent: bool = False
         ax.set_title(title, fontsize=9)
 
 
-def plot_group_ratios(ax, series: dict, title: Optional[str] = None):
+def plot_group_ratios(ax, series: dict, title: str | None = None):
     """Recent G+/G- of the old and the new classes, logit-gradient mass and effective (loss-weighted)."""
     for kind, ls in (("mass", "-"), ("effective", ":")):
         steps, old, new = group_ratios(series, kind)
@@ -151,8 +162,7 @@ def plot_group_ratios(ax, series: dict, title: Optional[str] = None):
         ax.set_title(title, fontsize=9)
 
 
-def plot_grad_norms(ax, series: dict, head: bool = False, title: Optional[str] = None, cos_ax=None,
-                    smooth_over: int = 5):
+def plot_grad_norms(ax, series: dict, head: bool = False, title: str | None = None, cos_ax=None, smooth_over: int = 5):
     """Norms of the parameter gradient from the new-data and the replay terms; cosine on ``cos_ax``."""
     g = series["grads"]
     if not g:
@@ -184,17 +194,21 @@ def plot_grad_norms(ax, series: dict, head: bool = False, title: Optional[str] =
         ax.set_title(title, fontsize=9)
 
 
-def plot_gain(ax, series: dict, title: Optional[str] = None, current: bool = False):
+def plot_gain(ax, series: dict, title: str | None = None, current: bool = False):
     """Accuracy change of each task over each task interval against the mean gradient norm its rows contributed.
     Old tasks by default (the question: does the gradient a task gets buy it accuracy?); ``current`` draws the
     task being learned instead (its gain is from 0, an order of magnitude larger, so it gets its own axes)."""
-    pts = [r for r in series["gains"] if r["grad_norm"] is not None
-           and (r["task"] == r["after_task"]) == current]
+    pts = [r for r in series["gains"] if r["grad_norm"] is not None and (r["task"] == r["after_task"]) == current]
     cmap = plt.get_cmap("tab10")
     for r in pts:
         ax.scatter(r["grad_norm"], r["gain"], color=cmap(r["task"] % 10), s=20)
-        ax.annotate(f"T{r['task']}@{r['after_task']}", (r["grad_norm"], r["gain"]), fontsize=6,
-                    xytext=(2, 2), textcoords="offset points")
+        ax.annotate(
+            f"T{r['task']}@{r['after_task']}",
+            (r["grad_norm"], r["gain"]),
+            fontsize=6,
+            xytext=(2, 2),
+            textcoords="offset points",
+        )
     ax.axhline(0.0, color="k", lw=0.8, ls="--")
     ax.set_xlabel("mean gradient norm of the task's rows")
     ax.set_ylabel(("current" if current else "old") + "-task accuracy change (points)")

@@ -7,6 +7,7 @@ accuracy through the stream (anytime curve, mean and std over seeds) per method 
 against memory per method (error bars: std over seeds), and for GSA runs the per-class weights and
 positive/negative gradient ratios through the stream (from metrics.csv, first seed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,8 @@ import re
 import sys
 import textwrap
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import matplotlib
 import numpy as np
@@ -58,8 +59,15 @@ def accuracy_matrix_figure(acc: Sequence[Sequence[float]], title: str = "") -> F
     if n_cols <= 20:
         for i in range(n_rows):
             for j in range(min(i + 1, n_cols)):
-                ax.text(j, i, f"{a[i, j]:.0f}", ha="center", va="center", fontsize=8,
-                        color="white" if a[i, j] < 60 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{a[i, j]:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if a[i, j] < 60 else "black",
+                )
     ax.set_xlabel("test task j")
     ax.set_ylabel("after training task i")
     ax.set_xticks(range(n_cols))
@@ -82,8 +90,9 @@ def _mean_std_curves(curves: list[list[dict]]) -> tuple[np.ndarray, np.ndarray, 
     return x, ys.mean(0), ys.std(0, ddof=1) if len(ys) > 1 else np.zeros_like(x)
 
 
-def plot_anytime(curves_by_label: dict[str, list[list[dict]]], path: Path, title: str = "",
-                 ylabel: str = "accuracy on seen tasks %") -> Path:
+def plot_anytime(
+    curves_by_label: dict[str, list[list[dict]]], path: Path, title: str = "", ylabel: str = "accuracy on seen tasks %"
+) -> Path:
     """Average accuracy on the seen tasks through the stream, one line per label (mean; band: std over seeds).
     Also the A_AUC curves of blurry streams (results.json `auc_curve`: accuracy on the seen classes)."""
     fig = _figure()
@@ -93,7 +102,7 @@ def plot_anytime(curves_by_label: dict[str, list[list[dict]]], path: Path, title
         if not curves:
             continue
         x, mean, std = _mean_std_curves(curves)
-        line, = ax.plot(x, mean, label=f"{label} (n={len(curves)})")
+        (line,) = ax.plot(x, mean, label=f"{label} (n={len(curves)})")
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("stream samples seen")
     ax.set_ylabel(ylabel)
@@ -105,17 +114,28 @@ def plot_anytime(curves_by_label: dict[str, list[list[dict]]], path: Path, title
     return _save(fig, path)
 
 
-def plot_accuracy_vs_memory(points: dict[str, list[tuple[int, float, float, int]]], path: Path,
-                            title: str = "", paper: Optional[dict[str, list[tuple[int, float]]]] = None) -> Path:
+def plot_accuracy_vs_memory(
+    points: dict[str, list[tuple[int, float, float, int]]],
+    path: Path,
+    title: str = "",
+    paper: dict[str, list[tuple[int, float]]] | None = None,
+) -> Path:
     """Final average accuracy against memory size; points[label] = [(memory, mean, std, n_seeds)]."""
     fig = _figure()
     ax = fig.add_subplot()
     for label, pts in points.items():
         pts = sorted(pts)
         m = [p[0] for p in pts]
-        ax.errorbar(m, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                    label=f"{label} (n={min(p[3] for p in pts)}-{max(p[3] for p in pts)})"
-                    if len({p[3] for p in pts}) > 1 else f"{label} (n={pts[0][3]})")
+        ax.errorbar(
+            m,
+            [p[1] for p in pts],
+            yerr=[p[2] for p in pts],
+            marker="o",
+            capsize=3,
+            label=f"{label} (n={min(p[3] for p in pts)}-{max(p[3] for p in pts)})"
+            if len({p[3] for p in pts}) > 1
+            else f"{label} (n={pts[0][3]})",
+        )
     for label, pts in (paper or {}).items():
         pts = sorted(pts)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="--", marker="x", label=f"{label} (paper)")
@@ -134,13 +154,14 @@ def plot_accuracy_vs_memory(points: dict[str, list[tuple[int, float, float, int]
     return _save(fig, path)
 
 
-def read_metrics(path: Path) -> list[tuple[int, Optional[int], str, float]]:
+def read_metrics(path: Path) -> list[tuple[int, int | None, str, float]]:
     """metrics.csv (long format step,task,key,value) as tuples."""
     rows = []
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
-            rows.append((int(r["step"]), int(r["task"]) if r["task"] not in ("", None) else None, r["key"],
-                         float(r["value"])))
+            rows.append(
+                (int(r["step"]), int(r["task"]) if r["task"] not in ("", None) else None, r["key"], float(r["value"]))
+            )
     return rows
 
 
@@ -160,12 +181,21 @@ def plot_gsa_stats(metrics_csv: Path, path: Path, title: str = "") -> Path:
     fig = _figure(7.0, 5.5)
     axes = fig.subplots(2, 1, sharex=True)
     cmap = matplotlib.colormaps["tab20"]
-    for ax, kind, ylabel in ((axes[0], "weight", "weight w_c = 2 sigmoid(r_c - 1)"),
-                             (axes[1], "ratio", "ratio r_c = G+_c / G-_c")):
+    for ax, kind, ylabel in (
+        (axes[0], "weight", "weight w_c = 2 sigmoid(r_c - 1)"),
+        (axes[1], "ratio", "ratio r_c = G+_c / G-_c"),
+    ):
         for c in sorted(series[kind]):
             pts = series[kind][c]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=cmap(c % 20), label=f"class {c}",
-                    linewidth=1.2, marker="." if len(pts) < 40 else None, markersize=4)
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                color=cmap(c % 20),
+                label=f"class {c}",
+                linewidth=1.2,
+                marker="." if len(pts) < 40 else None,
+                markersize=4,
+            )
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
         for b in boundaries:
             ax.axvline(b, color="black", linewidth=0.8, linestyle="--", alpha=0.5)
@@ -209,36 +239,63 @@ def plot_sections(sections, out_dir: Path) -> list[Path]:
             points = defaultdict(list)
             for g in done:
                 points[g.label].append((g.memory, g.mean("final_avg_acc"), g.std("final_avg_acc") or 0.0, g.n))
-            written.append(plot_accuracy_vs_memory(points, d / f"{_slug(name)}_acc_vs_memory.png",
-                                                   f"{section.name}: {name}, final accuracy vs memory"))
+            written.append(
+                plot_accuracy_vs_memory(
+                    points, d / f"{_slug(name)}_acc_vs_memory.png", f"{section.name}: {name}, final accuracy vs memory"
+                )
+            )
             for memory in sorted({g.memory for g in done}):
-                curves = {g.label: [r.results.get("anytime_curve") or [] for r in g.complete]
-                          for g in done if g.memory == memory}
-                written.append(plot_anytime(curves, d / f"{_slug(name)}_m{memory}_anytime.png",
-                                            f"{section.name}: {name}, M = {memory}, accuracy through the stream"))
-                auc = {f"{g.label}, A_AUC {g.mean('a_auc'):.1f}": [r.results.get("auc_curve") or [] for r in g.complete]
-                       for g in done if g.memory == memory and g.mean("a_auc") is not None}
+                curves = {
+                    g.label: [r.results.get("anytime_curve") or [] for r in g.complete]
+                    for g in done
+                    if g.memory == memory
+                }
+                written.append(
+                    plot_anytime(
+                        curves,
+                        d / f"{_slug(name)}_m{memory}_anytime.png",
+                        f"{section.name}: {name}, M = {memory}, accuracy through the stream",
+                    )
+                )
+                auc = {
+                    f"{g.label}, A_AUC {g.mean('a_auc'):.1f}": [r.results.get("auc_curve") or [] for r in g.complete]
+                    for g in done
+                    if g.memory == memory and g.mean("a_auc") is not None
+                }
                 if auc:  # blurry streams: the curve whose area is A_AUC (docs/streams.md)
-                    written.append(plot_anytime(auc, d / f"{_slug(name)}_m{memory}_auc.png",
-                                                f"{section.name}: {name}, M = {memory}, anytime accuracy (A_AUC)",
-                                                ylabel="accuracy on seen classes %"))
+                    written.append(
+                        plot_anytime(
+                            auc,
+                            d / f"{_slug(name)}_m{memory}_auc.png",
+                            f"{section.name}: {name}, M = {memory}, anytime accuracy (A_AUC)",
+                            ylabel="accuracy on seen classes %",
+                        )
+                    )
             for g in done:
                 mats = [np.asarray(r.results["acc_matrix"], dtype=float) for r in g.complete]
                 if len({m.shape for m in mats}) == 1:
-                    written.append(plot_accuracy_matrix(
-                        np.mean(mats, axis=0), d / f"{_slug(name, g.method, 'm' + str(g.memory), g.variant)}_acc_matrix.png",
-                        f"{name}, {g.label}, M = {g.memory}: accuracy matrix (mean of {g.n} seed(s))"))
+                    written.append(
+                        plot_accuracy_matrix(
+                            np.mean(mats, axis=0),
+                            d / f"{_slug(name, g.method, 'm' + str(g.memory), g.variant)}_acc_matrix.png",
+                            f"{name}, {g.label}, M = {g.memory}: accuracy matrix (mean of {g.n} seed(s))",
+                        )
+                    )
                 if g.method == "gsa":
                     first = g.complete[0]
                     csv_path = first.path / "metrics.csv"
                     if csv_path.exists() and "gsa/weight/" in csv_path.read_text():
-                        written.append(plot_gsa_stats(
-                            csv_path, d / f"{_slug(name, 'gsa', 'm' + str(g.memory), g.variant)}_s{first.seed}_gsa_stats.png",
-                            f"{name}, {g.label}, M = {g.memory}, seed {first.seed}: GSA statistics"))
+                        written.append(
+                            plot_gsa_stats(
+                                csv_path,
+                                d / f"{_slug(name, 'gsa', 'm' + str(g.memory), g.variant)}_s{first.seed}_gsa_stats.png",
+                                f"{name}, {g.label}, M = {g.memory}, seed {first.seed}: GSA statistics",
+                            )
+                        )
     return written
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from cil.analysis.report import collect_sections
 
     p = argparse.ArgumentParser(prog="cil plots", description=__doc__.split("\n\n")[0])

@@ -14,6 +14,7 @@ The first form prints a markdown table and writes summary.md and summary.csv (in
 else into report/ or -o DIR). The second regenerates the tables of experiments/RESULTS.md (listed in
 experiments/tables.yaml) between their markers, keeping everything else in the file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -32,9 +33,21 @@ from cil.analysis.tune_report import is_tune_folder, tune_text
 from cil.runfolder import FAILED, RESULTS, find_run_dirs, read_json, run_status
 
 # Keys that do not change what a run measures: runs differing only in these are the same experiment.
-IGNORED_PREFIXES = ("seed", "dataset.root", "dataset.download", "dataset.verify", "log.", "checkpoint.",
-                    "eval.batch_size", "device", "compile", "channels_last", "deterministic", "threads",
-                    "diagnostics.")  # diagnostics leave training bit-identical (tests/test_diagnostics.py)
+IGNORED_PREFIXES = (
+    "seed",
+    "dataset.root",
+    "dataset.download",
+    "dataset.verify",
+    "log.",
+    "checkpoint.",
+    "eval.batch_size",
+    "device",
+    "compile",
+    "channels_last",
+    "deterministic",
+    "threads",
+    "diagnostics.",
+)  # diagnostics leave training bit-identical (tests/test_diagnostics.py)
 METHOD_ORDER = ["naive", "er", "er_ace", "derpp", "pcr", "ocm", "onpro", "gsa"]
 METRICS = [("final_avg_acc", "final acc. %"), ("avg_forgetting", "forgetting %"), ("anytime_acc", "anytime acc. %")]
 # Blurry streams' metrics (docs/streams.md): a table shows these columns only when one of its runs has them.
@@ -42,8 +55,12 @@ BLURRY_METRICS = [("a_auc", "A_AUC %"), ("a_last", "A_last %")]
 
 
 # Where the final test errors go (results.json "errors"; runs from before it existed have none).
-ERROR_KINDS = [("errors.correct", "correct %"), ("errors.within_task", "within task %"),
-               ("errors.to_newer_task", "to a newer task %"), ("errors.to_older_task", "to an older task %")]
+ERROR_KINDS = [
+    ("errors.correct", "correct %"),
+    ("errors.within_task", "within task %"),
+    ("errors.to_newer_task", "to a newer task %"),
+    ("errors.to_older_task", "to an older task %"),
+]
 
 
 def _result(results: dict, metric: str) -> Any:
@@ -71,8 +88,8 @@ class Run:
     path: Path
     status: str  # complete | failed | incomplete
     config: dict
-    results: Optional[dict] = None
-    error: Optional[str] = None
+    results: dict | None = None
+    error: str | None = None
 
     @property
     def flat(self) -> dict:
@@ -84,7 +101,7 @@ class Run:
 
 
 def machines_note(runs: list[Run]) -> str:
-    """" Machines: <cpu> (n runs), ..." from results.json `machine` (floats repeat bit for bit on one CPU type
+    """ " Machines: <cpu> (n runs), ..." from results.json `machine` (floats repeat bit for bit on one CPU type
     only, so a table mixing machines says so); "" when no run records one."""
     counts: dict[str, int] = {}
     for r in runs:
@@ -179,11 +196,11 @@ class Group:
         vals = [_result(r.results, metric) for r in self.complete]
         return [float(v) for v in vals if v is not None and math.isfinite(float(v))]
 
-    def mean(self, metric: str) -> Optional[float]:
+    def mean(self, metric: str) -> float | None:
         v = self.values(metric)
         return sum(v) / len(v) if v else None
 
-    def std(self, metric: str) -> Optional[float]:
+    def std(self, metric: str) -> float | None:
         """Sample standard deviation over seeds (ddof 1); None with fewer than two seeds."""
         v = self.values(metric)
         if len(v) < 2:
@@ -249,6 +266,7 @@ def _schema_defaults(method: str) -> dict[str, Any]:
 
     from cil.core.methods import METHODS
     from cil.schema import RunConfig
+
     out = {k: v for k, v in flatten(dataclasses.asdict(RunConfig())).items() if k != "method"}
     if method in METHODS:
         out.update(flatten({"method": dataclasses.asdict(METHODS[method].Config())}))
@@ -263,6 +281,7 @@ def _normalised(r: Run) -> dict[str, Any]:
     method = flat.get("method.name")
     defaults = _schema_defaults(method)
     from cil.core.methods import METHODS
+
     if method in METHODS:
         flat = {k: v for k, v in flat.items() if not k.startswith("method.") or k in defaults}
     return {**defaults, **flat}
@@ -274,8 +293,12 @@ def group_runs(runs: list[Run]) -> list[Group]:
         flat = _normalised(r)
         key = tuple(sorted((k, v) for k, v in flat.items() if not _ignored(k)))
         if key not in groups:
-            groups[key] = Group(key, flat.get("experiment") or flat.get("dataset.name") or "?",
-                                method_label(flat), flat.get("buffer.size"))
+            groups[key] = Group(
+                key,
+                flat.get("experiment") or flat.get("dataset.name") or "?",
+                method_label(flat),
+                flat.get("buffer.size"),
+            )
         groups[key].runs.append(r)
     # Groups sharing (name, method, memory) differ in some other key: name those keys.
     by_label: dict[tuple, list[Group]] = {}
@@ -294,7 +317,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
 
 
 # -- tables ----------------------------------------------------------------------------------------------------
-def _fmt(mean: Optional[float], std: Optional[float]) -> str:
+def _fmt(mean: float | None, std: float | None) -> str:
     if mean is None:
         return "-"
     return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
@@ -313,14 +336,21 @@ def _problems(g: Group) -> str:
     return "; ".join(parts)
 
 
-def summary_rows(section: Section, paper: Optional[dict] = None) -> list[dict]:
+def summary_rows(section: Section, paper: dict | None = None) -> list[dict]:
     rows = []
     for g in group_runs(section.runs):
-        row = {"section": section.name, "experiment": g.name, "method": g.method, "memory": g.memory,
-               "variant": g.variant, "n_seeds": g.n, "seeds": seed_list(g.seeds),
-               "failed_seeds": " ".join(str(r.seed) for r in g.failed),
-               "missing_seeds": " ".join(str(s) for s in g.missing_seeds),
-               "incomplete_seeds": " ".join(str(r.seed) for r in g.incomplete)}
+        row = {
+            "section": section.name,
+            "experiment": g.name,
+            "method": g.method,
+            "memory": g.memory,
+            "variant": g.variant,
+            "n_seeds": g.n,
+            "seeds": seed_list(g.seeds),
+            "failed_seeds": " ".join(str(r.seed) for r in g.failed),
+            "missing_seeds": " ".join(str(s) for s in g.missing_seeds),
+            "incomplete_seeds": " ".join(str(r.seed) for r in g.incomplete),
+        }
         for metric, _ in METRICS + BLURRY_METRICS:
             row[f"{metric}_mean"] = g.mean(metric)
             row[f"{metric}_std"] = g.std(metric)
@@ -338,11 +368,16 @@ def _paper_value(paper: dict, method: str, memory: Any) -> str:
     return "" if v is None else str(v)
 
 
-def markdown_table(rows: list[dict], paper_header: Optional[str] = None) -> str:
+def markdown_table(rows: list[dict], paper_header: str | None = None) -> str:
     show_variant = any(r["variant"] for r in rows)
     shown = METRICS + [(m, h) for m, h in BLURRY_METRICS if any(r.get(f"{m}_mean") is not None for r in rows)]
-    head = ["experiment", "method", "M"] + (["variant"] if show_variant else []) + [h for _, h in shown] + \
-           ["n", "seeds", "failed / missing"] + ([paper_header] if paper_header else [])
+    head = (
+        ["experiment", "method", "M"]
+        + (["variant"] if show_variant else [])
+        + [h for _, h in shown]
+        + ["n", "seeds", "failed / missing"]
+        + ([paper_header] if paper_header else [])
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["experiment"]), r["method"], str(r["memory"])] + ([r["variant"]] if show_variant else [])
@@ -354,7 +389,7 @@ def markdown_table(rows: list[dict], paper_header: Optional[str] = None) -> str:
     return "\n".join(lines)
 
 
-def errors_table(groups: list) -> Optional[str]:
+def errors_table(groups: list) -> str | None:
     """Mean ± std over seeds of where the final test samples go, for the groups whose runs recorded it."""
     groups = [g for g in groups if g.values("errors.correct")]
     if not groups:
@@ -369,15 +404,29 @@ def errors_table(groups: list) -> Optional[str]:
     return "\n".join(lines)
 
 
-CSV_FIELDS = ["section", "experiment", "method", "memory", "variant", "n_seeds", "seeds", "failed_seeds",
-              "missing_seeds", "incomplete_seeds"] + [f"{m}_{s}" for m, _ in METRICS for s in ("mean", "std")] + \
-    [f"{m}_{s}" for m, _ in BLURRY_METRICS for s in ("mean", "std")]
+CSV_FIELDS = (
+    [
+        "section",
+        "experiment",
+        "method",
+        "memory",
+        "variant",
+        "n_seeds",
+        "seeds",
+        "failed_seeds",
+        "missing_seeds",
+        "incomplete_seeds",
+    ]
+    + [f"{m}_{s}" for m, _ in METRICS for s in ("mean", "std")]
+    + [f"{m}_{s}" for m, _ in BLURRY_METRICS for s in ("mean", "std")]
+)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS + (["paper"] if any("paper" in r for r in rows) else []),
-                           extrasaction="ignore")
+        w = csv.DictWriter(
+            f, fieldnames=CSV_FIELDS + (["paper"] if any("paper" in r for r in rows) else []), extrasaction="ignore"
+        )
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if v is None else v) for k, v in r.items()})
@@ -385,9 +434,13 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def section_text(section: Section, rows: list[dict]) -> str:
     n = {s: sum(r.status == s for r in section.runs) for s in ("complete", "failed", "incomplete")}
-    out = [f"### {section.name}",
-           f"`{section.path}`: {len(section.runs)} run(s), {n['complete']} complete, {n['failed']} failed, "
-           f"{n['incomplete']} incomplete. Mean ± sample std over seeds.", "", markdown_table(rows)]
+    out = [
+        f"### {section.name}",
+        f"`{section.path}`: {len(section.runs)} run(s), {n['complete']} complete, {n['failed']} failed, "
+        f"{n['incomplete']} incomplete. Mean ± sample std over seeds.",
+        "",
+        markdown_table(rows),
+    ]
     errors = [e for r in rows for e in r["_errors"]]
     if errors:
         out += ["", "Failed runs:"] + [f"- {e}" for e in errors]
@@ -396,13 +449,15 @@ def section_text(section: Section, rows: list[dict]) -> str:
 
 # -- RESULTS.md --------------------------------------------------------------------------------------------------
 BEGIN, END = "<!-- cil.report:begin {} -->", "<!-- cil.report:end {} -->"
+
+
 def load_tables(path: Path) -> dict[str, dict]:
     if not Path(path).exists():
         return {}
     return yaml.safe_load(Path(path).read_text()) or {}
 
 
-def recorded_command(sweep_dir: Path) -> Optional[str]:
+def recorded_command(sweep_dir: Path) -> str | None:
     """The command line of the last launch into a sweep folder (Hydra's multirun.yaml)."""
     path = Path(sweep_dir) / "multirun.yaml"
     try:
@@ -414,7 +469,7 @@ def recorded_command(sweep_dir: Path) -> Optional[str]:
     return " ".join(["python -m cil -m", *hydra_ov, *(ov.get("task") or [])])
 
 
-def table_block(name: str, spec: dict, section: Optional[Section]) -> str:
+def table_block(name: str, spec: dict, section: Section | None) -> str:
     title = spec.get("title", name)
     command = spec.get("command") or f"python -m cil -m sweep={name}"
     lines = [BEGIN.format(name), f"## {title}", ""]
@@ -426,24 +481,38 @@ def table_block(name: str, spec: dict, section: Optional[Section]) -> str:
     if not runs:
         lines += ["", "_No runs recorded yet._"]
         if paper:
-            lines += ["", f"Published ({paper.get('source', 'paper').rstrip('. ')}): " + "; ".join(
-                f"{m}: " + ", ".join(f"M={k} {v}" for k, v in vals.items())
-                for m, vals in (paper.get("values") or {}).items())]
+            lines += [
+                "",
+                f"Published ({paper.get('source', 'paper').rstrip('. ')}): "
+                + "; ".join(
+                    f"{m}: " + ", ".join(f"M={k} {v}" for k, v in vals.items())
+                    for m, vals in (paper.get("values") or {}).items()
+                ),
+            ]
     else:
         rec = recorded_command(section.path)
         if rec and rec != command:
             lines += [f"Last launch into that folder: `{rec}`."]
         rows = summary_rows(section, paper)
         n = {s: sum(r.status == s for r in runs) for s in ("complete", "failed", "incomplete")}
-        lines += ["", f"{len(runs)} run(s): {n['complete']} complete, {n['failed']} failed, {n['incomplete']} "
-                      f"incomplete. Mean ± sample std over seeds.{machines_note(runs)}", "",
-                  markdown_table(rows, paper_header=paper.get("header", "paper") if paper else None)]
+        lines += [
+            "",
+            f"{len(runs)} run(s): {n['complete']} complete, {n['failed']} failed, {n['incomplete']} "
+            f"incomplete. Mean ± sample std over seeds.{machines_note(runs)}",
+            "",
+            markdown_table(rows, paper_header=paper.get("header", "paper") if paper else None),
+        ]
         if paper and paper.get("source"):
             lines += ["", f"Paper column: {paper['source'].rstrip('. ')}."]
         errors_md = errors_table(group_runs(runs)) if spec.get("errors") else None
         if errors_md:
-            lines += ["", "Where the final model's test samples go (percent of all test samples; runs recorded "
-                          "before results.json had `errors` are not in `n`):", "", errors_md]
+            lines += [
+                "",
+                "Where the final model's test samples go (percent of all test samples; runs recorded "
+                "before results.json had `errors` are not in `n`):",
+                "",
+                errors_md,
+            ]
         errors = [e for r in rows for e in r["_errors"]]
         if errors:
             lines += ["", "Failed runs:"] + [f"- {e}" for e in errors]
@@ -456,8 +525,11 @@ def table_block(name: str, spec: dict, section: Optional[Section]) -> str:
 def update_results_md(path: Path, sections: list[Section], tables: dict[str, dict], command: str) -> str:
     """Replace each table's block between its markers (or append it); text outside the markers is kept."""
     path = Path(path)
-    text = path.read_text() if path.exists() else (
-        "# Results\n\nTables between `cil.analysis.report` markers are generated; edit the prose outside them.\n")
+    text = (
+        path.read_text()
+        if path.exists()
+        else ("# Results\n\nTables between `cil.analysis.report` markers are generated; edit the prose outside them.\n")
+    )
     by_name = {s.name: s for s in sections}
     names = list(tables) + [s.name for s in sections if s.name not in tables]
     for name in names:
@@ -466,29 +538,36 @@ def update_results_md(path: Path, sections: list[Section], tables: dict[str, dic
         begin, end = BEGIN.format(name), END.format(name)
         i, j = text.find(begin), text.find(end)
         if i >= 0 and j > i:
-            text = text[:i] + block + text[j + len(end):]
+            text = text[:i] + block + text[j + len(end) :]
         else:
             text = text.rstrip("\n") + "\n\n" + block + "\n"
     note_b, note_e = BEGIN.format("command"), END.format("command")
     note = f"{note_b}\n_Tables regenerated by `{command}`._\n{note_e}"
     i, j = text.find(note_b), text.find(note_e)
-    text = text[:i] + note + text[j + len(note_e):] if i >= 0 and j > i else text.rstrip("\n") + "\n\n" + note + "\n"
+    text = text[:i] + note + text[j + len(note_e) :] if i >= 0 and j > i else text.rstrip("\n") + "\n\n" + note + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return text
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cil report", description=__doc__.split("\n\n")[0])
     p.add_argument("dirs", nargs="*", type=Path, help="sweep folders (or run folders)")
-    p.add_argument("-o", "--out", type=Path, help="where summary.md / summary.csv go (default: the folder, when "
-                                                   "one is given, else report/)")
+    p.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        help="where summary.md / summary.csv go (default: the folder, when one is given, else report/)",
+    )
     p.add_argument("--results-md", type=Path, help="regenerate the tables of this RESULTS.md instead")
     p.add_argument("--tables", type=Path, help="table definitions (default: tables.yaml beside RESULTS.md)")
     args = p.parse_args(argv)
     # A shell leaves a glob that matches nothing as it is (experiments/runs/* before any sweep was recorded).
-    args.dirs = [Path(m) for d in args.dirs
-                 for m in ([d] if d.exists() or not glob.has_magic(str(d)) else sorted(glob.glob(str(d))))]
+    args.dirs = [
+        Path(m)
+        for d in args.dirs
+        for m in ([d] if d.exists() or not glob.has_magic(str(d)) else sorted(glob.glob(str(d))))
+    ]
     if args.results_md and not args.dirs:
         args.dirs = sorted(d for d in (args.results_md.parent / "runs").glob("*") if d.is_dir())
     missing = [d for d in args.dirs if not d.is_dir()]
@@ -498,8 +577,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     sections = collect_sections(args.dirs)
     if args.results_md:
         cmd = f"python -m cil report --results-md {args.results_md} {args.results_md.parent / 'runs'}/*"
-        update_results_md(args.results_md, sections, load_tables(args.tables or args.results_md.parent / "tables.yaml"),
-                          cmd)
+        update_results_md(
+            args.results_md, sections, load_tables(args.tables or args.results_md.parent / "tables.yaml"), cmd
+        )
         print(f"wrote {args.results_md} ({sum(len(s.runs) for s in sections)} runs in {len(sections)} folder(s))")
         return 0
     if not args.dirs:

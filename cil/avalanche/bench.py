@@ -13,6 +13,7 @@ Two ways of feeding Avalanche:
   in our order as float tensor datasets (a private Avalanche helper), ``benchmark_from_datasets``. Kept as a
   labelled extra row: its memory slows down over the stream, Avalanche's own datasets do not.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -36,8 +37,16 @@ def build_strategy(which: str, model, optimizer, device, batch_size: int, mem_si
     from avalanche.training.supervised import ER_ACE, Naive
 
     b, m, r = batch_size, mem_size, replay_batch_size
-    common = dict(model=model, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(), train_mb_size=b,
-                  train_epochs=1, eval_mb_size=1000, device=device, evaluator=EvaluationPlugin(loggers=[]))
+    common = dict(
+        model=model,
+        optimizer=optimizer,
+        criterion=torch.nn.CrossEntropyLoss(),
+        train_mb_size=b,
+        train_epochs=1,
+        eval_mb_size=1000,
+        device=device,
+        evaluator=EvaluationPlugin(loggers=[]),
+    )
     if which == "avalanche_er":
         plugin = ReplayPlugin(mem_size=m, batch_size=b, batch_size_mem=r, storage_policy=ReservoirSamplingBuffer(m))
         return Naive(plugins=[plugin], **common)
@@ -62,12 +71,19 @@ def _train_experiences(strategy, experiences, split, device: torch.device) -> di
         task_wall.append(time.perf_counter() - t0)
         task_cpu.append(time.process_time() - c0)
         task_samples.append(n)
-    return {"train_time_s": sum(task_wall), "train_cpu_s": sum(task_cpu), "task_train_time_s": task_wall,
-            "task_train_cpu_s": task_cpu, "task_samples": task_samples, "samples": sum(task_samples)}
+    return {
+        "train_time_s": sum(task_wall),
+        "train_cpu_s": sum(task_cpu),
+        "task_train_time_s": task_wall,
+        "task_train_cpu_s": task_cpu,
+        "task_samples": task_samples,
+        "samples": sum(task_samples),
+    }
 
 
-def train_online(which: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream, mem_size: int,
-                 replay_batch_size: int) -> dict:
+def train_online(
+    which: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream, mem_size: int, replay_batch_size: int
+) -> dict:
     """Train `which` (avalanche_er, avalanche_er_ace, avalanche_naive) on `stream`'s tasks, in the stream's order,
     split online into experiences of the stream's batch size, from float tensor datasets."""
     from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
@@ -84,8 +100,9 @@ def train_online(which: str, model: torch.nn.Module, optimizer: torch.optim.Opti
         train_sets.append(_make_taskaware_tensor_classification_dataset(x, y, task_labels=0, targets=y.tolist()))
     bench = benchmark_from_datasets(train=train_sets)
     strategy = build_strategy(which, model, optimizer, dev, b, mem_size, replay_batch_size)
-    return _train_experiences(strategy, bench.train_stream,
-                              lambda exp: split_online_stream([exp], experience_size=b, shuffle=False), dev)
+    return _train_experiences(
+        strategy, bench.train_stream, lambda exp: split_online_stream([exp], experience_size=b, shuffle=False), dev
+    )
 
 
 # ------------------------------------------------------------------------------------------------ classic
@@ -105,8 +122,10 @@ def mnist_root(data_root: Path) -> Path:
         return data_root
     missing = [n for n in names if not (raw / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"MNIST files {missing} not found in {raw}: the Avalanche contestants read the same "
-                                f"offline copy as ours (CIL_DATA_ROOT or dataset.root)")
+        raise FileNotFoundError(
+            f"MNIST files {missing} not found in {raw}: the Avalanche contestants read the same "
+            f"offline copy as ours (CIL_DATA_ROOT or dataset.root)"
+        )
     root = cache_dir() / "avalanche-mnist"
     (root / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
     for n in names:
@@ -116,15 +135,23 @@ def mnist_root(data_root: Path) -> Path:
     return root
 
 
-def classic_benchmark(workload: str, data_root: Path, class_order: list[int], n_tasks: int, seed: int,
-                      image_folder: Path | None = None):
+def classic_benchmark(
+    workload: str, data_root: Path, class_order: list[int], n_tasks: int, seed: int, image_folder: Path | None = None
+):
     """Avalanche's own Split MNIST / Split CIFAR-10 (JPEG folder) with our class order, inputs in [0, 1] (the
     [0, 1] scaling ours uses with dataset.normalize=false; no augmentation, as in ours)."""
     if workload in ("mnist",):
         from avalanche.benchmarks.classic import SplitMNIST
 
-        return SplitMNIST(n_experiences=n_tasks, return_task_id=False, seed=seed, fixed_class_order=class_order,
-                          train_transform=None, eval_transform=None, dataset_root=mnist_root(data_root))
+        return SplitMNIST(
+            n_experiences=n_tasks,
+            return_task_id=False,
+            seed=seed,
+            fixed_class_order=class_order,
+            train_transform=None,
+            eval_transform=None,
+            dataset_root=mnist_root(data_root),
+        )
     if workload == "cifar":
         from avalanche.benchmarks import nc_benchmark
         from torchvision.datasets import ImageFolder
@@ -132,14 +159,34 @@ def classic_benchmark(workload: str, data_root: Path, class_order: list[int], n_
 
         base = image_folder or data_root / "cifar10-jpeg"
         train, test = ImageFolder(str(base / "train")), ImageFolder(str(base / "test"))
-        return nc_benchmark(train, test, n_experiences=n_tasks, task_labels=False, seed=seed,
-                            fixed_class_order=class_order, train_transform=ToTensor(), eval_transform=ToTensor())
-    raise ValueError(f"the Avalanche classic-benchmark contestants run on the mnist and cifar workloads, not "
-                     f"{workload!r}; use the avalanche_*_tensors contestants there")
+        return nc_benchmark(
+            train,
+            test,
+            n_experiences=n_tasks,
+            task_labels=False,
+            seed=seed,
+            fixed_class_order=class_order,
+            train_transform=ToTensor(),
+            eval_transform=ToTensor(),
+        )
+    raise ValueError(
+        f"the Avalanche classic-benchmark contestants run on the mnist and cifar workloads, not "
+        f"{workload!r}; use the avalanche_*_tensors contestants there"
+    )
 
 
-def train_classic(which: str, model, optimizer, benchmark, device: torch.device, batch_size: int, mem_size: int,
-                  replay_batch_size: int, batches_per_task: int | None, seed: int) -> dict:
+def train_classic(
+    which: str,
+    model,
+    optimizer,
+    benchmark,
+    device: torch.device,
+    batch_size: int,
+    mem_size: int,
+    replay_batch_size: int,
+    batches_per_task: int | None,
+    seed: int,
+) -> dict:
     """Avalanche's online loop on its own benchmark: each experience split by ``split_online_stream``, stopped
     after `batches_per_task` sub-experiences (None or 0: all)."""
     from avalanche.benchmarks.scenarios.online import split_online_stream

@@ -7,4 +7,5 @@ MKD_NOT_OPTIONS = {
     "replay_batch_size": "the block form draws from our learner's replay buffer, which a strategy does not have",
     "augment": "the block form's augmentation; in Avalanche the strategy's data loader owns augmentation",
     "crop_scale": "the block form's augmentation; in Avalanche the strategy's data loader owns augmentation",
-    "raw_pass": "the strategy's loader augments before the plugin sees mb_x, so there is no raw batch to distil on"}
+    "raw_pass": "the strategy's loader augments before the plugin sees mb_x, so there is no raw batch to distil on",
+}

@@ -22,11 +22,12 @@ EMA step for a parameter that never changed - and the teacher's existing values 
 buffers (IncrementalClassifier's `active_units`) follow the student; floating buffers (batch-norm statistics) and
 batch-norm's `num_batches_tracked` are the teacher's own, as in the core add-on.
 """
+
 from __future__ import annotations
 
 import copy
 from dataclasses import fields
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -52,18 +53,20 @@ class MKDPlugin(SupervisedPlugin):
         unknown = sorted(set(mkd_options) - MKD_OPTIONS - set(NOT_OPTIONS))
         if refused or unknown:
             why = "; ".join(f"{k}: {NOT_OPTIONS[k]}" for k in refused)
-            raise ConfigError(f"MKDPlugin got option(s) {refused + unknown} it does not take"
-                              f"{' (' + why + ')' if why else ''}; its options are {sorted(MKD_OPTIONS)}")
+            raise ConfigError(
+                f"MKDPlugin got option(s) {refused + unknown} it does not take"
+                f"{' (' + why + ')' if why else ''}; its options are {sorted(MKD_OPTIONS)}"
+            )
         self.cfg = MKDConfig(mode="main_pass", **mkd_options)
         self.cfg.validate()
         self.alphas = self.cfg.alphas()
         self.teachers: list[nn.Module] = []
         self.batches = 0  # training iterations seen (k of the bias correction counts these)
         self.updates = 0  # optimizer steps the teachers followed
-        self.seen: Optional[Tensor] = None  # bool [width]: labels seen in mb_y so far
+        self.seen: Tensor | None = None  # bool [width]: labels seen in mb_y so far
         self.last: dict[str, Tensor] = {}  # the last KD term (detached)
-        self._average: Optional[tuple[tuple, nn.Module]] = None  # ((updates, shapes), model) for eval_head=average
-        self._swap: Optional[tuple[nn.Module, nn.Module, bool]] = None  # (student, head, head's mode) in eval
+        self._average: tuple[tuple, nn.Module] | None = None  # ((updates, shapes), model) for eval_head=average
+        self._swap: tuple[nn.Module, nn.Module, bool] | None = None  # (student, head, head's mode) in eval
 
     @property
     def active(self) -> bool:
@@ -76,8 +79,9 @@ class MKDPlugin(SupervisedPlugin):
         s_params, s_buffers = dict(student.named_parameters()), dict(student.named_buffers())
         for j, (alpha, teacher) in enumerate(zip(self.alphas, self.teachers)):
             t_params, t_buffers = dict(teacher.named_parameters()), dict(teacher.named_buffers())
-            same = ({k: v.shape for k, v in t_params.items()} == {k: v.shape for k, v in s_params.items()} and
-                    {k: v.shape for k, v in t_buffers.items()} == {k: v.shape for k, v in s_buffers.items()})
+            same = {k: v.shape for k, v in t_params.items()} == {k: v.shape for k, v in s_params.items()} and {
+                k: v.shape for k, v in t_buffers.items()
+            } == {k: v.shape for k, v in s_buffers.items()}
             if not same:
                 for k, v in t_params.items():
                     new = s_params.get(k)
@@ -85,7 +89,8 @@ class MKDPlugin(SupervisedPlugin):
                         raise ConfigError(
                             f"MKDPlugin: the model's parameter {k!r} changed from {tuple(v.shape)} to "
                             f"{None if new is None else tuple(new.shape)}; the EMA teachers can follow a head that "
-                            "grows (IncrementalClassifier) but not parameters that vanish or shrink")
+                            "grows (IncrementalClassifier) but not parameters that vanish or shrink"
+                        )
                 grown = copy.deepcopy(student)
                 grown.requires_grad_(False)
                 fixed_point = 1 / (1 - alpha ** max(1, self.batches // self.cfg.correction_step))
@@ -103,7 +108,7 @@ class MKDPlugin(SupervisedPlugin):
                 if not b.is_floating_point() and not k.endswith("num_batches_tracked"):
                     b.copy_(s_buffers[k])
 
-    def head_module(self, strategy, head: Optional[str] = None) -> nn.Module:
+    def head_module(self, strategy, head: str | None = None) -> nn.Module:
         """The module of evaluation head `head` ('average', 'teacher', 'student'; None: cfg.eval_head). Before the
         first training experience there are no teachers: every head is the student."""
         which = head or self.cfg.eval_head
@@ -124,7 +129,7 @@ class MKDPlugin(SupervisedPlugin):
         return self._average[1]
 
     @torch.no_grad()
-    def head_logits(self, strategy, x: Tensor, head: Optional[str] = None) -> Tensor:
+    def head_logits(self, strategy, x: Tensor, head: str | None = None) -> Tensor:
         """Logits of head `head` on model inputs `x`, the head in eval mode (its mode restored)."""
         module = self.head_module(strategy, head)
         was = module.training
@@ -158,7 +163,7 @@ class MKDPlugin(SupervisedPlugin):
         if self.seen is None or len(self.seen) < width:  # the head's width is host-side: no sync
             seen = torch.zeros(width, dtype=torch.bool, device=y.device)
             if self.seen is not None:
-                seen[:len(self.seen)] = self.seen
+                seen[: len(self.seen)] = self.seen
             self.seen = seen
         self.seen.index_fill_(0, y, True)
         return self.seen[:width]
@@ -178,8 +183,13 @@ class MKDPlugin(SupervisedPlugin):
 
     def after_update(self, strategy, **kwargs):
         if self.teachers:
-            ema_update(self.teachers, self.alphas, [p.detach() for p in strategy.model.parameters()], self.batches,
-                       self.cfg.correction_step)
+            ema_update(
+                self.teachers,
+                self.alphas,
+                [p.detach() for p in strategy.model.parameters()],
+                self.batches,
+                self.cfg.correction_step,
+            )
             self.updates += 1
 
     # -- evaluation: the eval head is strategy.model while Avalanche evaluates -----------------------------------

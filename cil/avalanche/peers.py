@@ -14,10 +14,12 @@ dataset is the task's training samples as float tensors *in our stream's order* 
   with train_mb_size = batch size, shuffle=False and one epoch: the same batches in the same order.
 See docs/avalanche.md for every knob and what maps.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,7 +59,7 @@ class AvalancheConfig(MethodConfig):
     """`method=avalanche_<name>`: the strategy's knobs go in `params` (PARAMS lists them with their defaults)."""
 
     replay_batch_size: int = 10  # batch_size_mem / sample_size where the strategy has one
-    params: Dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,15 +72,18 @@ class AvalancheGSAConfig(GSAConfig):
         super().validate()
         for key in ("fresh_head_rows", "freeze_head_after_first_task"):
             if getattr(self, key):
-                raise ConfigError(f"method.{key}=true is not available with method=avalanche_gsa: the strategy owns "
-                                  f"the model and the optimizer; use method=gsa")
+                raise ConfigError(
+                    f"method.{key}=true is not available with method=avalanche_gsa: the strategy owns "
+                    f"the model and the optimizer; use method=gsa"
+                )
 
 
 # Peers MKD does not fit, and why.
 MKD_REFUSED = {
     "gdumb": "GDumb retrains a freshly initialised model on its memory at every experience: an EMA across "
-             "re-initialisations is no teacher",
-    "scr": "SCR's training forward gives projection features, not class logits, so there is nothing to distil"}
+    "re-initialisations is no teacher",
+    "scr": "SCR's training forward gives projection features, not class logits, so there is nothing to distil",
+}
 
 
 def check_peer_addon(method_name: str, addon) -> None:
@@ -88,7 +93,8 @@ def check_peer_addon(method_name: str, addon) -> None:
         raise ConfigError(
             f"{key}: CCL-DC trains a second learner with its own model and optimizer beside the first and distils "
             "between the two at every step; an Avalanche strategy's training loop has one model and one optimizer, "
-            "so there is no place for the peer. Use a native method with addon=ccl_dc, or drop the add-on")
+            "so there is no place for the peer. Use a native method with addon=ccl_dc, or drop the add-on"
+        )
     if addon.name != "mkd":
         raise ConfigError(f"{key}: only addon=mkd runs on Avalanche peers (as MKDPlugin); drop the add-on")
     name = strategy_name(method_name)
@@ -102,23 +108,26 @@ def check_peer_addon(method_name: str, addon) -> None:
         if k == "mode" and value in ("block", "main_pass"):
             continue  # block is only the default's value: the peer runs main_pass either way
         if value != getattr(default, k) and not (k == "crop_scale" and list(value) == list(default.crop_scale)):
-            raise ConfigError(f"addon.mkd.{k}={value!r} is not available with method.name={method_name!r} "
-                              f"({why}); leave it at its default ({getattr(default, k)!r})")
+            raise ConfigError(
+                f"addon.mkd.{k}={value!r} is not available with method.name={method_name!r} "
+                f"({why}); leave it at its default ({getattr(default, k)!r})"
+            )
 
 
 def mkd_plugin_options(addon) -> dict[str, Any]:
     """MKDPlugin's keywords from an `addon.mkd` config (every MKDConfig knob that is a plugin option)."""
     from dataclasses import fields
 
-    return {f.name: getattr(addon, f.name) for f in fields(addon) if f.name != "name" and
-            f.name not in MKD_NOT_OPTIONS}
+    return {f.name: getattr(addon, f.name) for f in fields(addon) if f.name != "name" and f.name not in MKD_NOT_OPTIONS}
 
 
 def strategy_name(method_name: str) -> str:
-    name = method_name[len("avalanche_"):]
+    name = method_name[len("avalanche_") :]
     if name not in STRATEGIES:
-        raise ConfigError(f"method.name={method_name!r}: Avalanche strategy {name!r} is not wired; choose one of "
-                          f"{['avalanche_' + s for s in STRATEGIES]} (docs/avalanche.md)")
+        raise ConfigError(
+            f"method.name={method_name!r}: Avalanche strategy {name!r} is not wired; choose one of "
+            f"{['avalanche_' + s for s in STRATEGIES]} (docs/avalanche.md)"
+        )
     return name
 
 
@@ -131,8 +140,11 @@ def peer_configs() -> dict[str, MethodConfig]:
     out: dict[str, MethodConfig] = {}
     for s in STRATEGIES:
         name = f"avalanche_{s}"
-        out[name] = AvalancheGSAConfig() if s == "gsa" else AvalancheConfig(
-            name=name, replay_batch_size=REPLAY_DEFAULTS.get(s, 10), params=dict(PARAMS[s]))
+        out[name] = (
+            AvalancheGSAConfig()
+            if s == "gsa"
+            else AvalancheConfig(name=name, replay_batch_size=REPLAY_DEFAULTS.get(s, 10), params=dict(PARAMS[s]))
+        )
     return out
 
 
@@ -141,8 +153,10 @@ def strategy_params(cfg) -> dict[str, Any]:
     given = dict(getattr(cfg.method, "params", None) or {})
     unknown = sorted(set(given) - set(PARAMS[name]))
     if unknown:
-        raise ConfigError(f"method.params {unknown} are not knobs of {cfg.method.name}; it takes "
-                          f"{sorted(PARAMS[name]) or 'none'} (docs/avalanche.md)")
+        raise ConfigError(
+            f"method.params {unknown} are not knobs of {cfg.method.name}; it takes "
+            f"{sorted(PARAMS[name]) or 'none'} (docs/avalanche.md)"
+        )
     return {**PARAMS[name], **given}
 
 
@@ -193,7 +207,8 @@ def er_aml_class():
             if self.replay_loader is not None:
                 self.pos_neg_loaders = [
                     cycle(DataLoader(group.buffer, batch_size=self.train_mb_size, shuffle=True, drop_last=False))
-                    for group in self.storage_policy.buffer_groups.values()]
+                    for group in self.storage_policy.buffer_groups.values()
+                ]
 
     return ER_AML_NoHang
 
@@ -203,7 +218,8 @@ def task_experiences(stream: ClassIncrementalStream, to_input: Callable[[torch.T
     from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
     from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
     from avalanche.benchmarks.utils.classification_dataset import (
-        _make_taskaware_tensor_classification_dataset as tensor_dataset)
+        _make_taskaware_tensor_classification_dataset as tensor_dataset,
+    )
 
     datasets = []
     for task in stream.tasks:
@@ -214,43 +230,56 @@ def task_experiences(stream: ClassIncrementalStream, to_input: Callable[[torch.T
     return list(with_classes_timeline(benchmark_from_datasets(train=datasets)).train_stream)
 
 
-def build_strategy(name: str, params: dict, cfg, model: nn.Module, num_classes: int,
-                   make_optimizer: Callable, device: torch.device):
+def build_strategy(
+    name: str, params: dict, cfg, model: nn.Module, num_classes: int, make_optimizer: Callable, device: torch.device
+):
     """One Avalanche strategy with our batch size, buffer size and replay batch size where it has them."""
-    from avalanche.training import AGEM, DER, ER_ACE, GDumb, LwF, MIR, Naive, SCR
+    from avalanche.training import AGEM, DER, ER_ACE, MIR, SCR, GDumb, LwF, Naive
     from avalanche.training.plugins import ReplayPlugin
-    from avalanche.training.storage_policy import (ClassBalancedBuffer, ExperienceBalancedBuffer,
-                                                   ReservoirSamplingBuffer)
+    from avalanche.training.storage_policy import ClassBalancedBuffer, ExperienceBalancedBuffer, ReservoirSamplingBuffer
 
     mb, mem, rb = cfg.stream.batch_size, cfg.buffer.size, cfg.method.replay_batch_size
-    common = dict(train_mb_size=mb, train_epochs=1, eval_mb_size=cfg.eval.batch_size, device=device,
-                  evaluator=None)
+    common = dict(train_mb_size=mb, train_epochs=1, eval_mb_size=cfg.eval.batch_size, device=device, evaluator=None)
     ce = nn.CrossEntropyLoss()
     if name in ("replay", "er_ace", "er_aml", "scr", "mir", "der", "gdumb", "agem") and mem < 1:
         raise ConfigError(f"buffer.size={mem}: avalanche_{name} needs a memory; use buffer.size >= 1")
     if name == "gsa":  # our GSAPlugin inside Avalanche's Naive: the plugin-vs-learner parity check
         from cil.avalanche.plugin import GSA_OPTIONS, GSAPlugin
 
-        plugin = GSAPlugin(mem_size=mem, num_classes=num_classes, seed=cfg.seed,
-                           **{k: getattr(cfg.method, k) for k in GSA_OPTIONS})
+        plugin = GSAPlugin(
+            mem_size=mem, num_classes=num_classes, seed=cfg.seed, **{k: getattr(cfg.method, k) for k in GSA_OPTIONS}
+        )
         return Naive(model=model, optimizer=make_optimizer(model), criterion=ce, plugins=[plugin], **common)
     if name == "naive":
         return Naive(model=model, optimizer=make_optimizer(model), criterion=ce, **common)
     if name == "replay":
-        policies = {"reservoir": ReservoirSamplingBuffer, "class_balanced": ClassBalancedBuffer,
-                    "experience_balanced": ExperienceBalancedBuffer}
+        policies = {
+            "reservoir": ReservoirSamplingBuffer,
+            "class_balanced": ClassBalancedBuffer,
+            "experience_balanced": ExperienceBalancedBuffer,
+        }
         if params["storage"] not in policies:
             raise ConfigError(f"method.params.storage={params['storage']!r}: choose one of {sorted(policies)}")
         policy = policies[params["storage"]](max_size=mem)
         plugin = ReplayPlugin(mem_size=mem, batch_size=mb, batch_size_mem=rb, storage_policy=policy)
         return Naive(model=model, optimizer=make_optimizer(model), criterion=ce, plugins=[plugin], **common)
     if name == "er_ace":
-        return ER_ACE(model=model, optimizer=make_optimizer(model), criterion=ce, mem_size=mem, batch_size_mem=rb,
-                      **common)
+        return ER_ACE(
+            model=model, optimizer=make_optimizer(model), criterion=ce, mem_size=mem, batch_size_mem=rb, **common
+        )
     if name == "er_aml":
-        return er_aml_class()(model=model, feature_extractor=Features(model), optimizer=make_optimizer(model), criterion=ce,
-                      mem_size=mem, batch_size_mem=rb, temp=params["temp"], base_temp=params["base_temp"],
-                      same_task_neg=params["same_task_neg"], **common)
+        return er_aml_class()(
+            model=model,
+            feature_extractor=Features(model),
+            optimizer=make_optimizer(model),
+            criterion=ce,
+            mem_size=mem,
+            batch_size_mem=rb,
+            temp=params["temp"],
+            base_temp=params["base_temp"],
+            same_task_neg=params["same_task_neg"],
+            **common,
+        )
     if name == "scr":
         from avalanche.models import SCRModel
 
@@ -259,24 +288,62 @@ def build_strategy(name: str, params: dict, cfg, model: nn.Module, num_classes: 
         d = model.feature_dim
         projection = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, params["projection_dim"]))
         scr_model = SCRModel(feature_extractor=Features(model), projection=projection).to(device)
-        return SCR(model=scr_model, optimizer=make_optimizer(scr_model), mem_size=mem, batch_size_mem=rb,
-                   temperature=params["temperature"], **common)
+        return SCR(
+            model=scr_model,
+            optimizer=make_optimizer(scr_model),
+            mem_size=mem,
+            batch_size_mem=rb,
+            temperature=params["temperature"],
+            **common,
+        )
     if name == "mir":
-        return MIR(model=model, optimizer=make_optimizer(model), criterion=ce, mem_size=mem,
-                   subsample=params["subsample"], batch_size_mem=rb, **common)
+        return MIR(
+            model=model,
+            optimizer=make_optimizer(model),
+            criterion=ce,
+            mem_size=mem,
+            subsample=params["subsample"],
+            batch_size_mem=rb,
+            **common,
+        )
     if name == "der":
-        return DER(model=model, optimizer=make_optimizer(model), criterion=ce, mem_size=mem, batch_size_mem=rb,
-                   alpha=params["alpha"], beta=params["beta"], **common)
+        return DER(
+            model=model,
+            optimizer=make_optimizer(model),
+            criterion=ce,
+            mem_size=mem,
+            batch_size_mem=rb,
+            alpha=params["alpha"],
+            beta=params["beta"],
+            **common,
+        )
     if name == "gdumb":
-        return GDumb(model=model, optimizer=make_optimizer(model), criterion=ce, mem_size=mem,
-                     **{**common, "train_epochs": params["train_epochs"]})
+        return GDumb(
+            model=model,
+            optimizer=make_optimizer(model),
+            criterion=ce,
+            mem_size=mem,
+            **{**common, "train_epochs": params["train_epochs"]},
+        )
     if name == "agem":
         # A-GEM keeps patterns_per_exp samples of every experience: buffer.size spread over the tasks.
-        return AGEM(model=model, optimizer=make_optimizer(model), criterion=ce,
-                    patterns_per_exp=max(1, mem // cfg.stream.n_tasks), sample_size=rb, **common)
+        return AGEM(
+            model=model,
+            optimizer=make_optimizer(model),
+            criterion=ce,
+            patterns_per_exp=max(1, mem // cfg.stream.n_tasks),
+            sample_size=rb,
+            **common,
+        )
     if name == "lwf":
-        return LwF(model=model, optimizer=make_optimizer(model), criterion=ce, alpha=params["alpha"],
-                   temperature=params["temperature"], **common)
+        return LwF(
+            model=model,
+            optimizer=make_optimizer(model),
+            criterion=ce,
+            alpha=params["alpha"],
+            temperature=params["temperature"],
+            **common,
+        )
     raise AssertionError(name)
 
 
@@ -285,11 +352,20 @@ class AvalanchePeer(Method):
 
     uses_buffer = False  # Avalanche keeps its own memory
 
-    def __init__(self, strategy, name: str, stream: ClassIncrementalStream,
-                 cfg, device: torch.device, seed: int, normalize=None):
-        super().__init__(StrategyModel(strategy, stream.num_classes), strategy.optimizer, None, cfg.method,
-                         stream.num_classes, device, seed=seed, input_shape=stream.dataset.input_shape,
-                         normalize=normalize)
+    def __init__(
+        self, strategy, name: str, stream: ClassIncrementalStream, cfg, device: torch.device, seed: int, normalize=None
+    ):
+        super().__init__(
+            StrategyModel(strategy, stream.num_classes),
+            strategy.optimizer,
+            None,
+            cfg.method,
+            stream.num_classes,
+            device,
+            seed=seed,
+            input_shape=stream.dataset.input_shape,
+            normalize=normalize,
+        )
         self.strategy, self.strategy_name = strategy, name
         self.online = name in ONLINE
         # `shuffle` also reaches the loaders Avalanche builds over its memory (ReplayPlugin, GDumb): False there
@@ -313,9 +389,14 @@ class AvalanchePeer(Method):
 
             # Only GSAPlugin reads the task boundary (origin_experience); exposing it costs the other strategies
             # ~40% of their time (measured on avalanche_replay, Split MNIST) and none of them uses it.
-            self.sub_experiences = iter(split_online_stream(
-                [self.experiences[task]], experience_size=self.stream.batch_size, shuffle=False,
-                access_task_boundaries=self.strategy_name == "gsa"))
+            self.sub_experiences = iter(
+                split_online_stream(
+                    [self.experiences[task]],
+                    experience_size=self.stream.batch_size,
+                    shuffle=False,
+                    access_task_boundaries=self.strategy_name == "gsa",
+                )
+            )
 
     @torch.no_grad()
     def _online_logits(self, batch: Batch) -> torch.Tensor:
@@ -363,8 +444,13 @@ class AvalanchePeer(Method):
         return {} if self.mkd is None else self.mkd.log_values()
 
     def extra_results(self) -> dict:
-        out = {"avalanche": {"strategy": type(self.strategy).__name__, "mode": "online" if self.online else "task",
-                             "params": self.params}}
+        out = {
+            "avalanche": {
+                "strategy": type(self.strategy).__name__,
+                "mode": "online" if self.online else "task",
+                "params": self.params,
+            }
+        }
         gsa = [p for p in self.strategy.plugins if type(p).__name__ == "GSAPlugin"]
         if gsa:
             out["gsa"] = gsa[0].summary()
@@ -373,8 +459,10 @@ class AvalanchePeer(Method):
         return out
 
     def state_dict(self) -> dict:
-        raise ConfigError(f"method.name={self.cfg.name!r}: Avalanche peers do not checkpoint inside our learner; "
-                          "run them with checkpoint.at_task_end=false and checkpoint.every=0")
+        raise ConfigError(
+            f"method.name={self.cfg.name!r}: Avalanche peers do not checkpoint inside our learner; "
+            "run them with checkpoint.at_task_end=false and checkpoint.every=0"
+        )
 
 
 def loss_probe():
@@ -400,12 +488,19 @@ def loss_probe():
     return LossProbe()
 
 
-def build_peer(cfg, model: nn.Module, stream: ClassIncrementalStream, device: torch.device,
-               make_optimizer: Callable[[Any], torch.optim.Optimizer], normalize=None) -> AvalanchePeer:
+def build_peer(
+    cfg,
+    model: nn.Module,
+    stream: ClassIncrementalStream,
+    device: torch.device,
+    make_optimizer: Callable[[Any], torch.optim.Optimizer],
+    normalize=None,
+) -> AvalanchePeer:
     name = strategy_name(cfg.method.name)
     params = strategy_params(cfg)
-    strategy = build_strategy(name, params, cfg, model, stream.num_classes,
-                              lambda m: make_optimizer(m.parameters()), device)
+    strategy = build_strategy(
+        name, params, cfg, model, stream.num_classes, lambda m: make_optimizer(m.parameters()), device
+    )
     peer = AvalanchePeer(strategy, name, stream, cfg, device, seed=cfg.seed + 2, normalize=normalize)
     peer.params = params
     from cil.core.addons import addon_configs

@@ -21,11 +21,12 @@ than the label range are padded with columns that the seen-class mask removes fr
 The strategy's own forward pass on the raw mini-batch still runs (Avalanche's template does it before the loss);
 its output is only used by Avalanche's metrics. With batch-norm models that pass also updates running statistics.
 """
+
 from __future__ import annotations
 
 import warnings
 from dataclasses import fields
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,14 +56,16 @@ def task_of(experience) -> tuple[int, list[int]]:
     if not has_boundaries(experience):
         raise ConfigError(
             "GSAPlugin needs task boundaries: make the online stream with split_online_stream(..., "
-            "access_task_boundaries=True) so that experience.origin_experience names the current task")
+            "access_task_boundaries=True) so that experience.origin_experience names the current task"
+        )
     origin = getattr(experience, "origin_experience", experience)
     classes = getattr(origin, "classes_in_this_experience", None)
     if classes is None:
         raise ConfigError(
             "GSAPlugin needs the current task's classes: the (origin) experience has no classes_in_this_experience; "
             "use Avalanche's class-incremental benchmarks (e.g. SplitMNIST) or decorate the benchmark with "
-            "avalanche.benchmarks.scenarios.supervised.with_classes_timeline")
+            "avalanche.benchmarks.scenarios.supervised.with_classes_timeline"
+        )
     return int(origin.current_experience), sorted(int(c) for c in classes)
 
 
@@ -76,7 +79,7 @@ class GSAPlugin(SupervisedPlugin):
     stream without boundaries switches to it with one warning).
     """
 
-    def __init__(self, mem_size: int = 500, num_classes: Optional[int] = None, seed: int = 0, **gsa_options: Any):
+    def __init__(self, mem_size: int = 500, num_classes: int | None = None, seed: int = 0, **gsa_options: Any):
         super().__init__()
         unknown = sorted(set(gsa_options) - GSA_OPTIONS)
         if unknown:
@@ -86,12 +89,12 @@ class GSAPlugin(SupervisedPlugin):
         self.mem_size = int(mem_size)
         self.num_classes = num_classes
         self.seed = int(seed)
-        self.gsa: Optional[GSAStep] = None
-        self.buffer: Optional[ReplayBuffer] = None
-        self.classes: Optional[ClassSets] = None
+        self.gsa: GSAStep | None = None
+        self.buffer: ReplayBuffer | None = None
+        self.classes: ClassSets | None = None
         self.task = -1
         self.step_in_task = 0
-        self._saved: Optional[dict] = None  # state restored from a checkpoint, applied when rebuilt
+        self._saved: dict | None = None  # state restored from a checkpoint, applied when rebuilt
 
     # -- what users and tests read ---------------------------------------------------------------------------
     @property
@@ -100,7 +103,7 @@ class GSAPlugin(SupervisedPlugin):
         return None if self.gsa is None else self.gsa.stats
 
     @property
-    def weights(self) -> Optional[torch.Tensor]:
+    def weights(self) -> torch.Tensor | None:
         """The replay weights used on the last mini-batch (1 during warm-up), indexed by label."""
         return None if self.gsa is None else self.gsa.last_weights
 
@@ -116,8 +119,9 @@ class GSAPlugin(SupervisedPlugin):
         self.classes = ClassSets(saved["num_classes"] if saved else 1, device)
         generator = torch.Generator(device=device).manual_seed(self.seed + 2)
         # The buffer holds mini-batches as the strategy feeds them: already model input.
-        self.gsa = GSAStep(self.cfg, self.buffer, self.classes, generator, shape[1:] if len(shape) == 3 else None,
-                           to_input=lambda x: x)
+        self.gsa = GSAStep(
+            self.cfg, self.buffer, self.classes, generator, shape[1:] if len(shape) == 3 else None, to_input=lambda x: x
+        )
         if saved is not None:
             self.buffer.load_state_dict(saved["buffer"])
             self.classes.load_state_dict(saved["classes"])
@@ -128,23 +132,31 @@ class GSAPlugin(SupervisedPlugin):
     def _forward(self, strategy):
         """The strategy's current model, its logits padded to the label range (an IncrementalClassifier head is
         narrower than the largest label until it grows; padded columns are unseen classes, always masked)."""
+
         def forward(x: torch.Tensor) -> torch.Tensor:
             logits = strategy.model(x)
             width = max(self.classes.num_classes, logits.shape[1])
             self.gsa.grow(width)
             return logits if logits.shape[1] == width else F.pad(logits, (0, width - logits.shape[1]))
+
         return forward
 
     # -- Avalanche callbacks ---------------------------------------------------------------------------------
     def before_training_exp(self, strategy, **kwargs):
         if not self.cfg.task_free and not has_boundaries(strategy.experience):
             if self.gsa is not None:  # the step was built task-aware: switching now would mix the two
-                raise ConfigError("GSAPlugin got an experience without task boundaries after ones with them; "
-                                  "use one kind of stream, or GSAPlugin(task_free=True) from the start")
-            warnings.warn("GSAPlugin: the online stream does not grant task boundaries "
-                          "(split_online_stream(..., access_task_boundaries=False)): using the task-free GSA "
-                          "(task_free=True; docs/methods.md, Task-free GSA). Pass task_free=True to silence this, or "
-                          "access_task_boundaries=True for GSA with tasks", UserWarning, stacklevel=2)
+                raise ConfigError(
+                    "GSAPlugin got an experience without task boundaries after ones with them; "
+                    "use one kind of stream, or GSAPlugin(task_free=True) from the start"
+                )
+            warnings.warn(
+                "GSAPlugin: the online stream does not grant task boundaries "
+                "(split_online_stream(..., access_task_boundaries=False)): using the task-free GSA "
+                "(task_free=True; docs/methods.md, Task-free GSA). Pass task_free=True to silence this, or "
+                "access_task_boundaries=True for GSA with tasks",
+                UserWarning,
+                stacklevel=2,
+            )
             self.cfg.task_free = True  # once per plugin: the step is built task-free below
         if self.cfg.task_free:  # pseudo-tasks from the labels (before_backward); no task is read
             if self.gsa is None:
@@ -184,9 +196,13 @@ class GSAPlugin(SupervisedPlugin):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         if self.gsa is not None:  # the buffer shares numpy views with tensors: store state dicts, not objects
-            state["_saved"] = {"buffer": self.buffer.state_dict(), "gsa": self.gsa.state_dict(),
-                               "classes": self.classes.state_dict(), "generator": self.gsa.generator.get_state(),
-                               "num_classes": self.classes.num_classes}
+            state["_saved"] = {
+                "buffer": self.buffer.state_dict(),
+                "gsa": self.gsa.state_dict(),
+                "classes": self.classes.state_dict(),
+                "generator": self.gsa.generator.get_state(),
+                "num_classes": self.classes.num_classes,
+            }
         state["gsa"] = state["buffer"] = state["classes"] = None
         return state
 

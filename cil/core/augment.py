@@ -13,18 +13,28 @@ Resampling: a per-sample sampling grid built from the integer crop boxes and ``g
 when a crop is downscaled, this is plain bilinear without antialias. Why grid_sample rather than separable
 interpolation matrices, roi_align or kornia: docs/performance.md, "Augmentation".
 """
+
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GSAAugment", "AffineCropAugment", "CROPS", "PreDrawn", "sample_crop_boxes", "hflip", "two_views", "LUMA_WEIGHTS",
-           "rotation_views"]
+__all__ = [
+    "GSAAugment",
+    "AffineCropAugment",
+    "CROPS",
+    "PreDrawn",
+    "sample_crop_boxes",
+    "hflip",
+    "two_views",
+    "LUMA_WEIGHTS",
+    "rotation_views",
+]
 
 #: ITU-R BT.601 luma weights, as in torchvision's rgb_to_grayscale.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
@@ -51,8 +61,15 @@ def _fallback_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[
     return h, w
 
 
-def _boxes_from_uniforms(u_area: Tensor, u_ratio: Tensor, u_pos: Tensor, height: int, width: int,
-                         scale: tuple[float, float], ratio: tuple[float, float]) -> Tensor:
+def _boxes_from_uniforms(
+    u_area: Tensor,
+    u_ratio: Tensor,
+    u_pos: Tensor,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> Tensor:
     """Crop boxes from uniforms in [0, 1): ``u_area``, ``u_ratio`` [B, A] (A attempts), ``u_pos`` [B, 2].
 
     Heights and widths travel stacked on a last axis of size 2 so that each elementwise op runs once for both
@@ -77,9 +94,15 @@ def _boxes_from_uniforms(u_area: Tensor, u_ratio: Tensor, u_pos: Tensor, height:
     return torch.where(valid.any(dim=1, keepdim=True), torch.cat([pos, hw], dim=1), fallback).long()
 
 
-def sample_crop_boxes(batch: int, height: int, width: int, generator: torch.Generator,
-                      scale: tuple[float, float] = (0.6, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                      attempts: int = 10) -> Tensor:
+def sample_crop_boxes(
+    batch: int,
+    height: int,
+    width: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.6, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> Tensor:
     """Sample ``batch`` crop boxes with torchvision ``RandomResizedCrop.get_params`` semantics, vectorised.
 
     Per sample: ``attempts`` candidates, each with area fraction ~ U(scale) and log aspect ratio (w/h) ~
@@ -88,8 +111,9 @@ def sample_crop_boxes(batch: int, height: int, width: int, generator: torch.Gene
     clamped to the ratio bounds. Returns long [batch, 4] rows ``(top, left, h, w)`` on the generator's device.
     """
     u = torch.rand(batch, 2 * attempts + 2, generator=generator, device=generator.device)
-    return _boxes_from_uniforms(u[:, :attempts], u[:, attempts:2 * attempts], u[:, 2 * attempts:],
-                                height, width, scale, ratio)
+    return _boxes_from_uniforms(
+        u[:, :attempts], u[:, attempts : 2 * attempts], u[:, 2 * attempts :], height, width, scale, ratio
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -148,8 +172,14 @@ class GSAAugment:
     can be drawn at once with :class:`PreDrawn`.
     """
 
-    def __init__(self, size: tuple[int, int], scale: tuple[float, float] = (0.6, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), grayscale_p: float = 0.2, attempts: int = 10):
+    def __init__(
+        self,
+        size: tuple[int, int],
+        scale: tuple[float, float] = (0.6, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        grayscale_p: float = 0.2,
+        attempts: int = 10,
+    ):
         if not (0 < scale[0] <= scale[1]):
             raise ValueError(f"scale must satisfy 0 < min <= max, got {scale}")
         if not (0 < ratio[0] <= ratio[1]):
@@ -173,8 +203,9 @@ class GSAAugment:
         a = self.attempts
         u = torch.rand(n, 2 * a + 3, generator=generator, device=generator.device)
         gray = u[:, 0] < self.grayscale_p
-        boxes = _boxes_from_uniforms(u[:, 1:1 + a], u[:, 1 + a:1 + 2 * a], u[:, 1 + 2 * a:],
-                                     height, width, self.scale, self.ratio)
+        boxes = _boxes_from_uniforms(
+            u[:, 1 : 1 + a], u[:, 1 + a : 1 + 2 * a], u[:, 1 + 2 * a :], height, width, self.scale, self.ratio
+        )
         return gray, boxes
 
     def grid(self, boxes: Tensor, in_size: tuple[int, int], dtype: torch.dtype) -> Tensor:
@@ -195,14 +226,15 @@ class GSAAugment:
         if not x.is_floating_point():
             raise TypeError(f"GSAAugment expects a float tensor, got {x.dtype}; convert the uint8 images first")
         if generator.device.type != x.device.type:
-            raise ValueError(f"the generator lives on {generator.device} but the images on {x.device}; pass a "
-                             f"generator on the images' device (torch.Generator(device=x.device))")
+            raise ValueError(
+                f"the generator lives on {generator.device} but the images on {x.device}; pass a "
+                f"generator on the images' device (torch.Generator(device=x.device))"
+            )
         gray, boxes = self.sample(x, generator)
         return self.apply(x, gray, boxes)
 
     def __repr__(self) -> str:
-        return (f"GSAAugment(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
-                f"grayscale_p={self.grayscale_p})")
+        return f"GSAAugment(size={self.size}, scale={self.scale}, ratio={self.ratio}, grayscale_p={self.grayscale_p})"
 
 
 class AffineCropAugment(GSAAugment):
@@ -217,9 +249,9 @@ class AffineCropAugment(GSAAugment):
         a = self.attempts
         u = torch.rand(n, 2 * a + 3, generator=generator, device=generator.device)
         gray = u[:, 0] < self.grayscale_p
-        target_area = float(height * width) * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 1:1 + a])
+        target_area = float(height * width) * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 1 : 1 + a])
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
-        aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1 + a:1 + 2 * a])
+        aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1 + a : 1 + 2 * a])
         hw = torch.stack([target_area / aspect, target_area * aspect], dim=-1).sqrt_().round_()  # [n, A, (h, w)]
         limit = _constant((height, width), hw.dtype, hw.device)
         valid = ((hw > 0) & (hw <= limit)).all(dim=-1)
@@ -227,7 +259,7 @@ class AffineCropAugment(GSAAugment):
         hw = hw.gather(1, first[:, None, None].expand(-1, 1, 2)).squeeze(1)
         hw = torch.where(valid.any(dim=1, keepdim=True), hw, limit)
         span = 2 * (limit - hw) + 1  # the integers s - L .. L - s
-        k = torch.minimum(torch.floor(u[:, 1 + 2 * a:] * span), span - 1) + hw - limit
+        k = torch.minimum(torch.floor(u[:, 1 + 2 * a :] * span), span - 1) + hw - limit
         return gray, torch.cat([hw / limit, k / limit], dim=1)
 
     def grid(self, boxes: Tensor, in_size: tuple[int, int], dtype: torch.dtype) -> Tensor:
@@ -242,8 +274,9 @@ class AffineCropAugment(GSAAugment):
         return torch.stack([gx[:, None, :].expand(n, oh, ow), gy[:, :, None].expand(n, oh, ow)], dim=-1)
 
     def apply_grid(self, x: Tensor, gray: Tensor, grid: Tensor) -> Tensor:
-        return F.grid_sample(random_grayscale(x, gray), grid, mode="bilinear", padding_mode="reflection",
-                             align_corners=False)
+        return F.grid_sample(
+            random_grayscale(x, gray), grid, mode="bilinear", padding_mode="reflection", align_corners=False
+        )
 
     def apply(self, x: Tensor, gray: Tensor, boxes: Tensor) -> Tensor:
         return self.apply_grid(x, gray, self.grid(boxes, tuple(x.shape[-2:]), x.dtype))
@@ -281,8 +314,10 @@ class PreDrawn:
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         n = len(x)
         if tuple(x.shape[-2:]) != (self.height, self.width) or n > self.left:
-            raise ValueError(f"PreDrawn holds {self.left} more draws for {self.height}x{self.width} images, "
-                             f"asked for {n} of shape {tuple(x.shape)}; draw as many rows as the calls need")
+            raise ValueError(
+                f"PreDrawn holds {self.left} more draws for {self.height}x{self.width} images, "
+                f"asked for {n} of shape {tuple(x.shape)}; draw as many rows as the calls need"
+            )
         if self.grid is None or self.grid.dtype != x.dtype:
             self.grid = self.augment.grid(self.boxes, (self.height, self.width), x.dtype)
         rows = slice(self.used, self.used + n)
@@ -311,12 +346,15 @@ def rotation_views(x: Tensor, local: bool = True) -> Tensor:
     """OCM's expansion of square images x [N, C, H, H] (also OnPro's): X = the local variants of x (or x alone),
     then [X, rot180(X), rot90(X), rot270(X)]; copy k of row i is row k * N + i (16 copies, or 4 without local)."""
     base = local_rotations(x) if local else x
-    return torch.cat([base, torch.rot90(base, 2, (2, 3)), torch.rot90(base, 1, (2, 3)),
-                      torch.rot90(base, 3, (2, 3))])
+    return torch.cat([base, torch.rot90(base, 2, (2, 3)), torch.rot90(base, 1, (2, 3)), torch.rot90(base, 3, (2, 3))])
 
 
-def two_views(x: Tensor, augment: Callable[[Tensor, torch.Generator], Tensor],
-              generator: torch.Generator, independent: bool = False) -> Tensor:
+def two_views(
+    x: Tensor,
+    augment: Callable[[Tensor, torch.Generator], Tensor],
+    generator: torch.Generator,
+    independent: bool = False,
+) -> Tensor:
     """The spec's "two views": ``cat([A(x), hflip(A(x))])`` with the SAME augmented batch A(x) in both halves
     (labels are repeated by the caller: ``y.repeat(2)``).
 
@@ -416,10 +454,17 @@ class SimCLRAugment:
     ``torch.rand(B, 2 * attempts + 13)`` on the generator (crop attempts, crop position, flip, jitter on/off,
     four factors, four order keys, grayscale). ``draw`` + ``apply`` split the two halves."""
 
-    def __init__(self, size: tuple[int, int], scale: tuple[float, float] = (0.2, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5,
-                 jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1), jitter_p: float = 0.8,
-                 grayscale_p: float = 0.2, attempts: int = 10):
+    def __init__(
+        self,
+        size: tuple[int, int],
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip_p: float = 0.5,
+        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+        jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        attempts: int = 10,
+    ):
         if not (0 < scale[0] <= scale[1]):
             raise ValueError(f"scale must satisfy 0 < min <= max, got {scale}")
         if not (0 <= jitter[3] <= 0.5) or min(jitter[:3]) < 0:
@@ -435,14 +480,20 @@ class SimCLRAugment:
         order [n, 4], gray [n]."""
         a = self.attempts
         u = torch.rand(n, 2 * a + 13, generator=generator, device=generator.device)
-        boxes = _boxes_from_uniforms(u[:, :a], u[:, a:2 * a], u[:, 2 * a:2 * a + 2], height, width,
-                                     self.scale, self.ratio)
-        rest = u[:, 2 * a + 2:]
+        boxes = _boxes_from_uniforms(
+            u[:, :a], u[:, a : 2 * a], u[:, 2 * a : 2 * a + 2], height, width, self.scale, self.ratio
+        )
+        rest = u[:, 2 * a + 2 :]
         lo = _constant(tuple(max(0.0, 1 - j) for j in self.jitter[:3]) + (-self.jitter[3],), u.dtype, u.device)
         hi = _constant(tuple(1 + j for j in self.jitter[:3]) + (self.jitter[3],), u.dtype, u.device)
-        return {"boxes": boxes, "flip": rest[:, 0] < self.flip_p, "jitter": rest[:, 1] < self.jitter_p,
-                "factors": lo + (hi - lo) * rest[:, 2:6], "order": rest[:, 6:10].argsort(dim=1),
-                "gray": rest[:, 10] < self.grayscale_p}
+        return {
+            "boxes": boxes,
+            "flip": rest[:, 0] < self.flip_p,
+            "jitter": rest[:, 1] < self.jitter_p,
+            "factors": lo + (hi - lo) * rest[:, 2:6],
+            "order": rest[:, 6:10].argsort(dim=1),
+            "gray": rest[:, 10] < self.grayscale_p,
+        }
 
     def apply(self, x: Tensor, p: dict[str, Tensor]) -> Tensor:
         """Apply drawn parameters (from :meth:`draw`) to ``x``."""
@@ -457,5 +508,7 @@ class SimCLRAugment:
         return self.apply(x, self.draw(len(x), x.shape[-2], x.shape[-1], generator))
 
     def __repr__(self) -> str:
-        return (f"SimCLRAugment(size={self.size}, scale={self.scale}, flip_p={self.flip_p}, jitter={self.jitter}, "
-                f"jitter_p={self.jitter_p}, grayscale_p={self.grayscale_p})")
+        return (
+            f"SimCLRAugment(size={self.size}, scale={self.scale}, flip_p={self.flip_p}, jitter={self.jitter}, "
+            f"jitter_p={self.jitter_p}, grayscale_p={self.grayscale_p})"
+        )

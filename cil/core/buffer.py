@@ -49,12 +49,21 @@ def _later_writer_wins(slots: np.ndarray, trash: int) -> np.ndarray:
 
 
 class ReplayBuffer:
-    def __init__(self, capacity: int, sample_shape: tuple[int, ...], device="cpu", policy: str = "reservoir",
-                 seed: int = 0, dtype=torch.uint8,
-                 extras: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None):
+    def __init__(
+        self,
+        capacity: int,
+        sample_shape: tuple[int, ...],
+        device="cpu",
+        policy: str = "reservoir",
+        seed: int = 0,
+        dtype=torch.uint8,
+        extras: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+    ):
         if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 1:
-            raise ConfigError(f"buffer capacity must be an integer >= 1, got {capacity!r}; "
-                              "set the memory size (e.g. buffer.size=1000)")
+            raise ConfigError(
+                f"buffer capacity must be an integer >= 1, got {capacity!r}; "
+                "set the memory size (e.g. buffer.size=1000)"
+            )
         if policy not in POLICIES:
             raise ConfigError(f"unknown buffer policy {policy!r}; valid choices: {', '.join(POLICIES)}")
         self.capacity = capacity = int(capacity)
@@ -70,8 +79,10 @@ class ReplayBuffer:
         self._y = torch.full((capacity + 1,), -1, dtype=torch.long, device=self.device)  # -1 = empty slot
         self._task = torch.full((capacity + 1,), -1, dtype=torch.long, device=self.device)
         self.x, self.y, self.task = self._x[:capacity], self._y[:capacity], self._task[:capacity]
-        self._extras = {name: torch.zeros((capacity + 1, *shape), dtype=dt, device=self.device)
-                        for name, (shape, dt) in (extras or {}).items()}
+        self._extras = {
+            name: torch.zeros((capacity + 1, *shape), dtype=dt, device=self.device)
+            for name, (shape, dt) in (extras or {}).items()
+        }
 
         # CPU mirrors, with the trash row too so scatters need no masking. Index arithmetic on ~10 items runs
         # through numpy views of them: a numpy op costs ~1 us, a torch CPU op ~3-5 us of dispatch.
@@ -94,8 +105,10 @@ class ReplayBuffer:
         if set(extras) != set(self._extras):
             raise ValueError(f"buffer.add expects the extras {sorted(self._extras)}, got {sorted(extras)}")
         if tuple(x.shape[1:]) != self.sample_shape or tuple(y.shape) != (b,):
-            raise ValueError(f"buffer.add expects x of shape [B, {', '.join(map(str, self.sample_shape))}] and "
-                             f"y of shape [B]; got x {tuple(x.shape)}, y {tuple(y.shape)}")
+            raise ValueError(
+                f"buffer.add expects x of shape [B, {', '.join(map(str, self.sample_shape))}] and "
+                f"y of shape [B]; got x {tuple(x.shape)}, y {tuple(y.shape)}"
+            )
         if x.dtype != self.dtype:
             raise ValueError(f"buffer.add expects x of dtype {self.dtype} (raw images), got {x.dtype}")
         if b == 0:
@@ -109,7 +122,9 @@ class ReplayBuffer:
             self._queue_labels(slots, y if y_host is None else y_host)
         else:
             self._sync_labels()
-            slots = self._cbrs_slots((y if y_host is None else y_host).to("cpu").tolist())  # a sync on CUDA: this policy decides by label
+            slots = self._cbrs_slots(
+                (y if y_host is None else y_host).to("cpu").tolist()
+            )  # a sync on CUDA: this policy decides by label
         self._task_np[slots] = task
         self.n_seen += b
 
@@ -144,7 +159,7 @@ class ReplayBuffer:
     def _cbrs_slots(self, labels: list[int]) -> np.ndarray:
         slots = np.full(len(labels), self._trash, dtype=np.int64)
         counts = self._class_counts_cpu()
-        stored = self._y_np[:self.capacity]
+        stored = self._y_np[: self.capacity]
         for i, c in enumerate(labels):
             if counts:  # CBRS: a class is "full" once it is, or has ever been, a largest class in memory
                 largest = max(counts.values())
@@ -195,7 +210,7 @@ class ReplayBuffer:
             self._pending_labels.pop(0)
 
     def _class_counts_cpu(self) -> dict[int, int]:
-        labels, counts = np.unique(self._y_np[:len(self)], return_counts=True)
+        labels, counts = np.unique(self._y_np[: len(self)], return_counts=True)
         return dict(zip(labels.tolist(), counts.tolist()))
 
     # ---------------------------------------------------------------- queries
@@ -228,8 +243,9 @@ class ReplayBuffer:
             idx = idx.to(self.device, non_blocking=True)
         return idx
 
-    def sample(self, n: int, *, task: int | None = None, exclude_task: int | None = None,
-               classes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def sample(
+        self, n: int, *, task: int | None = None, exclude_task: int | None = None, classes: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Up to n rows drawn uniformly without replacement among filled slots matching all filters."""
         idx = self._sample_index(n, task, exclude_task, classes)
         if idx is None:
@@ -241,8 +257,12 @@ class ReplayBuffer:
         idx = self._sample_index(n, filters.get("task"), filters.get("exclude_task"), filters.get("classes"))
         if idx is None:
             idx = torch.zeros(0, dtype=torch.long, device=self.device)
-        return (self._x.index_select(0, idx), self._y.index_select(0, idx), self._task.index_select(0, idx),
-                {name: t.index_select(0, idx) for name, t in self._extras.items()})
+        return (
+            self._x.index_select(0, idx),
+            self._y.index_select(0, idx),
+            self._task.index_select(0, idx),
+            {name: t.index_select(0, idx) for name, t in self._extras.items()},
+        )
 
     def count(self, *, task: int | None = None, exclude_task: int | None = None) -> int:
         cand = self._candidates(task, exclude_task, None)
@@ -257,10 +277,16 @@ class ReplayBuffer:
         self._sync_labels()
         n = len(self)
         return {
-            "policy": self.policy, "capacity": self.capacity, "sample_shape": self.sample_shape,
-            "n_seen": self.n_seen, "generator": self._gen.get_state(),
-            "x": self._x[:n].to("cpu", copy=True), "y": self._y_cpu[:n].clone(), "task": self._task_cpu[:n].clone(),
-            "seen_per_class": dict(self._seen_per_class), "full_classes": sorted(self._full_classes),
+            "policy": self.policy,
+            "capacity": self.capacity,
+            "sample_shape": self.sample_shape,
+            "n_seen": self.n_seen,
+            "generator": self._gen.get_state(),
+            "x": self._x[:n].to("cpu", copy=True),
+            "y": self._y_cpu[:n].clone(),
+            "task": self._task_cpu[:n].clone(),
+            "seen_per_class": dict(self._seen_per_class),
+            "full_classes": sorted(self._full_classes),
             **({"extras": {k: t[:n].to("cpu", copy=True) for k, t in self._extras.items()}} if self._extras else {}),
         }
 
@@ -270,8 +296,10 @@ class ReplayBuffer:
             if key == "sample_shape":
                 theirs = tuple(theirs)
             if mine != theirs:
-                raise ConfigError(f"buffer checkpoint has {key}={theirs!r} but this buffer has {key}={mine!r}; "
-                                  "build the buffer with the checkpoint's settings")
+                raise ConfigError(
+                    f"buffer checkpoint has {key}={theirs!r} but this buffer has {key}={mine!r}; "
+                    "build the buffer with the checkpoint's settings"
+                )
         n = min(int(state["n_seen"]), self.capacity)
         self._pending_labels.clear()
         self._y_cpu.fill_(-1)
@@ -288,8 +316,10 @@ class ReplayBuffer:
         self._full_classes = set(int(c) for c in state["full_classes"])
         saved = state.get("extras", {})
         if set(saved) != set(self._extras):
-            raise ConfigError(f"buffer checkpoint has the extras {sorted(saved)} but this buffer keeps "
-                              f"{sorted(self._extras)}; resume with the method that wrote the checkpoint")
+            raise ConfigError(
+                f"buffer checkpoint has the extras {sorted(saved)} but this buffer keeps "
+                f"{sorted(self._extras)}; resume with the method that wrote the checkpoint"
+            )
         for name, t in self._extras.items():
             t.zero_()
             t[:n] = saved[name].to(self.device)

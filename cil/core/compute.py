@@ -7,9 +7,11 @@ the ones it has a formula for (matrix products, convolutions, attention), never 
 optimizer updates. It only reads shapes, so it changes no value and reads nothing back from the device; but it
 costs Python time on every operator, so the learner counts a few sampled steps only (`FlopMeter`).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -36,15 +38,20 @@ class FlopMeter:
     def due(self, trained_index: int) -> bool:
         return self.every > 0 and trained_index % self.every == self.every // 2
 
-    def summary(self, trained_batches: int, stream_samples: int) -> Optional[dict]:
+    def summary(self, trained_batches: int, stream_samples: int) -> dict | None:
         """results.json `flops`: the mean over the counted steps, per trained step and per stream sample, and the
         run's total estimated as mean x trained batches."""
         if self.every <= 0:
             return None
         per_step = sum(self.samples) / len(self.samples) if self.samples else None
         total = None if per_step is None else per_step * trained_batches
-        return {"per_step": per_step, "per_sample": None if total is None else total / max(stream_samples, 1),
-                "total": total, "measured_steps": len(self.samples), "method": COUNTER}
+        return {
+            "per_step": per_step,
+            "per_sample": None if total is None else total / max(stream_samples, 1),
+            "total": total,
+            "measured_steps": len(self.samples),
+            "method": COUNTER,
+        }
 
 
 def trains(step: int, delay: int) -> bool:

@@ -41,11 +41,12 @@ draws a random number, so the optimiser step is the same with diagnostics on or 
 previous task end (0 before its classes were seen), against the mean norm of task j's gradient over the
 measured steps in between (0 on steps without rows of task j).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,7 @@ KINDS = ("mass", "effective")
 @dataclass
 class LossTerm:
     """One reported term: its per-row losses sum to the term's contribution to the method's loss."""
+
     source: str
     logits: Tensor  # [N, C], attached to the graph
     targets: Tensor  # [N]
@@ -72,7 +74,7 @@ class LossTerm:
         return ce * self.coef
 
 
-def row_coefficients(targets: Tensor, num_classes: int, scale: float, class_weights: Optional[Tensor]) -> Tensor:
+def row_coefficients(targets: Tensor, num_classes: int, scale: float, class_weights: Tensor | None) -> Tensor:
     """scale * w[y_i] / N for a mean-reduced term of N rows (w = 1 without class weights; classes beyond a short
     weight vector get 1, as in gsa_replay_loss)."""
     coef = torch.full(targets.shape, scale / targets.shape[0], device=targets.device)
@@ -89,7 +91,7 @@ def ratio(pos: float, neg: float) -> float:
     return pos / neg if neg > 0 else (math.inf if pos > 0 else 1.0)
 
 
-def _json_float(x: float) -> Optional[float]:
+def _json_float(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
@@ -124,7 +126,7 @@ class Diagnostics:
         self.snapshots: list[dict] = []  # cumulative per-class G+/G- per kind and source, every `every` batches
         self.grads: list[dict] = []  # per measured step: gradient norms per source and task, cosines
         self.gains: list[dict] = []  # per task end and task: accuracy change against gradient norm
-        self._pending_grad: Optional[dict] = None
+        self._pending_grad: dict | None = None
         self._queue: list[tuple] = []  # reported terms not yet in the statistics (see flush)
         self.last_grads: dict[str, Tensor] = {}
         self._interval: dict[int, list[float]] = {}  # task -> [sum of norms, sum of head norms] since last eval
@@ -132,7 +134,7 @@ class Diagnostics:
         self._prev_acc = [0.0] * self.n_tasks
 
     @classmethod
-    def for_stream(cls, every: int, stream, model: nn.Module) -> "Diagnostics":
+    def for_stream(cls, every: int, stream, model: nn.Module) -> Diagnostics:
         return cls(every, stream.class_task, model, stream.device)
 
     # -- hooks -----------------------------------------------------------------------------------------------
@@ -141,8 +143,15 @@ class Diagnostics:
         self.measuring = self.step % self.every == 0
         self.terms = []
 
-    def report(self, source: str, logits: Tensor, targets: Tensor, mask, scale: float = 1.0,
-               class_weights: Optional[Tensor] = None) -> None:
+    def report(
+        self,
+        source: str,
+        logits: Tensor,
+        targets: Tensor,
+        mask,
+        scale: float = 1.0,
+        class_weights: Tensor | None = None,
+    ) -> None:
         """One loss term: ``scale * mean_i(w[y_i] * CE(mask_logits(logits, mask)_i, y_i))``. ``mask`` is a bool
         [C] tensor or "present" (the classes present in ``targets``, ER-ACE's incoming mask)."""
         if source not in SOURCES:
@@ -154,8 +163,9 @@ class Diagnostics:
         # Queued and folded into the statistics many steps at a time (`flush`): a step costs list appends and a
         # copy of the mask and weights (methods update those in place), not a dozen small ops per statistic.
         weights = None if class_weights is None else class_weights.detach().clone()
-        self._queue.append((source, logits.detach(), targets, mask if isinstance(mask, str) else mask.clone(),
-                            float(scale), weights))
+        self._queue.append(
+            (source, logits.detach(), targets, mask if isinstance(mask, str) else mask.clone(), float(scale), weights)
+        )
         if self.measuring:
             if isinstance(mask, str):
                 mask = classes_mask(targets, logits.shape[1])
@@ -173,8 +183,9 @@ class Diagnostics:
             c = items[0][1].shape[1]
             logits = torch.cat([q[1].to(torch.float64) for q in items])
             targets = torch.cat([q[2] for q in items])
-            masks = torch.cat([(classes_mask(q[2], c) if isinstance(q[3], str) else q[3]).expand(len(q[2]), c)
-                               for q in items])
+            masks = torch.cat(
+                [(classes_mask(q[2], c) if isinstance(q[3], str) else q[3]).expand(len(q[2]), c) for q in items]
+            )
             coef = torch.cat([row_coefficients(q[2], c, q[4], q[5]) for q in items])
             self.stats["mass", source].update(logits, targets, masks)
             self.stats["effective", source].update(logits, targets, masks, row_weights=coef)
@@ -204,10 +215,15 @@ class Diagnostics:
         for j in range(task + 1):
             norm, head = self._interval.get(j, [0.0, 0.0])
             gain = float(acc_row[j]) - self._prev_acc[j]
-            rec = {"step": self.step, "after_task": task, "task": j, "gain": gain,
-                   "grad_norm": norm / n if self._interval_steps else None,
-                   "head_grad_norm": head / n if self._interval_steps else None,
-                   "measured_steps": self._interval_steps}
+            rec = {
+                "step": self.step,
+                "after_task": task,
+                "task": j,
+                "gain": gain,
+                "grad_norm": norm / n if self._interval_steps else None,
+                "head_grad_norm": head / n if self._interval_steps else None,
+                "measured_steps": self._interval_steps,
+            }
             self.gains.append(rec)
             logger.scalar(f"diag/gain/task_{j}", gain, self.step, task)
             if rec["grad_norm"] is not None:
@@ -220,11 +236,12 @@ class Diagnostics:
         if not loss.requires_grad:
             return torch.zeros(sum(p.numel() for p in self.params), device=self.device)
         grads = torch.autograd.grad(loss, self.params, retain_graph=True, allow_unused=True)
-        return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                          for g, p in zip(grads, self.params)])
+        return torch.cat(
+            [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.params)]
+        )
 
     def _norms(self, g: Tensor) -> tuple[float, float]:
-        return float(g.norm()), float(g[g.shape[0] - self.head_size:].norm())
+        return float(g.norm()), float(g[g.shape[0] - self.head_size :].norm())
 
     def _measure(self) -> dict:
         """Gradients of the (source, task) groups of rows; one backward each, the graph kept for the method.
@@ -285,12 +302,16 @@ class Diagnostics:
     # -- logit-gradient statistics ---------------------------------------------------------------------------
     def _host_stats(self) -> dict:
         self.flush()
-        return {f"{k}/{s}": {"pos": st.positive.cpu().tolist(), "neg": st.negative.cpu().tolist()}
-                for (k, s), st in self.stats.items()}
+        return {
+            f"{k}/{s}": {"pos": st.positive.cpu().tolist(), "neg": st.negative.cpu().tolist()}
+            for (k, s), st in self.stats.items()
+        }
 
     def _groups(self, task: int) -> dict[str, list[int]]:
-        return {"old": [c for c, t in enumerate(self.class_task) if 0 <= t < task],
-                "new": [c for c, t in enumerate(self.class_task) if t == task]}
+        return {
+            "old": [c for c, t in enumerate(self.class_task) if 0 <= t < task],
+            "new": [c for c, t in enumerate(self.class_task) if t == task],
+        }
 
     def _snapshot(self, logger) -> None:
         snap = {"step": self.step, "task": self.task, "stats": self._host_stats()}
@@ -329,8 +350,11 @@ class Diagnostics:
                     row[f"{kind}/{src}"] = {"pos": p[c], "neg": n[c], "ratio": _json_float(ratio(p[c], n[c]))}
             classes.append(row)
         per_task = []
-        ends = [s for i, s in enumerate(self.snapshots)
-                if i + 1 == len(self.snapshots) or self.snapshots[i + 1]["task"] != s["task"]]
+        ends = [
+            s
+            for i, s in enumerate(self.snapshots)
+            if i + 1 == len(self.snapshots) or self.snapshots[i + 1]["task"] != s["task"]
+        ]
         prev = None
         for snap in ends:
             t = snap["task"]
@@ -354,22 +378,44 @@ class Diagnostics:
                 entry["grad_cos"] = sum(cos) / len(cos) if cos else None
             per_task.append(entry)
             prev = snap
-        return {"every": self.every, "classes": classes, "per_task": per_task, "gains": self.gains,
-                "measured_steps": len(self.grads)}
+        return {
+            "every": self.every,
+            "classes": classes,
+            "per_task": per_task,
+            "gains": self.gains,
+            "measured_steps": len(self.grads),
+        }
 
     def series(self) -> dict:
         """Everything recorded over time (diagnostics.json): the snapshots, gradient records and gains."""
-        grads = [{**g, "tasks": {str(k): v for k, v in g["tasks"].items()},
-                  "replay_tasks": {str(k): v for k, v in g["replay_tasks"].items()}} for g in self.grads]
-        return {"every": self.every, "class_task": self.class_task, "snapshots": self.snapshots, "grads": grads,
-                "gains": self.gains}
+        grads = [
+            {
+                **g,
+                "tasks": {str(k): v for k, v in g["tasks"].items()},
+                "replay_tasks": {str(k): v for k, v in g["replay_tasks"].items()},
+            }
+            for g in self.grads
+        ]
+        return {
+            "every": self.every,
+            "class_task": self.class_task,
+            "snapshots": self.snapshots,
+            "grads": grads,
+            "gains": self.gains,
+        }
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         self.flush()
-        return {"stats": {f"{k}/{s}": st.state_dict() for (k, s), st in self.stats.items()},
-                "snapshots": self.snapshots, "grads": self.grads, "gains": self.gains, "interval": self._interval,
-                "interval_steps": self._interval_steps, "prev_acc": self._prev_acc}
+        return {
+            "stats": {f"{k}/{s}": st.state_dict() for (k, s), st in self.stats.items()},
+            "snapshots": self.snapshots,
+            "grads": self.grads,
+            "gains": self.gains,
+            "interval": self._interval,
+            "interval_steps": self._interval_steps,
+            "prev_acc": self._prev_acc,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for (k, s), st in self.stats.items():

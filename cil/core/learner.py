@@ -3,6 +3,7 @@ the buffer. Evaluation after each task (accuracy matrix) and every `anytime_ever
 subsample (anytime accuracy). Losses and accuracies stay on the device and are read back only every
 `log.every` batches, so the loop never waits for the device between steps.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,12 +12,11 @@ import logging
 import math
 import resource
 import time
-from typing import Optional, Sequence
-
-import torch
-from tqdm import tqdm
+from collections.abc import Sequence
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from cil.core import compute, metrics
 from cil.core.data.stream import Batch, ClassIncrementalStream
@@ -29,7 +29,7 @@ LOSS_ALARM = 1e4  # a cross-entropy this large means logits ~1e4 apart: the run 
 
 
 @torch.inference_mode()
-def predict(method: Method, x: torch.Tensor, batch_size: int, head: Optional[str] = None) -> torch.Tensor:
+def predict(method: Method, x: torch.Tensor, batch_size: int, head: str | None = None) -> torch.Tensor:
     """Predicted label of every row of ``x``: argmax over the seen classes, in eval mode and large batches.
     `head`: an add-on's extra evaluation head (`Method.eval_heads`); None: the run's main head."""
     model = method.model
@@ -39,7 +39,7 @@ def predict(method: Method, x: torch.Tensor, batch_size: int, head: Optional[str
     preds = []
     for i in range(0, len(x), batch_size):
         with method.autocast():
-            logits = method.eval_logits(method.to_input(x[i:i + batch_size]), head).float()
+            logits = method.eval_logits(method.to_input(x[i : i + batch_size]), head).float()
         preds.append(mask_logits(logits, method.seen).argmax(1))
     model.train(was_training)
     method.owned.train(was_training)
@@ -55,8 +55,9 @@ def task_accuracy(pred: torch.Tensor, y: torch.Tensor, task_ids: torch.Tensor, n
     return 100.0 * correct.float() / total.float().clamp(min=1)
 
 
-def evaluate(method: Method, x: torch.Tensor, y: torch.Tensor, task_ids: torch.Tensor, n_tasks: int,
-             batch_size: int) -> torch.Tensor:
+def evaluate(
+    method: Method, x: torch.Tensor, y: torch.Tensor, task_ids: torch.Tensor, n_tasks: int, batch_size: int
+) -> torch.Tensor:
     """Per-task accuracy in percent, argmax over the seen classes, in eval mode and large batches."""
     return task_accuracy(predict(method, x, batch_size), y, task_ids, n_tasks)
 
@@ -70,7 +71,7 @@ class MetricsLog:
     """Where the loop's numbers go: the runner's RunLogger writes metrics.csv and TensorBoard; this one drops
     them (a loop driven from a script or a test)."""
 
-    def scalar(self, key: str, value: float, step: int, task: Optional[int] = None) -> None:
+    def scalar(self, key: str, value: float, step: int, task: int | None = None) -> None:
         pass
 
     def accuracy_matrix(self, matrix: list[list[float]], step: int) -> None:
@@ -98,10 +99,23 @@ class Learner:
     (a blurry stream) the method gets every batch with `task` and `step_in_task` set to None and no
     on_task_start/on_task_end: a task-free method cannot read what it is not given."""
 
-    def __init__(self, stream: ClassIncrementalStream, method: Method, logger: Optional[MetricsLog] = None, *,
-                 seed: int = 0, eval_batch_size: int = 256, anytime_every: int = 100, anytime_samples: int = 500,
-                 log_every: int = 50, progress: bool = True, flops_every: int = 0, delay: int = 1,
-                 realtime: Optional[dict] = None, auc_every_samples: int = 0):
+    def __init__(
+        self,
+        stream: ClassIncrementalStream,
+        method: Method,
+        logger: MetricsLog | None = None,
+        *,
+        seed: int = 0,
+        eval_batch_size: int = 256,
+        anytime_every: int = 100,
+        anytime_samples: int = 500,
+        log_every: int = 50,
+        progress: bool = True,
+        flops_every: int = 0,
+        delay: int = 1,
+        realtime: dict | None = None,
+        auc_every_samples: int = 0,
+    ):
         self.stream = stream
         self.method = method
         self.logger = logger if logger is not None else MetricsLog()
@@ -142,8 +156,8 @@ class Learner:
         self.head_matrices: dict[str, list[list[float]]] = {}  # add-ons' extra heads (MKD's teacher...)
         self.seen_classes: set[int] = set()  # labels observed in the stream so far (when track_classes)
         self.auc_curve: list[dict] = []  # {"step", "samples", "acc"}: accuracy on the seen classes' test samples
-        self.class_acc: list[list[Optional[float]]] = []  # per-class accuracy after each task (None: unseen)
-        self.errors: Optional[dict] = None  # metrics.error_breakdown at the last task end
+        self.class_acc: list[list[float | None]] = []  # per-class accuracy after each task (None: unseen)
+        self.errors: dict | None = None  # metrics.error_breakdown at the last task end
         self.confusion = None  # its confusion matrix (numpy [C, C])
         self.checkpointer = None  # set by the runner (cil.run.checkpoint.Checkpointer)
         self._pending: list = []  # (loss, logits, labels, seen mask) of the steps since the last fold
@@ -169,18 +183,20 @@ class Learner:
     def evaluate_all(self, tasks_seen: int) -> list[float]:
         """Per-task accuracy on the full test sets; also where the errors go (`self.errors`, `self.confusion`)."""
         pred = predict(self.method, self.test_x, self.eval_batch_size)
-        self.confusion = metrics.confusion_matrix(self.test_y.cpu().numpy(), pred.cpu().numpy(),
-                                                  self.stream.num_classes)
+        self.confusion = metrics.confusion_matrix(
+            self.test_y.cpu().numpy(), pred.cpu().numpy(), self.stream.num_classes
+        )
         self.errors = metrics.error_breakdown(self.confusion, self.class_task, tasks_seen)
         return task_accuracy(pred, self.test_y, self.test_task, self.n_tasks).tolist()
 
     def evaluate_anytime(self, task: int) -> float:
         idx = self.anytime_idx
-        acc = evaluate(self.method, self.test_x[idx], self.test_y[idx], self.test_task[idx], self.n_tasks,
-                       self.eval_batch_size)
+        acc = evaluate(
+            self.method, self.test_x[idx], self.test_y[idx], self.test_task[idx], self.n_tasks, self.eval_batch_size
+        )
         # Average over the tasks seen so far that have samples in the subsample.
-        present = torch.bincount(self.test_task[idx].clamp(min=0), minlength=self.n_tasks)[:task + 1] > 0
-        return float(acc[:task + 1][present].mean())
+        present = torch.bincount(self.test_task[idx].clamp(min=0), minlength=self.n_tasks)[: task + 1] > 0
+        return float(acc[: task + 1][present].mean())
 
     # -- the loop --------------------------------------------------------------------------------------------
     def train_batch(self, batch: Batch, ahead: Sequence[Batch] = ()) -> StepOutput:
@@ -242,8 +258,14 @@ class Learner:
 
     def run(self) -> dict:
         stream = self.stream
-        bar = tqdm(total=len(stream), initial=self.step, disable=not self.progress, unit="batch",
-                   dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            total=len(stream),
+            initial=self.step,
+            disable=not self.progress,
+            unit="batch",
+            dynamic_ncols=True,
+            leave=False,
+        )
         tick = time.perf_counter()
         batches = stream.batches(start=self.step)
         for first in batches:
@@ -333,17 +355,21 @@ class Learner:
         self.acc_matrix.append(row)
         if self.track_classes:  # per-class accuracy of the seen classes, for F_last
             per_class = metrics.class_accuracy(self.confusion)
-            self.class_acc.append([None if c not in self.seen_classes or np.isnan(a) else float(a)
-                                   for c, a in enumerate(per_class.tolist())])
+            self.class_acc.append(
+                [
+                    None if c not in self.seen_classes or np.isnan(a) else float(a)
+                    for c, a in enumerate(per_class.tolist())
+                ]
+            )
         for head in self.method.eval_heads():  # add-ons' extra heads: one accuracy matrix each
             pred = predict(self.method, self.test_x, self.eval_batch_size, head)
             head_row = task_accuracy(pred, self.test_y, self.test_task, self.n_tasks).tolist()
             self.head_matrices.setdefault(head, []).append(head_row)
-            self.logger.scalar(f"{head}/avg_acc_seen", sum(head_row[:task + 1]) / (task + 1), self.step, task)
-        avg = sum(row[:task + 1]) / (task + 1)
+            self.logger.scalar(f"{head}/avg_acc_seen", sum(head_row[: task + 1]) / (task + 1), self.step, task)
+        avg = sum(row[: task + 1]) / (task + 1)
         # The end of a task is also an anytime point (on the full test sets of the seen tasks).
         self.anytime_curve.append({"step": self.step, "samples": self.step * self.stream.batch_size, "acc": avg})
-        for j, a in enumerate(row[:task + 1]):
+        for j, a in enumerate(row[: task + 1]):
             self.logger.scalar(f"acc/task_{j}", a, self.step, task)
         self.logger.scalar("avg_acc_seen", avg, self.step, task)
         for kind, share in self.errors.items():
@@ -351,8 +377,10 @@ class Learner:
         self.logger.accuracy_matrix(self.acc_matrix, self.step)
         if self.diagnostics is not None:
             self.diagnostics.on_evaluation(task, row, self.logger)
-        tqdm.write(f"task {task}: average accuracy on tasks 0..{task} = {avg:.2f}%  "
-                   f"[{' '.join(f'{a:.1f}' for a in row[:task + 1])}]")
+        tqdm.write(
+            f"task {task}: average accuracy on tasks 0..{task} = {avg:.2f}%  "
+            f"[{' '.join(f'{a:.1f}' for a in row[: task + 1])}]"
+        )
 
     def _log(self, task: int, bar, tick: float) -> float:
         """Read the accumulated loss and online accuracy back from the device (the only per-interval sync)."""
@@ -366,10 +394,13 @@ class Learner:
             raise TrainingError(
                 f"the training loss became non-finite (nan or inf) before stream batch {self.step} (task {task}); "
                 "the run stopped and the last checkpoint (if any) is kept. Lower optimizer.lr, or use "
-                "precision=fp32 if precision=bf16")
+                "precision=fp32 if precision=bf16"
+            )
         if loss > LOSS_ALARM and not self.warnings:
-            self.warnings.append(f"the training loss reached {loss:.3g} by stream batch {self.step} (task {task}): "
-                                 "training has diverged although the loss is still finite; lower optimizer.lr")
+            self.warnings.append(
+                f"the training loss reached {loss:.3g} by stream batch {self.step} (task {task}): "
+                "training has diverged although the loss is still finite; lower optimizer.lr"
+            )
             log.warning("%s", self.warnings[-1])
         self.logger.scalar("loss", loss, self.step, task)
         self.logger.scalar("online_acc", online, self.step, task)
@@ -415,15 +446,30 @@ class Learner:
             "confusion": self.confusion.tolist() if self.confusion is not None and len(self.confusion) <= 100 else None,
             **self.method.extra_results(),
             **{k: v for addon in self.method.addons for k, v in addon.extra_results().items()},
-            **({"heads": {head: {"acc_matrix": m, "final_avg_acc": metrics.final_average_accuracy(m),
-                                 "avg_forgetting": metrics.average_forgetting(m)}
-                          for head, m in self.head_matrices.items()}} if self.head_matrices else {}),
+            **(
+                {
+                    "heads": {
+                        head: {
+                            "acc_matrix": m,
+                            "final_avg_acc": metrics.final_average_accuracy(m),
+                            "avg_forgetting": metrics.average_forgetting(m),
+                        }
+                        for head, m in self.head_matrices.items()
+                    }
+                }
+                if self.head_matrices
+                else {}
+            ),
             **({"diagnostics": self.diagnostics.summary()} if self.diagnostics is not None else {}),
             "flops": self.flops.summary(compute.trained_batches(self.step, self.delay), self.stream.n_samples),
-            "realtime": None if self.realtime is None else {
-                **self.realtime, "delay": self.delay,
+            "realtime": None
+            if self.realtime is None
+            else {
+                **self.realtime,
+                "delay": self.delay,
                 "trained_batches": compute.trained_batches(self.step, self.delay),
-                "skipped_batches": self.step - compute.trained_batches(self.step, self.delay)},
+                "skipped_batches": self.step - compute.trained_batches(self.step, self.delay),
+            },
             **(self.blurry_results() if self.track_classes else {}),
         }
 
@@ -433,8 +479,11 @@ class Learner:
         rows = [[np.nan if a is None else a for a in row] for row in self.class_acc]
         return {
             "a_auc": metrics.area_under_accuracy([p["samples"] for p in curve], [p["acc"] for p in curve]),
-            "a_last": (metrics.seen_accuracy(self.confusion, self.seen_classes)
-                       if self.confusion is not None and self.seen_classes else None),
+            "a_last": (
+                metrics.seen_accuracy(self.confusion, self.seen_classes)
+                if self.confusion is not None and self.seen_classes
+                else None
+            ),
             "f_last": metrics.class_forgetting(rows),
             "auc_curve": curve,
             "auc_every_samples": self.auc_every,
@@ -445,16 +494,24 @@ class Learner:
     def state_dict(self) -> dict:
         self._fold()
         return {
-            "step": self.step, "acc_matrix": self.acc_matrix, "anytime_curve": self.anytime_curve,
-            "train_time_s": self.train_time_s, "task_train_time_s": self.task_train_time_s,
+            "step": self.step,
+            "acc_matrix": self.acc_matrix,
+            "anytime_curve": self.anytime_curve,
+            "train_time_s": self.train_time_s,
+            "task_train_time_s": self.task_train_time_s,
             "eval_time_s": self.eval_time_s,
-            "online_correct": self.online_correct.cpu(), "online_seen": self.online_seen,
-            "loss_sum": self.loss_sum.cpu(), "loss_count": self.loss_count,
-            "errors": self.errors, "warnings": self.warnings,
+            "online_correct": self.online_correct.cpu(),
+            "online_seen": self.online_seen,
+            "loss_sum": self.loss_sum.cpu(),
+            "loss_count": self.loss_count,
+            "errors": self.errors,
+            "warnings": self.warnings,
             "confusion": None if self.confusion is None else torch.from_numpy(self.confusion),
             "head_matrices": self.head_matrices,
             "flop_samples": list(self.flops.samples),
-            "seen_classes": sorted(self.seen_classes), "auc_curve": self.auc_curve, "class_acc": self.class_acc,
+            "seen_classes": sorted(self.seen_classes),
+            "auc_curve": self.auc_curve,
+            "class_acc": self.class_acc,
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -3,9 +3,10 @@
 acc[i][j] is the accuracy on task j's test set after training on tasks 0..i (entries j > i are recorded but
 unused: those classes are not seen yet).
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -27,10 +28,10 @@ def final_average_accuracy(acc) -> float:
 def average_incremental_accuracy(acc) -> float:
     """Mean over i of the average accuracy on tasks 0..i after task i (Rebuffi et al., iCaRL)."""
     a = _square(acc)
-    return float(np.mean([a[i, :i + 1].mean() for i in range(a.shape[0])]))
+    return float(np.mean([a[i, : i + 1].mean() for i in range(a.shape[0])]))
 
 
-def average_forgetting(acc) -> Optional[float]:
+def average_forgetting(acc) -> float | None:
     """Chaudhry et al. (2018): mean over tasks j < T-1 of max_{l < T-1} acc[l][j] - acc[T-1][j].
 
     None with a single task, where forgetting is undefined.
@@ -39,11 +40,11 @@ def average_forgetting(acc) -> Optional[float]:
     t = a.shape[0]
     if t < 2:
         return None
-    drops = [a[j:t - 1, j].max() - a[t - 1, j] for j in range(t - 1)]
+    drops = [a[j : t - 1, j].max() - a[t - 1, j] for j in range(t - 1)]
     return float(np.mean(drops))
 
 
-def anytime_accuracy(curve: Sequence[float]) -> Optional[float]:
+def anytime_accuracy(curve: Sequence[float]) -> float | None:
     """Mean of the average accuracy over seen tasks measured at regular points through the stream."""
     return float(np.mean(curve)) if len(curve) else None
 
@@ -70,13 +71,18 @@ def error_breakdown(confusion: np.ndarray, class_task: Sequence[int], tasks_seen
     same = int(c[np.broadcast_to(true_task == pred_task, c.shape)].sum()) - correct
     newer = int(c[np.broadcast_to(pred_task > true_task, c.shape)].sum())
     older = int(c[np.broadcast_to((pred_task < true_task) & (pred_task >= 0), c.shape)].sum())
-    return {"correct": 100.0 * correct / total, "within_task": 100.0 * same / total,
-            "to_newer_task": 100.0 * newer / total, "to_older_task": 100.0 * older / total}
+    return {
+        "correct": 100.0 * correct / total,
+        "within_task": 100.0 * same / total,
+        "to_newer_task": 100.0 * newer / total,
+        "to_older_task": 100.0 * older / total,
+    }
 
 
 # -- blurry streams (i-Blurry, Si-Blurry): docs/streams.md ----------------------------------------------------------
 
-def area_under_accuracy(samples: Sequence[int], acc: Sequence[float]) -> Optional[float]:
+
+def area_under_accuracy(samples: Sequence[int], acc: Sequence[float]) -> float | None:
     """A_AUC (Koh et al., ICLR 2022): the area under the curve of accuracy against stream samples seen, divided by
     the samples the curve covers: sum_i acc_i * (n_i - n_{i-1}) / n_last with n_0 = 0, each accuracy standing for
     the samples seen since the point before it. With points every Δn samples this is the mean of the accuracies,
@@ -99,7 +105,7 @@ def class_accuracy(confusion: np.ndarray) -> np.ndarray:
         return np.where(total > 0, 100.0 * np.diag(c) / total, np.nan)
 
 
-def seen_accuracy(confusion: np.ndarray, seen: Sequence[int]) -> Optional[float]:
+def seen_accuracy(confusion: np.ndarray, seen: Sequence[int]) -> float | None:
     """Accuracy in percent over the test samples of the classes `seen` (every sample counts once: A_last when
     taken after the last task). None when those classes have no test samples."""
     c = np.asarray(confusion, dtype=np.float64)
@@ -108,7 +114,7 @@ def seen_accuracy(confusion: np.ndarray, seen: Sequence[int]) -> Optional[float]
     return float(100.0 * c[rows, rows].sum() / total) if total > 0 else None
 
 
-def class_forgetting(class_acc: Sequence[Sequence[float]]) -> Optional[float]:
+def class_forgetting(class_acc: Sequence[Sequence[float]]) -> float | None:
     """F_last per class (as the Si-Blurry code computes it): rows are the per-class accuracies after each task
     (NaN: not seen yet, or no test samples); for every class whose best accuracy before the last row is above 0,
     that best minus its last accuracy; their mean. None with fewer than two rows or no such class."""

@@ -17,6 +17,7 @@ an uninterrupted one would.
 SIGTERM (what SLURM sends before pre-emption or at the time limit) asks the loop to stop after the batch in
 flight: a checkpoint is written and the run exits with EXIT_PREEMPTED.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,16 +28,17 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cil.schema import RunConfig
 from cil.errors import ConfigError, DataError, Preempted, TrainingError
 from cil.run.config import default_config
 from cil.run.folder import write
 from cil.runfolder import CHECKPOINT, atomic_write
+from cil.schema import RunConfig
 
 if TYPE_CHECKING:
     from cil.core.learner import Learner
@@ -55,8 +57,14 @@ def note_stop(signum: int, _frame=None) -> None:
     PENDING_STOP.append(signum)
 
 
-RESUMABLE_CHANGES = ("checkpoint.", "log.progress", "log.tensorboard", "log.wandb", "dataset.download",
-                     "dataset.verify")
+RESUMABLE_CHANGES = (
+    "checkpoint.",
+    "log.progress",
+    "log.tensorboard",
+    "log.wandb",
+    "dataset.download",
+    "dataset.verify",
+)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -97,7 +105,7 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(v)
 
 
-def check_finite(learner: "Learner") -> None:
+def check_finite(learner: Learner) -> None:
     """Raise TrainingError when the loss so far, a weight or an optimizer tensor is NaN or infinite."""
     method = learner.method
     named = list(method.model.named_parameters()) + list(method.model.named_buffers())
@@ -105,15 +113,19 @@ def check_finite(learner: "Learner") -> None:
     named = [(name, t) for name, t in named if t.is_floating_point()]
     # One read-back for all: the flags of CPU tensors (Adam's step counts) join the device's before the copy.
     device = named[0][1].device if named else None
-    finite = torch.stack([torch.isfinite(t).all().to(device) for _, t in named]).cpu() if named else \
-        torch.ones(0, dtype=bool)
+    finite = (
+        torch.stack([torch.isfinite(t).all().to(device) for _, t in named]).cpu()
+        if named
+        else torch.ones(0, dtype=bool)
+    )
     bad = sorted({name for (name, _), ok in zip(named, finite.tolist()) if not ok})
     if bool(learner.nonfinite) or bad:
         where = f" (non-finite values in {', '.join(bad[:3])})" if bad else ""
         raise TrainingError(
             f"training diverged: the loss or the weights became non-finite (nan or inf) by stream batch "
             f"{learner.step}{where}; the run stopped without writing a checkpoint, the last good one (if any) is "
-            "kept. Lower optimizer.lr, or use precision=fp32 if precision=bf16")
+            "kept. Lower optimizer.lr, or use precision=fp32 if precision=bf16"
+        )
 
 
 def _rng_state() -> dict:
@@ -136,13 +148,13 @@ class Checkpointer:
         self.cfg = cfg.checkpoint
         self.config = config  # the run's resolved config, stored to refuse resuming with different settings
         self.can_save = can_save  # False: a run whose state cannot be saved (Avalanche peers) only stops on signals
-        self.data: Optional[str] = None  # the dataset's fingerprint, stored to refuse resuming on other data
-        self.stop_signal: Optional[int] = None  # set by the signal handler; the loop checks it after each batch
+        self.data: str | None = None  # the dataset's fingerprint, stored to refuse resuming on other data
+        self.stop_signal: int | None = None  # set by the signal handler; the loop checks it after each batch
         self.started = time.time()
         self.wall_time_before = 0.0  # wall time spent in earlier attempts of this run (up to their checkpoint)
 
     # -- resuming ----------------------------------------------------------------------------------------------
-    def load(self) -> Optional[dict]:
+    def load(self) -> dict | None:
         """The checkpoint to resume from, or None (none there, or checkpoint.resume=false)."""
         for name in (CHECKPOINT, "results.json"):  # temporary files of writes that a kill interrupted
             for stale in self.out_dir.glob(f".{name}.*.tmp"):
@@ -151,21 +163,26 @@ class Checkpointer:
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file becomes one clear error
-            raise DataError(f"cannot read checkpoint {self.path} ({type(e).__name__}): the file is corrupt or not "
-                            "a cil checkpoint. Delete it or set checkpoint.resume=false to start the run over") from e
+        except Exception as e:
+            raise DataError(
+                f"cannot read checkpoint {self.path} ({type(e).__name__}): the file is corrupt or not "
+                "a cil checkpoint. Delete it or set checkpoint.resume=false to start the run over"
+            ) from e
         if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-            raise DataError(f"{self.path} is not a cil checkpoint of format {FORMAT_VERSION}; delete it or set "
-                            "checkpoint.resume=false to start the run over")
+            raise DataError(
+                f"{self.path} is not a cil checkpoint of format {FORMAT_VERSION}; delete it or set "
+                "checkpoint.resume=false to start the run over"
+            )
         diff = config_differences(state["config"], self.config)
         if diff:
             raise ConfigError(
                 f"{self.path} was written by a run with other settings ({'; '.join(diff[:5])}"
                 f"{'; ...' if len(diff) > 5 else ''}). Resume with the original settings, choose another "
-                "hydra.run.dir, or set checkpoint.resume=false to start this run folder over")
+                "hydra.run.dir, or set checkpoint.resume=false to start this run folder over"
+            )
         return state
 
-    def check_data(self, state: Optional[dict], fingerprint: str) -> None:
+    def check_data(self, state: dict | None, fingerprint: str) -> None:
         """Refuse to resume a checkpoint trained on other data (files added, replaced or edited since)."""
         self.data = fingerprint
         saved = None if state is None else state.get("data")
@@ -173,7 +190,8 @@ class Checkpointer:
             raise ConfigError(
                 f"{self.path} was written by a run on other data: the dataset's files changed since (fingerprint "
                 f"{saved} -> {fingerprint}). Restore the original files, choose another hydra.run.dir, or set "
-                "checkpoint.resume=false to start this run folder over")
+                "checkpoint.resume=false to start this run folder over"
+            )
 
     def discard_stale(self) -> None:
         """checkpoint.resume=false: the old checkpoint must not be resumed by a later attempt (called once the
@@ -187,12 +205,15 @@ class Checkpointer:
         path = self.out_dir / "metrics.csv"
         size = state["metrics_csv_bytes"]
         if not path.exists() or path.stat().st_size < size:
-            log.warning("%s is missing or shorter than at the checkpoint; rows before stream batch %d are lost",
-                        path, state["learner"]["step"])
+            log.warning(
+                "%s is missing or shorter than at the checkpoint; rows before stream batch %d are lost",
+                path,
+                state["learner"]["step"],
+            )
             return
         os.truncate(path, size)
 
-    def restore(self, learner: "Learner", state: dict) -> None:
+    def restore(self, learner: Learner, state: dict) -> None:
         method = learner.method
         method.model.load_state_dict(state["model"])
         method.optimizer.load_state_dict(state["optimizer"])
@@ -210,10 +231,13 @@ class Checkpointer:
     def due(self, step: int, task_ends: bool) -> bool:
         if not self.can_save:
             return self.stop_signal is not None
-        return (self.stop_signal is not None or (self.cfg.every > 0 and step % self.cfg.every == 0)
-                or (task_ends and self.cfg.at_task_end))
+        return (
+            self.stop_signal is not None
+            or (self.cfg.every > 0 and step % self.cfg.every == 0)
+            or (task_ends and self.cfg.at_task_end)
+        )
 
-    def save(self, learner: "Learner") -> None:
+    def save(self, learner: Learner) -> None:
         check_finite(learner)
         learner.logger.flush()
         method = learner.method
@@ -236,7 +260,7 @@ class Checkpointer:
         torch.save(state, data)
         write(self.path, lambda p: atomic_write(p, lambda f: f.write(data.getbuffer())))
 
-    def checkpoint(self, learner: "Learner") -> None:
+    def checkpoint(self, learner: Learner) -> None:
         """Called by the learner when `due`: write the checkpoint, then stop if a signal asked for it."""
         if self.can_save:
             self.save(learner)

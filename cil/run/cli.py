@@ -5,6 +5,7 @@ the `method` group each method's own config dataclass), so wrong types and unkno
 key; then `run_experiment` does the work in the Hydra run directory. `cil report|plots|bench|gpu-check|demo ...` run the
 other tools (a Hydra override always holds `=`, so a bare word is never one).
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,10 +30,10 @@ from cil.errors import EXIT_PREEMPTED, CilError, Preempted
 from cil.run.checkpoint import note_stop
 from cil.run.config import method_defaults
 from cil.run.config_dir import CONF_DIR
-from cil.schema import RunConfig
 from cil.run.config_errors import describe, unknown_keys
 from cil.run.folder import LOCK
 from cil.run.sweep import run_dirname
+from cil.schema import RunConfig
 
 log = logging.getLogger("cil")
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -92,29 +93,39 @@ def main(dcfg: DictConfig) -> dict:
     resolved = OmegaConf.to_container(dcfg, resolve=True)
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep job: skip if complete, record a failure, go on
         from cil.run.sweep import run_sweep_job, search_score
+
         searching = HydraConfig.get().sweeper._target_ != BASIC_SWEEPER  # Optuna & co. ask for one number
         if searching and cfg.eval.split != "validation":
-            print(f"error: hydra/sweeper={HydraConfig.get().sweeper._target_.rsplit('.', 1)[-1]} with "
-                  f"eval.split={cfg.eval.split}: a search must not score its trials on the test set; set "
-                  "eval.split=validation (the search spaces of conf/search/ do)", file=sys.stderr)
+            print(
+                f"error: hydra/sweeper={HydraConfig.get().sweeper._target_.rsplit('.', 1)[-1]} with "
+                f"eval.split={cfg.eval.split}: a search must not score its trials on the test set; set "
+                "eval.split=validation (the search spaces of conf/search/ do)",
+                file=sys.stderr,
+            )
             _tidy_failed_run(out_dir)
             sys.exit(2)
-        result = run_sweep_job(cfg, out_dir, resolved, list(HydraConfig.get().overrides.task),
-                               on_start=lambda: _record_config(out_dir, dcfg))
+        result = run_sweep_job(
+            cfg,
+            out_dir,
+            resolved,
+            list(HydraConfig.get().overrides.task),
+            on_start=lambda: _record_config(out_dir, dcfg),
+        )
         return search_score(result, out_dir) if searching else result
     from cil.run.experiment import run_experiment  # after Hydra has parsed the command line: `--help` stays fast
 
     try:
-        results = run_experiment(cfg, out_dir, resolved_config=resolved,
-                                 on_start=lambda: _record_config(out_dir, dcfg))
+        results = run_experiment(cfg, out_dir, resolved_config=resolved, on_start=lambda: _record_config(out_dir, dcfg))
     except CilError as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         _tidy_failed_run(out_dir)
         sys.exit(2)
-    summary = (f"final average accuracy {results['final_avg_acc']:.2f}%, forgetting "
-               f"{results['avg_forgetting'] if results['avg_forgetting'] is None else round(results['avg_forgetting'], 2)}"
-               f"%, anytime {results['anytime_acc']:.2f}%, {results['samples_per_s']:.0f} samples/s")
+    summary = (
+        f"final average accuracy {results['final_avg_acc']:.2f}%, forgetting "
+        f"{results['avg_forgetting'] if results['avg_forgetting'] is None else round(results['avg_forgetting'], 2)}"
+        f"%, anytime {results['anytime_acc']:.2f}%, {results['samples_per_s']:.0f} samples/s"
+    )
     if results.get("a_auc") is not None:  # a blurry stream's metrics (docs/streams.md)
         summary += f", A_AUC {results['a_auc']:.2f}%, A_last {results['a_last']:.2f}%"
     log.info("%s", summary)
@@ -134,6 +145,7 @@ def _tool(name: str):
         from cil.run.gpu_check import main as tool
     elif name == "tune":
         from cil.run.tune import main as tune_main
+
         return lambda argv: tune_main(argv, run_hydra)
     else:
         from cil.run.demo import main as tool
@@ -177,8 +189,11 @@ def _hydra_command() -> None:
         if "Config group override must be" not in str(err):
             raise
         nulls = [a for a in sys.argv[1:] if a.partition("=")[2].lower() in ("null", "~")]
-        print(f"error: {', '.join(nulls) or 'a config group'} is not an option: a config group takes an option's "
-              "name (for no add-on: addon=none)", file=sys.stderr)
+        print(
+            f"error: {', '.join(nulls) or 'a config group'} is not an option: a config group takes an option's "
+            "name (for no add-on: addon=none)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     except Preempted as stop:
         log.warning("pre-empted: %s", stop)
@@ -199,6 +214,7 @@ def run_hydra(args: list[str]) -> int:
     finally:
         sys.argv = saved
         GlobalHydra.instance().clear()  # the next command initialises Hydra afresh
+
 
 if __name__ == "__main__":
     cli()

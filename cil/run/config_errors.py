@@ -6,23 +6,24 @@ unknown key, which would then be silently ignored. `describe` turns them into
 `buffer.size='abc' is not allowed: buffer.size takes an integer`, and `unknown_keys` refuses keys that `+` added.
 Used by cil.run.cli only (the schema is cil.run.config; nothing here imports hydra).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import typing
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from cil.schema import RunConfig
 from cil.errors import ConfigError
+from cil.schema import RunConfig
 
 HELP = "`python -m cil --cfg job` prints every key with its value"
 
 
-def _schema_at(path: list[str]) -> Optional[type]:
+def _schema_at(path: list[str]) -> type | None:
     """The dataclass that holds the key at `path` (a list of names from the top), or None."""
     cls: Any = RunConfig
     for name in path:
@@ -40,15 +41,15 @@ def _describe_type(tp: Any) -> str:
     if origin is typing.Union and type(None) in args:
         rest = [a for a in args if a is not type(None)]
         return f"null or {_describe_type(rest[0])}" if len(rest) == 1 else "null or a value"
-    if origin in (list, typing.List):
+    if origin in (list, list):
         inner = _describe_type(args[0]) if args else "values"
         return f"a list of {inner.removeprefix('an ').removeprefix('a ')}s, e.g. [1, 2]" if args else "a list"
-    if origin in (dict, typing.Dict):
+    if origin in (dict, dict):
         return "a mapping {key: value}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, "a value")
 
 
-def _owner(parts: list[str], object_type: Any = None) -> Optional[type]:
+def _owner(parts: list[str], object_type: Any = None) -> type | None:
     """The dataclass holding the key: the error's own node type (a method's config) when OmegaConf gives one,
     else found by walking the run schema."""
     if dataclasses.is_dataclass(object_type):
@@ -82,7 +83,7 @@ PLUGIN_EXTRAS = {"hydra/sweeper/optuna": "tune"}
 
 def describe(err: BaseException) -> str:
     """One clear line (or a short block) for an error Hydra raised while composing the config."""
-    cause: Optional[BaseException] = err
+    cause: BaseException | None = err
     while cause is not None and not isinstance(cause, OmegaConfBaseException):
         cause = cause.__cause__
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):

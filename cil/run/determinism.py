@@ -2,6 +2,7 @@
 torch build, same number of threads): every random choice comes from a seeded generator. On CUDA some kernels
 (cuBLAS split-K reductions, atomics in scatter/index_add, cuDNN autotuning) vary from run to run; `deterministic=true`
 asks for the deterministic implementations at some speed cost."""
+
 from __future__ import annotations
 
 import os

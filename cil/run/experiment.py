@@ -2,6 +2,7 @@
 
 Hydra-free: `cil.run.cli` resolves the config and calls `run_experiment`; tests and scripts may call it directly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,8 @@ import math
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -31,12 +32,12 @@ from cil.errors import ConfigError, Preempted, StorageError, TrainingError
 from cil.run.checkpoint import Checkpointer, config_differences
 from cil.run.config import uses_replay as method_uses_buffer
 from cil.run.config import validate
-from cil.schema import RunConfig
 from cil.run.determinism import enable_determinism
 from cil.run.folder import RunFolder
-from cil.run.machine import machine_info
 from cil.run.logger import RunLogger, save_diagnostics
+from cil.run.machine import machine_info
 from cil.runfolder import RESULTS, read_json
+from cil.schema import RunConfig
 
 log = logging.getLogger("cil")
 
@@ -59,9 +60,11 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if name == "bf16" and not native_bf16(device):
-        log.warning("precision=bf16 on %s, which has no native bfloat16 (no AVX512-BF16/AMX flag): PyTorch emulates "
-                    "it, several times slower than fp32; use precision=auto (bf16 only where native) or fp32",
-                    "this CPU" if device.type == "cpu" else device)
+        log.warning(
+            "precision=bf16 on %s, which has no native bfloat16 (no AVX512-BF16/AMX flag): PyTorch emulates "
+            "it, several times slower than fp32; use precision=auto (bf16 only where native) or fp32",
+            "this CPU" if device.type == "cpu" else device,
+        )
     return name
 
 
@@ -109,8 +112,10 @@ def check_buffer_memory(size: int, sample_shape: tuple, device: torch.device) ->
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if needed > free:
-        raise ConfigError(f"buffer.size={size} needs {needed / 2**30:.1f} GiB on {device} ({per_sample} bytes a "
-                          f"sample) but {free / 2**30:.1f} GiB are free there: lower buffer.size")
+        raise ConfigError(
+            f"buffer.size={size} needs {needed / 2**30:.1f} GiB on {device} ({per_sample} bytes a "
+            f"sample) but {free / 2**30:.1f} GiB are free there: lower buffer.size"
+        )
 
 
 def build_stream(cfg: RunConfig, dataset: ImageDataset) -> ClassIncrementalStream:
@@ -120,12 +125,27 @@ def build_stream(cfg: RunConfig, dataset: ImageDataset) -> ClassIncrementalStrea
     if method_uses_buffer(cfg.method.name):
         check_buffer_memory(cfg.buffer.size, dataset.input_shape, device)
     if cfg.stream.kind != "disjoint":  # i-Blurry / Si-Blurry (docs/streams.md)
-        return BlurryStream(dataset, cfg.stream.n_tasks, cfg.stream.batch_size, cfg.stream.class_order,
-                            seed=cfg.seed, device=device, samples_per_class=cfg.stream.samples_per_class,
-                            kind=cfg.stream.kind, disjoint_class_pct=cfg.stream.disjoint_class_pct,
-                            blurry_sample_pct=cfg.stream.blurry_sample_pct)
-    return ClassIncrementalStream(dataset, cfg.stream.n_tasks, cfg.stream.batch_size, cfg.stream.class_order,
-                                  seed=cfg.seed, device=device, samples_per_class=cfg.stream.samples_per_class)
+        return BlurryStream(
+            dataset,
+            cfg.stream.n_tasks,
+            cfg.stream.batch_size,
+            cfg.stream.class_order,
+            seed=cfg.seed,
+            device=device,
+            samples_per_class=cfg.stream.samples_per_class,
+            kind=cfg.stream.kind,
+            disjoint_class_pct=cfg.stream.disjoint_class_pct,
+            blurry_sample_pct=cfg.stream.blurry_sample_pct,
+        )
+    return ClassIncrementalStream(
+        dataset,
+        cfg.stream.n_tasks,
+        cfg.stream.batch_size,
+        cfg.stream.class_order,
+        seed=cfg.seed,
+        device=device,
+        samples_per_class=cfg.stream.samples_per_class,
+    )
 
 
 def anytime_every_samples(cfg: RunConfig) -> int:
@@ -135,9 +155,14 @@ def anytime_every_samples(cfg: RunConfig) -> int:
     return every if every is not None else (0 if cfg.stream.kind == "disjoint" else 100)
 
 
-def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset] = None,
-                  resume_step: Optional[int] = None, stream: Optional[ClassIncrementalStream] = None,
-                  wandb_sink=None) -> Learner:
+def build_learner(
+    cfg: RunConfig,
+    out_dir: Path,
+    dataset: ImageDataset | None = None,
+    resume_step: int | None = None,
+    stream: ClassIncrementalStream | None = None,
+    wandb_sink=None,
+) -> Learner:
     """Everything a run needs, in the order that keeps runs reproducible from the seed. `resume_step`: the run
     continues from a checkpoint at that stream position (logs are appended to, not started over). `stream`: one
     already made from `dataset` by build_stream. `wandb_sink`: a started cil.run.wandb_log.WandbSink."""
@@ -150,8 +175,11 @@ def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset]
     dataset = dataset or load_run_dataset(cfg)
     stream = stream or build_stream(cfg, dataset)
     torch.manual_seed(cfg.seed)  # model initialisation
-    kwargs = {"hidden": tuple(cfg.model.hidden)} if cfg.model.name == "mlp" else (
-        {"nf": cfg.model.nf} if cfg.model.nf else {})
+    kwargs = (
+        {"hidden": tuple(cfg.model.hidden)}
+        if cfg.model.name == "mlp"
+        else ({"nf": cfg.model.nf} if cfg.model.nf else {})
+    )
     model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes, **kwargs).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -162,63 +190,125 @@ def build_learner(cfg: RunConfig, out_dir: Path, dataset: Optional[ImageDataset]
     realtime = None  # results.json `realtime` (without the delay), when the real-time mode is on
     if cfg.method.name.startswith("avalanche_"):  # Avalanche's own strategies as peers (docs/avalanche.md)
         from cil.avalanche.peers import build_peer
+
         if cfg.diagnostics.enabled:
-            raise ConfigError(f"diagnostics.enabled=true with method.name={cfg.method.name!r}: diagnostics hook into "
-                              "our methods' updates, which Avalanche peers do not use; set diagnostics.enabled=false")
+            raise ConfigError(
+                f"diagnostics.enabled=true with method.name={cfg.method.name!r}: diagnostics hook into "
+                "our methods' updates, which Avalanche peers do not use; set diagnostics.enabled=false"
+            )
         method = build_peer(cfg, model, stream, device, lambda params: build_optimizer(cfg, params), normalize)
     else:
         if cfg.realtime.enabled and cfg.realtime.delay is None:  # before the run's method exists: no state shared
             from cil.run.realtime import measure_delay
-            realtime = measure_delay(cfg, model, dataset, stream, device, normalize,
-                                     lambda method_cfg, addon, m: build_native_method(
-                                         cfg, method_cfg, addon, m, dataset, device, normalize, kwargs))
-        method = build_native_method(cfg, cfg.method, cfg.addon, model, dataset, device, normalize, kwargs,
-                                     optimizer=optimizer)
+
+            realtime = measure_delay(
+                cfg,
+                model,
+                dataset,
+                stream,
+                device,
+                normalize,
+                lambda method_cfg, addon, m: build_native_method(
+                    cfg, method_cfg, addon, m, dataset, device, normalize, kwargs
+                ),
+            )
+        method = build_native_method(
+            cfg, cfg.method, cfg.addon, model, dataset, device, normalize, kwargs, optimizer=optimizer
+        )
         if cfg.diagnostics.enabled:
             method.diagnostics = Diagnostics.for_stream(cfg.diagnostics.every, stream, model)
-    logger = RunLogger(out_dir, tensorboard=cfg.log.tensorboard, resume=resume_step is not None,
-                       purge_step=resume_step, wandb=wandb_sink)
+    logger = RunLogger(
+        out_dir,
+        tensorboard=cfg.log.tensorboard,
+        resume=resume_step is not None,
+        purge_step=resume_step,
+        wandb=wandb_sink,
+    )
     if cfg.realtime.enabled and cfg.realtime.delay is not None:
         realtime = {"reference": cfg.realtime.reference, "delay_source": "set"}
-    return Learner(stream, method, logger, seed=cfg.seed, eval_batch_size=cfg.eval.batch_size,
-                   anytime_every=cfg.eval.anytime_every, anytime_samples=cfg.eval.anytime_samples,
-                   log_every=cfg.log.every, progress=cfg.log.progress, auc_every_samples=anytime_every_samples(cfg),
-                   flops_every=cfg.compute.flops_every if cfg.compute.flops else 0,
-                   delay=(cfg.realtime.delay or realtime["delay"]) if cfg.realtime.enabled else 1,
-                   realtime=None if realtime is None else {k: v for k, v in realtime.items() if k != "delay"})
+    return Learner(
+        stream,
+        method,
+        logger,
+        seed=cfg.seed,
+        eval_batch_size=cfg.eval.batch_size,
+        anytime_every=cfg.eval.anytime_every,
+        anytime_samples=cfg.eval.anytime_samples,
+        log_every=cfg.log.every,
+        progress=cfg.log.progress,
+        auc_every_samples=anytime_every_samples(cfg),
+        flops_every=cfg.compute.flops_every if cfg.compute.flops else 0,
+        delay=(cfg.realtime.delay or realtime["delay"]) if cfg.realtime.enabled else 1,
+        realtime=None if realtime is None else {k: v for k, v in realtime.items() if k != "delay"},
+    )
 
 
-def build_native_method(cfg: RunConfig, method_cfg, addon, model: torch.nn.Module, dataset: ImageDataset,
-                        device: torch.device, normalize, model_kwargs: dict, optimizer=None):
+def build_native_method(
+    cfg: RunConfig,
+    method_cfg,
+    addon,
+    model: torch.nn.Module,
+    dataset: ImageDataset,
+    device: torch.device,
+    normalize,
+    model_kwargs: dict,
+    optimizer=None,
+):
     """One of our methods (config `method_cfg`, add-ons `addon`) on `model`, with its own buffer; `optimizer`:
     None builds one on the model's parameters (the real-time probe's copies)."""
     cls = method_class(method_cfg.name)
     optimizer = optimizer if optimizer is not None else build_optimizer(cfg, model.parameters())
-    buffer = ReplayBuffer(cfg.buffer.size, dataset.input_shape, device=device, policy=cfg.buffer.policy,
-                          seed=cfg.seed + 1, extras=cls.buffer_extras(method_cfg, dataset.num_classes),
-                          ) if cls.uses_buffer and cfg.buffer.size > 0 else None
-    method_kwargs = dict(precision=resolve_precision(cfg.precision, device), channels_last=cfg.channels_last,
-                         input_shape=dataset.input_shape, normalize=normalize)
-    method = cls(model, optimizer, buffer, method_cfg, dataset.num_classes, device, seed=cfg.seed + 2,
-                 **method_kwargs)
+    buffer = (
+        ReplayBuffer(
+            cfg.buffer.size,
+            dataset.input_shape,
+            device=device,
+            policy=cfg.buffer.policy,
+            seed=cfg.seed + 1,
+            extras=cls.buffer_extras(method_cfg, dataset.num_classes),
+        )
+        if cls.uses_buffer and cfg.buffer.size > 0
+        else None
+    )
+    method_kwargs = dict(
+        precision=resolve_precision(cfg.precision, device),
+        channels_last=cfg.channels_last,
+        input_shape=dataset.input_shape,
+        normalize=normalize,
+    )
+    method = cls(model, optimizer, buffer, method_cfg, dataset.num_classes, device, seed=cfg.seed + 2, **method_kwargs)
 
     def make_peer():
         """CCL-DC's peer: the same method with its own model (its own seeded initialisation) and optimizer."""
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed + 7)
-            peer_model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes,
-                                     **model_kwargs).to(device)
+            peer_model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes, **model_kwargs).to(
+                device
+            )
         if cfg.channels_last:
             peer_model = peer_model.to(memory_format=torch.channels_last)
-        return cls(peer_model, build_optimizer(cfg, peer_model.parameters()), buffer, method_cfg,
-                   dataset.num_classes, device, seed=cfg.seed + 5, **method_kwargs)
+        return cls(
+            peer_model,
+            build_optimizer(cfg, peer_model.parameters()),
+            buffer,
+            method_cfg,
+            dataset.num_classes,
+            device,
+            seed=cfg.seed + 5,
+            **method_kwargs,
+        )
 
     build_addons(addon, method, make_peer)
     return method
 
 
-def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: Optional[dict] = None,
-                   on_start: Optional[Callable[[], None]] = None, wandb_group: Optional[str] = None) -> dict:
+def run_experiment(
+    cfg: RunConfig,
+    out_dir: str | os.PathLike,
+    resolved_config: dict | None = None,
+    on_start: Callable[[], None] | None = None,
+    wandb_group: str | None = None,
+) -> dict:
     """Run one experiment into `out_dir` and return (and write) its results.json content.
 
     With checkpoint.resume (the default) a checkpoint in `out_dir` is continued, and a run folder that already
@@ -247,6 +337,7 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: 
             sink = None
             if cfg.log.wandb:  # before the folder changes: a W&B that cannot start is one error, nothing lost
                 from cil.run.wandb_log import WandbSink
+
                 sink = WandbSink.start(cfg, out_dir, config, resuming=state is not None, group=wandb_group)
                 wandb_exit.push(sink.__exit__)  # pre-empted or failed: the W&B run says so
             folder.mark_running(config)  # from here on the folder changes
@@ -257,9 +348,14 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: 
                 checkpointer.rewind_logs(state)
                 if sink is not None:  # what W&B lost when the interrupted attempt died
                     sink.replay(out_dir / "metrics.csv", state["learner"]["acc_matrix"])
-            learner = build_learner(cfg, out_dir, dataset, stream=stream,
-                                    resume_step=None if state is None else state["learner"]["step"],
-                                    wandb_sink=sink)
+            learner = build_learner(
+                cfg,
+                out_dir,
+                dataset,
+                stream=stream,
+                resume_step=None if state is None else state["learner"]["step"],
+                wandb_sink=sink,
+            )
             learner.checkpointer = checkpointer
             if state is not None:
                 checkpointer.restore(learner, state)
@@ -267,11 +363,16 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: 
                 results = learner.run()
             except (Preempted, TrainingError, StorageError) as err:
                 try:
-                    folder.write_results({
-                        "status": "preempted" if isinstance(err, Preempted) else "failed", "error": str(err),
-                        "step": learner.step, "stream_batches": len(learner.stream),
-                        "checkpoint": str(checkpointer.path) if checkpointer.path.exists() else None,
-                        "config": config})
+                    folder.write_results(
+                        {
+                            "status": "preempted" if isinstance(err, Preempted) else "failed",
+                            "error": str(err),
+                            "step": learner.step,
+                            "stream_batches": len(learner.stream),
+                            "checkpoint": str(checkpointer.path) if checkpointer.path.exists() else None,
+                            "config": config,
+                        }
+                    )
                 except StorageError:
                     if not isinstance(err, StorageError):
                         raise
@@ -302,7 +403,7 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, resolved_config: 
     return results
 
 
-def completed_results(out_dir: Path, cfg: RunConfig, config: dict) -> Optional[dict]:
+def completed_results(out_dir: Path, cfg: RunConfig, config: dict) -> dict | None:
     """The results of a complete run of this config already in `out_dir` (resuming it has nothing to do)."""
     if not cfg.checkpoint.resume:
         return None
@@ -311,7 +412,9 @@ def completed_results(out_dir: Path, cfg: RunConfig, config: dict) -> Optional[d
         return None
     diff = config_differences(previous.get("config", {}), config)
     if diff:
-        raise ConfigError(f"{out_dir} already holds a complete run with other settings ({'; '.join(diff[:5])}); "
-                          "choose another hydra.run.dir, or set checkpoint.resume=false to overwrite it")
+        raise ConfigError(
+            f"{out_dir} already holds a complete run with other settings ({'; '.join(diff[:5])}); "
+            "choose another hydra.run.dir, or set checkpoint.resume=false to overwrite it"
+        )
     log.info("%s already holds a complete run of this config; nothing to do", out_dir)
     return previous

@@ -8,13 +8,13 @@ unless it is.
   results.json is replaced by one with status `running`, so a run killed at any later moment leaves a folder
   whose status says so, never an older `complete` next to newer, partial files.
 """
+
 from __future__ import annotations
 
 import fcntl
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 from cil.errors import ConfigError, StorageError
 from cil.runfolder import RESULTS, write_json_atomic
@@ -25,9 +25,9 @@ LOCK = ".cil.lock"
 class RunFolder:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._lock: Optional[int] = None
+        self._lock: int | None = None
 
-    def __enter__(self) -> "RunFolder":
+    def __enter__(self) -> RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -35,8 +35,10 @@ class RunFolder:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise ConfigError(f"run folder {self.path} is in use by another run (pid {holder}); wait for it to end, "
-                              "or choose another hydra.run.dir (a sweep: another hydra.sweep.dir)") from None
+            raise ConfigError(
+                f"run folder {self.path} is in use by another run (pid {holder}); wait for it to end, "
+                "or choose another hydra.run.dir (a sweep: another hydra.sweep.dir)"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock = fd
@@ -50,8 +52,9 @@ class RunFolder:
 
     def mark_running(self, config: dict) -> None:
         """results.json says `running` from here until the run writes its outcome."""
-        self.write_results({"status": "running", "config": config, "pid": os.getpid(),
-                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        self.write_results(
+            {"status": "running", "config": config, "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        )
 
     def write_results(self, results: dict) -> None:
         write(self.path / RESULTS, lambda p: write_json_atomic(p, results))

@@ -17,11 +17,12 @@ result (so a run stopped at any point leaves what it measured):
 `--dry-run` runs the whole plan at toy size on the CPU (the test suite does). How to read the report:
 docs/gpu-check.md.
 """
+
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -32,7 +33,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ STARTUP_S = 25.0  # a run's start: Python, torch, CUDA, the cached dataset
 class Plan:
     """The sizes of everything the check runs: the real ones, or toy ones for --dry-run on the CPU."""
 
-    def __init__(self, dry_run: bool, data_root: Optional[str]):
+    def __init__(self, dry_run: bool, data_root: str | None):
         self.dry_run = dry_run
         self.device = "cpu" if dry_run else "cuda"
         self.data_root = data_root
@@ -109,14 +110,26 @@ def _cell(v: Any) -> str:
 def environment(plan: Plan) -> dict:
     import torchvision
 
-    env = {"cil": __version__, "python": platform.python_version(), "torch": torch.__version__,
-           "torchvision": torchvision.__version__, "cuda (torch build)": torch.version.cuda,
-           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-           "cpus": os.cpu_count(), "dry run": plan.dry_run}
+    env = {
+        "cil": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda (torch build)": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cpus": os.cpu_count(),
+        "dry run": plan.dry_run,
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        env.update({"gpu": props.name, "gpu memory GiB": round(props.total_memory / 2**30, 1),
-                    "multiprocessors": props.multi_processor_count, "gpus": torch.cuda.device_count()})
+        env.update(
+            {
+                "gpu": props.name,
+                "gpu memory GiB": round(props.total_memory / 2**30, 1),
+                "multiprocessors": props.multi_processor_count,
+                "gpus": torch.cuda.device_count(),
+            }
+        )
     for module in ("hydra", "omegaconf", "avalanche"):
         try:
             env[module] = getattr(__import__(module), "__version__", "installed")
@@ -143,17 +156,27 @@ def run_cli(overrides: list[str], run_dir: Path, timeout: float) -> dict:
 # -- 2. correctness -----------------------------------------------------------------------------------------------
 def quick_overrides(plan: Plan) -> list[str]:
     nf = plan.nf["reduced_resnet18"]
-    return plan.common() + ["method=gsa", "model=reduced_resnet18", *([f"model.nf={nf}"] if nf else []),
-                            f"stream.samples_per_class={plan.quick_per_class}", "buffer.size=200",
-                            "eval.anytime_every=0", "deterministic=true", "checkpoint.every=5"]
+    return plan.common() + [
+        "method=gsa",
+        "model=reduced_resnet18",
+        *([f"model.nf={nf}"] if nf else []),
+        f"stream.samples_per_class={plan.quick_per_class}",
+        "buffer.size=200",
+        "eval.anytime_every=0",
+        "deterministic=true",
+        "checkpoint.every=5",
+    ]
 
 
 def correctness_runs(plan: Plan, work: Path, report: Report, deadline: float) -> None:
     ov = quick_overrides(plan)
     a = run_cli(ov, work / "a", deadline - time.time())
     b = run_cli(ov, work / "b", deadline - time.time())
-    report.put("correctness", "same seed twice, deterministic=true: same accuracy matrix",
-               "yes" if a["acc_matrix"] == b["acc_matrix"] else f"NO: {a['acc_matrix']} vs {b['acc_matrix']}")
+    report.put(
+        "correctness",
+        "same seed twice, deterministic=true: same accuracy matrix",
+        "yes" if a["acc_matrix"] == b["acc_matrix"] else f"NO: {a['acc_matrix']} vs {b['acc_matrix']}",
+    )
     # Killed with SIGKILL once a checkpoint past the first one exists, then the same command again.
     run_dir = work / "killed"
     proc = subprocess.Popen(cli_command(ov, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -167,9 +190,13 @@ def correctness_runs(plan: Plan, work: Path, report: Report, deadline: float) ->
     proc.wait()
     resumed = run_cli(ov, run_dir, deadline - time.time())
     verdict = "yes" if resumed["acc_matrix"] == a["acc_matrix"] else f"NO: {resumed['acc_matrix']} vs {a['acc_matrix']}"
-    report.put("correctness", "SIGKILL + resume: same accuracy matrix as uninterrupted",
-               f"{verdict} (killed after stream batch {killed_at})" if killed_at is not None else
-               f"{verdict} (the run ended before it could be killed)")
+    report.put(
+        "correctness",
+        "SIGKILL + resume: same accuracy matrix as uninterrupted",
+        f"{verdict} (killed after stream batch {killed_at})"
+        if killed_at is not None
+        else f"{verdict} (the run ended before it could be killed)",
+    )
 
 
 def _task_end_accuracies(run_dir: Path) -> list[float]:
@@ -195,16 +222,24 @@ def sync_check(plan: Plan, dataset, report: Report) -> None:
     from cil.run.experiment import build_learner
 
     rows = []
-    variants = [("er", "er", {}), ("er_ace (separate passes)", "er_ace", {"separate_passes": True}),
-                ("gsa", "gsa", {}),
-                ("gsa (official)", "gsa", {"crop": "affine", "bn_extra_passes": True, "fresh_head_rows": True,
-                                           "freeze_head_after_first_task": True}),
-                ("gsa (task-free)", "gsa", {"task_free": True}), ("gsa (balance=window)", "gsa", {"balance": "window"}),
-                ("er_ace (balance=magnitude)", "er_ace", {"balance": "magnitude"}),
-                ("derpp", "derpp", {}), ("pcr", "pcr", {}),
-                # the dry run's toy ResNet has 32 features: the projection heads must be narrower
-                ("ocm", "ocm", {"proj_dim": 16} if plan.dry_run else {}),
-                ("onpro", "onpro", {"proj_dim": 16} if plan.dry_run else {})]
+    variants = [
+        ("er", "er", {}),
+        ("er_ace (separate passes)", "er_ace", {"separate_passes": True}),
+        ("gsa", "gsa", {}),
+        (
+            "gsa (official)",
+            "gsa",
+            {"crop": "affine", "bn_extra_passes": True, "fresh_head_rows": True, "freeze_head_after_first_task": True},
+        ),
+        ("gsa (task-free)", "gsa", {"task_free": True}),
+        ("gsa (balance=window)", "gsa", {"balance": "window"}),
+        ("er_ace (balance=magnitude)", "er_ace", {"balance": "magnitude"}),
+        ("derpp", "derpp", {}),
+        ("pcr", "pcr", {}),
+        # the dry run's toy ResNet has 32 features: the projection heads must be narrower
+        ("ocm", "ocm", {"proj_dim": 16} if plan.dry_run else {}),
+        ("onpro", "onpro", {"proj_dim": 16} if plan.dry_run else {}),
+    ]
     warmup, checked = plan.sync_steps
     for label, name, switches in variants:
         cfg = _config(plan, default_config(name), "reduced_resnet18")
@@ -226,19 +261,30 @@ def sync_check(plan: Plan, dataset, report: Report) -> None:
                 finally:
                     if plan.device == "cuda":
                         torch.cuda.set_sync_debug_mode("default")
-                messages = [str(w.message).splitlines()[0] for w in caught
-                            if "called a synchronizing" in str(w.message)]
+                messages = [
+                    str(w.message).splitlines()[0] for w in caught if "called a synchronizing" in str(w.message)
+                ]
             learner.logger.close()
-        rows.append({"method": label,
-                     "steps checked": checked, "syncs": len(messages) if plan.device == "cuda" else "n/a (CPU)",
-                     "first": messages[0] if messages else ""})
+        rows.append(
+            {
+                "method": label,
+                "steps checked": checked,
+                "syncs": len(messages) if plan.device == "cuda" else "n/a (CPU)",
+                "first": messages[0] if messages else "",
+            }
+        )
         report.put("sync", "host/device syncs inside training steps", rows)
 
 
 def _config(plan: Plan, cfg, model: str, precision: str = "fp32", channels_last: bool = False):
     cfg.dataset.name, cfg.dataset.root, cfg.dataset.download = plan.dataset, plan.data_root, False
     cfg.model.name, cfg.model.nf = model, plan.nf.get(model)
-    cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.betas, cfg.optimizer.weight_decay = "adam", 1e-3, [0.9, 0.99], 1e-4
+    cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.betas, cfg.optimizer.weight_decay = (
+        "adam",
+        1e-3,
+        [0.9, 0.99],
+        1e-4,
+    )
     cfg.device, cfg.precision, cfg.channels_last, cfg.threads = plan.device, precision, channels_last, 1
     cfg.buffer.size, cfg.eval.anytime_every, cfg.log.progress, cfg.checkpoint.at_task_end = 500, 0, False, False
     return cfg
@@ -253,26 +299,46 @@ def speed(plan: Plan, dataset, report: Report, deadline: float) -> dict:
 
     rows, step_time = [], {}
     run_ours(_config(plan, default_config("er"), "resnet18"), dataset, 1)  # warm-up (CUDA context, kernels): untimed
-    combos = [(m, model, prec, cl) for model in ("reduced_resnet18", "resnet18") for m in ("er", "gsa")
-              for prec, cl in (("fp32", False), ("bf16", False), ("bf16", True))]
+    combos = [
+        (m, model, prec, cl)
+        for model in ("reduced_resnet18", "resnet18")
+        for m in ("er", "gsa")
+        for prec, cl in (("fp32", False), ("bf16", False), ("bf16", True))
+    ]
     combos += [("gsa_official", "resnet18", "fp32", False), ("er_ace", "resnet18", "fp32", False)]
     for method, model, prec, cl in combos:
         if time.time() > deadline:
-            rows.append({"method": method, "model": model, "precision": prec, "channels_last": cl,
-                         "samples/s": "skipped: out of time"})
+            rows.append(
+                {
+                    "method": method,
+                    "model": model,
+                    "precision": prec,
+                    "channels_last": cl,
+                    "samples/s": "skipped: out of time",
+                }
+            )
             continue
         cfg = _config(plan, default_config("gsa" if method == "gsa_official" else method), model, prec, cl)
         if method == "gsa_official":
-            cfg.method = dataclasses.replace(cfg.method, crop="affine", bn_extra_passes=True, fresh_head_rows=True,
-                                             freeze_head_after_first_task=True)
+            cfg.method = dataclasses.replace(
+                cfg.method, crop="affine", bn_extra_passes=True, fresh_head_rows=True, freeze_head_after_first_task=True
+            )
         if method == "er_ace":
             cfg.method = dataclasses.replace(cfg.method, separate_passes=True)
         if method in ("gsa", "gsa_official"):
             cfg.method = dataclasses.replace(cfg.method, replay_batch_size=64)
         res = run_ours(cfg, dataset, plan.speed_batches)
         per_step = res["train_time_s"] / (res["samples"] / cfg.stream.batch_size)
-        rows.append({"method": method, "model": model, "precision": prec, "channels_last": cl,
-                     "samples/s": round(res["samples"] / res["train_time_s"], 1), "ms/step": round(1e3 * per_step, 2)})
+        rows.append(
+            {
+                "method": method,
+                "model": model,
+                "precision": prec,
+                "channels_last": cl,
+                "samples/s": round(res["samples"] / res["train_time_s"], 1),
+                "ms/step": round(1e3 * per_step, 2),
+            }
+        )
         if model == "resnet18" and prec == "fp32" and not cl:  # the fidelity runs' settings
             step_time[method] = per_step
         report.put("speed", "training samples/s (CIFAR-10 JPEG copy, batch 10, M = 500, one process)", rows)
@@ -282,11 +348,15 @@ def speed(plan: Plan, dataset, report: Report, deadline: float) -> dict:
         from cil.core.data.stream import ClassIncrementalStream
 
         cfg = _config(plan, default_config("er"), "reduced_resnet18")
-        stream = shorten_stream(ClassIncrementalStream(dataset, 5, 10, "natural", device=plan.device),
-                                plan.speed_batches)
+        stream = shorten_stream(
+            ClassIncrementalStream(dataset, 5, 10, "natural", device=plan.device), plan.speed_batches
+        )
         res = run_avalanche(cfg, stream, "avalanche_er_tensors")  # our decoded samples: no JPEG decoding timed
-        report.put("speed", "Avalanche ER on our samples (avalanche_er_tensors; reduced ResNet-18, fp32) samples/s",
-                   round(res["samples"] / res["train_time_s"], 1))
+        report.put(
+            "speed",
+            "Avalanche ER on our samples (avalanche_er_tensors; reduced ResNet-18, fp32) samples/s",
+            round(res["samples"] / res["train_time_s"], 1),
+        )
     return step_time
 
 
@@ -294,15 +364,32 @@ def speed(plan: Plan, dataset, report: Report, deadline: float) -> dict:
 def fidelity_queue(plan: Plan) -> list[tuple[str, str, list[str]]]:
     """(label, kind, overrides) in priority order."""
     base = plan.common() + (
-        [f"stream.samples_per_class={plan.fidelity_per_class}", "model.nf=4"] if plan.fidelity_per_class else [])
+        [f"stream.samples_per_class={plan.fidelity_per_class}", "model.nf=4"] if plan.fidelity_per_class else []
+    )
     queue = []
     for memory in (500, 200, 1000):
         queue.append((f"gsa M={memory}", "gsa", ["experiment=gsa_cifar10", *base, f"buffer.size={memory}"]))
-        queue.append((f"gsa official M={memory}", "gsa_official",
-                      ["experiment=gsa_cifar10_official", *base, f"buffer.size={memory}"]))
+        queue.append(
+            (
+                f"gsa official M={memory}",
+                "gsa_official",
+                ["experiment=gsa_cifar10_official", *base, f"buffer.size={memory}"],
+            )
+        )
     for memory in (500, 200, 1000):
-        queue.append((f"er_ace M={memory}", "er_ace", ["experiment=gsa_cifar10", "method=er_ace",
-                                                       "method.separate_passes=true", *base, f"buffer.size={memory}"]))
+        queue.append(
+            (
+                f"er_ace M={memory}",
+                "er_ace",
+                [
+                    "experiment=gsa_cifar10",
+                    "method=er_ace",
+                    "method.separate_passes=true",
+                    *base,
+                    f"buffer.size={memory}",
+                ],
+            )
+        )
     return queue
 
 
@@ -360,33 +447,45 @@ def _fidelity_row(label: str, run_dir: Path, code: int, seconds: float) -> dict:
     row: dict[str, Any] = {"status": res.get("status", f"exit {code}"), "wall s": round(seconds, 1)}
     if res.get("status") == "complete":
         paper = PUBLISHED.get(res["config"]["buffer"]["size"], (None, None)) if label.startswith("gsa") else (None,) * 2
-        row |= {"final avg acc %": round(res["final_avg_acc"], 2), "forgetting %": round(res["avg_forgetting"], 2),
-                "samples/s": round(res["samples_per_s"], 1), "GSA paper %": paper[0], "re-run B %": paper[1],
-                "acc_matrix": [[round(a, 1) for a in r] for r in res["acc_matrix"]]}
+        row |= {
+            "final avg acc %": round(res["final_avg_acc"], 2),
+            "forgetting %": round(res["avg_forgetting"], 2),
+            "samples/s": round(res["samples_per_s"], 1),
+            "GSA paper %": paper[0],
+            "re-run B %": paper[1],
+            "acc_matrix": [[round(a, 1) for a in r] for r in res["acc_matrix"]],
+        }
     elif res.get("status") == "preempted":
-        row |= {"stopped at stream batch": res.get("step"), "of": res.get("stream_batches"),
-                "avg acc after each task %": _task_end_accuracies(run_dir)}
+        row |= {
+            "stopped at stream batch": res.get("step"),
+            "of": res.get("stream_batches"),
+            "avg acc after each task %": _task_end_accuracies(run_dir),
+        }
     else:
         row["error"] = res.get("error") or (run_dir.parent / f"{run_dir.name}.stderr").read_text()[-300:]
     return row
 
 
 # -- the whole check ----------------------------------------------------------------------------------------------
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cil gpu-check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None, help="report folder (default gpu-check-<date>-<time>)")
     p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check (default 480)")
     p.add_argument("--dry-run", action="store_true", help="the whole plan at toy size on the CPU")
     p.add_argument("--data-root", default=os.environ.get("CIL_DATA_ROOT"), help="folder holding cifar10-jpeg/")
     p.add_argument("--max-parallel", type=int, default=None, help="fidelity runs at once (default 6; dry run 3)")
-    p.add_argument("--only", default="correctness,sync,speed,fidelity",
-                   help="comma-separated sections to run (default: all)")
+    p.add_argument(
+        "--only", default="correctness,sync,speed,fidelity", help="comma-separated sections to run (default: all)"
+    )
     args = p.parse_args(argv)
     start = time.time()
     deadline = start + args.budget
     if not args.dry_run and not torch.cuda.is_available():
-        print("gpu-check: no CUDA device here (torch.cuda.is_available() is False); --dry-run rehearses the plan on "
-              "the CPU", file=sys.stderr)
+        print(
+            "gpu-check: no CUDA device here (torch.cuda.is_available() is False); --dry-run rehearses the plan on "
+            "the CPU",
+            file=sys.stderr,
+        )
         return 1
     plan = Plan(args.dry_run, args.data_root)
     if args.max_parallel:

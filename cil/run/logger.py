@@ -1,20 +1,27 @@
 """Where a run's numbers go while it runs: metrics.csv always (long format: step, task, key, value), and
 TensorBoard and Weights & Biases when enabled (the loop's MetricsLog). Values arrive already on the host; nothing here touches the
 device. Also the diagnostics' files at the end of a run."""
+
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from cil.core.learner import MetricsLog
 from cil.runfolder import METRICS
 
 
 class RunLogger(MetricsLog):
-    def __init__(self, out_dir: Path, tensorboard: bool = False, resume: bool = False,
-                 purge_step: Optional[int] = None, wandb: Optional[Any] = None):
+    def __init__(
+        self,
+        out_dir: Path,
+        tensorboard: bool = False,
+        resume: bool = False,
+        purge_step: int | None = None,
+        wandb: Any | None = None,
+    ):
         self.wandb = wandb  # a started cil.run.wandb_log.WandbSink (the runner finishes it), or None
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -27,10 +34,11 @@ class RunLogger(MetricsLog):
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported only when asked for: it is slow to load
+
             # purge_step: a resumed run hides the events an interrupted attempt logged after its checkpoint
             self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=purge_step)
 
-    def scalar(self, key: str, value: float, step: int, task: Optional[int] = None) -> None:
+    def scalar(self, key: str, value: float, step: int, task: int | None = None) -> None:
         self._csv.writerow([step, "" if task is None else task, key, f"{value:.6g}"])
         if self._tb is not None:
             self._tb.add_scalar(key, value, step)
@@ -42,8 +50,10 @@ class RunLogger(MetricsLog):
             self.wandb.accuracy_matrix(matrix, step)
         if self._tb is None:
             return
-        rows = ["| after task | " + " | ".join(f"T{j}" for j in range(len(matrix[0]))) + " |",
-                "|---" * (len(matrix[0]) + 1) + "|"]
+        rows = [
+            "| after task | " + " | ".join(f"T{j}" for j in range(len(matrix[0]))) + " |",
+            "|---" * (len(matrix[0]) + 1) + "|",
+        ]
         rows += [f"| {i} | " + " | ".join(f"{a:.1f}" for a in row) + " |" for i, row in enumerate(matrix)]
         self._tb.add_text("acc_matrix", "\n".join(rows), step)
         from cil.analysis.plots import accuracy_matrix_figure, figure_to_rgb  # matplotlib only when TensorBoard is on

@@ -1,4 +1,5 @@
 """What a run or a benchmark ran on (floats repeat bit for bit on the same CPU type only, so results record it)."""
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,12 @@ def machine_info() -> dict:
         flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "amx": "amx_bf16" in flags,
-            "torch": torch.__version__, "python": platform.python_version(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    return {
+        "cpu": cpu or platform.processor(),
+        "cores": os.cpu_count(),
+        "amx": "amx_bf16" in flags,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+    }

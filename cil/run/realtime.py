@@ -7,11 +7,12 @@ PyTorch's FLOP counter: the buffer holds enough samples for every draw, and the 
 boundary (methods whose step changes after the first task, such as GSA's, are counted as they run for most of
 the stream). Everything runs under a forked RNG, so the run itself starts exactly as without the probe.
 """
+
 from __future__ import annotations
 
 import copy
 import itertools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -44,8 +45,15 @@ def probe_step_flops(method, stream: ClassIncrementalStream, draws: int) -> floa
     return sum(flops) / len(flops) if flops else 0.0
 
 
-def measure_delay(cfg: RunConfig, model: torch.nn.Module, dataset, stream: ClassIncrementalStream,
-                  device: torch.device, normalize, build: Callable) -> dict:
+def measure_delay(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    dataset,
+    stream: ClassIncrementalStream,
+    device: torch.device,
+    normalize,
+    build: Callable,
+) -> dict:
     """The delay k and what it came from (results.json `realtime`). `build(method_cfg, addon, model)`: one of our
     methods on `model` (cil.run.experiment.build_native_method)."""
     reference_cfg = method_defaults(cfg.realtime.reference)
@@ -57,5 +65,10 @@ def measure_delay(cfg: RunConfig, model: torch.nn.Module, dataset, stream: Class
             counts[key] = probe_step_flops(method, stream, draws)
             del method
     delay = delay_from_flops(round(counts["method"]), round(counts["reference"]))
-    return {"reference": cfg.realtime.reference, "delay_source": "measured", "delay": delay,
-            "method_flops_per_step": counts["method"], "reference_flops_per_step": counts["reference"]}
+    return {
+        "reference": cfg.realtime.reference,
+        "delay_source": "measured",
+        "delay": delay,
+        "method_flops_per_step": counts["method"],
+        "reference_flops_per_step": counts["reference"],
+    }

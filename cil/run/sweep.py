@@ -9,6 +9,7 @@ makes the command exit 1 when a run failed.
 
 Nothing here imports hydra (`cil.run.cli` is the only module that does); the callback is duck-typed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +18,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from cil.runfolder import FAILED, RESULTS, find_run_dirs, read_json, run_status, write_json_atomic
 
@@ -35,27 +36,29 @@ def run_dirname(override_dirname: str, limit: int = NAME_LIMIT) -> str:
     if len(override_dirname.encode()) <= limit:
         return override_dirname
     digest = "hash=" + hashlib.sha1(override_dirname.encode()).hexdigest()[:12]
-    head = override_dirname.encode()[:limit - len(digest) - 1].decode(errors="ignore")
-    head = head[:head.rfind(",")] if "," in head else head  # whole overrides only
+    head = override_dirname.encode()[: limit - len(digest) - 1].decode(errors="ignore")
+    head = head[: head.rfind(",")] if "," in head else head  # whole overrides only
     return f"{head},{digest}"
 
 
-def write_failure(run_dir: Path, err: BaseException, config: Optional[dict], overrides: list[str]) -> Path:
+def write_failure(run_dir: Path, err: BaseException, config: dict | None, overrides: list[str]) -> Path:
     path = Path(run_dir) / FAILED
-    write_json_atomic(path, {
-        "status": "failed",
-        "error_type": type(err).__name__,
-        "error": str(err),
-        "traceback": "".join(traceback.format_exception(err)),
-        "overrides": overrides,
-        "config": config,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
+    write_json_atomic(
+        path,
+        {
+            "status": "failed",
+            "error_type": type(err).__name__,
+            "error": str(err),
+            "traceback": "".join(traceback.format_exception(err)),
+            "overrides": overrides,
+            "config": config,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
     return path
 
 
-def run_sweep_job(cfg: Any, out_dir: Path, resolved: dict, overrides: list[str],
-                  on_start: Optional[Any] = None) -> dict:
+def run_sweep_job(cfg: Any, out_dir: Path, resolved: dict, overrides: list[str], on_start: Any | None = None) -> dict:
     """One job of a sweep: skip a complete folder, else run; any exception becomes failed.json and a return."""
     out_dir = Path(out_dir)
     name = ",".join(overrides) or str(out_dir)
@@ -68,8 +71,13 @@ def run_sweep_job(cfg: Any, out_dir: Path, resolved: dict, overrides: list[str],
 
     try:
         # with log.wandb each job is its own W&B run, grouped by its sweep folder
-        results = run_experiment(cfg, out_dir, resolved_config=resolved, on_start=on_start,
-                                 wandb_group="/".join(out_dir.resolve().parent.parts[-2:]))
+        results = run_experiment(
+            cfg,
+            out_dir,
+            resolved_config=resolved,
+            on_start=on_start,
+            wandb_group="/".join(out_dir.resolve().parent.parts[-2:]),
+        )
     except Exception as err:  # noqa: BLE001 - every failure is recorded; the sweep goes on
         path = write_failure(out_dir, err, resolved, overrides)
         log.error("run %s failed: %s: %s (details in %s)", name, type(err).__name__, err, path)
@@ -100,13 +108,17 @@ def sweep_report(sweep_dir: Path, started: float = 0.0) -> tuple[str, int]:
     for d in runs:
         by_status[run_status(d)].append(d)
     skipped = [d for d in by_status["complete"] if (d / RESULTS).stat().st_mtime < started]
-    lines = [f"sweep {sweep_dir}: {len(runs)} run folder(s): {len(by_status['complete'])} complete "
-             f"({len(skipped)} of them already complete before this launch, skipped), "
-             f"{len(by_status['failed'])} failed, {len(by_status['incomplete'])} incomplete"]
+    lines = [
+        f"sweep {sweep_dir}: {len(runs)} run folder(s): {len(by_status['complete'])} complete "
+        f"({len(skipped)} of them already complete before this launch, skipped), "
+        f"{len(by_status['failed'])} failed, {len(by_status['incomplete'])} incomplete"
+    ]
     for d in by_status["failed"]:
         info = read_json(d / FAILED) or {}
-        lines.append(f"  FAILED {d.relative_to(sweep_dir)}: {info.get('error_type', '?')}: {info.get('error', '?')}"
-                     f"  (see {d / FAILED})")
+        lines.append(
+            f"  FAILED {d.relative_to(sweep_dir)}: {info.get('error_type', '?')}: {info.get('error', '?')}"
+            f"  (see {d / FAILED})"
+        )
     for d in by_status["incomplete"]:
         lines.append(f"  INCOMPLETE {d.relative_to(sweep_dir)} (killed, still running, or from another launch)")
     if by_status["failed"] or by_status["incomplete"]:

@@ -15,13 +15,14 @@ The other overrides apply to both phases (a protocol, a launcher: hydra/launcher
 the phases; `python -m cil report DIR` shows the trials and the final table. Re-running the same command with the
 same --dir skips every finished trial and run (the sampler is seeded, so it proposes the same trials).
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import yaml
 
@@ -32,8 +33,15 @@ TUNE_FILE = "tune.json"
 SEARCH_SPACES = Path(CONF_DIR) / "search"
 SEARCH_DIR, FINAL_DIR = "search", "final"
 # Overrides that belong to the search only: the final runs drop them.
-SEARCH_ONLY = ("search=", "hydra/sweeper=", "hydra.sweeper.", "eval.split=", "eval.validation_fraction=", "seed=",
-               "hydra.sweep.dir=")
+SEARCH_ONLY = (
+    "search=",
+    "hydra/sweeper=",
+    "hydra.sweeper.",
+    "eval.split=",
+    "eval.validation_fraction=",
+    "seed=",
+    "hydra.sweep.dir=",
+)
 
 
 def final_overrides(overrides: list[str], best_params: dict, method: str, seeds: str, final_dir: Path) -> list[str]:
@@ -45,21 +53,30 @@ def final_overrides(overrides: list[str], best_params: dict, method: str, seeds:
     return kept + [f"{k}={v}" for k, v in best_params.items()] + [f"seed={seeds}", f"hydra.sweep.dir={final_dir}"]
 
 
-def best_trial(search_dir: Path) -> tuple[dict, float, Optional[dict]]:
+def best_trial(search_dir: Path) -> tuple[dict, float, dict | None]:
     """(best parameters, best validation score, a complete trial's results) of a finished search."""
     path = search_dir / "optimization_results.yaml"
     try:
         best = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise RuntimeError(f"the search left no readable {path} ({err}); see its log above") from None
-    trial = next((r for r in (read_json(p) for p in sorted(search_dir.glob(f"*/{RESULTS}")))
-                  if r and r.get("status") == "complete"), None)
+    trial = next(
+        (
+            r
+            for r in (read_json(p) for p in sorted(search_dir.glob(f"*/{RESULTS}")))
+            if r and r.get("status") == "complete"
+        ),
+        None,
+    )
     return dict(best["best_params"]), float(best["best_value"]), trial
 
 
 def main(argv: list[str], run_hydra: Callable[[list[str]], int]) -> int:
-    p = argparse.ArgumentParser(prog="cil tune", description=__doc__.split("\n\n")[0],
-                                epilog="Everything else is a Hydra override (search=<name> is required).")
+    p = argparse.ArgumentParser(
+        prog="cil tune",
+        description=__doc__.split("\n\n")[0],
+        epilog="Everything else is a Hydra override (search=<name> is required).",
+    )
     p.add_argument("--trials", type=int, help="number of search trials (default: the search space's n_trials)")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the final runs (default 0,1,2)")
     p.add_argument("--dir", type=Path, help="where search/ and final/ go (default tune/<date>/<time>_<search>)")
@@ -69,8 +86,11 @@ def main(argv: list[str], run_hydra: Callable[[list[str]], int]) -> int:
         p.error(f"unknown option(s) {' '.join(flags)}; Hydra overrides take the form key=value")
     search = next((o.split("=", 1)[1] for o in overrides if o.startswith("search=")), None)
     if not search:
-        print("error: cil tune needs a search space: search=<name> (conf/search/: "
-              f"{', '.join(sorted(s.stem for s in SEARCH_SPACES.glob('*.yaml')))})", file=sys.stderr)
+        print(
+            "error: cil tune needs a search space: search=<name> (conf/search/: "
+            f"{', '.join(sorted(s.stem for s in SEARCH_SPACES.glob('*.yaml')))})",
+            file=sys.stderr,
+        )
         return 2
     if args.trials is not None and args.trials < 1:
         print(f"error: --trials {args.trials} must be >= 1", file=sys.stderr)
@@ -80,13 +100,21 @@ def main(argv: list[str], run_hydra: Callable[[list[str]], int]) -> int:
     except ValueError:
         seeds = []
     if not seeds or min(seeds) < 0:
-        print(f"error: --seeds {args.seeds!r} must be a comma-separated list of integers >= 0, e.g. 0,1,2",
-              file=sys.stderr)
+        print(
+            f"error: --seeds {args.seeds!r} must be a comma-separated list of integers >= 0, e.g. 0,1,2",
+            file=sys.stderr,
+        )
         return 2
     out = (args.dir or Path("tune") / time.strftime("%Y-%m-%d") / f"{time.strftime('%H-%M-%S')}_{search}").resolve()
     search_dir, final_dir = out / SEARCH_DIR, out / FINAL_DIR
-    record = {"command": "python -m cil tune " + " ".join(argv), "search": search, "search_dir": str(search_dir),
-              "final_dir": str(final_dir), "seeds": seeds, "metric": "final_avg_acc on eval.split=validation"}
+    record = {
+        "command": "python -m cil tune " + " ".join(argv),
+        "search": search,
+        "search_dir": str(search_dir),
+        "final_dir": str(final_dir),
+        "seeds": seeds,
+        "metric": "final_avg_acc on eval.split=validation",
+    }
     out.mkdir(parents=True, exist_ok=True)
 
     search_args = ["-m", *overrides, f"hydra.sweep.dir={search_dir}"]
@@ -100,15 +128,20 @@ def main(argv: list[str], run_hydra: Callable[[list[str]], int]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return code or 1
     if trial is None:
-        print(f"error: no trial of the search in {search_dir} completed; nothing to run on the test set",
-              file=sys.stderr)
+        print(
+            f"error: no trial of the search in {search_dir} completed; nothing to run on the test set", file=sys.stderr
+        )
         return code or 1
     record.update(best_params=best_params, best_value=best_value, search_exit=code)
     write_json_atomic(out / TUNE_FILE, record)
     print(f"[cil tune] best on validation: {best_value:.2f}% with {best_params}", flush=True)
 
-    final_args = ["-m", *final_overrides(overrides, best_params, trial["config"]["method"]["name"],
-                                         ",".join(map(str, seeds)), final_dir)]
+    final_args = [
+        "-m",
+        *final_overrides(
+            overrides, best_params, trial["config"]["method"]["name"], ",".join(map(str, seeds)), final_dir
+        ),
+    ]
     print(f"[cil tune] final: {' '.join(final_args)}", flush=True)
     final_code = run_hydra(final_args)
     record.update(final_command="python -m cil " + " ".join(final_args), final_exit=final_code)

@@ -13,6 +13,7 @@ the last step an earlier attempt wrote is read back from its own `.wandb` file.
 
 Only imported when log.wandb is on; `wandb` itself is imported here and nowhere else.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,8 +21,9 @@ import secrets
 import string
 import struct
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from cil.errors import EXIT_PREEMPTED, ConfigError, Preempted
 from cil.schema import RunConfig
@@ -42,8 +44,9 @@ def import_wandb():
     try:
         import wandb
     except ImportError as err:
-        raise ConfigError(f"log.wandb=true needs the wandb package, which is not installed ({err}): {INSTALL}, "
-                          "or set log.wandb=false") from None
+        raise ConfigError(
+            f"log.wandb=true needs the wandb package, which is not installed ({err}): {INSTALL}, or set log.wandb=false"
+        ) from None
     return wandb
 
 
@@ -69,7 +72,7 @@ def read_records(path: Path) -> Iterator[Any]:
         if kind == 0 and length == 0:  # zeros: padding or a write that never happened
             pos += left
             continue
-        body = data[pos + 7:pos + 7 + length]
+        body = data[pos + 7 : pos + 7 + length]
         if len(body) < length:
             return
         pos += 7 + length
@@ -111,14 +114,13 @@ class WandbSink:
         self.run, self.wandb = run, wandb
         self.first_step = first_step  # W&B already holds every step below this one (an earlier attempt)
         self._row: dict[str, Any] = {}
-        self._row_step: Optional[int] = None
+        self._row_step: int | None = None
         self.last_step = -1
         self.dropped = 0  # values at a step below one already sent (W&B would refuse them)
         self.finished = False
 
     @classmethod
-    def start(cls, cfg: RunConfig, out_dir: Path, config: dict, resuming: bool,
-              group: Optional[str] = None) -> "WandbSink":
+    def start(cls, cfg: RunConfig, out_dir: Path, config: dict, resuming: bool, group: str | None = None) -> WandbSink:
         """Start (or, `resuming` from a checkpoint, continue) the run folder's W&B run."""
         wandb = import_wandb()
         out_dir = Path(out_dir)
@@ -128,14 +130,25 @@ class WandbSink:
         mode = cfg.log.wandb_mode
         before = _logged_before(out_dir / "wandb", run_id) if resuming else 0
         try:
-            run = wandb.init(project=cfg.log.wandb_project, entity=cfg.log.wandb_entity, group=cfg.log.wandb_group
-                             or group, tags=list(cfg.log.wandb_tags) or None, name=out_dir.name,
-                             config=config, dir=str(out_dir), id=run_id, resume="allow", mode=mode,
-                             reinit="finish_previous")
+            run = wandb.init(
+                project=cfg.log.wandb_project,
+                entity=cfg.log.wandb_entity,
+                group=cfg.log.wandb_group or group,
+                tags=list(cfg.log.wandb_tags) or None,
+                name=out_dir.name,
+                config=config,
+                dir=str(out_dir),
+                id=run_id,
+                resume="allow",
+                mode=mode,
+                reinit="finish_previous",
+            )
         except Exception as err:  # noqa: BLE001 - no login, no network, a server that refuses: one clear error
-            raise ConfigError(f"log.wandb=true: W&B could not start a run ({type(err).__name__}: {err}); log in "
-                              "with `wandb login`, or set log.wandb_mode=offline (sync later with `wandb sync`) "
-                              "or log.wandb=false") from None
+            raise ConfigError(
+                f"log.wandb=true: W&B could not start a run ({type(err).__name__}: {err}); log in "
+                "with `wandb login`, or set log.wandb_mode=offline (sync later with `wandb sync`) "
+                "or log.wandb=false"
+            ) from None
         id_file.write_text(run.id + "\n")
         first = max(before, getattr(run, "starting_step", 0) or 0)
         if resuming:
@@ -167,12 +180,17 @@ class WandbSink:
         from cil.analysis.plots import accuracy_matrix_figure, figure_to_rgb  # matplotlib only when W&B is on
 
         n = len(matrix[0])
-        table = self.wandb.Table(columns=["after_task", *(f"T{j}" for j in range(n))],
-                                 data=[[i, *map(float, row)] for i, row in enumerate(matrix)])
+        table = self.wandb.Table(
+            columns=["after_task", *(f"T{j}" for j in range(n))],
+            data=[[i, *map(float, row)] for i, row in enumerate(matrix)],
+        )
         title = f"accuracy matrix after task {len(matrix) - 1}"
         self._put("acc_matrix", table, step)
-        self._put("acc_matrix_heatmap", self.wandb.Image(figure_to_rgb(accuracy_matrix_figure(matrix, title)),
-                                                         caption=title), step)
+        self._put(
+            "acc_matrix_heatmap",
+            self.wandb.Image(figure_to_rgb(accuracy_matrix_figure(matrix, title)), caption=title),
+            step,
+        )
 
     def replay(self, metrics_csv: Path, acc_matrix: list[list[float]]) -> None:
         """A resumed run: send what the checkpoint already holds but W&B does not (steps from `first_step` on).
@@ -208,8 +226,9 @@ class WandbSink:
             self.run.summary.update(summary)
             self._finish(0)
         except Exception as err:  # noqa: BLE001
-            log.warning("W&B run %s: the end of the run could not be logged (%s: %s)", self.run.id,
-                        type(err).__name__, err)
+            log.warning(
+                "W&B run %s: the end of the run could not be logged (%s: %s)", self.run.id, type(err).__name__, err
+            )
             if not self.finished:
                 self.finished = True
                 self.run.finish(exit_code=0)
@@ -233,8 +252,10 @@ class WandbSink:
     def _finish(self, exit_code: int) -> None:
         self.finished = True
         if self.dropped:
-            log.warning("W&B: %d value(s) logged at a step below an earlier one were not sent (W&B keeps steps "
-                        "increasing)", self.dropped)
+            log.warning(
+                "W&B: %d value(s) logged at a step below an earlier one were not sent (W&B keeps steps increasing)",
+                self.dropped,
+            )
         self.run.finish(exit_code=exit_code)
 
 

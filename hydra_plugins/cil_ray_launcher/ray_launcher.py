@@ -20,9 +20,10 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -39,8 +40,8 @@ PREEMPTED = "preempted"  # what a task returns when it stopped on the driver's r
 @dataclass
 class CilRayLauncherConf:
     _target_: str = "hydra_plugins.cil_ray_launcher.ray_launcher.CilRayLauncher"
-    address: Optional[str] = None  # null: start a local Ray instance; auto or ray://host:10001: join a cluster
-    num_cpus: Optional[int] = None  # CPUs of the local instance (null: all of this machine's); unused with an address
+    address: str | None = None  # null: start a local Ray instance; auto or ray://host:10001: join a cluster
+    num_cpus: int | None = None  # CPUs of the local instance (null: all of this machine's); unused with an address
     include_dashboard: bool = False  # the local instance's web dashboard (needs ray[default])
     cpus_per_job: float = 1  # CPUs Ray reserves per job; also torch's thread count in the job
     gpus_per_job: float = 0  # GPUs per job (Ray sets CUDA_VISIBLE_DEVICES); use with device=cuda
@@ -49,8 +50,9 @@ class CilRayLauncherConf:
 
 # A distinct name: conf/hydra/launcher/ray.yaml selects it, so hydra/launcher=ray stays cil's even where
 # another package registers a launcher called `ray`.
-ConfigStore.instance().store(group="hydra/launcher", name="cil_ray", node=CilRayLauncherConf,
-                             provider="cil_ray_launcher")
+ConfigStore.instance().store(
+    group="hydra/launcher", name="cil_ray", node=CilRayLauncherConf, provider="cil_ray_launcher"
+)
 
 
 def _import_ray() -> Any:
@@ -68,8 +70,14 @@ def _ask_checkpoint_and_stop(_signum, _frame) -> None:
     signal.raise_signal(signal.SIGTERM)
 
 
-def _run_one(hydra_context: HydraContext, config: DictConfig, task_function: TaskFunction,
-             singleton_state: dict, threads: int, cwd: str) -> Any:
+def _run_one(
+    hydra_context: HydraContext,
+    config: DictConfig,
+    task_function: TaskFunction,
+    singleton_state: dict,
+    threads: int,
+    cwd: str,
+) -> Any:
     """One job inside a Ray worker (a process Ray reuses between tasks): Hydra's run_job, as the joblib launcher."""
     import torch
 
@@ -83,11 +91,18 @@ def _run_one(hydra_context: HydraContext, config: DictConfig, task_function: Tas
         os.chdir(cwd)  # relative paths in the config mean what they mean on the command line
     torch.set_num_threads(threads)  # torch's default, one thread per core, oversubscribes a shared node
     PENDING_STOP.clear()  # a stop noted during an earlier task of this worker is not for this one
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, _ask_checkpoint_and_stop),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, note_stop)}  # before the loop: noted (cil.run.cli)
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, _ask_checkpoint_and_stop),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, note_stop),
+    }  # before the loop: noted (cil.run.cli)
     try:
-        return run_job(hydra_context=hydra_context, task_function=task_function, config=config,
-                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        return run_job(
+            hydra_context=hydra_context,
+            task_function=task_function,
+            config=config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
     except Preempted as stop:
         log.warning("pre-empted: %s", stop)
         return PREEMPTED
@@ -97,14 +112,20 @@ def _run_one(hydra_context: HydraContext, config: DictConfig, task_function: Tas
 
 
 class CilRayLauncher(Launcher):
-    def __init__(self, address: Optional[str] = None, num_cpus: Optional[int] = None,
-                 include_dashboard: bool = False, cpus_per_job: float = 1, gpus_per_job: float = 0,
-                 max_retries: int = 0) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        num_cpus: int | None = None,
+        include_dashboard: bool = False,
+        cpus_per_job: float = 1,
+        gpus_per_job: float = 0,
+        max_retries: int = 0,
+    ) -> None:
         self.address, self.num_cpus, self.include_dashboard = address, num_cpus, include_dashboard
         self.cpus_per_job, self.gpus_per_job, self.max_retries = cpus_per_job, gpus_per_job, max_retries
-        self.config: Optional[DictConfig] = None
-        self.task_function: Optional[TaskFunction] = None
-        self.hydra_context: Optional[HydraContext] = None
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.task_function, self.hydra_context = config, task_function, hydra_context
@@ -114,8 +135,12 @@ class CilRayLauncher(Launcher):
 
         require(self.cpus_per_job > 0, "hydra.launcher.cpus_per_job", self.cpus_per_job, "a number of CPUs > 0")
         require(self.gpus_per_job >= 0, "hydra.launcher.gpus_per_job", self.gpus_per_job, "a number of GPUs >= 0")
-        require(self.num_cpus is None or self.num_cpus >= self.cpus_per_job, "hydra.launcher.num_cpus",
-                self.num_cpus, f"null (all CPUs) or at least cpus_per_job={self.cpus_per_job}")
+        require(
+            self.num_cpus is None or self.num_cpus >= self.cpus_per_job,
+            "hydra.launcher.num_cpus",
+            self.num_cpus,
+            f"null (all CPUs) or at least cpus_per_job={self.cpus_per_job}",
+        )
         require(self.max_retries >= 0, "hydra.launcher.max_retries", self.max_retries, "0 or more")
 
     def _job_config(self, overrides: Sequence[str], idx: int) -> DictConfig:
@@ -138,8 +163,13 @@ class CilRayLauncher(Launcher):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         configs = [self._job_config(o, initial_job_idx + i) for i, o in enumerate(job_overrides)]
-        log.info("Ray launcher: %d jobs (%s CPU, %s GPU each), sweep output dir: %s", len(configs),
-                 self.cpus_per_job, self.gpus_per_job, sweep_dir)
+        log.info(
+            "Ray launcher: %d jobs (%s CPU, %s GPU each), sweep output dir: %s",
+            len(configs),
+            self.cpus_per_job,
+            self.gpus_per_job,
+            sweep_dir,
+        )
         for i, overrides in enumerate(job_overrides):
             log.info("\t#%d : %s", initial_job_idx + i, " ".join(filter_overrides(overrides)))
 
@@ -152,12 +182,15 @@ class CilRayLauncher(Launcher):
         # ray.init installs a native SIGTERM handler that aborts the driver: SIGTERM goes back to cil's, which notes it
         signal.signal(signal.SIGTERM, note_stop)
         try:
-            task = ray.remote(_run_one).options(num_cpus=self.cpus_per_job, num_gpus=self.gpus_per_job,
-                                                max_retries=self.max_retries)
+            task = ray.remote(_run_one).options(
+                num_cpus=self.cpus_per_job, num_gpus=self.gpus_per_job, max_retries=self.max_retries
+            )
             threads = max(1, int(self.cpus_per_job))
             state = Singleton.get_state()
-            refs = {task.remote(self.hydra_context, cfg, self.task_function, state, threads, os.getcwd()): i
-                    for i, cfg in enumerate(configs)}
+            refs = {
+                task.remote(self.hydra_context, cfg, self.task_function, state, threads, os.getcwd()): i
+                for i, cfg in enumerate(configs)
+            }
             results: list[Any] = [None] * len(configs)
             pending, stopping = list(refs), False
             while pending:
@@ -175,8 +208,11 @@ class CilRayLauncher(Launcher):
         if stopping or any(r == PREEMPTED for r in results):
             from cil.errors import EXIT_PREEMPTED
 
-            print(f"pre-empted: the running jobs wrote their checkpoints; to resume, run the same command again with "
-                  f"hydra.sweep.dir={sweep_dir.absolute()} (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+            print(
+                f"pre-empted: the running jobs wrote their checkpoints; to resume, run the same command again with "
+                f"hydra.sweep.dir={sweep_dir.absolute()} (exit code {EXIT_PREEMPTED})",
+                file=sys.stderr,
+            )
             sys.exit(EXIT_PREEMPTED)
         return results
 

@@ -1,8 +1,10 @@
 """Add-ons by name (`addon=<name>` or `addon=[a,b]`): every module of this package registers one (`@register`).
 See cil.core.addons.base for the hooks; the runner builds them (`build_addons`) and sets `Method.addons`."""
+
 import importlib
 import pkgutil
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from cil.core.addons.base import ADDONS, Addon, AddonConfig, register
 from cil.errors import ConfigError
@@ -26,7 +28,7 @@ def addon_configs(selection: Any) -> dict[str, AddonConfig]:
     if isinstance(selection, str):
         selection = [selection]
     if isinstance(selection, (list, tuple)):
-        selection = {name: None for name in selection}
+        selection = dict.fromkeys(selection)
     if not isinstance(selection, dict):
         raise ConfigError(f"addon={selection!r}: use a name, a list of names or a mapping name -> settings")
     out = {}
@@ -37,8 +39,10 @@ def addon_configs(selection: Any) -> dict[str, AddonConfig]:
         elif isinstance(cfg, dict):
             unknown = sorted(set(cfg) - set(cls.Config.__dataclass_fields__))
             if unknown:
-                raise ConfigError(f"addon.{name}.{unknown[0]} is not a setting of add-on {name!r}: it takes "
-                                  f"{', '.join(cls.Config.__dataclass_fields__)}")
+                raise ConfigError(
+                    f"addon.{name}.{unknown[0]} is not a setting of add-on {name!r}: it takes "
+                    f"{', '.join(cls.Config.__dataclass_fields__)}"
+                )
             cfg = cls.Config(**cfg)
         if not isinstance(cfg, cls.Config):
             raise ConfigError(f"addon.{name} needs the config of add-on {name!r} ({cls.Config.__name__})")
@@ -53,7 +57,7 @@ def validate_addons(selection: Any) -> None:
         cfg.validate()
 
 
-def build_addons(selection: Any, method, make_peer: Optional[Callable] = None) -> list[Addon]:
+def build_addons(selection: Any, method, make_peer: Callable | None = None) -> list[Addon]:
     """Build the selected add-ons on `method` (in the selection's order) and attach them (`method.addons`).
     `make_peer()`: a fresh method of the same kind with its own model and optimizer (CCL-DC's peer learner)."""
     addons = [addon_class(name)(cfg, method, make_peer=make_peer) for name, cfg in addon_configs(selection).items()]
@@ -61,5 +65,13 @@ def build_addons(selection: Any, method, make_peer: Optional[Callable] = None) -
     return addons
 
 
-__all__ = ["ADDONS", "Addon", "AddonConfig", "addon_class", "addon_configs", "build_addons", "register",
-           "validate_addons"]
+__all__ = [
+    "ADDONS",
+    "Addon",
+    "AddonConfig",
+    "addon_class",
+    "addon_configs",
+    "build_addons",
+    "register",
+    "validate_addons",
+]

@@ -19,10 +19,11 @@ builds the add-ons a run selects (`addon=mkd`, `addon=[mkd,ccl_dc]`) after the m
 An add-on with `weight: 0` does nothing at all (no forward pass, no buffer draw, no random draw), so such a run
 is the base method bit for bit.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -60,10 +61,10 @@ class Addon:
     def begin_observe(self, method, batch) -> None:
         pass
 
-    def main_pass(self, method, inputs: torch.Tensor, logits: torch.Tensor, raw: Optional[torch.Tensor]) -> None:
+    def main_pass(self, method, inputs: torch.Tensor, logits: torch.Tensor, raw: torch.Tensor | None) -> None:
         pass
 
-    def extra_loss(self, method) -> Optional[torch.Tensor]:
+    def extra_loss(self, method) -> torch.Tensor | None:
         return None
 
     def after_step(self, method) -> None:
@@ -72,7 +73,7 @@ class Addon:
     def on_task_start(self, method, task: int, classes: torch.Tensor) -> None:
         pass
 
-    def eval_logits(self, method, x: torch.Tensor, head: Optional[str]) -> Optional[torch.Tensor]:
+    def eval_logits(self, method, x: torch.Tensor, head: str | None) -> torch.Tensor | None:
         return None
 
     def eval_heads(self) -> list[str]:
@@ -92,11 +93,11 @@ class Addon:
         return {}
 
     # -- helpers ---------------------------------------------------------------------------------------------
-    def softmax_mask(self, method) -> Optional[torch.Tensor]:
+    def softmax_mask(self, method) -> torch.Tensor | None:
         return method.seen if self.cfg.seen_only else None
 
     @staticmethod
-    def masked(logits: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def masked(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return logits if mask is None else mask_logits(logits, mask)
 
 

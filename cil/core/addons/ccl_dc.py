@@ -17,10 +17,10 @@ view). L_1 joins the run's method's loss before its optimizer step, L_2 the peer
 (mean of the two peers' logits), as the official code's main accuracy; both peers alone as extra heads.
 docs/methods.md ("CCL-DC add-on") lists every deviation.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +40,8 @@ class CCLDCConfig(AddonConfig):
     kd_lambda: float = 1.0  # distillation weight (parser default; CVPR24 configs: ER 2, ER-ACE 1, GSA 1)
     ce_weight: float = 0.5  # weight of the four cross-entropy terms (the official 0.5 * loss_ce)
     temperature: float = 4.0  # kl_loss's temperature
-    replay_batch_size: Optional[int] = None  # the term's buffer draw; null: the method's replay_batch_size
-    crop_scale: List[float] = field(default_factory=lambda: [0.6, 1.0])  # T1's random resized crop
+    replay_batch_size: int | None = None  # the term's buffer draw; null: the method's replay_batch_size
+    crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # T1's random resized crop
     randaug_n: int = 3  # RandAugment ops per view (CVPR24 configs)
     randaug_m: int = 15  # RandAugment magnitude (CVPR24 configs)
     eval_head: str = "ensemble"  # ensemble (official main accuracy) | student (the run's model) | peer
@@ -52,11 +52,19 @@ class CCLDCConfig(AddonConfig):
         require(self.kd_lambda >= 0, self.key("kd_lambda"), self.kd_lambda, "use a number >= 0")
         require(self.ce_weight >= 0, self.key("ce_weight"), self.ce_weight, "use a number >= 0")
         require(self.temperature > 0, self.key("temperature"), self.temperature, "use a number > 0")
-        require(self.replay_batch_size is None or self.replay_batch_size >= 0, self.key("replay_batch_size"),
-                self.replay_batch_size, "use null (the method's) or an integer >= 0")
+        require(
+            self.replay_batch_size is None or self.replay_batch_size >= 0,
+            self.key("replay_batch_size"),
+            self.replay_batch_size,
+            "use null (the method's) or an integer >= 0",
+        )
         scale = list(self.crop_scale)
-        require(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, self.key("crop_scale"), scale,
-                "use [lo, hi] with 0 < lo <= hi <= 1")
+        require(
+            len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+            self.key("crop_scale"),
+            scale,
+            "use [lo, hi] with 0 < lo <= hi <= 1",
+        )
         require(self.randaug_n >= 0, self.key("randaug_n"), self.randaug_n, "use an integer >= 0")
         require(0 <= self.randaug_m <= 30, self.key("randaug_m"), self.randaug_m, "use an integer in [0, 30]")
         require(self.eval_head in HEADS, self.key("eval_head"), self.eval_head, f"choose one of {HEADS}")
@@ -68,9 +76,9 @@ class _PeerLink(Addon):
     name = "ccl_dc_peer"
 
     def __init__(self):
-        self.pending: Optional[Tensor] = None
+        self.pending: Tensor | None = None
 
-    def extra_loss(self, method) -> Optional[Tensor]:
+    def extra_loss(self, method) -> Tensor | None:
         loss, self.pending = self.pending, None
         return loss
 
@@ -83,14 +91,17 @@ class CCLDC(Addon):
     def __init__(self, cfg: CCLDCConfig, method, make_peer=None, **context):
         super().__init__(cfg, method)
         if make_peer is None:
-            raise ConfigError("addon=ccl_dc needs a peer learner: build the run with cil.run.experiment "
-                              "(it passes make_peer); method-less use is not supported")
+            raise ConfigError(
+                "addon=ccl_dc needs a peer learner: build the run with cil.run.experiment "
+                "(it passes make_peer); method-less use is not supported"
+            )
         self.peer = make_peer()
         self.link = _PeerLink()
         self.peer.addons = [self.link]
         size = tuple(method.input_shape[1:]) if method.input_shape else None
         self.crop = GSAAugment(size, scale=tuple(cfg.crop_scale), grayscale_p=0.0) if size and len(size) == 2 else None
         from torchvision.transforms import RandAugment
+
         self.randaug = RandAugment(cfg.randaug_n, cfg.randaug_m)
         self.rng = torch.Generator().manual_seed(method.seed * 7 + 11)  # seeds of RandAugment's op choices (CPU)
         self.batch = None
@@ -108,7 +119,8 @@ class CCLDC(Addon):
         """torchvision's RandAugment on the uint8 batch (one op choice for the batch), its random choices drawn
         from a torch RNG seeded from this add-on's own generator (a run repeats and resumes bit for bit)."""
         from torchvision.transforms.functional import convert_image_dtype
-        seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.rng))
+
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.rng))
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed)
             out = self.randaug(convert_image_dtype(x, torch.uint8))
@@ -128,7 +140,7 @@ class CCLDC(Addon):
             x1 = x2 = x3 = x0
         return [method.from_unit(v) for v in (x3, x0, x1, x2)]
 
-    def extra_loss(self, method) -> Optional[Tensor]:
+    def extra_loss(self, method) -> Tensor | None:
         cfg = self.cfg
         if not self.active:
             return None
@@ -150,10 +162,12 @@ class CCLDC(Addon):
         full = mask if mask is not None else torch.ones(l1[0].shape[1], dtype=torch.bool, device=y.device)
         n_mem = 0 if mem is None else len(mem[1])
         for z in l1:
-            method.report("replay", z, y, full, scale=cfg.weight * cfg.ce_weight * n_mem / len(y),
-                          rows=slice(None, n_mem))
-            method.report("new", z, y, full, scale=cfg.weight * cfg.ce_weight * (1 - n_mem / len(y)),
-                          rows=slice(n_mem, None))
+            method.report(
+                "replay", z, y, full, scale=cfg.weight * cfg.ce_weight * n_mem / len(y), rows=slice(None, n_mem)
+            )
+            method.report(
+                "new", z, y, full, scale=cfg.weight * cfg.ce_weight * (1 - n_mem / len(y)), rows=slice(n_mem, None)
+            )
         self.link.pending = cfg.weight * (cfg.ce_weight * ce2 + cfg.kd_lambda * kd2)
         self.last = {"ce": ce1.detach(), "kd": kd1.detach(), "peer_ce": ce2.detach(), "peer_kd": kd2.detach()}
         return cfg.weight * (cfg.ce_weight * ce1 + cfg.kd_lambda * kd1)
@@ -174,9 +188,12 @@ class CCLDC(Addon):
         finally:
             peer.owned.train(was)
 
-    def eval_logits(self, method, x: Tensor, head: Optional[str]) -> Optional[Tensor]:
-        which = self.cfg.eval_head if head is None else {"ccl_dc_student": "student", "ccl_dc_peer": "peer",
-                                                          "ccl_dc_ensemble": "ensemble"}.get(head)
+    def eval_logits(self, method, x: Tensor, head: str | None) -> Tensor | None:
+        which = (
+            self.cfg.eval_head
+            if head is None
+            else {"ccl_dc_student": "student", "ccl_dc_peer": "peer", "ccl_dc_ensemble": "ensemble"}.get(head)
+        )
         if which is None:
             return None
         if which == "student":
@@ -193,8 +210,12 @@ class CCLDC(Addon):
     # -- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         peer = self.peer
-        return {"model": {k: v.cpu() for k, v in peer.model.state_dict().items()},
-                "optimizer": peer.optimizer.state_dict(), "method": peer.state_dict(), "rng": self.rng.get_state()}
+        return {
+            "model": {k: v.cpu() for k, v in peer.model.state_dict().items()},
+            "optimizer": peer.optimizer.state_dict(),
+            "method": peer.state_dict(),
+            "rng": self.rng.get_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.peer.model.load_state_dict(state["model"])
@@ -203,5 +224,9 @@ class CCLDC(Addon):
         self.rng.set_state(state["rng"])
 
     def extra_results(self) -> dict:
-        return {"ccl_dc": {"eval_head": self.cfg.eval_head,
-                           "cost": "two networks: about twice the method's compute and memory, plus 8 passes"}}
+        return {
+            "ccl_dc": {
+                "eval_head": self.cfg.eval_head,
+                "cost": "two networks: about twice the method's compute and memory, plus 8 passes",
+            }
+        }

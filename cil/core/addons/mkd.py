@@ -22,12 +22,12 @@ distils on the pass the method declares (`Method.distill_pass`) instead, without
 er_ema.py, where the method's own cross-entropy on its augmented combined batch is the CE term.
 The whole L_mkd is multiplied by `weight` (0: off). docs/methods.md ("MKD add-on") lists every deviation.
 """
+
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +53,9 @@ class MKDConfig(AddonConfig):
     alpha_max: float = 0.01  # ... of the last; the others log-spaced between (alpha_max)
     correction_step: int = 10  # ema_correction_step: stream batches per step of k in a / (1 - a^k)
     mode: str = "block"  # block: the official extra block (gsa_ema, er_ace_ema); main_pass: on the method's pass
-    replay_batch_size: Optional[int] = None  # block's buffer draw; null: the method's replay_batch_size
+    replay_batch_size: int | None = None  # block's buffer draw; null: the method's replay_batch_size
     augment: bool = True  # block: tf_ema augmentation of the combined batch
-    crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])  # [min_crop, 1]
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # [min_crop, 1]
     raw_pass: bool = True  # the distillation on the un-augmented batch too (the official code without --no-aug)
     eval_head: str = "average"  # average: (student + teachers) / (n + 1) params (official default); teacher; student
     report_heads: bool = True  # also evaluate the student and the first teacher (results.json heads)
@@ -70,11 +70,19 @@ class MKDConfig(AddonConfig):
         require(self.alpha_min <= self.alpha_max, self.key("alpha_min"), self.alpha_min, "use alpha_min <= alpha_max")
         require(self.correction_step >= 1, self.key("correction_step"), self.correction_step, "use an integer >= 1")
         require(self.mode in MODES, self.key("mode"), self.mode, f"choose one of {MODES}")
-        require(self.replay_batch_size is None or self.replay_batch_size >= 0, self.key("replay_batch_size"),
-                self.replay_batch_size, "use null (the method's) or an integer >= 0")
+        require(
+            self.replay_batch_size is None or self.replay_batch_size >= 0,
+            self.key("replay_batch_size"),
+            self.replay_batch_size,
+            "use null (the method's) or an integer >= 0",
+        )
         scale = list(self.crop_scale)
-        require(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, self.key("crop_scale"), scale,
-                "use [lo, hi] with 0 < lo <= hi <= 1")
+        require(
+            len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+            self.key("crop_scale"),
+            scale,
+            "use [lo, hi] with 0 < lo <= hi <= 1",
+        )
         require(self.eval_head in HEADS, self.key("eval_head"), self.eval_head, f"choose one of {HEADS}")
 
     def alphas(self) -> list[float]:
@@ -115,8 +123,10 @@ def ema_update(teachers, alphas, params: list[Tensor], batches: int, correction_
 def average_parameters(model: torch.nn.Module, teachers) -> dict[str, Tensor]:
     """(student + teachers) / (n + 1), parameter by parameter, with the student's buffers (init_agg_model)."""
     names = [n for n, _ in model.named_parameters()]
-    avg = [sum(ps) / (len(teachers) + 1) for ps in zip(
-        [p.detach() for p in model.parameters()], *[t.parameters() for t in teachers])]
+    avg = [
+        sum(ps) / (len(teachers) + 1)
+        for ps in zip([p.detach() for p in model.parameters()], *[t.parameters() for t in teachers])
+    ]
     state = dict(zip(names, avg))
     state.update(dict(model.named_buffers()))
     return state
@@ -126,12 +136,16 @@ def color_jitter(x: Tensor, u: Tensor, brightness=0.4, contrast=0.4, saturation=
     """Per-sample colour jitter of [B, C, H, W] floats in [0, 1] (torchvision's definitions, fixed order
     brightness, contrast, saturation, hue), factors from uniforms ``u`` [B, 4]. One-channel input: brightness
     and contrast only."""
+
     def factor(col, amount):
         return (1 - amount + 2 * amount * u[:, col]).view(-1, 1, 1, 1)
 
     x = (x * factor(0, brightness)).clamp(0, 1)
-    gray = x.mean(1, keepdim=True) if x.shape[1] == 1 else random_grayscale(x, torch.ones(len(x), dtype=torch.bool,
-                                                                                            device=x.device))[:, :1]
+    gray = (
+        x.mean(1, keepdim=True)
+        if x.shape[1] == 1
+        else random_grayscale(x, torch.ones(len(x), dtype=torch.bool, device=x.device))[:, :1]
+    )
     x = (factor(1, contrast) * x + (1 - factor(1, contrast)) * gray.mean((2, 3), keepdim=True)).clamp(0, 1)
     if x.shape[1] != 3:
         return x
@@ -156,8 +170,9 @@ def shift_hue(x: Tensor, shift: Tensor) -> Tensor:
     v = maxc
     p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
     i = (i.long() % 6).unsqueeze(1)
-    choices = torch.stack([torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v),
-                                                       (v, p, q))], 1)  # [B, 6, 3, H, W]
+    choices = torch.stack(
+        [torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 1
+    )  # [B, 6, 3, H, W]
     return choices.gather(1, i.unsqueeze(1).expand(-1, 1, 3, -1, -1)).squeeze(1)
 
 
@@ -210,7 +225,7 @@ class MKD(Addon):
         with torch.no_grad(), method.autocast():
             return [t(x).float() for t in self.teachers]
 
-    def distill(self, method, stu_aug: Tensor, stu_raw: Optional[Tensor], teachers: list[Tensor]) -> Tensor:
+    def distill(self, method, stu_aug: Tensor, stu_raw: Tensor | None, teachers: list[Tensor]) -> Tensor:
         cfg, mask = self.cfg, self.softmax_mask(method)
         total = 0.0
         for t in teachers:
@@ -220,7 +235,7 @@ class MKD(Addon):
             total = total + term
         return total / len(teachers)
 
-    def extra_loss(self, method) -> Optional[Tensor]:
+    def extra_loss(self, method) -> Tensor | None:
         cfg = self.cfg
         if not self.active:
             self.pass_ = None
@@ -259,8 +274,13 @@ class MKD(Addon):
 
     @torch.no_grad()
     def after_step(self, method) -> None:
-        ema_update(self.teachers, self.alphas, [p.detach() for p in method.model.parameters()], self.batches,
-                   self.cfg.correction_step)
+        ema_update(
+            self.teachers,
+            self.alphas,
+            [p.detach() for p in method.model.parameters()],
+            self.batches,
+            self.cfg.correction_step,
+        )
         self.updates += 1
 
     # -- evaluation ------------------------------------------------------------------------------------------
@@ -270,7 +290,7 @@ class MKD(Addon):
             self._average = (self.updates, average_parameters(method.model, self.teachers))
         return self._average[1]
 
-    def eval_logits(self, method, x: Tensor, head: Optional[str]) -> Optional[Tensor]:
+    def eval_logits(self, method, x: Tensor, head: str | None) -> Tensor | None:
         which = self.cfg.eval_head if head is None else EXTRA_HEADS.get(head)
         if which is None or which == "student":
             return None if which is None else method.predict_logits(x)
@@ -285,8 +305,11 @@ class MKD(Addon):
 
     # -- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"teachers": [{k: v.cpu() for k, v in t.state_dict().items()} for t in self.teachers],
-                "batches": self.batches, "updates": self.updates}
+        return {
+            "teachers": [{k: v.cpu() for k, v in t.state_dict().items()} for t in self.teachers],
+            "batches": self.batches,
+            "updates": self.updates,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for teacher, saved in zip(self.teachers, state["teachers"]):

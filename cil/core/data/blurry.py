@@ -14,9 +14,10 @@ checkpoint/resume and the buffer work unchanged. A batch still carries its groun
 learner hides it from the methods (`hides_boundaries`). A test sample belongs to the home task of its class (the
 task its class is assigned to; for a disjoint class the only task it appears in).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -30,7 +31,7 @@ SI_BLURRY_DRAWS = 1000  # redraws of Si-Blurry's class split before giving up on
 
 def _split_evenly(items: list[int], n: int) -> list[list[int]]:
     size = len(items) // n
-    return [items[i * size:(i + 1) * size] for i in range(n)]
+    return [items[i * size : (i + 1) * size] for i in range(n)]
 
 
 def _split_at_random(items: list[int], n: int, g: torch.Generator) -> list[list[int]]:
@@ -39,7 +40,7 @@ def _split_at_random(items: list[int], n: int, g: torch.Generator) -> list[list[
     if not items:
         return [[] for _ in range(n)]
     cuts = [0] + torch.randint(0, len(items), (n - 1,), generator=g).sort().values.tolist() + [len(items)]
-    return [items[cuts[i]:cuts[i + 1]] for i in range(n)]
+    return [items[cuts[i] : cuts[i + 1]] for i in range(n)]
 
 
 def _valid_disjoint_pcts(k: int, n_tasks: int) -> list[int]:
@@ -56,10 +57,19 @@ class BlurryStream(ClassIncrementalStream):
 
     hides_boundaries = True
 
-    def __init__(self, dataset: ImageDataset, n_tasks: int, batch_size: int = 10,
-                 order: str | Sequence[int] = "random", seed: int = 0, device: str | torch.device = "cpu",
-                 samples_per_class: int | None = None, kind: str = "iblurry", disjoint_class_pct: int = 50,
-                 blurry_sample_pct: int = 10):
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        n_tasks: int,
+        batch_size: int = 10,
+        order: str | Sequence[int] = "random",
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        samples_per_class: int | None = None,
+        kind: str = "iblurry",
+        disjoint_class_pct: int = 50,
+        blurry_sample_pct: int = 10,
+    ):
         k = dataset.num_classes
         if kind not in KINDS:
             raise ConfigError(f"stream.kind={kind!r} is not a blurry stream: choose one of {KINDS}")
@@ -68,8 +78,10 @@ class BlurryStream(ClassIncrementalStream):
         if not 0 <= blurry_sample_pct <= 100:
             raise ConfigError(f"stream.blurry_sample_pct={blurry_sample_pct} must be a percentage from 0 to 100")
         if n_tasks < 1 or n_tasks > k:
-            raise ConfigError(f"stream.n_tasks={n_tasks}: a blurry stream of dataset {dataset.name!r} needs 1 to {k} "
-                              "tasks (one class at least in each)")
+            raise ConfigError(
+                f"stream.n_tasks={n_tasks}: a blurry stream of dataset {dataset.name!r} needs 1 to {k} "
+                "tasks (one class at least in each)"
+            )
         self.kind = kind
         self._setup(dataset, n_tasks, batch_size, order, seed, device)
         self.disjoint_class_pct, self.blurry_sample_pct = disjoint_class_pct, blurry_sample_pct
@@ -83,7 +95,8 @@ class BlurryStream(ClassIncrementalStream):
                     f"stream.disjoint_class_pct={disjoint_class_pct} gives {n_disjoint} disjoint and {k - n_disjoint} "
                     f"blurry classes of {k}, which stream.n_tasks={n_tasks} tasks cannot share evenly (i-Blurry); "
                     f"choose n_tasks dividing {k} and disjoint_class_pct in {_valid_disjoint_pcts(k, n_tasks) or '-'}, "
-                    "or stream.kind=siblurry (uneven tasks)")
+                    "or stream.kind=siblurry (uneven tasks)"
+                )
             disjoint_of, blurry_of = _split_evenly(disjoint, n_tasks), _split_evenly(blurry, n_tasks)
         else:
             for _ in range(SI_BLURRY_DRAWS):  # the official code allows a task without classes; we redraw
@@ -91,8 +104,10 @@ class BlurryStream(ClassIncrementalStream):
                 if all(d or b for d, b in zip(disjoint_of, blurry_of)):
                     break
             else:
-                raise ConfigError(f"stream.n_tasks={n_tasks}: no Si-Blurry split of the {k} classes gave every task a "
-                                  "class; use fewer tasks")
+                raise ConfigError(
+                    f"stream.n_tasks={n_tasks}: no Si-Blurry split of the {k} classes gave every task a "
+                    "class; use fewer tasks"
+                )
         self.disjoint_classes, self.blurry_classes = disjoint_of, blurry_of  # per task (home task of blurry ones)
 
         keep = self._subsample(dataset.train_y, samples_per_class, seed) if samples_per_class is not None else None
@@ -124,19 +139,24 @@ class BlurryStream(ClassIncrementalStream):
 
         self.tasks: list[Task] = []
         for t in range(n_tasks):
-            parts = [own_disjoint[t], own_blurry[t][give[t]:], pool[starts[t]:starts[t + 1]]]
+            parts = [own_disjoint[t], own_blurry[t][give[t] :], pool[starts[t] : starts[t + 1]]]
             train_idx = torch.cat(parts)
             train_idx = train_idx[torch.randperm(len(train_idx), generator=g)]
             home = [c for c in self.class_order if c in set(disjoint_of[t]) | set(blurry_of[t])]
             classes = torch.tensor(home, dtype=torch.long)
             test_idx = torch.nonzero(torch.isin(dataset.test_y, classes)).squeeze(1)
             if len(train_idx) == 0:
-                raise ConfigError(f"task {t} (classes {home}) of the {kind} stream has no training samples in "
-                                  f"{dataset.name!r}; lower stream.blurry_sample_pct or raise stream.samples_per_class")
+                raise ConfigError(
+                    f"task {t} (classes {home}) of the {kind} stream has no training samples in "
+                    f"{dataset.name!r}; lower stream.blurry_sample_pct or raise stream.samples_per_class"
+                )
             if len(test_idx) == 0:
-                raise DataError(f"task {t} (classes {home}) has no test samples in {dataset.name!r}, so its accuracy "
-                                "cannot be measured; give those classes test images")
-            self.tasks.append(Task(t, classes.to(self.device), train_idx.to(self.device), train_idx,
-                                   test_idx.to(self.device)))
+                raise DataError(
+                    f"task {t} (classes {home}) has no test samples in {dataset.name!r}, so its accuracy "
+                    "cannot be measured; give those classes test images"
+                )
+            self.tasks.append(
+                Task(t, classes.to(self.device), train_idx.to(self.device), train_idx, test_idx.to(self.device))
+            )
         self.classes_per_task = max(len(task.classes) for task in self.tasks)  # uneven on a Si-Blurry stream
         self._finish(dataset)

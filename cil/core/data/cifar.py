@@ -1,4 +1,5 @@
 """CIFAR-10 and CIFAR-100 from the official python pickles (md5-checked)."""
+
 from __future__ import annotations
 
 import pickle
@@ -22,9 +23,10 @@ def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             obj = pickle.load(f, encoding="bytes")  # the batches were pickled by Python 2
-    except Exception as e:  # noqa: BLE001 - truncated or garbage pickles raise many different types
-        raise DataError(f"cannot read {path}: {type(e).__name__}: {e}; the file is corrupt or truncated, "
-                        f"replace it") from e
+    except Exception as e:
+        raise DataError(
+            f"cannot read {path}: {type(e).__name__}: {e}; the file is corrupt or truncated, replace it"
+        ) from e
     if not isinstance(obj, dict):
         raise DataError(f"{path} is not a CIFAR python pickle (got {type(obj).__name__}); replace it")
     return obj
@@ -38,14 +40,15 @@ def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[torch.Tensor, torch
     except (KeyError, ValueError, TypeError) as e:
         raise DataError(f"{path} lacks b'data' / {label_key!r} in the CIFAR format: {e}; replace it") from e
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
-        raise DataError(f"{path}: expected data [N, 3072] and {label_key!r} [N], "
-                        f"got {list(data.shape)} and {list(labels.shape)}; replace it")
+        raise DataError(
+            f"{path}: expected data [N, 3072] and {label_key!r} [N], "
+            f"got {list(data.shape)} and {list(labels.shape)}; replace it"
+        )
     # Each row is 1024 red, then 1024 green, then 1024 blue values, row-major: exactly [3, 32, 32].
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
 
 
-def _load_cifar(name: str, tv_cls: type, root: Path, download: bool, verify: bool,
-                label_key: bytes) -> ImageDataset:
+def _load_cifar(name: str, tv_cls: type, root: Path, download: bool, verify: bool, label_key: bytes) -> ImageDataset:
     base = root / tv_cls.base_folder
     entries = [*tv_cls.train_list, *tv_cls.test_list, [tv_cls.meta["filename"], tv_cls.meta["md5"]]]
     missing = [name for name, _ in entries if not (base / name).is_file()]
@@ -84,5 +87,3 @@ def load_cifar10(root: Path, download: bool, verify: bool, **_: Any) -> ImageDat
 @register_loader("cifar100")
 def load_cifar100(root: Path, download: bool, verify: bool, **_: Any) -> ImageDataset:
     return _load_cifar("cifar100", torchvision.datasets.CIFAR100, root, download, verify, b"fine_labels")
-
-

@@ -6,21 +6,21 @@ ever written into the data root (it may be a read-only shared copy). A loader fa
 package that registers its names with :func:`register_loader`; image trees are decoded once and cached
 (cil.core.data.decode).
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from torchvision.transforms.v2.functional import resize
 
 from cil.errors import ConfigError, DataError
 
-__all__ = ["ImageDataset", "data_root", "cache_dir", "register_loader", "load_dataset", "LOADERS",
-           "holdout_validation"]
+__all__ = ["ImageDataset", "data_root", "cache_dir", "register_loader", "load_dataset", "LOADERS", "holdout_validation"]
 
 
 @dataclass
@@ -32,8 +32,8 @@ class ImageDataset:
     test_y: torch.Tensor
     class_names: list[str]  # index = label
     # Per-channel mean and std of the [0, 1] images for input normalisation; None: computed from the training set
-    mean: Optional[tuple[float, ...]] = None
-    std: Optional[tuple[float, ...]] = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         # Catch a malformed dataset here rather than as a shape error deep inside training.
@@ -46,8 +46,10 @@ class ImageDataset:
             if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(self.class_names)):
                 raise DataError(f"{self.name}: {split} labels outside [0, {len(self.class_names)})")
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
-            raise DataError(f"{self.name}: train images {list(self.train_x.shape[1:])} "
-                            f"and test images {list(self.test_x.shape[1:])} differ in shape")
+            raise DataError(
+                f"{self.name}: train images {list(self.train_x.shape[1:])} "
+                f"and test images {list(self.test_x.shape[1:])} differ in shape"
+            )
 
     def fingerprint(self) -> str:
         """A digest of the images, the labels and the class names: a resumed run refuses other data."""
@@ -90,7 +92,7 @@ def resize_tensor(x: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [N, C, H, W] images resized to size x size (antialiased), in chunks that bound the float scratch."""
     if tuple(x.shape[2:]) == (size, size):
         return x
-    return torch.cat([resize(x[i:i + 4096], [size, size], antialias=True) for i in range(0, len(x), 4096)])
+    return torch.cat([resize(x[i : i + 4096], [size, size], antialias=True) for i in range(0, len(x), 4096)])
 
 
 LOADERS: dict[str, Callable[..., ImageDataset]] = {}
@@ -99,16 +101,25 @@ _RESIZES_ITSELF: set[str] = set()  # loaders that resize while decoding (and cac
 
 def register_loader(name: str, resizes: bool = False):
     """Decorator: make `loader(root, download, verify, image_size, path)` available as dataset `name`."""
+
     def deco(fn):
         LOADERS[name] = fn
         if resizes:
             _RESIZES_ITSELF.add(name)
         return fn
+
     return deco
 
 
-def load_dataset(name: str, root: str | os.PathLike | None = None, *, download: bool = True, verify: bool = True,
-                 image_size: int | None = None, path: str | None = None) -> ImageDataset:
+def load_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    *,
+    download: bool = True,
+    verify: bool = True,
+    image_size: int | None = None,
+    path: str | None = None,
+) -> ImageDataset:
     """Load a dataset by name into memory as uint8 tensors.
 
     root: data root (see :func:`data_root`). download: let torchvision fetch missing MNIST/CIFAR files.
@@ -118,8 +129,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, download: 
     key = str(name).strip().lower()
     if key not in LOADERS:
         raise ConfigError(f"unknown dataset {name!r}; valid names: {', '.join(LOADERS)}")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or image_size <= 0):
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0):
         raise ConfigError(f"dataset.image_size must be a positive integer or null, got {image_size!r}")
     ds = LOADERS[key](root=data_root(root), download=download, verify=verify, image_size=image_size, path=path)
     ds.name = key
@@ -139,11 +149,20 @@ def holdout_validation(dataset: ImageDataset, fraction: float, seed: int = 0) ->
     for c in dataset.train_y.unique():
         idx = torch.nonzero(dataset.train_y == c).squeeze(1)
         if len(idx) < 2:
-            raise DataError(f"{dataset.name}: class {dataset.class_names[int(c)]!r} has {len(idx)} training sample(s), "
-                            "too few to hold one out for validation; use eval.split=test")
+            raise DataError(
+                f"{dataset.name}: class {dataset.class_names[int(c)]!r} has {len(idx)} training sample(s), "
+                "too few to hold one out for validation; use eval.split=test"
+            )
         n = min(max(1, round(fraction * len(idx))), len(idx) - 1)  # every class keeps training and validation rows
         held_out[idx[torch.randperm(len(idx), generator=g)[:n]]] = True
     keep = ~held_out
-    return ImageDataset(dataset.name, dataset.train_x[keep].contiguous(), dataset.train_y[keep],
-                        dataset.train_x[held_out].contiguous(), dataset.train_y[held_out], list(dataset.class_names),
-                        mean=dataset.mean, std=dataset.std)
+    return ImageDataset(
+        dataset.name,
+        dataset.train_x[keep].contiguous(),
+        dataset.train_y[keep],
+        dataset.train_x[held_out].contiguous(),
+        dataset.train_y[held_out],
+        list(dataset.class_names),
+        mean=dataset.mean,
+        std=dataset.std,
+    )

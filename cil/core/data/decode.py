@@ -1,5 +1,6 @@
 """Image trees -> one uint8 tensor: batched decoding on threads, resizing, and a cache of the decoded tensors
 under :func:`cache_dir` (never the data root), keyed by the files' names, sizes and times."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,9 +8,9 @@ import hashlib
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ def _decode_one(path: str, data: torch.Tensor, mode: ImageReadMode) -> torch.Ten
             keep_gray = mode == ImageReadMode.GRAY or (mode == ImageReadMode.UNCHANGED and im.mode in ("1", "L", "LA"))
             arr = np.asarray(im.convert("L" if keep_gray else "RGB"))
         return torch.from_numpy(arr.copy()).reshape(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1).contiguous()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DataError(f"cannot decode image {path}: {type(e).__name__}: {e}; replace or remove the file") from e
 
 
@@ -80,11 +81,13 @@ def decode_images(files: list[str], channels: int | None, image_size: int | None
 
     if not files:
         return torch.empty(0, channels or 3, image_size or 0, image_size or 0, dtype=torch.uint8)
-    chunks = [files[i:i + _DECODE_CHUNK] for i in range(0, len(files), _DECODE_CHUNK)]
+    chunks = [files[i : i + _DECODE_CHUNK] for i in range(0, len(files), _DECODE_CHUNK)]
     images: list[torch.Tensor] = []
     # The C++ decoders release the GIL, so threads use both cores without pickling tensors across processes.
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool, \
-            tqdm(total=len(files), desc=desc, unit="img", delay=2.0, leave=False) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool,
+        tqdm(total=len(files), desc=desc, unit="img", delay=2.0, leave=False) as bar,
+    ):
         for decoded in pool.map(_decode_chunk, chunks):
             images.extend(decoded)
             bar.update(len(decoded))
@@ -101,9 +104,11 @@ def decode_images(files: list[str], channels: int | None, image_size: int | None
         h, w = images[0].shape[1:]
         for path, img in zip(files, images):
             if img.shape[1:] != (h, w):
-                raise DataError(f"{path} is {img.shape[2]}x{img.shape[1]} pixels but {files[0]} is {w}x{h}; "
-                                f"all images must share one size: set dataset.image_size (image_size=N) "
-                                f"to resize them all to NxN")
+                raise DataError(
+                    f"{path} is {img.shape[2]}x{img.shape[1]} pixels but {files[0]} is {w}x{h}; "
+                    f"all images must share one size: set dataset.image_size (image_size=N) "
+                    f"to resize them all to NxN"
+                )
         return torch.stack(images)
     return _resize_list(images, image_size)
 
@@ -116,13 +121,14 @@ def _resize_list(images: list[torch.Tensor], size: int) -> torch.Tensor:
         groups.setdefault(tuple(img.shape[1:]), []).append(i)
     for (h, w), idx in groups.items():
         for start in range(0, len(idx), 4096):  # bound the float scratch memory of the resize
-            part = idx[start:start + 4096]
+            part = idx[start : start + 4096]
             batch = torch.stack([images[i] for i in part])
             out[part] = batch if (h, w) == (size, size) else resize(batch, [size, size], antialias=True)
     return out
 
 
 # -------------------------------------------------------------------------------------- decode cache
+
 
 def _cache_key(name: str, base: Path, files: list[str], image_size: int | None) -> str:
     """Hash of everything the decoded tensors depend on: location, file list with sizes and mtimes, size."""
@@ -137,8 +143,9 @@ def _cache_key(name: str, base: Path, files: list[str], image_size: int | None) 
     return h.hexdigest()[:20]
 
 
-def cached(name: str, base: Path, files: list[str], image_size: int | None,
-            build: Callable[[], ImageDataset]) -> ImageDataset:
+def cached(
+    name: str, base: Path, files: list[str], image_size: int | None, build: Callable[[], ImageDataset]
+) -> ImageDataset:
     path = cache_dir() / f"{name}-{_cache_key(name, base, files, image_size)}.pt"
     if path.is_file():
         try:
@@ -152,8 +159,16 @@ def cached(name: str, base: Path, files: list[str], image_size: int | None,
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save({"train_x": ds.train_x, "train_y": ds.train_y, "test_x": ds.test_x,
-                            "test_y": ds.test_y, "class_names": ds.class_names}, f)
+                torch.save(
+                    {
+                        "train_x": ds.train_x,
+                        "train_y": ds.train_y,
+                        "test_x": ds.test_x,
+                        "test_y": ds.test_y,
+                        "class_names": ds.class_names,
+                    },
+                    f,
+                )
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -174,5 +189,3 @@ def images_under(folder: Path) -> list[str]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # deterministic order
         files += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image(f)]
     return files
-
-

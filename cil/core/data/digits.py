@@ -1,4 +1,5 @@
 """scikit-learn's 8x8 digits: shipped inside scikit-learn, so always available offline (tests, quick runs)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,8 +22,11 @@ def load_digits(**_: Any) -> ImageDataset:
     # A fixed random_state makes the split independent of any global RNG; stratified keeps 80/20 per class.
     train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=0)
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-    return ImageDataset("digits", torch.from_numpy(x[train_idx]), torch.from_numpy(y[train_idx]),
-                        torch.from_numpy(x[test_idx]), torch.from_numpy(y[test_idx]),
-                        [str(d) for d in digits.target_names])
-
-
+    return ImageDataset(
+        "digits",
+        torch.from_numpy(x[train_idx]),
+        torch.from_numpy(y[train_idx]),
+        torch.from_numpy(x[test_idx]),
+        torch.from_numpy(y[test_idx]),
+        [str(d) for d in digits.target_names],
+    )

@@ -1,5 +1,6 @@
 """Image folders: a user's `train/<class>/<image>` and `test/<class>/<image>` tree, and the CIFAR-10 JPEG copy in
 the same layout. Decoded once and cached (cil.core.data.decode)."""
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,10 @@ def _scan_split(split_dir: Path, classes: list[str] | None) -> tuple[list[str], 
     if classes is None:
         classes = found
     elif extra := [c for c in found if c not in classes]:
-        raise DataError(f"{split_dir} has class folder(s) {extra} that are not in the train split "
-                        f"{split_dir.parent / 'train'}; test classes must be a subset of train classes")
+        raise DataError(
+            f"{split_dir} has class folder(s) {extra} that are not in the train split "
+            f"{split_dir.parent / 'train'}; test classes must be a subset of train classes"
+        )
     index = {c: i for i, c in enumerate(classes)}
     files, labels = [], []
     for c in found:
@@ -46,8 +49,14 @@ def _load_image_tree(name: str, base: Path, image_size: int | None) -> ImageData
     def build() -> ImageDataset:
         x = decode_images(train_files + test_files, None, image_size, f"decoding {name}")
         n = len(train_files)
-        return ImageDataset(name, x[:n].contiguous(), torch.tensor(train_labels, dtype=torch.int64),
-                            x[n:].contiguous(), torch.tensor(test_labels, dtype=torch.int64), classes)
+        return ImageDataset(
+            name,
+            x[:n].contiguous(),
+            torch.tensor(train_labels, dtype=torch.int64),
+            x[n:].contiguous(),
+            torch.tensor(test_labels, dtype=torch.int64),
+            classes,
+        )
 
     return cached(name, base, train_files + test_files, image_size, build)
 
@@ -55,8 +64,10 @@ def _load_image_tree(name: str, base: Path, image_size: int | None) -> ImageData
 @register_loader("imagefolder", resizes=True)
 def load_imagefolder(root: Path, image_size: int | None, path: str | None, **_: Any) -> ImageDataset:
     if not path:
-        raise ConfigError("dataset 'imagefolder' needs a path (dataset.path=...) to a folder with "
-                          "train/<class>/<image> and test/<class>/<image>")
+        raise ConfigError(
+            "dataset 'imagefolder' needs a path (dataset.path=...) to a folder with "
+            "train/<class>/<image> and test/<class>/<image>"
+        )
     base = Path(path).expanduser()
     return _load_image_tree("imagefolder", base if base.is_absolute() else root / base, image_size)
 
@@ -66,11 +77,11 @@ def load_cifar10_jpeg(root: Path, image_size: int | None, path: str | None, **_:
     base = Path(path).expanduser() if path else Path("cifar10-jpeg")
     base = base if base.is_absolute() else root / base
     if not base.is_dir():
-        raise DataError(f"cifar10_jpeg: {base} not found. It is the JPEG copy of CIFAR-10 kept in the shared "
-                        f"offline data folder (../shared/data/cifar10-jpeg); point CIL_DATA_ROOT (or "
-                        f"dataset.root) at that folder, or use dataset 'cifar10' to download the original")
+        raise DataError(
+            f"cifar10_jpeg: {base} not found. It is the JPEG copy of CIFAR-10 kept in the shared "
+            f"offline data folder (../shared/data/cifar10-jpeg); point CIL_DATA_ROOT (or "
+            f"dataset.root) at that folder, or use dataset 'cifar10' to download the original"
+        )
     dataset = _load_image_tree("cifar10_jpeg", base, image_size)
     dataset.mean, dataset.std = CIFAR_NORMALIZATION
     return dataset
-
-

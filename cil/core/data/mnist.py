@@ -1,5 +1,6 @@
 """MNIST and Fashion-MNIST from their idx files (torchvision's layout), parsed in place: nothing is extracted into
 the data root."""
+
 from __future__ import annotations
 
 import gzip
@@ -32,8 +33,10 @@ def _read_idx(path: Path) -> torch.Tensor:
     offset = 4 + 4 * ndim
     dims = struct.unpack(f">{ndim}I", raw[4:offset]) if len(raw) >= offset else ()
     if len(dims) != ndim or len(raw) - offset != int(np.prod(dims)):
-        raise DataError(f"{path} is truncated: header promises {list(dims)} but the file has "
-                        f"{len(raw) - offset} data bytes; replace it")
+        raise DataError(
+            f"{path} is truncated: header promises {list(dims)} but the file has "
+            f"{len(raw) - offset} data bytes; replace it"
+        )
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=offset).reshape(dims)
 
 
@@ -84,5 +87,3 @@ def load_mnist(root: Path, download: bool, verify: bool, **_: Any) -> ImageDatas
 @register_loader("fashion_mnist")
 def load_fashion_mnist(root: Path, download: bool, verify: bool, **_: Any) -> ImageDataset:
     return _load_mnist_family("fashion_mnist", torchvision.datasets.FashionMNIST, root, download, verify)
-
-

@@ -1,5 +1,6 @@
 """Finding dataset files: checksums, torchvision's download where the network allows, one clear error when
 files are missing."""
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,10 @@ def md5(path: Path) -> str:
 def check_md5(path: Path, expected: str) -> None:
     actual = md5(path)
     if actual != expected:
-        raise DataError(f"checksum mismatch for {path}: md5 {actual}, expected {expected}. The file is corrupt "
-                        f"or a different version; replace it, or set dataset.verify=false to load it anyway")
+        raise DataError(
+            f"checksum mismatch for {path}: md5 {actual}, expected {expected}. The file is corrupt "
+            f"or a different version; replace it, or set dataset.verify=false to load it anyway"
+        )
 
 
 @contextlib.contextmanager
@@ -63,7 +66,7 @@ def download_files(mirrors: list[str], names: list[str], md5s: dict[str, str], f
                     try:
                         download_url(f"{mirror}{name}", str(folder), filename=name, md5=md5s[name])
                         break
-                    except Exception:  # noqa: BLE001 - try the next mirror; the last one's error is reported
+                    except Exception:
                         if i == len(mirrors) - 1:
                             raise
     except Exception as e:  # noqa: BLE001
@@ -73,8 +76,11 @@ def download_files(mirrors: list[str], names: list[str], md5s: dict[str, str], f
 
 def missing_error(what: str, missing: list[str], directory: Path, tried: Exception | str | None) -> DataError:
     """`tried`: the download's error, a reason it was not tried, or None (download=False)."""
-    why = f" ({tried})" if isinstance(tried, str) else \
-        f" (download failed: {type(tried).__name__}: {tried})" if tried else " (download=False)"
+    why = (
+        f" ({tried})"
+        if isinstance(tried, str)
+        else f" (download failed: {type(tried).__name__}: {tried})"
+        if tried
+        else " (download=False)"
+    )
     return DataError(f"{what}: missing {', '.join(missing)} in {directory}{why}; {where_hint()}")
-
-

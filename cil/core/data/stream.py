@@ -4,10 +4,11 @@ The whole training set is moved to the device once, as uint8; a batch is an inde
 seeded order, so iterating costs one gather per batch and no Python per sample. Labels stay the dataset's own
 labels (the head covers every class of the benchmark), so any class order works downstream.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -20,9 +21,9 @@ class Batch:
     x: torch.Tensor  # uint8 [B, C, H, W] on the device
     y: torch.Tensor  # int64 [B] on the device
     y_host: torch.Tensor  # the same labels on the CPU, so bookkeeping needs no device read-back
-    task: Optional[int]  # index of the task the batch belongs to (None: hidden from a method on a blurry stream)
+    task: int | None  # index of the task the batch belongs to (None: hidden from a method on a blurry stream)
     step: int  # index of the batch in the whole stream (0-based)
-    step_in_task: Optional[int]  # index of the batch within its task (0-based; None when the task is hidden)
+    step_in_task: int | None  # index of the batch within its task (0-based; None when the task is hidden)
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,13 @@ def class_order(num_classes: int, order: str | Sequence[int], seed: int) -> list
     try:
         order = [int(c) for c in order]
     except (TypeError, ValueError):
-        raise ConfigError(f"stream.class_order={order!r} is not allowed: use 'natural', 'random' or a list of class "
-                          "labels") from None
+        raise ConfigError(
+            f"stream.class_order={order!r} is not allowed: use 'natural', 'random' or a list of class labels"
+        ) from None
     if sorted(order) != list(range(num_classes)):
-        raise ConfigError(f"stream.class_order={order} must be a permutation of the dataset's labels "
-                          f"0..{num_classes - 1}")
+        raise ConfigError(
+            f"stream.class_order={order} must be a permutation of the dataset's labels 0..{num_classes - 1}"
+        )
     return order
 
 
@@ -60,14 +63,23 @@ class ClassIncrementalStream:
     kind = "disjoint"  # stream.kind (cil.core.data.blurry.BlurryStream: iblurry, siblurry)
     hides_boundaries = False  # True: the learner hands methods batches without their task (blurry streams)
 
-    def __init__(self, dataset: ImageDataset, n_tasks: int, batch_size: int = 10,
-                 order: str | Sequence[int] = "random", seed: int = 0, device: str | torch.device = "cpu",
-                 samples_per_class: int | None = None):
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        n_tasks: int,
+        batch_size: int = 10,
+        order: str | Sequence[int] = "random",
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        samples_per_class: int | None = None,
+    ):
         k = dataset.num_classes
         if n_tasks < 1 or k % n_tasks != 0:
             divisors = [d for d in range(1, k + 1) if k % d == 0]
-            raise ConfigError(f"stream.n_tasks={n_tasks} does not divide the {k} classes of dataset {dataset.name!r} "
-                              f"evenly; choose one of {divisors}")
+            raise ConfigError(
+                f"stream.n_tasks={n_tasks} does not divide the {k} classes of dataset {dataset.name!r} "
+                f"evenly; choose one of {divisors}"
+            )
         self._setup(dataset, n_tasks, batch_size, order, seed, device)
         self.classes_per_task = k // n_tasks
 
@@ -76,7 +88,7 @@ class ClassIncrementalStream:
         keep = self._subsample(dataset.train_y, samples_per_class, seed) if samples_per_class is not None else None
         self.tasks: list[Task] = []
         for t in range(n_tasks):
-            classes = torch.tensor(self.class_order[t * self.classes_per_task:(t + 1) * self.classes_per_task])
+            classes = torch.tensor(self.class_order[t * self.classes_per_task : (t + 1) * self.classes_per_task])
             in_task = torch.isin(dataset.train_y, classes)
             train_idx = torch.nonzero(in_task if keep is None else in_task & keep).squeeze(1)
             train_idx = train_idx[torch.randperm(len(train_idx), generator=g)]
@@ -85,11 +97,14 @@ class ClassIncrementalStream:
                 raise ConfigError(f"task {t} (classes {classes.tolist()}) has no training samples in {dataset.name!r}")
             if len(test_idx) == 0:  # its accuracy would read 0 % and pull every average down
                 names = [dataset.class_names[c] for c in classes.tolist()]
-                raise DataError(f"task {t} (classes {names}) has no test samples in {dataset.name!r}, so its accuracy "
-                                "cannot be measured; give those classes test images (an image folder: "
-                                "test/<class>/<image>)")
-            self.tasks.append(Task(t, classes.to(self.device), train_idx.to(self.device), train_idx,
-                                   test_idx.to(self.device)))
+                raise DataError(
+                    f"task {t} (classes {names}) has no test samples in {dataset.name!r}, so its accuracy "
+                    "cannot be measured; give those classes test images (an image folder: "
+                    "test/<class>/<image>)"
+                )
+            self.tasks.append(
+                Task(t, classes.to(self.device), train_idx.to(self.device), train_idx, test_idx.to(self.device))
+            )
         self._finish(dataset)
 
     def _finish(self, dataset: ImageDataset) -> None:

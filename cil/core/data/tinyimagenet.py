@@ -1,5 +1,6 @@
 """TinyImageNet (200 classes, 64x64) from its zip's layout: wnids.txt, words.txt, train/<wnid>/images/,
 val/images/ with val/val_annotations.txt. Decoded once and cached (cil.core.data.decode)."""
+
 from __future__ import annotations
 
 import os
@@ -23,10 +24,12 @@ def _read_lines(path: Path, what: str) -> list[str]:
 @register_loader("tinyimagenet", resizes=True)
 def load_tinyimagenet(root: Path, image_size: int | None, **_: Any) -> ImageDataset:
     base = root / "tiny-imagenet-200"
-    layout = ("expected tiny-imagenet-200/{wnids.txt, words.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, "
-              "val/val_annotations.txt}. It is not downloaded automatically: get "
-              "http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into the data root "
-              f"{root}, or point CIL_DATA_ROOT (or dataset.root) at the folder that holds tiny-imagenet-200")
+    layout = (
+        "expected tiny-imagenet-200/{wnids.txt, words.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, "
+        "val/val_annotations.txt}. It is not downloaded automatically: get "
+        "http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into the data root "
+        f"{root}, or point CIL_DATA_ROOT (or dataset.root) at the folder that holds tiny-imagenet-200"
+    )
     if not base.is_dir():
         raise DataError(f"tinyimagenet: {base} not found; {layout}")
     wnids = [line.strip() for line in _read_lines(base / "wnids.txt", "class list")]
@@ -61,13 +64,16 @@ def load_tinyimagenet(root: Path, image_size: int | None, **_: Any) -> ImageData
     def build() -> ImageDataset:
         x = decode_images(train_files + test_files, 3, image_size, "decoding tinyimagenet")
         n = len(train_files)
-        return ImageDataset("tinyimagenet", x[:n].contiguous(), torch.tensor(train_labels, dtype=torch.int64),
-                            x[n:].contiguous(), torch.tensor(test_labels, dtype=torch.int64),
-                            [words.get(w, w) for w in wnids])
+        return ImageDataset(
+            "tinyimagenet",
+            x[:n].contiguous(),
+            torch.tensor(train_labels, dtype=torch.int64),
+            x[n:].contiguous(),
+            torch.tensor(test_labels, dtype=torch.int64),
+            [words.get(w, w) for w in wnids],
+        )
 
     # The text files decide labels and names, so they belong in the cache key too.
     key_files = train_files + test_files + [str(base / "wnids.txt"), str(annotations)]
     key_files += [str(base / "words.txt")] if (base / "words.txt").is_file() else []
     return cached("tinyimagenet", base, key_files, image_size, build)
-
-

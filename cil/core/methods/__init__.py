@@ -1,5 +1,6 @@
 """Online methods by name: every module of this package registers its method (`@register`), so a new method is
 one module here and nothing else. Avalanche's strategies run through `cil.avalanche` (method=avalanche_<name>)."""
+
 import importlib
 import pkgutil
 
@@ -12,10 +13,11 @@ for _module in pkgutil.iter_modules(__path__):
 
 def method_class(name: str) -> type[Method]:
     if name not in METHODS:
-        raise ConfigError(f"method.name={name!r} is unknown; choose one of {sorted(METHODS)} "
-                          "or avalanche_<strategy> (see docs/avalanche.md)")
+        raise ConfigError(
+            f"method.name={name!r} is unknown; choose one of {sorted(METHODS)} "
+            "or avalanche_<strategy> (see docs/avalanche.md)"
+        )
     return METHODS[name]
 
 
-__all__ = ["METHODS", "ClassSets", "Method", "MethodConfig", "ReplayConfig", "StepOutput", "method_class",
-           "register"]
+__all__ = ["METHODS", "ClassSets", "Method", "MethodConfig", "ReplayConfig", "StepOutput", "method_class", "register"]

@@ -13,11 +13,12 @@ Hooks a method may override beyond `update`: `remember` (what goes into the buff
 runner offers
 every registered method as a `method=<name>` option with the config's fields as its keys.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -49,8 +50,7 @@ class ReplayConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(self.replay_batch_size >= 0, "method.replay_batch_size", self.replay_batch_size,
-                "use an integer >= 0")
+        require(self.replay_batch_size >= 0, "method.replay_batch_size", self.replay_batch_size, "use an integer >= 0")
 
     def buffer_draws(self) -> dict[str, int]:
         return {"method.replay_batch_size": self.replay_batch_size}
@@ -73,12 +73,21 @@ class BalancedReplayConfig(ReplayConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(self.balance in BALANCE_RULES, "method.balance", self.balance,
-                f"choose one of {', '.join(BALANCE_RULES)}")
-        require(self.balance in self.balance_rules, "method.balance", self.balance,
-                f"method {self.name} takes only {', '.join(self.balance_rules)} (docs/methods.md, Balancing rules)")
-        require(0.0 < self.balance_momentum <= 1.0, "method.balance_momentum", self.balance_momentum,
-                "use 0 < m <= 1 (m = 1 is the cumulative rule)")
+        require(
+            self.balance in BALANCE_RULES, "method.balance", self.balance, f"choose one of {', '.join(BALANCE_RULES)}"
+        )
+        require(
+            self.balance in self.balance_rules,
+            "method.balance",
+            self.balance,
+            f"method {self.name} takes only {', '.join(self.balance_rules)} (docs/methods.md, Balancing rules)",
+        )
+        require(
+            0.0 < self.balance_momentum <= 1.0,
+            "method.balance_momentum",
+            self.balance_momentum,
+            "use 0 < m <= 1 (m = 1 is the cumulative rule)",
+        )
         require(self.balance_window >= 1, "method.balance_window", self.balance_window, "use an integer >= 1")
         require(self.balance_ratio > 0, "method.balance_ratio", self.balance_ratio, "use a number > 0")
 
@@ -157,10 +166,20 @@ class Method:
     needs_task_boundaries: ClassVar[bool] = False  # reads the current task's classes (on_task_start)
     declares_main_pass: ClassVar[bool] = False  # its update calls `distill_pass` (add-ons' main_pass mode)
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, buffer: Optional[ReplayBuffer],
-                 cfg: MethodConfig, num_classes: int, device: torch.device, precision: str = "fp32",
-                 channels_last: bool = False, seed: int = 0, input_shape: Optional[tuple] = None,
-                 normalize: Optional[tuple] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        buffer: ReplayBuffer | None,
+        cfg: MethodConfig,
+        num_classes: int,
+        device: torch.device,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        seed: int = 0,
+        input_shape: tuple | None = None,
+        normalize: tuple | None = None,
+    ):
         self.model = model
         self.optimizer = optimizer
         self.buffer = buffer
@@ -172,8 +191,11 @@ class Method:
         self.input_shape = input_shape
         self.seed = seed
         # (mean, std) per channel: inputs are normalised after scaling to [0, 1] (dataset.normalize)
-        self.normalize = None if normalize is None else tuple(
-            torch.tensor(v, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) for v in normalize)
+        self.normalize = (
+            None
+            if normalize is None
+            else tuple(torch.tensor(v, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) for v in normalize)
+        )
         self.classes = ClassSets(num_classes, self.device)
         # Random choices of the method itself (augmentation), on the device so no copy happens per step.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -242,7 +264,7 @@ class Method:
         """Evaluation logits [B, num_classes] of model inputs (already converted by `to_input`), in eval mode."""
         return self.model(x)
 
-    def eval_logits(self, x: torch.Tensor, head: Optional[str] = None) -> torch.Tensor:
+    def eval_logits(self, x: torch.Tensor, head: str | None = None) -> torch.Tensor:
         """The logits the learner evaluates: an add-on's head when it claims `head` (None: the run's main head,
         e.g. MKD's teacher or CCL-DC's ensemble), else `predict_logits`."""
         for addon in self.addons:
@@ -255,7 +277,7 @@ class Method:
         """Names of the extra evaluation heads the add-ons report (each gets its own accuracy matrix)."""
         return [name for addon in self.addons for name in addon.eval_heads()]
 
-    def distill_pass(self, inputs: torch.Tensor, logits: torch.Tensor, raw: Optional[torch.Tensor] = None) -> None:
+    def distill_pass(self, inputs: torch.Tensor, logits: torch.Tensor, raw: torch.Tensor | None = None) -> None:
         """Declare the step's main supervised pass to the add-ons: the model inputs it ran on (float, as the model
         saw them), their logits (with graph) and, when `inputs` are augmented, the un-augmented inputs of the same
         rows (`raw`). Called by a method's `update` before `step`; a no-op without add-ons."""
@@ -288,8 +310,16 @@ class Method:
         with self.autocast():
             return self.model(x).float()
 
-    def report(self, source: str, logits: torch.Tensor, targets: torch.Tensor, mask, scale: float = 1.0,
-               class_weights: Optional[torch.Tensor] = None, rows: Optional[slice] = None) -> None:
+    def report(
+        self,
+        source: str,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        mask,
+        scale: float = 1.0,
+        class_weights: torch.Tensor | None = None,
+        rows: slice | None = None,
+    ) -> None:
         """Describe one term of the loss to the diagnostics (a no-op when they are off): the term is
         scale * mean_i(class_weights[y_i] * CE of row i, softmax over `mask`); source is 'new' or 'replay'.
         `rows`: the term covers only these rows of `logits` and `targets` (sliced here, only when needed)."""
@@ -321,7 +351,7 @@ class Method:
         +-1/sqrt(fan_in), weight and bias), as a head that grows when a task arrives would have, and forget the
         optimizer's running state of those rows."""
         head, rows = self.head, torch.tensor(labels, device=self.head.weight.device)
-        bound = 1.0 / head.in_features ** 0.5
+        bound = 1.0 / head.in_features**0.5
         for p in (head.weight, head.bias):
             fresh = (torch.rand((len(labels), *p.shape[1:]), generator=generator) * 2 - 1) * bound
             p[rows] = fresh.to(p.device, p.dtype)
@@ -370,4 +400,3 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"two methods are named {cls.name!r}: {METHODS[cls.name]} and {cls}")
     METHODS[cls.name] = cls
     return cls
-

@@ -22,10 +22,10 @@ Differences from the official code, each a switch (docs/methods.md, "DER++"):
 - `independent_draws`: True (default) draws the two replay batches independently, as the official code does;
   False uses one draw (and one forward pass) for both replay terms, as some re-implementations do.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -84,8 +84,12 @@ class DERPPConfig(ReplayConfig):
         super().validate()
         require(self.alpha >= 0, "method.alpha", self.alpha, "use a number >= 0")
         require(self.beta >= 0, "method.beta", self.beta, "use a number >= 0")
-        require(self.ce_classes in CE_CLASSES, "method.ce_classes", self.ce_classes,
-                f"choose one of {', '.join(CE_CLASSES)}")
+        require(
+            self.ce_classes in CE_CLASSES,
+            "method.ce_classes",
+            self.ce_classes,
+            f"choose one of {', '.join(CE_CLASSES)}",
+        )
         require(self.crop_padding >= 0, "method.crop_padding", self.crop_padding, "use an integer >= 0")
 
 
@@ -97,7 +101,7 @@ class DERPP(Method):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._all = torch.ones(self.num_classes, dtype=torch.bool, device=self.device)
-        self.last_terms: Optional[tuple[Tensor, Tensor, Tensor]] = None  # (ce_new, mse, ce_replay), detached
+        self.last_terms: tuple[Tensor, Tensor, Tensor] | None = None  # (ce_new, mse, ce_replay), detached
 
     @classmethod
     def buffer_extras(cls, cfg, num_classes):
@@ -138,8 +142,9 @@ class DERPP(Method):
             logits_new, logits_mse = outs[0], outs[1]
             logits_ce = outs[2] if cfg.independent_draws else logits_mse
             stored, y_ce = first[2], second[1]
-        loss, ce_new, mse, ce_rep = derpp_loss(logits_new, batch.y, logits_mse, stored, logits_ce, y_ce, mask,
-                                               cfg.alpha, cfg.beta)
+        loss, ce_new, mse, ce_rep = derpp_loss(
+            logits_new, batch.y, logits_mse, stored, logits_ce, y_ce, mask, cfg.alpha, cfg.beta
+        )
         self.report("new", logits_new, batch.y, mask)
         self.report("replay", logits_ce, y_ce, mask, scale=cfg.beta)
         self.step(loss)

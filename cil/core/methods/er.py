@@ -1,6 +1,7 @@
 """Experience Replay (Chaudhry et al., 2019): the incoming batch plus `replay_batch_size` buffer samples,
 one cross-entropy over all seen classes, in one forward pass. A fresh replay sample is drawn for each of the
 `iters` updates."""
+
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +18,13 @@ class ERConfig(ReplayConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(self.balance == "constant", "method.balance", self.balance,
-                "ER trains one cross-entropy over the incoming and replayed rows together, with no replay term to "
-                "re-weight; use method=er_ace (separate new-data and replay terms) with method.balance")
+        require(
+            self.balance == "constant",
+            "method.balance",
+            self.balance,
+            "ER trains one cross-entropy over the incoming and replayed rows together, with no replay term to "
+            "re-weight; use method=er_ace (separate new-data and replay terms) with method.balance",
+        )
 
 
 @register

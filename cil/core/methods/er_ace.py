@@ -8,6 +8,7 @@ term (docs/methods.md, "Balancing rules": GSA's per-class weights from gradient 
 or the magnitude rule's scales of the two terms), and `augment` trains on GSA's two augmented views of both the
 incoming and the replayed rows ([A(x), hflip(A(x))], GSA's random resized crop + grayscale), so ER-ACE can be
 compared with GSA at an equal replay budget and augmentation."""
+
 from dataclasses import dataclass
 
 import torch
@@ -39,9 +40,18 @@ class ERACE(Method):
         super().__init__(*args, **kwargs)
         cfg = self.cfg
         # constant needs no statistics here: no rule at all, so the default step is the paper's, op for op
-        self.rule = None if cfg.balance == "constant" else make_rule(
-            cfg.balance, self.num_classes, device=self.device, momentum=cfg.balance_momentum,
-            window=cfg.balance_window, ratio=cfg.balance_ratio)
+        self.rule = (
+            None
+            if cfg.balance == "constant"
+            else make_rule(
+                cfg.balance,
+                self.num_classes,
+                device=self.device,
+                momentum=cfg.balance_momentum,
+                window=cfg.balance_window,
+                ratio=cfg.balance_ratio,
+            )
+        )
         size = tuple(self.input_shape[1:]) if self.input_shape else None
         self.augment = CROPS["torchvision"](size) if cfg.augment and size else None  # GSA's defaults
 
@@ -113,18 +123,18 @@ class ERACE(Method):
             loss_buf = gsa_replay_loss(logits_buf, y_buf, weights, seen)
             a = b = None
             if rule.scales_terms:  # magnitude: detached scales from the closed-form logit-gradient norms
-                a, b = rule.term_scales(logit_grad_norm(logits_new, y_new, present),
-                                        logit_grad_norm(logits_buf, y_buf, seen))
+                a, b = rule.term_scales(
+                    logit_grad_norm(logits_new, y_new, present), logit_grad_norm(logits_buf, y_buf, seen)
+                )
                 loss = a * loss_new + b * loss_buf
                 weights = b * weights
             else:
                 loss = loss_new + loss_buf
-            self.report("new", logits_new, y_new, present, 1.0,
-                        None if a is None else a * torch.ones_like(weights))
+            self.report("new", logits_new, y_new, present, 1.0, None if a is None else a * torch.ones_like(weights))
             self.report("replay", logits_buf, y_buf, seen, 1.0, weights)
         self.distill_pass(inputs, logits)
         self.step(loss)
-        return loss, logits_new[:len(batch.y)]
+        return loss, logits_new[: len(batch.y)]
 
     def log_values(self) -> dict[str, float]:
         """With a balancing rule: its per-class weights and ratios under GSA's keys (gsa/weight/<c>, gsa/ratio/<c>:

@@ -22,11 +22,12 @@ Step numbers in comments refer to the spec. Choices of the official code that th
   The official code's softmax also spans the not-yet-observed classes of the current task (its head grows a task
   at a time); with batches shuffled across a task's classes the two agree after a few batches.
 """
+
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
@@ -57,7 +58,7 @@ class GSAConfig(BalancedReplayConfig):
     independent_views: bool = False  # True: [A(x), hflip(A'(x))], two draws
     augment: bool = True  # random grayscale + random resized crop
     new_branch_augment: bool = True  # the official code's extra augmentation pass on the new-data branch
-    crop_scale: List[float] = field(default_factory=lambda: [0.6, 1.0])
+    crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
     grayscale_p: float = 0.2
     # The official code's behaviour where it differs (experiment=gsa_*_official turns these on; docs/methods.md)
     crop: str = "torchvision"  # "affine": the official crop (half-pixel offsets, reflection at the borders)
@@ -71,26 +72,42 @@ class GSAConfig(BalancedReplayConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(self.current_task_replay >= 0, "method.current_task_replay", self.current_task_replay,
-                "use an integer >= 0")
+        require(
+            self.current_task_replay >= 0, "method.current_task_replay", self.current_task_replay, "use an integer >= 0"
+        )
         require(self.warmup_batches >= 0, "method.warmup_batches", self.warmup_batches, "use an integer >= 0")
-        require(self.buffer_loss_weight >= 0, "method.buffer_loss_weight", self.buffer_loss_weight,
-                "use a number >= 0")
+        require(self.buffer_loss_weight >= 0, "method.buffer_loss_weight", self.buffer_loss_weight, "use a number >= 0")
         require(0.0 <= self.grayscale_p <= 1.0, "method.grayscale_p", self.grayscale_p, "use 0 <= p <= 1")
         scale = list(self.crop_scale)
-        require(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "method.crop_scale", scale,
-                "use [lo, hi] with 0 < lo <= hi <= 1")
+        require(
+            len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+            "method.crop_scale",
+            scale,
+            "use [lo, hi] with 0 < lo <= hi <= 1",
+        )
         require(self.crop in CROPS, "method.crop", self.crop, f"choose one of {sorted(CROPS)}")
-        require(self.current_classes in CURRENT_CLASSES, "method.current_classes", self.current_classes,
-                f"choose one of {', '.join(CURRENT_CLASSES)} (docs/methods.md, Task-free GSA)")
+        require(
+            self.current_classes in CURRENT_CLASSES,
+            "method.current_classes",
+            self.current_classes,
+            f"choose one of {', '.join(CURRENT_CLASSES)} (docs/methods.md, Task-free GSA)",
+        )
         require(self.current_window >= 1, "method.current_window", self.current_window, "use an integer >= 1")
         for key in ("fresh_head_rows", "freeze_head_after_first_task"):
-            require(not (self.task_free and getattr(self, key)), f"method.{key}", True,
-                    f"it acts at task starts, which task-free GSA does not read; drop method.{key} or set "
-                    "method.task_free=false")
-        require(self.adaptive_weights or self.balance in ("cumulative", "constant"), "method.adaptive_weights",
-                self.adaptive_weights, f"adaptive_weights=false is the old name of method.balance=constant and "
-                f"contradicts method.balance={self.balance}; drop method.adaptive_weights")
+            require(
+                not (self.task_free and getattr(self, key)),
+                f"method.{key}",
+                True,
+                f"it acts at task starts, which task-free GSA does not read; drop method.{key} or set "
+                "method.task_free=false",
+            )
+        require(
+            self.adaptive_weights or self.balance in ("cumulative", "constant"),
+            "method.adaptive_weights",
+            self.adaptive_weights,
+            f"adaptive_weights=false is the old name of method.balance=constant and "
+            f"contradicts method.balance={self.balance}; drop method.adaptive_weights",
+        )
 
     def balance_rule(self) -> str:
         return self.balance if self.adaptive_weights else "constant"
@@ -173,18 +190,35 @@ class GSAStep:
     to buffer rows). report: the diagnostics hook of `Method.report`, or None.
     """
 
-    def __init__(self, cfg: GSAConfig, buffer: Optional[ReplayBuffer], classes: ClassSets,
-                 generator: torch.Generator, image_size: Optional[tuple[int, int]], to_input: Callable[[Tensor], Tensor],
-                 report: Optional[Callable] = None, distill: Optional[Callable] = None):
+    def __init__(
+        self,
+        cfg: GSAConfig,
+        buffer: ReplayBuffer | None,
+        classes: ClassSets,
+        generator: torch.Generator,
+        image_size: tuple[int, int] | None,
+        to_input: Callable[[Tensor], Tensor],
+        report: Callable | None = None,
+        distill: Callable | None = None,
+    ):
         self.cfg, self.buffer, self.classes, self.generator = cfg, buffer, classes, generator
         self.distill = distill  # Method.distill_pass: told the replay branch's views and logits (add-ons)
         self.to_input = to_input
         self.report = report if report is not None else (lambda *args, **kwargs: None)
         device = classes.seen.device
-        self.rule = make_rule(cfg.balance_rule(), classes.num_classes, device=device, momentum=cfg.balance_momentum,
-                              window=cfg.balance_window, ratio=cfg.balance_ratio)
-        self.augment = CROPS[cfg.crop](image_size, scale=tuple(cfg.crop_scale), grayscale_p=cfg.grayscale_p) \
-            if cfg.augment and image_size else None
+        self.rule = make_rule(
+            cfg.balance_rule(),
+            classes.num_classes,
+            device=device,
+            momentum=cfg.balance_momentum,
+            window=cfg.balance_window,
+            ratio=cfg.balance_ratio,
+        )
+        self.augment = (
+            CROPS[cfg.crop](image_size, scale=tuple(cfg.crop_scale), grayscale_p=cfg.grayscale_p)
+            if cfg.augment and image_size
+            else None
+        )
         self.last_weights = torch.ones(classes.num_classes, device=device)  # w_c of the last step (1: warm-up)
         # Task-free: pseudo-tasks and current classes from the labels (the caller calls `pseudo.observe`)
         self.pseudo = PseudoTasks(classes, cfg.current_classes, cfg.current_window) if cfg.task_free else None
@@ -208,7 +242,7 @@ class GSAStep:
         x, y, _ = self.buffer.sample(n, **filters)
         return (x, y) if len(y) else None
 
-    def views(self, x: Tensor, augment: Optional[PreDrawn] = None) -> Tensor:
+    def views(self, x: Tensor, augment: PreDrawn | None = None) -> Tensor:
         """[A(x), hflip(A(x))] (or a single A(x) with two_views off); labels repeat in the same order. A is
         ``augment`` (draws made by `draw_augmentations`) when given, else ``self.augment`` (or none)."""
         aug = augment if augment is not None else self.augment
@@ -217,7 +251,7 @@ class GSAStep:
             return aug(x, self.generator)
         return two_views(x, aug, self.generator, independent=self.cfg.independent_views)
 
-    def draw_augmentations(self, x: Tensor, n_replay: int) -> Optional[PreDrawn]:
+    def draw_augmentations(self, x: Tensor, n_replay: int) -> PreDrawn | None:
         """Every augmentation draw of one step at once, in the order the step applies them: the views of Xc
         (``x``), the new-branch pass over those views, the views of the ``n_replay``-row replay batch (with
         `bn_extra_passes`, one more augmented copy of Xc first and of the replay batch before its views)."""
@@ -273,8 +307,9 @@ class GSAStep:
         if xm is not None:
             if cfg.bn_extra_passes:  # the official step's feature passes between the two branches
                 n_cur = len(xm) - (0 if old is None else len(old))
-                self.statistics_pass(forward, xc[:n_cur], None, xm, xm if old is None else torch.cat([old, xc]),
-                                     xm, xm, xm)
+                self.statistics_pass(
+                    forward, xc[:n_cur], None, xm, xm if old is None else torch.cat([old, xc]), xm, xm, xm
+                )
                 self.statistics_pass(forward, xm, aug, xm)
             # 4-7. Softmax over seen classes, statistics updated first, then the weighted replay loss.
             vm = self.views(xm, aug)
@@ -288,8 +323,9 @@ class GSAStep:
                 self.last_weights = torch.ones_like(self.last_weights)
             if rule.scales_terms:  # magnitude: detached scales a, b from the closed-form logit-gradient norms
                 bw = cfg.buffer_loss_weight
-                a, b = rule.term_scales(logit_grad_norm(logits_new, yv, new_mask),
-                                        bw * logit_grad_norm(logits_m, ym, classes.seen))
+                a, b = rule.term_scales(
+                    logit_grad_norm(logits_new, yv, new_mask), bw * logit_grad_norm(logits_m, ym, classes.seen)
+                )
                 loss = (b * bw) * gsa_replay_loss(logits_m, ym, self.last_weights, classes.seen) + a * loss
                 self.report("new", logits_new, yv, new_mask, 1.0, a * torch.ones_like(self.last_weights))
                 self.report("replay", logits_m, ym, classes.seen, bw, b * self.last_weights)
@@ -306,7 +342,7 @@ class GSAStep:
 
         return loss, logits_new[:n].detach()
 
-    def mixed_replay_batch(self, xc: Tensor, yc: Tensor, task: int) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    def mixed_replay_batch(self, xc: Tensor, yc: Tensor, task: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """floor(R(1-r)) samples of other tasks + the first floor(R r) items of Xc, r = seen current / seen.
         Returns (x, y, the other tasks' rows as model input or None)."""
         r_batch = self.cfg.replay_batch_size
@@ -326,7 +362,7 @@ class GSAStep:
         return torch.cat([x_old, xc[:n_cur]]), torch.cat([old[1], yc[:n_cur]]), x_old
 
     @torch.no_grad()
-    def statistics_pass(self, forward: Forward, x: Tensor, aug: Optional[PreDrawn] = None, *more: Tensor) -> None:
+    def statistics_pass(self, forward: Forward, x: Tensor, aug: PreDrawn | None = None, *more: Tensor) -> None:
         """Train-mode forward passes whose output is not used: they only move batch norm's running statistics, as
         the official step's passes outside the loss do (`bn_extra_passes`). With ``aug``: one pass over
         [x, A(x)]; then one pass over each of ``more``."""
@@ -381,8 +417,9 @@ class GSA(Method):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         size = tuple(self.input_shape[1:]) if self.input_shape else None
-        self.gsa = GSAStep(self.cfg, self.buffer, self.classes, self.generator, size, self.to_input, self.report,
-                           self.distill_pass)
+        self.gsa = GSAStep(
+            self.cfg, self.buffer, self.classes, self.generator, size, self.to_input, self.report, self.distill_pass
+        )
         self.pseudo_step = (-1, 0)  # task-free: (pseudo-task, batches since its start) of the incoming batch
 
     def on_task_start(self, task: int, classes: torch.Tensor) -> None:

@@ -1,4 +1,5 @@
 """Fine-tuning on the stream with no replay: the lower bound."""
+
 from cil.core.methods.base import Method, MethodConfig, register
 from cil.core.objectives.er import er_loss
 

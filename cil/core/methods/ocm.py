@@ -17,11 +17,11 @@ One step on an incoming batch x (N rows):
   norm in training mode, as the official copy is). New data get no cross-entropy after task 0.
 Evaluation: the classifier head (masked to the seen classes by the learner, as for every method).
 """
+
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +29,14 @@ from torch import nn
 
 from cil.core.augment import CROPS, rotation_views
 from cil.core.methods.base import Method, ReplayConfig, register
-from cil.core.objectives.ocm import (ocm_ce, ocm_nt_xent_buffer, ocm_nt_xent_new, ocm_nt_xent_previous,
-                                     ocm_similarity, old_logit_mse)
+from cil.core.objectives.ocm import (
+    ocm_ce,
+    ocm_nt_xent_buffer,
+    ocm_nt_xent_new,
+    ocm_nt_xent_previous,
+    ocm_similarity,
+    old_logit_mse,
+)
 from cil.errors import ConfigError, require
 
 
@@ -47,26 +53,42 @@ class OCMConfig(ReplayConfig):
     distill: bool = True  # after task 0: L_prev and the old-class logit MSE against the previous model
     ce_classes: str = "all"  # softmax of the cross-entropy: "all" head units (official) or "seen" classes
     crop: str = "affine"  # "affine": the official crop (reflection at the borders); "torchvision"
-    crop_scale: List[float] = field(default_factory=lambda: [0.3, 1.0])  # area range of the random crop
+    crop_scale: list[float] = field(default_factory=lambda: [0.3, 1.0])  # area range of the random crop
     grayscale_p: float = 0.25  # probability of random grayscale
     flip_p: float = 0.5  # probability of the horizontal flip
 
     def validate(self) -> None:
         super().validate()
-        require(self.replay_batch_size >= 1, "method.replay_batch_size", self.replay_batch_size,
-                "use an integer >= 1 (OCM replays buffer rows after the first task)")
-        require(self.replay_per_class >= 0, "method.replay_per_class", self.replay_per_class,
-                "use an integer >= 0 (0: always replay_batch_size rows)")
+        require(
+            self.replay_batch_size >= 1,
+            "method.replay_batch_size",
+            self.replay_batch_size,
+            "use an integer >= 1 (OCM replays buffer rows after the first task)",
+        )
+        require(
+            self.replay_per_class >= 0,
+            "method.replay_per_class",
+            self.replay_per_class,
+            "use an integer >= 0 (0: always replay_batch_size rows)",
+        )
         require(self.temperature > 0, "method.temperature", self.temperature, "use a number > 0")
         require(self.proj_dim >= 1, "method.proj_dim", self.proj_dim, "use an integer >= 1")
         require(self.sim_weight > 0, "method.sim_weight", self.sim_weight, "use a number > 0")
-        require(self.first_task_sim_weight > 0, "method.first_task_sim_weight", self.first_task_sim_weight,
-                "use a number > 0")
+        require(
+            self.first_task_sim_weight > 0,
+            "method.first_task_sim_weight",
+            self.first_task_sim_weight,
+            "use a number > 0",
+        )
         require(self.ce_classes in ("all", "seen"), "method.ce_classes", self.ce_classes, "choose 'all' or 'seen'")
         require(self.crop in CROPS, "method.crop", self.crop, f"choose one of {sorted(CROPS)}")
         scale = list(self.crop_scale)
-        require(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "method.crop_scale", scale,
-                "use [lo, hi] with 0 < lo <= hi <= 1")
+        require(
+            len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+            "method.crop_scale",
+            scale,
+            "use [lo, hi] with 0 < lo <= hi <= 1",
+        )
         require(0.0 <= self.grayscale_p <= 1.0, "method.grayscale_p", self.grayscale_p, "use 0 <= p <= 1")
         require(0.0 <= self.flip_p <= 1.0, "method.flip_p", self.flip_p, "use 0 <= p <= 1")
 
@@ -82,12 +104,19 @@ class OCM(Method):
         cfg = self.cfg
         feat_dim = self.head.in_features
         if cfg.proj_dim >= feat_dim:
-            raise ConfigError(f"method.proj_dim={cfg.proj_dim!r} is not allowed: use a width below the model's "
-                              f"feature width {feat_dim} (OCM compares the projection with a window of the features)")
-        if self.input_shape is None or self.input_shape[1] != self.input_shape[2] or \
-                (cfg.local_rotations and self.input_shape[2] % 2):
-            raise ConfigError(f"method=ocm needs square images (even width with method.local_rotations=true); "
-                              f"got input shape {self.input_shape}")
+            raise ConfigError(
+                f"method.proj_dim={cfg.proj_dim!r} is not allowed: use a width below the model's "
+                f"feature width {feat_dim} (OCM compares the projection with a window of the features)"
+            )
+        if (
+            self.input_shape is None
+            or self.input_shape[1] != self.input_shape[2]
+            or (cfg.local_rotations and self.input_shape[2] % 2)
+        ):
+            raise ConfigError(
+                f"method=ocm needs square images (even width with method.local_rotations=true); "
+                f"got input shape {self.input_shape}"
+            )
         self.proj = self.own("proj", nn.Linear(feat_dim, cfg.proj_dim))
         size = tuple(self.input_shape[1:])
         self.augment = CROPS[cfg.crop](size, scale=tuple(cfg.crop_scale), grayscale_p=cfg.grayscale_p)
@@ -106,8 +135,9 @@ class OCM(Method):
             self.previous = self._frozen_copy()
 
     def _frozen_copy(self) -> nn.ModuleDict:
-        copies = nn.ModuleDict({"model": copy.deepcopy(getattr(self.model, "_orig_mod", self.model)),
-                                "proj": copy.deepcopy(self.proj)})
+        copies = nn.ModuleDict(
+            {"model": copy.deepcopy(getattr(self.model, "_orig_mod", self.model)), "proj": copy.deepcopy(self.proj)}
+        )
         copies.requires_grad_(False)
         return copies.train()  # the official copy runs in training mode (batch statistics)
 
@@ -158,8 +188,7 @@ class OCM(Method):
             with self.autocast():
                 ce_logits = self.model(self.simclr_augment(x)).float()
             l_ce = ocm_ce(ce_logits, batch.y, ce_mask)
-            self.report("new", ce_logits, batch.y, self.seen if ce_mask is not None else
-                        torch.ones_like(self.seen))
+            self.report("new", ce_logits, batch.y, self.seen if ce_mask is not None else torch.ones_like(self.seen))
             loss = l_ce + l_new
             self.last = {"ce": l_ce.detach(), "new": l_new.detach()}
         else:
@@ -177,7 +206,7 @@ class OCM(Method):
             l_buf = ocm_nt_xent_buffer(sim_m, torch.cat([ym16, ym16]), cfg.temperature)
             am = self.simclr_augment(torch.cat([xm, xm]))
             with self.autocast():
-                ce_logits = self.model(am[:len(ym)]).float()
+                ce_logits = self.model(am[: len(ym)]).float()
             l_ce = ocm_ce(ce_logits, ym, ce_mask)
             self.report("replay", ce_logits, ym, self.seen if ce_mask is not None else torch.ones_like(self.seen))
             loss = l_ce + l_new + l_buf
@@ -185,9 +214,9 @@ class OCM(Method):
             if self.previous is not None:
                 with torch.no_grad(), self.autocast():
                     prev_u = self.previous["proj"](self.previous["model"].features(m16)).float()
-                    prev_logits = self.previous["model"](am[len(ym):]).float()
+                    prev_logits = self.previous["model"](am[len(ym) :]).float()
                 prev_z = F.normalize(prev_u, dim=1)
-                l_prev = ocm_nt_xent_previous(z[rows:rows + len(m16)] @ prev_z.t(), ym16, cfg.temperature)
+                l_prev = ocm_nt_xent_previous(z[rows : rows + len(m16)] @ prev_z.t(), ym16, cfg.temperature)
                 l_mse = old_logit_mse(ce_logits, prev_logits, self.old, self.n_old)
                 loss = loss + l_prev + l_mse
                 self.last.update(previous=l_prev.detach(), logit_mse=l_mse.detach())

@@ -20,11 +20,11 @@ One step (docs/methods.md, "OnPro", has the equations and every difference from 
   A(Mmix). The incoming batch gets no cross-entropy after the first task.
 Loss = CE + contrastive + OPE, all with weight 1; the projection head is a linear layer on the features.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,29 +57,46 @@ class OnProConfig(ReplayConfig):
     mixup_lower: float = 0.0  # base mixup: lambda ~ U(mixup_lower, mixup_upper)
     mixup_upper: float = 0.6
     mixup_alpha: float = 0.4  # APF pairs: lambda ~ Beta(mixup_alpha, mixup_alpha)
-    crop_scale: List[float] = field(default_factory=lambda: [0.3, 1.0])  # random resized crop area range
+    crop_scale: list[float] = field(default_factory=lambda: [0.3, 1.0])  # random resized crop area range
     grayscale_p: float = 0.25  # random grayscale probability
     crop: str = "affine"  # the official crop; "torchvision": torchvision's RandomResizedCrop semantics
 
     def validate(self) -> None:
         super().validate()
-        require(self.replay_batch_size >= 1, "method.replay_batch_size", self.replay_batch_size,
-                "use an integer >= 1 (OnPro replays every step)")
+        require(
+            self.replay_batch_size >= 1,
+            "method.replay_batch_size",
+            self.replay_batch_size,
+            "use an integer >= 1 (OnPro replays every step)",
+        )
         require(self.per_class_replay >= 1, "method.per_class_replay", self.per_class_replay, "use an integer >= 1")
         require(self.proj_dim >= 1, "method.proj_dim", self.proj_dim, "use an integer >= 1")
         for key in ("ins_temperature", "proto_temperature", "sim_lambda", "mixup_alpha"):
             require(getattr(self, key) > 0, f"method.{key}", getattr(self, key), "use a number > 0")
-        require(0.0 <= self.mixup_base_rate <= 1.0, "method.mixup_base_rate", self.mixup_base_rate,
-                "use 0 <= rate <= 1")
+        require(
+            0.0 <= self.mixup_base_rate <= 1.0, "method.mixup_base_rate", self.mixup_base_rate, "use 0 <= rate <= 1"
+        )
         require(0.0 <= self.mixup_p <= 1.0, "method.mixup_p", self.mixup_p, "use 0 <= p <= 1")
-        require(0.0 <= self.mixup_lower <= self.mixup_upper <= 1.0, "method.mixup_lower",
-                (self.mixup_lower, self.mixup_upper), "use 0 <= mixup_lower <= mixup_upper <= 1")
-        require(self.mixup_alpha <= 4.0, "method.mixup_alpha", self.mixup_alpha,
-                "use 0 < alpha <= 4 (the Beta sampler is exact by rejection, sized for alpha <= 4)")
+        require(
+            0.0 <= self.mixup_lower <= self.mixup_upper <= 1.0,
+            "method.mixup_lower",
+            (self.mixup_lower, self.mixup_upper),
+            "use 0 <= mixup_lower <= mixup_upper <= 1",
+        )
+        require(
+            self.mixup_alpha <= 4.0,
+            "method.mixup_alpha",
+            self.mixup_alpha,
+            "use 0 < alpha <= 4 (the Beta sampler is exact by rejection, sized for alpha <= 4)",
+        )
         require(0.0 <= self.grayscale_p <= 1.0, "method.grayscale_p", self.grayscale_p, "use 0 <= p <= 1")
         scale = list(self.crop_scale)
-        require(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "method.crop_scale", scale,
-                "use [lo, hi] with 0 < lo <= hi <= 1")
+        require(
+            len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+            "method.crop_scale",
+            scale,
+            "use [lo, hi] with 0 < lo <= hi <= 1",
+        )
         require(self.crop in CROPS, "method.crop", self.crop, f"choose one of {sorted(CROPS)}")
 
 
@@ -109,13 +126,17 @@ class OnPro(Method):
         base = getattr(self.model, "_orig_mod", self.model)
         feature_dim = base.feature_dim
         if cfg.proj_dim >= feature_dim:
-            raise ConfigError(f"method.proj_dim={cfg.proj_dim} must be smaller than the model's feature size "
-                              f"({feature_dim}): OnPro compares projections with a random slice of the features; "
-                              f"set method.proj_dim below {feature_dim}")
+            raise ConfigError(
+                f"method.proj_dim={cfg.proj_dim} must be smaller than the model's feature size "
+                f"({feature_dim}): OnPro compares projections with a random slice of the features; "
+                f"set method.proj_dim below {feature_dim}"
+            )
         shape = self.input_shape
         if shape is None or len(shape) != 3 or shape[1] != shape[2] or shape[1] % 2:
-            raise ConfigError(f"OnPro's rotations need square images of even size, got input shape {shape}; "
-                              "use an image dataset such as cifar10, cifar100, tinyimagenet, mnist or digits")
+            raise ConfigError(
+                f"OnPro's rotations need square images of even size, got input shape {shape}; "
+                "use an image dataset such as cifar10, cifar100, tinyimagenet, mnist or digits"
+            )
         self.feature_dim = feature_dim
         self.projection = self.own("projection", nn.Linear(feature_dim, cfg.proj_dim))
         self.crop = CROPS[cfg.crop](tuple(shape[1:]), scale=tuple(cfg.crop_scale), grayscale_p=cfg.grayscale_p)
@@ -136,8 +157,9 @@ class OnPro(Method):
 
     def feature_offsets(self, n: int) -> Tensor:
         """n offsets, each uniform in [0, feature_dim - proj_dim): where the features are sliced."""
-        return torch.randint(0, self.feature_dim - self.cfg.proj_dim, (n,), generator=self.generator,
-                             device=self.device)
+        return torch.randint(
+            0, self.feature_dim - self.cfg.proj_dim, (n,), generator=self.generator, device=self.device
+        )
 
     def apf(self, x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Adaptive prototypical feedback on the replay batch (x as model input, y). Returns (x_mix, y_a, y_b,
@@ -161,7 +183,7 @@ class OnPro(Method):
         # a class no longer in the buffer is replaced by a random class that is (the official fallback)
         buf_y = self.buffer.y
         valid = buf_y >= 0
-        cnt = torch.bincount(buf_y.clamp(min=0), weights=valid.float(), minlength=self.num_classes)[:self.num_classes]
+        cnt = torch.bincount(buf_y.clamp(min=0), weights=valid.float(), minlength=self.num_classes)[: self.num_classes]
         allowed = self.proto_present & (cnt > 0)
         keys = torch.rand(2, m, self.num_classes, generator=g, device=dev).masked_fill(~allowed, -1.0)
         alt = keys.argmax(-1)
@@ -179,8 +201,7 @@ class OnPro(Method):
         lam_p = beta_sample(m, cfg.mixup_alpha, g, dev) * mixes[pair]
         lam_p4 = lam_p.view(-1, 1, 1, 1).to(x.dtype)
         x_p = (1 - lam_p4) * xa + lam_p4 * xb2
-        return (torch.cat([x_mix, x_p]), torch.cat([y_a, cls[0]]), torch.cat([y_b, cls[1]]),
-                torch.cat([lam, lam_p]))
+        return (torch.cat([x_mix, x_p]), torch.cat([y_a, cls[0]]), torch.cat([y_b, cls[1]]), torch.cat([lam, lam_p]))
 
     def apf_pair_counts(self, m: int) -> Tensor:
         """Rows per class pair (itertools.combinations order over all classes; 0 for pairs of classes without a
@@ -224,7 +245,9 @@ class OnPro(Method):
     def seen_prototypes(self, x: Tensor, y: Tensor) -> Tensor:
         """OPE on replayed rows (model input x): a pass over [x, A(x)]; keeps the class means for APF."""
         _, z = self.embed(torch.cat([x, self.augment(x)]))
-        loss, m1, m2, present = prototype_loss(z[:len(y)], z[len(y):], y, self.num_classes, self.cfg.proto_temperature)
+        loss, m1, m2, present = prototype_loss(
+            z[: len(y)], z[len(y) :], y, self.num_classes, self.cfg.proto_temperature
+        )
         self.proto_mean = ((m1 + m2) / 2).detach()
         self.proto_present = present
         return loss
@@ -236,13 +259,14 @@ class OnPro(Method):
         if batch.task == 0:
             rx = rotation_views(x)
             f, z = self.embed(torch.cat([rx, self.augment(rx)]))
-            ins = ocm_nt_xent_new(self.similarity(z, f, self.feature_offsets(1)[0], 1.0).float(),
-                                  self.view_labels(y), cfg.ins_temperature)
+            ins = ocm_nt_xent_new(
+                self.similarity(z, f, self.feature_offsets(1)[0], 1.0).float(), self.view_labels(y), cfg.ins_temperature
+            )
             ope_seen = zero
             mem = self.replay(cfg.replay_batch_size) if batch.step_in_task != 0 else None
             if mem is not None:
                 ope_seen = self.seen_prototypes(self.to_input(mem[0]), mem[1])
-            ope_new = prototype_loss(z[:n], z[16 * n:17 * n], y, self.num_classes, cfg.proto_temperature)[0]
+            ope_new = prototype_loss(z[:n], z[16 * n : 17 * n], y, self.num_classes, cfg.proto_temperature)[0]
             logits_ce = self.forward_float(self.augment(x))
             ce = F.cross_entropy(logits_ce, y)
             self.report("new", logits_ce, y, self._all_classes())
@@ -263,16 +287,16 @@ class OnPro(Method):
             offsets = self.feature_offsets(2)
             sim = self.similarity(z[:k], f[:k], offsets[0], cfg.sim_lambda)
             sim_r = self.similarity(z[k:], f[k:], offsets[1], cfg.sim_lambda)
-            ins = ocm_nt_xent_buffer(sim_r.float(), self.view_labels(soft), cfg.ins_temperature) \
-                + ocm_nt_xent_new(sim.float(), self.view_labels(y), cfg.ins_temperature)
+            ins = ocm_nt_xent_buffer(sim_r.float(), self.view_labels(soft), cfg.ins_temperature) + ocm_nt_xent_new(
+                sim.float(), self.view_labels(y), cfg.ins_temperature
+            )
             logits_ce = self.forward_float(self.augment(x_mix))
             ope_seen = self.seen_prototypes(xm, ym)
-            ope_new = prototype_loss(z[:n], z[16 * n:17 * n], y, self.num_classes, cfg.proto_temperature)[0]
+            ope_new = prototype_loss(z[:n], z[16 * n : 17 * n], y, self.num_classes, cfg.proto_temperature)[0]
             ce = mixup_cross_entropy(logits_ce, y_a, y_b, lam)
             self.report("replay", logits_ce, y_a, self._all_classes())
         loss = ce + ins + ope_new + ope_seen
-        self.last = {"ce": ce.detach(), "ins": ins.detach(), "ope_new": ope_new.detach(),
-                     "ope_seen": ope_seen.detach()}
+        self.last = {"ce": ce.detach(), "ins": ins.detach(), "ope_new": ope_new.detach(), "ope_seen": ope_seen.detach()}
         with torch.no_grad(), self.autocast():  # the incoming batch's logits: un-augmented, from the first pass
             logits = self.head(f[:n].detach()).float()
         self.step(loss)

@@ -19,10 +19,10 @@ classes by the learner. As in the official code, incoming and replayed rows go t
 passes (`separate_passes`), the incoming batch is augmented once per batch (shared by its `iters` updates) and
 a fresh replay batch is drawn and augmented for every update.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -45,8 +45,12 @@ class PCRConfig(ReplayConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(self.replay_batch_size >= 1, "method.replay_batch_size", self.replay_batch_size,
-                "PCR learns only from batches mixed with replayed rows; use an integer >= 1")
+        require(
+            self.replay_batch_size >= 1,
+            "method.replay_batch_size",
+            self.replay_batch_size,
+            "PCR learns only from batches mixed with replayed rows; use an integer >= 1",
+        )
         require(self.temperature > 0, "method.temperature", self.temperature, "use a number > 0 (paper: 0.09)")
 
 
@@ -58,16 +62,16 @@ class PCR(Method):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         size = tuple(self.input_shape[1:]) if self.input_shape else None
-        self.augment: Optional[SimCLRAugment] = SimCLRAugment(size) if self.cfg.augment and size else None
-        self._incoming_aug: Optional[torch.Tensor] = None  # A(x) of the current batch, shared by its updates
-        self._last: Optional[tuple] = None  # (softmax logits, labels, incoming rows) of the last update, detached
+        self.augment: SimCLRAugment | None = SimCLRAugment(size) if self.cfg.augment and size else None
+        self._incoming_aug: torch.Tensor | None = None  # A(x) of the current batch, shared by its updates
+        self._last: tuple | None = None  # (softmax logits, labels, incoming rows) of the last update, detached
 
     @property
     def net(self):
         return getattr(self.model, "_orig_mod", self.model)  # torch.compile wraps the model
 
     # -- inputs ----------------------------------------------------------------------------------------------
-    def _views(self, x_new: torch.Tensor, x_mem: Optional[torch.Tensor]):
+    def _views(self, x_new: torch.Tensor, x_mem: torch.Tensor | None):
         """[x, A(x)] of the incoming rows and of the replayed rows, as [0, 1] floats. The incoming rows' A(x) is
         drawn at the first update of a batch (in one call with that update's replayed rows) and kept."""
         if self.augment is None:
@@ -75,7 +79,7 @@ class PCR(Method):
         if self._incoming_aug is None:
             both = x_new if x_mem is None else torch.cat([x_new, x_mem])
             aug = self.augment(both, self.generator)
-            self._incoming_aug, mem_aug = aug[:len(x_new)], aug[len(x_new):]
+            self._incoming_aug, mem_aug = aug[: len(x_new)], aug[len(x_new) :]
         else:
             mem_aug = None if x_mem is None else self.augment(x_mem, self.generator)
         x_new = torch.cat([x_new, self._incoming_aug])
@@ -105,7 +109,7 @@ class PCR(Method):
             f_new, f_mem = self._features(x_new), self._features(x_mem)
         else:
             f = self._features(torch.cat([x_new, x_mem]))
-            f_new, f_mem = f[:len(x_new)], f[len(x_new):]
+            f_new, f_mem = f[: len(x_new)], f[len(x_new) :]
         proxies = self.head.weight.float()
         logits_new = cosine_logits(f_new[:n].detach(), proxies.detach(), EVAL_SCALE)
         if mem is None:  # the official step on 0 * CE: zero gradients, nothing learned
@@ -132,6 +136,7 @@ class PCR(Method):
             return {}
         logits, y, rows = self._last
         counts = torch.zeros(logits.shape[1], dtype=logits.dtype, device=logits.device).index_add(
-            0, y, torch.ones_like(y, dtype=logits.dtype))
+            0, y, torch.ones_like(y, dtype=logits.dtype)
+        )
         per_row = torch.logsumexp(logits, dim=1) - (logits.gather(1, y[:, None]).squeeze(1) - counts[y].log())
         return {"pcr/loss_new": float(per_row[:rows].mean()), "pcr/loss_replay": float(per_row[rows:].mean())}

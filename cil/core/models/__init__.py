@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from cil.errors import ConfigError
 from cil.core.models.mlp import MLP
 from cil.core.models.resnet import ResNet18, reduced_resnet18, resnet18
+from cil.errors import ConfigError
 
 MODEL_NAMES = ("mlp", "reduced_resnet18", "resnet18")
 _BUILDERS = {"mlp": MLP, "reduced_resnet18": reduced_resnet18, "resnet18": resnet18}

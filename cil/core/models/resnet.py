@@ -23,8 +23,9 @@ class BasicBlock(nn.Module):
         self.conv2, self.bn2 = conv3x3(cout, cout), nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()  # identity unless the shape changes
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

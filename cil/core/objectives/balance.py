@@ -20,9 +20,10 @@ Every rule has one interface: ``start(task)`` before a step's statistics (task-a
 ``negative`` (the statistics that define the weights), ``grow``, ``state_dict`` / ``load_state_dict``. Nothing
 here reads a value back to the host; the only host state is a task id and a batch counter.
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,18 @@ from torch import Tensor
 from .common import mask_logits
 from .gsa import GradientStats, batch_gradient_stats
 
-__all__ = ["RULES", "CLASS_WEIGHT_RULES", "make_rule", "logit_grad_norm", "Cumulative", "EMA", "TaskReset", "Window",
-           "Constant", "Magnitude"]
+__all__ = [
+    "RULES",
+    "CLASS_WEIGHT_RULES",
+    "make_rule",
+    "logit_grad_norm",
+    "Cumulative",
+    "EMA",
+    "TaskReset",
+    "Window",
+    "Constant",
+    "Magnitude",
+]
 
 
 class Cumulative:
@@ -42,8 +53,12 @@ class Cumulative:
     adaptive = True  # the replay loss uses `weights()` (outside the method's warm-up)
     scales_terms = False  # `term_scales` re-weights the new-data and replay terms (magnitude only)
 
-    def __init__(self, num_classes: int | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float64):
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float64,
+    ):
         self.stats = GradientStats(num_classes, device=device, dtype=dtype)
 
     @property
@@ -57,7 +72,7 @@ class Cumulative:
     def start(self, task: int) -> None:
         """Called at the start of every step with the current task (before `update`)."""
 
-    def update(self, logits: Tensor, targets: Tensor, mask: Optional[Tensor] = None) -> None:
+    def update(self, logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> None:
         self.stats.update(logits, targets, mask)
 
     def weights(self, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -152,8 +167,12 @@ class Window(Cumulative):
         self.stats.negative = self.ring_neg.sum(0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "ring_pos": self.ring_pos.clone(), "ring_neg": self.ring_neg.clone(),
-                "batches": self.batches}
+        return {
+            **super().state_dict(),
+            "ring_pos": self.ring_pos.clone(),
+            "ring_neg": self.ring_neg.clone(),
+            "batches": self.batches,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -175,7 +194,7 @@ class Constant(Cumulative):
         return torch.ones(self.stats.num_classes, dtype=dtype, device=self.stats.device)
 
 
-def logit_grad_norm(logits: Tensor, targets: Tensor, mask: Tensor, row_coef: Optional[Tensor] = None) -> Tensor:
+def logit_grad_norm(logits: Tensor, targets: Tensor, mask: Tensor, row_coef: Tensor | None = None) -> Tensor:
     """The Frobenius norm of ``d/dz [ mean_i c_i CE(mask_logits(z, mask)_i, y_i) ]`` in closed form, without a
     backward pass: the logit gradient of row i is ``c_i (p_i - e_{y_i}) / B`` (p the masked softmax; masked
     units get 0), and ``||p_i - e_{y_i}||^2 = sum_c p_ic^2 - 2 p_{i,y_i} + 1``. ``row_coef`` [B] (default 1):
@@ -206,8 +225,8 @@ class Magnitude(Constant):
     def __init__(self, num_classes=None, device=None, dtype=torch.float64, ratio: float = 1.0):
         super().__init__(num_classes, device, dtype)
         self.target = float(ratio)
-        self.last_scales: Optional[tuple[Tensor, Tensor]] = None
-        self.last_norms: Optional[tuple[Tensor, Tensor]] = None
+        self.last_scales: tuple[Tensor, Tensor] | None = None
+        self.last_norms: tuple[Tensor, Tensor] | None = None
 
     def term_scales(self, norm_new: Tensor, norm_replay: Tensor) -> tuple[Tensor, Tensor]:
         """(a, b) from the two terms' logit-gradient norms (scalars; as they enter the loss unscaled)."""
@@ -224,16 +243,27 @@ class Magnitude(Constant):
         if self.last_scales is None:
             return {}
         (a, b), (gn, gr) = self.last_scales, self.last_norms
-        return {f"{prefix}/new_scale": float(a), f"{prefix}/replay_scale": float(b),
-                f"{prefix}/grad_norm_new": float(gn), f"{prefix}/grad_norm_replay": float(gr)}
+        return {
+            f"{prefix}/new_scale": float(a),
+            f"{prefix}/replay_scale": float(b),
+            f"{prefix}/grad_norm_new": float(gn),
+            f"{prefix}/grad_norm_replay": float(gr),
+        }
 
 
 RULES = {rule.name: rule for rule in (Cumulative, EMA, TaskReset, Window, Constant, Magnitude)}
 CLASS_WEIGHT_RULES = ("cumulative", "ema", "task_reset", "window")
 
 
-def make_rule(name: str, num_classes: int | None = None, device=None, dtype: torch.dtype = torch.float64,
-              momentum: float = 0.99, window: int = 100, ratio: float = 1.0) -> Cumulative:
+def make_rule(
+    name: str,
+    num_classes: int | None = None,
+    device=None,
+    dtype: torch.dtype = torch.float64,
+    momentum: float = 0.99,
+    window: int = 100,
+    ratio: float = 1.0,
+) -> Cumulative:
     """The rule `name` (one of RULES) with its knob; the names are checked by the methods' configs."""
     if name == "ema":
         return EMA(num_classes, device, dtype, momentum=momentum)

@@ -9,6 +9,7 @@ Conventions (all objectives):
 - Nothing here synchronises host and device: no ``.item()``, no branching on tensor values, no boolean-mask
   indexing. Only shapes (known on the host) are inspected.
 """
+
 from __future__ import annotations
 
 import torch

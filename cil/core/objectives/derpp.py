@@ -7,6 +7,7 @@ The MSE runs over every head unit as stored (not-yet-seen classes included), ave
 the official code's ``F.mse_loss`` does. Both cross-entropies use the softmax over ``mask`` (the caller passes
 the seen classes, or an all-True mask for the official whole-head softmax).
 """
+
 from __future__ import annotations
 
 from torch import Tensor
@@ -23,8 +24,17 @@ def logit_mse(logits: Tensor, stored: Tensor) -> Tensor:
     return (logits - stored).pow(2).mean()
 
 
-def derpp_loss(logits_new: Tensor, y_new: Tensor, logits_mse: Tensor, stored_logits: Tensor, logits_ce: Tensor,
-               y_ce: Tensor, mask: Tensor, alpha: float, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def derpp_loss(
+    logits_new: Tensor,
+    y_new: Tensor,
+    logits_mse: Tensor,
+    stored_logits: Tensor,
+    logits_ce: Tensor,
+    y_ce: Tensor,
+    mask: Tensor,
+    alpha: float,
+    beta: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (total, CE on the incoming rows, MSE on the first replay draw, CE on the second replay draw).
     Empty replay draws (a host-known shape) contribute a graph-attached 0."""
     ce_new = cross_entropy_masked(logits_new, y_new, mask)

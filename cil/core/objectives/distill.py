@@ -6,9 +6,8 @@ MKD's `WKDLoss` (groups=None) and CCL-DC's `kl_loss` compute it.
 sends a gradient into the teacher. ``mask`` (bool [C], optional) restricts both softmaxes to the masked classes
 (our convention: the seen classes); classes outside contribute exactly 0 and get exactly 0 gradient.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 from torch import Tensor
@@ -18,7 +17,7 @@ from .common import mask_logits, zero_loss
 __all__ = ["kd_loss"]
 
 
-def kd_loss(student: Tensor, teacher: Tensor, temperature: float, mask: Optional[Tensor] = None) -> Tensor:
+def kd_loss(student: Tensor, teacher: Tensor, temperature: float, mask: Tensor | None = None) -> Tensor:
     if student.shape[0] == 0:
         return zero_loss(student)
     s, t = student / temperature, teacher.detach() / temperature
@@ -28,4 +27,4 @@ def kd_loss(student: Tensor, teacher: Tensor, temperature: float, mask: Optional
     if mask is not None:  # -inf - -inf outside the mask: those terms are 0 (p^T = 0 there)
         logp_s = torch.where(mask, logp_s, torch.zeros_like(logp_s))
         logp_t = torch.where(mask, logp_t, torch.zeros_like(logp_t))
-    return (logp_t.exp() * (logp_t - logp_s)).sum(1).mean() * temperature ** 2
+    return (logp_t.exp() * (logp_t - logp_s)).sum(1).mean() * temperature**2

@@ -1,5 +1,6 @@
 """Experience replay (ER): plain cross-entropy over all seen classes, on whatever batch it is given
 (the method concatenates the incoming batch and the replay batch)."""
+
 from __future__ import annotations
 
 from torch import Tensor

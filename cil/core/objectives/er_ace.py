@@ -14,6 +14,7 @@ the official incoming-batch mask also leaves the not-yet-seen head units (``seen
 softmax and the official replay loss uses every head unit; here the incoming term uses exactly the present
 classes and the replay term exactly the seen classes (unseen units get zero gradient everywhere).
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,9 @@ from .common import classes_mask, cross_entropy_masked
 __all__ = ["er_ace_loss", "er_ace_loss_joint"]
 
 
-def er_ace_loss(logits_new: Tensor, y_new: Tensor, logits_buf: Tensor | None, y_buf: Tensor | None,
-                seen: Tensor) -> Tensor:
+def er_ace_loss(
+    logits_new: Tensor, y_new: Tensor, logits_buf: Tensor | None, y_buf: Tensor | None, seen: Tensor
+) -> Tensor:
     """ER-ACE loss.
 
     ``logits_new`` [B, C], ``y_new`` [B]: the incoming batch, softmax over the classes present in ``y_new``.

@@ -10,6 +10,7 @@ Statistics are keyed by the class label itself (index = label, the column of the
 the position of a class in a list of seen classes, so any class order works (spec, "Known defects").
 Nothing here synchronises host and device; it is usable without our loop (the Avalanche plugin uses it).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -36,8 +37,13 @@ def balance_weights(positive: Tensor, negative: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def batch_gradient_stats(logits: Tensor, targets: Tensor, mask: Tensor | None = None,
-                         row_weights: Tensor | None = None, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+def batch_gradient_stats(
+    logits: Tensor,
+    targets: Tensor,
+    mask: Tensor | None = None,
+    row_weights: Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[Tensor, Tensor]:
     """One batch's contribution to G+ and G- ([C] each, in ``dtype``): see :meth:`GradientStats.update`."""
     z = logits.detach().to(dtype)
     if mask is not None:
@@ -70,8 +76,12 @@ class GradientStats:
     few hundred numbers per step. Pass ``dtype=torch.float32`` for devices without float64 (e.g. MPS).
     """
 
-    def __init__(self, num_classes: int | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float64):
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float64,
+    ):
         n = int(num_classes or 0)
         self.dtype = dtype
         self.positive = torch.zeros(n, dtype=dtype, device=device)
@@ -85,7 +95,7 @@ class GradientStats:
     def device(self) -> torch.device:
         return self.positive.device
 
-    def to(self, device: torch.device | str) -> "GradientStats":
+    def to(self, device: torch.device | str) -> GradientStats:
         self.positive = self.positive.to(device)
         self.negative = self.negative.to(device)
         return self
@@ -98,8 +108,9 @@ class GradientStats:
             self.negative = F.pad(self.negative, pad)
 
     @torch.no_grad()
-    def update(self, logits: Tensor, targets: Tensor, mask: Tensor | None = None,
-               row_weights: Tensor | None = None) -> None:
+    def update(
+        self, logits: Tensor, targets: Tensor, mask: Tensor | None = None, row_weights: Tensor | None = None
+    ) -> None:
         """Step 5: accumulate the statistics of one batch.
 
         ``logits`` [B, C] (detached here; any float dtype), ``targets`` [B] labels in [0, C),

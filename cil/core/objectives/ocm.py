@@ -17,6 +17,7 @@ equals row i's (the anchor itself included), weighted 1 / (|positives of i| + ep
   and the previous model's features, labels not repeated.
 No host/device synchronisation: shapes only.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,15 @@ from torch import Tensor
 
 from .common import cross_entropy_masked
 
-__all__ = ["ocm_nt_xent_new", "ocm_nt_xent_buffer", "ocm_nt_xent_previous", "ocm_similarity", "ocm_ce",
-           "old_logit_mse", "EPS"]
+__all__ = [
+    "ocm_nt_xent_new",
+    "ocm_nt_xent_buffer",
+    "ocm_nt_xent_previous",
+    "ocm_similarity",
+    "ocm_ce",
+    "old_logit_mse",
+    "EPS",
+]
 
 EPS = 1e-8  # the official code's eps, inside and outside the log
 

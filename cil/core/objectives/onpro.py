@@ -8,6 +8,7 @@ official code computes them, batched and free of host/device synchronisation.
   are contrasted, the same class's prototype in the other view being the only positive.
 - `mixup_cross_entropy`: (1 - lambda) CE(y_a) + lambda CE(y_b), averaged over rows (over the whole head).
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,9 @@ def class_prototypes(z: Tensor, labels: Tensor, num_classes: int) -> tuple[Tenso
     return means, counts > 0
 
 
-def prototype_loss(z1: Tensor, z2: Tensor, labels: Tensor, num_classes: int,
-                   temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def prototype_loss(
+    z1: Tensor, z2: Tensor, labels: Tensor, num_classes: int, temperature: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """OPE on two views' L2-normalised projections ``z1``, ``z2`` [N, D] of the samples with ``labels`` [N].
 
     With K classes present, p^v_c = normalise(mean of z^v over class c) for v = 1, 2; over the 2K prototypes

@@ -15,6 +15,7 @@ sum_c n_c exp(z_i . p_c / tau) over the present classes: a softmax over the logi
 , whose cross-entropy is the loss plus the constant log n_{y_i} (same gradient).
 Norms are taken as ||v|| + 1e-6, as in the official code.
 """
+
 from __future__ import annotations
 
 import torch

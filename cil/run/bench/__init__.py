@@ -5,6 +5,7 @@ and nothing (allocator caches, oneDNN kernels, thread pools) carries over; the r
 of every contestant, then repeat 2, ..., each repeat in a rotated order) so that drift in the machine's load
 falls on every contestant alike. Timing covers the training pass only. See docs/performance.md.
 """
+
 from cil.run.bench.contestants import AVALANCHE, CONTESTANTS, OURS
 from cil.run.bench.workloads import WORKLOADS
 

@@ -23,6 +23,7 @@ Each returns a dict with ``train_time_s``, ``train_cpu_s``, ``task_train_time_s`
 each task's test set, argmax over the classes seen, computed after training and outside the timing) and, for
 ours, a ``breakdown`` of where the training time went.
 """
+
 from __future__ import annotations
 
 import random
@@ -33,9 +34,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cil.schema import RunConfig
 from cil.core.data.stream import ClassIncrementalStream
 from cil.core.methods import METHODS
+from cil.schema import RunConfig
 
 OURS = tuple(METHODS)
 AVALANCHE_CLASSIC = ("avalanche_er", "avalanche_er_ace", "avalanche_naive")
@@ -50,8 +51,7 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def final_accuracy(model: torch.nn.Module, stream: ClassIncrementalStream, batch_size: int = 1000,
-                   logits=None) -> dict:
+def final_accuracy(model: torch.nn.Module, stream: ClassIncrementalStream, batch_size: int = 1000, logits=None) -> dict:
     """Per-task test accuracy (percent) after training, argmax over the classes of the stream's tasks.
     `logits`: uint8 images -> evaluation logits (ours: the method's input conversion and evaluation head);
     default: the model on [0, 1] inputs."""
@@ -67,8 +67,8 @@ def final_accuracy(model: torch.nn.Module, stream: ClassIncrementalStream, batch
         correct = 0
         for i in range(0, len(y), batch_size):
             with torch.inference_mode():
-                logits = logits_of(x[i:i + batch_size]).float()
-            correct += int((logits.masked_fill(~seen, float("-inf")).argmax(1) == y[i:i + batch_size]).sum())
+                logits = logits_of(x[i : i + batch_size]).float()
+            correct += int((logits.masked_fill(~seen, float("-inf")).argmax(1) == y[i : i + batch_size]).sum())
         accs.append(100.0 * correct / max(len(y), 1))
     model.train(was_training)
     return {"final_acc": sum(accs) / len(accs), "task_acc": accs}
@@ -101,6 +101,7 @@ def _evaluation_logits(method):
             return method.eval_logits(method.to_input(x))
         finally:
             method.owned.train()
+
     return logits
 
 
@@ -149,6 +150,7 @@ def _instrument(method, totals: dict):
 
     def restore():
         torch.Tensor.backward = backward
+
     return restore
 
 
@@ -156,6 +158,7 @@ def _cpu_timed(fn, acc: dict, totals: dict, task_cpu: list | None = None):
     """Time an evaluation in CPU time (to take it out of the training CPU time); the breakdown's timers fire
     inside it too (its forward passes), so their totals are restored afterwards. `task_cpu`: the training CPU
     time at each call (the task ends)."""
+
     def timed(*args, **kwargs):
         start = time.process_time()
         if task_cpu is not None:
@@ -167,6 +170,7 @@ def _cpu_timed(fn, acc: dict, totals: dict, task_cpu: list | None = None):
             acc["s"] += time.process_time() - start
             totals.clear()
             totals.update(saved)
+
     return timed
 
 
@@ -190,11 +194,17 @@ def run_ours(cfg: RunConfig, dataset, batches_per_task, breakdown: bool = False)
         finally:
             restore()
         learner.logger.close()
-    out = {"train_time_s": res["train_time_s"], "train_cpu_s": train_cpu, "eval_time_s": res["eval_time_s"],
-           "task_train_time_s": res["task_train_time_s"],
-           "task_train_cpu_s": [b - a for a, b in zip([0.0] + task_ends, task_ends)],
-           "samples": learner.stream.n_samples, "task_samples": [len(t.train_idx) for t in learner.stream.tasks],
-           "learner_final_avg_acc": res["final_avg_acc"], "acc_matrix": res["acc_matrix"]}
+    out = {
+        "train_time_s": res["train_time_s"],
+        "train_cpu_s": train_cpu,
+        "eval_time_s": res["eval_time_s"],
+        "task_train_time_s": res["task_train_time_s"],
+        "task_train_cpu_s": [b - a for a, b in zip([0.0] + task_ends, task_ends)],
+        "samples": learner.stream.n_samples,
+        "task_samples": [len(t.train_idx) for t in learner.stream.tasks],
+        "learner_final_avg_acc": res["final_avg_acc"],
+        "acc_matrix": res["acc_matrix"],
+    }
     if breakdown:  # before the final accuracy below, whose forward passes would fire the timers
         totals = dict(totals)
         totals["arithmetic"] = totals.get("forward", 0.0) + totals.get("backward_step", 0.0)
@@ -232,7 +242,7 @@ def run_floor(cfg: RunConfig, stream: ClassIncrementalStream) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         order = task.train_idx
         for lo in range(0, len(order), b):
-            idx = order[lo:lo + b]
+            idx = order[lo : lo + b]
             x, y = stream.train_x.index_select(0, idx), stream.train_y.index_select(0, idx)
             seen.index_fill_(0, y, True)
             xb, yb = x, y
@@ -260,14 +270,21 @@ def run_floor(cfg: RunConfig, stream: ClassIncrementalStream) -> dict:
         task_wall.append(time.perf_counter() - t0)
         task_cpu.append(time.process_time() - c0)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
-    return {"train_time_s": elapsed, "train_cpu_s": cpu, "task_train_time_s": task_wall, "task_train_cpu_s": task_cpu,
-            "samples": stream.n_samples, "task_samples": [len(t.train_idx) for t in stream.tasks],
-            **final_accuracy(model, stream)}
+    return {
+        "train_time_s": elapsed,
+        "train_cpu_s": cpu,
+        "task_train_time_s": task_wall,
+        "task_train_cpu_s": task_cpu,
+        "samples": stream.n_samples,
+        "task_samples": [len(t.train_idx) for t in stream.tasks],
+        **final_accuracy(model, stream),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ Avalanche
-def run_avalanche(cfg: RunConfig, stream: ClassIncrementalStream, which: str, workload: str = "",
-                  batches_per_task=None) -> dict:
+def run_avalanche(
+    cfg: RunConfig, stream: ClassIncrementalStream, which: str, workload: str = "", batches_per_task=None
+) -> dict:
     """Avalanche 0.6's own strategies. ``*_tensors``: on an online stream of our samples in our order; the others:
     on Avalanche's own classic benchmark of `workload` (built before the timing, like our dataset), our class
     order and seed, the first `batches_per_task` online sub-experiences of every experience."""
@@ -276,18 +293,28 @@ def run_avalanche(cfg: RunConfig, stream: ClassIncrementalStream, which: str, wo
     model, opt = _model_and_optimizer(cfg, stream)
     if which in AVALANCHE_TENSORS:
         torch.manual_seed(cfg.seed)
-        out = train_online(which[:-len("_tensors")], model, opt, stream, cfg.buffer.size,
-                           cfg.method.replay_batch_size)
+        out = train_online(which[: -len("_tensors")], model, opt, stream, cfg.buffer.size, cfg.method.replay_batch_size)
     else:
         from cil.core.data.dataset import data_root
 
         t0 = time.perf_counter()
         image_folder = Path(cfg.dataset.path) if cfg.dataset.path else None
-        bench = classic_benchmark(workload, data_root(cfg.dataset.root), stream.class_order, stream.n_tasks,
-                                  cfg.seed, image_folder)
+        bench = classic_benchmark(
+            workload, data_root(cfg.dataset.root), stream.class_order, stream.n_tasks, cfg.seed, image_folder
+        )
         setup = time.perf_counter() - t0
         torch.manual_seed(cfg.seed)
-        out = train_classic(which, model, opt, bench, stream.device, stream.batch_size, cfg.buffer.size,
-                            cfg.method.replay_batch_size, batches_per_task, cfg.seed)
+        out = train_classic(
+            which,
+            model,
+            opt,
+            bench,
+            stream.device,
+            stream.batch_size,
+            cfg.buffer.size,
+            cfg.method.replay_batch_size,
+            batches_per_task,
+            cfg.seed,
+        )
         out["benchmark_setup_s"] = setup
     return {**out, **final_accuracy(model, stream)}

@@ -1,4 +1,5 @@
 """Command line of the benchmark: `python -m cil bench [options]` (see `--help` and docs/performance.md)."""
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,9 @@ def run_one(spec: dict) -> dict:
     """One contestant on one workload in this process; returns the timing, accuracy and memory."""
     import torch
 
+    from cil.core.data.stream import ClassIncrementalStream
     from cil.run.bench.contestants import run_avalanche, run_floor, run_ours
     from cil.run.bench.workloads import shorten_stream, subsample_test, workload_config, workload_dataset
-    from cil.core.data.stream import ClassIncrementalStream
     from cil.run.experiment import resolve_device
 
     if spec.get("threads"):
@@ -65,11 +66,15 @@ def run_one(spec: dict) -> dict:
         out = run_ours(cfg, dataset, spec["batches_per_task"], breakdown=spec.get("timers", False))
     else:
         device = resolve_device(cfg.device)
-        stream = ClassIncrementalStream(dataset, cfg.stream.n_tasks, cfg.stream.batch_size, cfg.stream.class_order,
-                                        seed=cfg.seed, device=device)
+        stream = ClassIncrementalStream(
+            dataset, cfg.stream.n_tasks, cfg.stream.batch_size, cfg.stream.class_order, seed=cfg.seed, device=device
+        )
         shorten_stream(stream, spec["batches_per_task"])
-        out = run_floor(cfg, stream) if name == "floor" else run_avalanche(
-            cfg, stream, name, spec["workload"], spec["batches_per_task"])
+        out = (
+            run_floor(cfg, stream)
+            if name == "floor"
+            else run_avalanche(cfg, stream, name, spec["workload"], spec["batches_per_task"])
+        )
     out["samples_per_s"] = out["samples"] / out["train_time_s"]
     out["samples_per_cpu_s"] = out["samples"] / out["train_cpu_s"]
     out["rss_after_data_mb"] = rss_data
@@ -147,7 +152,10 @@ def summarise(runs: list[dict]) -> dict:
                 # timers' own cost counts as overhead here, so this errs on the side of too much.
                 s["overhead_over_arithmetic"] = statistics.median(
                     v["train_time_s" if v["device"].startswith("cuda") else "train_cpu_s"]
-                    / max(v["breakdown"]["arithmetic"], 1e-9) - 1.0 for v in prof)
+                    / max(v["breakdown"]["arithmetic"], 1e-9)
+                    - 1.0
+                    for v in prof
+                )
                 s["profile_runs"] = len(prof)
             summary[wl][name] = s
     return summary
@@ -164,20 +172,24 @@ def _per_task(vals: list[dict]) -> dict:
     def us(v, t):
         return 1e6 * v["task_train_cpu_s"][t] / max(v["task_samples"][t], 1)
 
-    out = {"task_train_time_s": per_task("task_train_time_s"), "task_train_cpu_s": per_task("task_train_cpu_s"),
-           "task_samples": vals[0]["task_samples"][:n_tasks],
-           "task_us_per_sample_cpu": [statistics.median(us(v, t) for v in vals) for t in range(n_tasks)]}
+    out = {
+        "task_train_time_s": per_task("task_train_time_s"),
+        "task_train_cpu_s": per_task("task_train_cpu_s"),
+        "task_samples": vals[0]["task_samples"][:n_tasks],
+        "task_us_per_sample_cpu": [statistics.median(us(v, t) for v in vals) for t in range(n_tasks)],
+    }
     if n_tasks > 1:
-        out["slowdown_last_over_first_cpu"] = statistics.median(us(v, n_tasks - 1) / max(us(v, 0), 1e-12)
-                                                                for v in vals)
+        out["slowdown_last_over_first_cpu"] = statistics.median(us(v, n_tasks - 1) / max(us(v, 0), 1e-12) for v in vals)
     return out
 
 
 def print_table(summary: dict) -> None:
     for wl, rows in summary.items():
         print(f"\n== {wl} ==")
-        print(f"{'contestant':<18}{'samples/s':>10}{'vs floor':>9}{'vs av.ER':>9}{'per CPU-s':>10}{'vs floor':>9}"
-              f"{'vs av.ER':>9}{'acc %':>7}{'peak RSS MB':>12}{'overhead':>9}{'last/1st':>9}  all samples/s")
+        print(
+            f"{'contestant':<18}{'samples/s':>10}{'vs floor':>9}{'vs av.ER':>9}{'per CPU-s':>10}{'vs floor':>9}"
+            f"{'vs av.ER':>9}{'acc %':>7}{'peak RSS MB':>12}{'overhead':>9}{'last/1st':>9}  all samples/s"
+        )
 
         def ratio(s, key):
             return f"{s[key]:.2f}x" if key in s else "-"
@@ -185,26 +197,36 @@ def print_table(summary: dict) -> None:
         for name, s in rows.items():
             ov = f"{100 * s['overhead_over_arithmetic']:.0f}%" if "overhead_over_arithmetic" in s else "-"
             slow = f"{s['slowdown_last_over_first_cpu']:.2f}x" if "slowdown_last_over_first_cpu" in s else "-"
-            print(f"{name:<18}{s['samples_per_s']:>10.0f}{ratio(s, 'vs_floor'):>9}{ratio(s, 'vs_avalanche_er'):>9}"
-                  f"{s['samples_per_cpu_s']:>10.0f}{ratio(s, 'vs_floor_cpu'):>9}"
-                  f"{ratio(s, 'vs_avalanche_er_cpu'):>9}{s['final_acc']:>7.1f}{s['peak_rss_mb']:>12.0f}{ov:>9}{slow:>9}"
-                  f"  {s['samples_per_s_all']}")
+            print(
+                f"{name:<18}{s['samples_per_s']:>10.0f}{ratio(s, 'vs_floor'):>9}{ratio(s, 'vs_avalanche_er'):>9}"
+                f"{s['samples_per_cpu_s']:>10.0f}{ratio(s, 'vs_floor_cpu'):>9}"
+                f"{ratio(s, 'vs_avalanche_er_cpu'):>9}{s['final_acc']:>7.1f}{s['peak_rss_mb']:>12.0f}{ov:>9}{slow:>9}"
+                f"  {s['samples_per_s_all']}"
+            )
         timed = {name: s for name, s in rows.items() if "task_us_per_sample_cpu" in s}
         if timed:
             print("per task, CPU us per sample (median over runs):")
             for name, s in timed.items():
                 print(f"  {name:<26}" + " ".join(f"{u:>8.0f}" for u in s["task_us_per_sample_cpu"]))
-    print("\nsamples/s: stream samples per second of training wall time; per CPU-s: per second of the process's CPU "
-          "time\n(steadier on a loaded machine); ratios are medians of ratios within a repeat. 'overhead': training "
-          "(CPU) time\nover the (CPU) time inside the model's forward passes, backward and optimizer step, "
-          "minus 1, from one extra\ninstrumented run (the timed runs carry no timers). 'last/1st': CPU time per "
-          "sample of the last task over\nthe first task's (a slow-down over the stream shows as > 1).")
+    print(
+        "\nsamples/s: stream samples per second of training wall time; per CPU-s: per second of the process's CPU "
+        "time\n(steadier on a loaded machine); ratios are medians of ratios within a repeat. 'overhead': training "
+        "(CPU) time\nover the (CPU) time inside the model's forward passes, backward and optimizer step, "
+        "minus 1, from one extra\ninstrumented run (the timed runs carry no timers). 'last/1st': CPU time per "
+        "sample of the last task over\nthe first task's (a slow-down over the stream shows as > 1)."
+    )
 
 
 def _write(args, runs: list, load_before: list, started: float) -> dict:
-    result = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "machine": machine_info(),
-              "load_before": load_before, "load_after": _load(), "wall_s": time.time() - started,
-              "summary": summarise(runs), "runs": runs}
+    result = {
+        "args": {k: v for k, v in vars(args).items() if k != "child"},
+        "machine": machine_info(),
+        "load_before": load_before,
+        "load_after": _load(),
+        "wall_s": time.time() - started,
+        "summary": summarise(runs),
+        "runs": runs,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -214,30 +236,61 @@ def _write(args, runs: list, load_before: list, started: float) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="cil bench", description=__doc__.split("\n")[0] + " " + (
-        "Times the training pass of our loop, a bare PyTorch ER loop (the floor) and Avalanche's online ER/ER-ACE "
-        "on Split MNIST (MLP) and Split CIFAR-10 JPEG (reduced ResNet-18), interleaved, and writes JSON."))
+    p = argparse.ArgumentParser(
+        prog="cil bench",
+        description=__doc__.split("\n")[0]
+        + " "
+        + (
+            "Times the training pass of our loop, a bare PyTorch ER loop (the floor) and Avalanche's online ER/ER-ACE "
+            "on Split MNIST (MLP) and Split CIFAR-10 JPEG (reduced ResNet-18), interleaved, and writes JSON."
+        ),
+    )
     p.add_argument("--workloads", default="mnist,cifar", help="comma list: mnist, cifar, synth<K>, digits")
-    p.add_argument("--contestants", default="floor,er,er_ace,gsa,avalanche_er,avalanche_er_ace",
-                   help=f"comma list from {', '.join(CONTESTANTS)}")
-    p.add_argument("--batches-per-task", type=int, default=None,
-                   help="stream batches kept per task (0: whole stream); default: mnist whole, cifar 20")
-    p.add_argument("--test-per-class", type=int, default=None,
-                   help="test images kept per class for the (untimed) accuracy; default: cifar 200, others all")
+    p.add_argument(
+        "--contestants",
+        default="floor,er,er_ace,gsa,avalanche_er,avalanche_er_ace",
+        help=f"comma list from {', '.join(CONTESTANTS)}",
+    )
+    p.add_argument(
+        "--batches-per-task",
+        type=int,
+        default=None,
+        help="stream batches kept per task (0: whole stream); default: mnist whole, cifar 20",
+    )
+    p.add_argument(
+        "--test-per-class",
+        type=int,
+        default=None,
+        help="test images kept per class for the (untimed) accuracy; default: cifar 200, others all",
+    )
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every run (median reported)")
-    p.add_argument("--quick", action="store_true",
-                   help="a couple of minutes: 1 repeat, 100 batches per task on mnist, 4 on cifar")
+    p.add_argument(
+        "--quick", action="store_true", help="a couple of minutes: 1 repeat, 100 batches per task on mnist, 4 on cifar"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per run (default: torch's)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every run, e.g. --set precision=bf16 --set buffer.size=2000")
-    p.add_argument("--sweep", metavar="KEY=V1,V2,...",
-                   help="repeat everything for each value of one config key (scaling figures), e.g. "
-                        "--sweep buffer.size=200,1000,10000; summary rows become 'workload[key=value]'")
-    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
-                   help="skip the extra instrumented run of each of our contestants (the timed repeats never "
-                        "carry timers) that times forward/backward/augment/buffer separately")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run, e.g. --set precision=bf16 --set buffer.size=2000",
+    )
+    p.add_argument(
+        "--sweep",
+        metavar="KEY=V1,V2,...",
+        help="repeat everything for each value of one config key (scaling figures), e.g. "
+        "--sweep buffer.size=200,1000,10000; summary rows become 'workload[key=value]'",
+    )
+    p.add_argument(
+        "--no-breakdown",
+        dest="breakdown",
+        action="store_false",
+        help="skip the extra instrumented run of each of our contestants (the timed repeats never "
+        "carry timers) that times forward/backward/augment/buffer separately",
+    )
     p.add_argument("--out", default="bench_results.json", help="where to write the JSON")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a single run is abandoned")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -271,17 +324,26 @@ def main(argv=None) -> int:
                 bpt = args.batches_per_task
             else:
                 bpt = (QUICK_BATCHES if args.quick else DEFAULT_BATCHES).get(wl, 0)
-            order = contestants[rep % len(contestants):] + contestants[:rep % len(contestants)]
+            order = contestants[rep % len(contestants) :] + contestants[: rep % len(contestants)]
             for name in order:
-                spec = {"workload": wl, "contestant": name, "repeat": rep, "batches_per_task": bpt,
-                        "seed": args.seed, "device": args.device, "threads": args.threads,
-                        "test_per_class": args.test_per_class if args.test_per_class is not None
-                        else TEST_PER_CLASS.get(wl, 0),
-                        "overrides": args.overrides + ([variant] if variant else []), "variant": variant,
-                        "timers": False}
+                spec = {
+                    "workload": wl,
+                    "contestant": name,
+                    "repeat": rep,
+                    "batches_per_task": bpt,
+                    "seed": args.seed,
+                    "device": args.device,
+                    "threads": args.threads,
+                    "test_per_class": args.test_per_class
+                    if args.test_per_class is not None
+                    else TEST_PER_CLASS.get(wl, 0),
+                    "overrides": args.overrides + ([variant] if variant else []),
+                    "variant": variant,
+                    "timers": False,
+                }
                 jobs.append((f"{rep + 1}/{repeats}", spec))
     if args.breakdown:  # the timers cost a few percent, so they run apart from the timed repeats
-        for spec in [s for _, s in jobs[:len(jobs) // repeats] if s["contestant"] in OURS]:
+        for spec in [s for _, s in jobs[: len(jobs) // repeats] if s["contestant"] in OURS]:
             jobs.append(("profile", {**spec, "repeat": "profile", "timers": True, "profile": True}))
     for label, spec in jobs:
         t0 = time.time()
@@ -289,10 +351,14 @@ def main(argv=None) -> int:
         res["load_before"] = _load()
         runs.append(res)
         _write(args, runs, load_before, started)  # a long benchmark stopped early keeps what it measured
-        msg = res.get("error") or (f"{res['samples_per_s']:.0f} samples/s, acc {res['final_acc']:.1f}%, "
-                                   f"peak RSS {res['peak_rss_mb']:.0f} MB")
-        print(f"[{label}] {_group(spec):<7} {spec['contestant']:<17} {msg}  ({time.time() - t0:.0f}s wall, "
-              f"load {res['load_before']})", flush=True)
+        msg = res.get("error") or (
+            f"{res['samples_per_s']:.0f} samples/s, acc {res['final_acc']:.1f}%, peak RSS {res['peak_rss_mb']:.0f} MB"
+        )
+        print(
+            f"[{label}] {_group(spec):<7} {spec['contestant']:<17} {msg}  ({time.time() - t0:.0f}s wall, "
+            f"load {res['load_before']})",
+            flush=True,
+        )
     result = _write(args, runs, load_before, started)
     summary = result["summary"]
     print_table(summary)

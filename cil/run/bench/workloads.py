@@ -11,19 +11,19 @@ A benchmark rarely needs the whole stream: ``batches_per_task`` keeps the first 
 stream's own seeded order), so every task switch and every replay path still runs. Every contestant trains on
 exactly the same samples in the same order.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 
 from cil.core.data import ImageDataset
-from cil.run.config import default_config
-from cil.schema import RunConfig
 from cil.core.data.stream import ClassIncrementalStream
 from cil.errors import ConfigError
+from cil.run.config import default_config
 from cil.run.experiment import load_run_dataset
+from cil.schema import RunConfig
 
 WORKLOADS = ("mnist", "cifar", "synth<K>", "digits")
 
@@ -60,14 +60,16 @@ def workload_dataset(name: str, cfg: RunConfig, train_samples: int = 6000) -> Im
     per_class = max(train_samples // k, cfg.stream.batch_size)
 
     def split(n):
-        return (torch.randint(0, 256, (n * k, 1, 28, 28), generator=g, dtype=torch.uint8),
-                torch.arange(k).repeat_interleave(n))
+        return (
+            torch.randint(0, 256, (n * k, 1, 28, 28), generator=g, dtype=torch.uint8),
+            torch.arange(k).repeat_interleave(n),
+        )
 
     (train_x, train_y), (test_x, test_y) = split(per_class), split(10)
     return ImageDataset(name, train_x, train_y, test_x, test_y, [str(c) for c in range(k)])
 
 
-def subsample_test(dataset: ImageDataset, per_class: Optional[int]) -> ImageDataset:
+def subsample_test(dataset: ImageDataset, per_class: int | None) -> ImageDataset:
     """Keep the first `per_class` test images of every class (None or 0: all). Training is unaffected; the
     evaluations the benchmark does not time (task ends, final accuracy) get cheaper."""
     if not per_class:
@@ -77,13 +79,15 @@ def subsample_test(dataset: ImageDataset, per_class: Optional[int]) -> ImageData
     return dataclasses.replace(dataset, test_x=dataset.test_x[keep], test_y=dataset.test_y[keep])
 
 
-def shorten_stream(stream: ClassIncrementalStream, batches_per_task: Optional[int]) -> ClassIncrementalStream:
+def shorten_stream(stream: ClassIncrementalStream, batches_per_task: int | None) -> ClassIncrementalStream:
     """Keep the first `batches_per_task` batches of every task (None or 0: the whole stream), in place."""
     if not batches_per_task:
         return stream
     keep = batches_per_task * stream.batch_size
-    stream.tasks = [dataclasses.replace(t, train_idx=t.train_idx[:keep], train_idx_host=t.train_idx_host[:keep])
-                    for t in stream.tasks]
+    stream.tasks = [
+        dataclasses.replace(t, train_idx=t.train_idx[:keep], train_idx_host=t.train_idx_host[:keep])
+        for t in stream.tasks
+    ]
     stream.batches_per_task = [-(-len(t.train_idx) // stream.batch_size) for t in stream.tasks]
     stream.n_batches = sum(stream.batches_per_task)
     stream.n_samples = sum(len(t.train_idx) for t in stream.tasks)
