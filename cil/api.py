@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -34,7 +34,7 @@ from cil.schema import RunConfig
 
 __all__ = ["config", "overrides", "run", "build"]
 
-Config = Union[Mapping[str, Any], Iterable[str], RunConfig, None]
+Config = Mapping[str, Any] | Iterable[str] | RunConfig | None
 GROUPS = ("dataset", "model", "method", "optimizer", "addon", "experiment")
 _PLAIN = re.compile(r"^[\w./:+-]+$")
 

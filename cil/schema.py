@@ -30,7 +30,8 @@ class StreamConfig:
     # "natural" (0..K-1), "random" (seeded permutation) or an explicit list of class labels
     class_order: Any = "random"
     samples_per_class: int | None = None  # train on a seeded subset of this many samples per class (null: all)
-    # disjoint (tasks of disjoint classes) | iblurry | siblurry (blurry, boundaries hidden from methods: docs/streams.md)
+    # disjoint (tasks of disjoint classes) | iblurry | siblurry (blurry, boundaries hidden from methods:
+    # docs/streams.md)
     kind: str = "disjoint"
     disjoint_class_pct: int = 50  # blurry streams: N, the share of classes (percent) that appear in one task only
     blurry_sample_pct: int = 10  # blurry streams: M, the share of blurry classes' samples (percent) spread over tasks

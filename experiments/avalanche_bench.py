@@ -78,7 +78,7 @@ for m, rs in rows.items():
             f"| {m} | {fmt([a for a, _, _ in rs])} | {statistics.median([s for _, s, _ in rs]):.0f} | "
             f"{len(rs)} | {', '.join(f'{a:.2f}' for a, _, _ in rs)} |"
         )
-loads = [l for rs in rows.values() for *_, l in rs if l is not None]
+loads = [load for rs in rows.values() for *_, load in rs if load is not None]
 if loads:
     lines.append(f"\n1-minute load average before runs: {min(loads):.1f} to {max(loads):.1f} (2 cores)")
 print("\n".join(lines))

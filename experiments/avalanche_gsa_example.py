@@ -59,5 +59,8 @@ for exp in benchmark.train_stream[: args.tasks]:
         f"test accuracy per task {[round(100 * a, 1) for a in accs]}"
     )
 # ------------------------------------------------------------------------------------------------------------
-print("GSA weights by label:", dict(zip(gsa.summary()["classes"], [round(w, 3) for w in gsa.summary()["weights"]])))
+print(
+    "GSA weights by label:",
+    dict(zip(gsa.summary()["classes"], [round(w, 3) for w in gsa.summary()["weights"]], strict=True)),
+)
 shutil.rmtree(root)

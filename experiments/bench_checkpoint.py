@@ -6,6 +6,7 @@ GSA with a full 500-sample buffer (60 batches observed first), MLP on MNIST and 
 """
 
 import dataclasses
+import functools
 import os
 import statistics
 import tempfile
@@ -36,13 +37,13 @@ def main():
         ckpt = Checkpointer(out, cfg, dataclasses.asdict(cfg))
         method, batches = learner.method, iter(learner.stream.batches())
 
-        def train_batch():
+        def train_batch(learner=learner, batches=batches):
             learner.train_batch(next(batches))
 
         for _ in range(60):
             train_batch()
-        save = timed(lambda: ckpt.save(learner), 5)
-        restore = timed(lambda: ckpt.restore(learner, ckpt.load()), 3)
+        save = timed(functools.partial(ckpt.save, learner), 5)
+        restore = timed(lambda ckpt=ckpt, learner=learner: ckpt.restore(learner, ckpt.load()), 3)
         batch = timed(train_batch, 20)
         print(
             f"{model} on {dataset}, GSA, buffer {len(method.buffer)}: checkpoint "

@@ -2,6 +2,7 @@
 (docs/performance.md, "Where GSA's time goes")  OMP_NUM_THREADS=1 python experiments/compile_probe_gsa_augment.py"""
 
 import time
+import timeit
 
 import torch
 
@@ -29,7 +30,5 @@ for n in (150, 161, 170):
     print("new shape", n, round(time.perf_counter() - t0, 3))
 ref = draw_and_grid(u)
 print("boxes equal", torch.equal(ref[0], out[0]), "grid max diff", float((ref[1] - out[1]).abs().max()))
-import timeit
-
 print("eager us", min(timeit.repeat(lambda: draw_and_grid(u), number=200, repeat=3)) / 200 * 1e6)
 print("compiled us", min(timeit.repeat(lambda: cdg(u), number=200, repeat=3)) / 200 * 1e6)

@@ -169,7 +169,8 @@ def plots() -> None:
         r = results[m]
         print(
             f"| {LABELS[m]} | {r['final_avg_acc']:.2f} | {r['avg_forgetting']:.2f} | {share:.2f} "
-            f"| {ratios(per_task, 'old')} | {ratios(per_task, 'new')} | {mean(e['grad_norm/new'] for e in per_task):.3f} / "
+            f"| {ratios(per_task, 'old')} | {ratios(per_task, 'new')} "
+            f"| {mean(e['grad_norm/new'] for e in per_task):.3f} / "
             f"{mean(e['grad_norm/replay'] for e in per_task):.3f} | {mean(e['grad_cos'] for e in per_task):.3f} |"
         )
 
@@ -282,10 +283,10 @@ def rules_plots(extra: list[str]) -> None:
     for rule in rules:
         per_task = [e for e in results[rule]["diagnostics"]["per_task"] if e["task"] >= 1]
 
-        def weight(group):  # over tasks 1.., where old classes exist
+        def weight(group, rule=rule):  # over tasks 1.., where old classes exist
             return mean(v for _, task, v in weights[rule][group] if task >= 1)
 
-        def scale(key):  # magnitude's term scales (1 under the other rules), over tasks 1..
+        def scale(key, rule=rule):  # magnitude's term scales (1 under the other rules), over tasks 1..
             return mean(
                 v for _, task, k, v in metrics[rule] if k == f"balance/{key}" and task is not None and task >= 1
             )

@@ -57,7 +57,7 @@ def cross_task_pairs(res: dict) -> tuple[dict, float, float]:
     per_task = len(order) // n_tasks
     task = {c: k // per_task for k, c in enumerate(order)}
     pairs = defaultdict(float)
-    for i, j in zip(*np.nonzero(conf)):
+    for i, j in zip(*np.nonzero(conf), strict=True):
         if task[int(i)] != task[int(j)]:
             pairs[(min(i, j), max(i, j))] += 100.0 * conf[i, j] / conf.sum()
     errors = res["errors"]

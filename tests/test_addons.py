@@ -63,16 +63,16 @@ def test_ema_update_equals_its_formula_and_teacher_gets_no_gradient(tmp_path, di
     mkd = method.addons[0]
     assert mkd.alphas == pytest.approx([0.005, math.sqrt(0.005 * 0.1), 0.1])
     # construction: theta_j = a / (1 - a) * theta
-    for a, t in zip(mkd.alphas, mkd.teachers):
-        for p, e in zip(method.model.parameters(), t.parameters()):
+    for a, t in zip(mkd.alphas, mkd.teachers, strict=True):
+        for p, e in zip(method.model.parameters(), t.parameters(), strict=True):
             torch.testing.assert_close(e, p.detach() * a / (1 - a), rtol=1e-6, atol=0)
     for step in range(7):
         before = [[e.clone() for e in t.parameters()] for t in mkd.teachers]
         batch = next(b for i, b in enumerate(learner.stream.batches()) if i == step)
         learner.train_batch(batch)
         k = max(1, mkd.batches // 2)
-        for a, t, old in zip(mkd.alphas, mkd.teachers, before):
-            for p, e, e0 in zip(method.model.parameters(), t.parameters(), old):
+        for a, t, old in zip(mkd.alphas, mkd.teachers, before, strict=True):
+            for p, e, e0 in zip(method.model.parameters(), t.parameters(), old, strict=True):
                 torch.testing.assert_close(e, (1 - a) * e0 + p.detach() * (a / (1 - a**k)), rtol=1e-5, atol=1e-7)
                 assert not e.requires_grad and e.grad is None
     assert ema_factor(0.01, 25, 10) == pytest.approx(0.01 / (1 - 0.01**2))
@@ -133,7 +133,7 @@ def test_mkd_block_loss_and_gradients_match_a_reference(tmp_path, digits):
     ref = 0.7 * (ref_ce(s_aug, y, seen) + 3.0 * (ref_kd(s_aug, t_aug, 2.0, seen) + ref_kd(s_raw, t_aug, 2.0, seen)) / 2)
     ref.backward()
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
-    for p, r in zip(method.model.parameters(), student64.parameters()):
+    for p, r in zip(method.model.parameters(), student64.parameters(), strict=True):
         torch.testing.assert_close(p.grad.double(), r.grad, rtol=1e-4, atol=1e-6)
     assert all(t.grad is None for t in mkd.teachers[0].parameters())
 
@@ -172,7 +172,7 @@ def test_ccl_dc_loss_and_gradients_match_a_reference(tmp_path, digits):
     ccl.peer.optimizer.zero_grad(set_to_none=True)
     loss1.backward()
     refs[0].backward()
-    for p, r in zip(method.model.parameters(), m1.parameters()):
+    for p, r in zip(method.model.parameters(), m1.parameters(), strict=True):
         torch.testing.assert_close(p.grad.double(), r.grad, rtol=1e-4, atol=1e-6)
     assert all(p.grad is None for p in ccl.peer.model.parameters())  # peer 1's term is no gradient to peer 2
 
@@ -190,9 +190,9 @@ def test_weight_zero_is_the_base_method_and_the_addon_composes(tmp_path, digits,
     on = learner_for(tmp_path / "on", digits, method, addon)
     for learner in (base, off, on):
         run_batches(learner, 12)
-    for a, b in zip(params(base.method), params(off.method)):
+    for a, b in zip(params(base.method), params(off.method), strict=True):
         assert torch.equal(a, b)
-    assert any(not torch.equal(a, b) for a, b in zip(params(base.method), params(on.method)))
+    assert any(not torch.equal(a, b) for a, b in zip(params(base.method), params(on.method), strict=True))
     assert all(math.isfinite(v) for v in on.method.addons[0].log_values().values())
     assert on.method.addons[0].log_values()
 

@@ -95,8 +95,8 @@ def test_resampling_matches_torchvision_resized_crop():
     boxes = sample_crop_boxes(12, 32, 32, gen(5), (0.1, 1.0), RATIO)
     ours = resized_crop(x, boxes, (32, 32))
     for b in range(12):
-        t, l, h, w = boxes[b].tolist()
-        ref = TF.resized_crop(x[b], t, l, h, w, [32, 32], antialias=False)
+        top, left, h, w = boxes[b].tolist()
+        ref = TF.resized_crop(x[b], top, left, h, w, [32, 32], antialias=False)
         assert torch.allclose(ours[b], ref, atol=1e-5), b
 
 
@@ -242,7 +242,7 @@ def test_predrawn_equals_drawing_call_by_call(c, independent):
         views = two_views(xc, pre, None, independent)
         ours = [views, pre(views), two_views(xm, pre, None, independent)]
         assert pre.left == 0
-        for a, b in zip(ours, ref):
+        for a, b in zip(ours, ref, strict=True):
             assert torch.equal(a, b), (n_c, n_m)
         assert torch.equal(g.get_state(), g_ref.get_state())
 

@@ -109,7 +109,7 @@ def test_plugin_online_permuted_classes_stats_and_weights_evolve(digits_stream):
     assert not torch.allclose(w[[7, 3, 9, 1, 5, 0]], torch.ones(6)), "adaptive weights never left 1"
     assert not torch.equal(weights_after[1], weights_after[2]), "weights did not evolve between tasks"
     assert all((w > 0) & (w < 2))
-    assert any(not torch.equal(a, b) for a, b in zip(w0, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(w0, model.parameters(), strict=True))
     # the loss Avalanche backpropagated was GSA's, not the strategy's cross-entropy, on every mini-batch
     assert len(recorder.pairs) == 60
     assert all(abs(loss - ce) > 1e-6 for loss, ce in recorder.pairs)

@@ -82,12 +82,12 @@ def test_ema_update_follows_its_formula_and_teachers_get_no_gradient(digits_stre
     strategy = naive(model, mkd, snap)
     strategy.train(digits_stream[0])  # a classic experience: 6 iterations, one epoch
     assert mkd.batches == mkd.updates == len(snap.steps) == 6
-    for alpha, teacher in zip([0.1, 0.5], mkd.teachers):
+    for alpha, teacher in zip([0.1, 0.5], mkd.teachers, strict=True):
         ema = [alpha / (1 - alpha) * p.double() for p in snap.init]
         for batches, theta in snap.steps:
             k = max(1, batches // 3)
-            ema = [(1 - alpha) * e + alpha / (1 - alpha**k) * p.double() for e, p in zip(ema, theta)]
-        for e, t in zip(ema, teacher.parameters()):
+            ema = [(1 - alpha) * e + alpha / (1 - alpha**k) * p.double() for e, p in zip(ema, theta, strict=True)]
+        for e, t in zip(ema, teacher.parameters(), strict=True):
             torch.testing.assert_close(t.double(), e, rtol=1e-5, atol=1e-6)
         assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
     # the teachers are not the student and have moved away from a scaled copy of it
@@ -131,7 +131,7 @@ def test_kd_term_added_to_the_strategy_loss(digits_stream):
     for exp in digits_stream[:2]:
         train_online(strategy, exp)
     assert len(after.losses) == 12
-    for (x, y, out), lb, la, ts in zip(before.inputs, before.losses, after.losses, teachers_at):
+    for (_x, y, out), lb, la, ts in zip(before.inputs, before.losses, after.losses, teachers_at, strict=True):
         seen |= set(y.tolist())
         kd = sum(kd_reference(out, t, 4.0, seen) for t in ts) / 2
         torch.testing.assert_close(la - lb, 0.5 * 2.0 * kd, rtol=1e-5, atol=1e-6)
@@ -147,7 +147,7 @@ def test_weight_zero_is_the_strategy_bit_for_bit(digits_stream):
         for exp in digits_stream[:2]:
             train_online(strategy, exp)
         finals.append(params(model))
-    assert all(torch.equal(a, b) for a, b in zip(*finals))
+    assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))
     assert plugins[0].updates == 12  # the teachers still followed (eval_head may still use them)
 
 
@@ -178,11 +178,11 @@ def test_eval_head_is_evaluated_and_the_student_restored(digits_stream, head):
         reference = mlp(bn=True)
         reference.load_state_dict(model.state_dict())
         with torch.no_grad():
-            for r, s, t in zip(reference.parameters(), model.parameters(), teacher.parameters()):
+            for r, s, t in zip(reference.parameters(), model.parameters(), teacher.parameters(), strict=True):
                 r.copy_((s + t) / 2)
         reference.eval()
     with torch.no_grad():
-        for x, out in zip(probe.inputs, probe.outputs):
+        for x, out in zip(probe.inputs, probe.outputs, strict=True):
             torch.testing.assert_close(out, reference(x))
     teacher.train()
     student_eval = naive(mlp(bn=True), MKDPlugin(eval_head="student"), probe)
@@ -206,10 +206,10 @@ def test_failed_evaluation_never_trains_a_head(digits_stream):
     teacher_before, student_before = params(mkd.teachers[0]), params(model)
     strategy.train(digits_stream[1])  # the student is back before anything trains
     assert strategy.model is model
-    assert all(not torch.equal(a, b) for a, b in zip(student_before, model.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(student_before, model.parameters(), strict=True))
     # the teacher moved only by its EMA step (small), it was not trained by SGD in the student's place
     assert mkd.updates == 12 and all(p.grad is None for p in mkd.teachers[0].parameters())
-    assert all(not torch.equal(a, b) for a, b in zip(teacher_before, mkd.teachers[0].parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(teacher_before, mkd.teachers[0].parameters(), strict=True))
 
 
 def test_checkpoint_round_trip_keeps_teachers_and_counters(digits_stream, tmp_path):
@@ -225,13 +225,13 @@ def test_checkpoint_round_trip_keeps_teachers_and_counters(digits_stream, tmp_pa
     plugin = [p for p in restored.plugins if isinstance(p, MKDPlugin)][0]
     assert (plugin.batches, plugin.updates) == (mkd.batches, mkd.updates) == (12, 12)
     assert torch.equal(plugin.seen, mkd.seen)
-    for a, b in zip(mkd.teachers, plugin.teachers):
-        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    for a, b in zip(mkd.teachers, plugin.teachers, strict=True):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     train_online(strategy, digits_stream[2])
     train_online(restored, digits_stream[2])
-    for a, b in zip(mkd.teachers, plugin.teachers):
-        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    assert all(torch.equal(p, q) for p, q in zip(strategy.model.parameters(), restored.model.parameters()))
+    for a, b in zip(mkd.teachers, plugin.teachers, strict=True):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(strategy.model.parameters(), restored.model.parameters(), strict=True))
 
 
 def test_teachers_grow_with_an_incremental_classifier(digits_stream):

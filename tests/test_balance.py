@@ -31,7 +31,7 @@ def hand_stats(batches):
     out = []
     for z, y in batches:
         pos, neg = [0.0] * C, [0.0] * C
-        for zi, yi in zip(z.tolist(), y.tolist()):
+        for zi, yi in zip(z.tolist(), y.tolist(), strict=True):
             e = [math.exp(v) for v in zi]
             p = [v / sum(e) for v in e]
             for c in range(C):
@@ -44,7 +44,7 @@ def hand_stats(batches):
 
 
 def hand_weights(pos, neg):
-    return [2 / (1 + math.exp(-(p / n - 1))) for p, n in zip(pos, neg)]
+    return [2 / (1 + math.exp(-(p / n - 1))) for p, n in zip(pos, neg, strict=True)]
 
 
 def toy_batches(n=6, seed=0):
@@ -73,7 +73,9 @@ def close(a, b):
 def test_each_rule_weights_against_hand_computation():
     batches = toy_batches()
     per = hand_stats(batches)
-    sum_ = lambda rows, k: [sum(r[k][c] for r in rows) for c in range(C)]
+
+    def sum_(rows, k):
+        return [sum(r[k][c] for r in rows) for c in range(C)]
 
     rule = make_rule("cumulative", C)
     feed(rule, batches)
@@ -84,7 +86,10 @@ def test_each_rule_weights_against_hand_computation():
     feed(rule, batches)
     ema = [[0.0] * C, [0.0] * C]
     for pos, neg in per:
-        ema = [[m * s + v for s, v in zip(ema[0], pos)], [m * s + v for s, v in zip(ema[1], neg)]]
+        ema = [
+            [m * s + v for s, v in zip(ema[0], pos, strict=True)],
+            [m * s + v for s, v in zip(ema[1], neg, strict=True)],
+        ]
     close(rule.positive, ema[0])
     close(rule.weights(torch.float64), hand_weights(*ema))
 
@@ -100,7 +105,9 @@ def test_each_rule_weights_against_hand_computation():
         rule = make_rule(name, C)
         feed(rule, batches)
         assert torch.equal(rule.weights(), torch.ones(C))
-        close(rule.ratio(), [p / n for p, n in zip(sum_(per, 0), sum_(per, 1))])  # the logged cumulative ratio
+        close(
+            rule.ratio(), [p / n for p, n in zip(sum_(per, 0), sum_(per, 1), strict=True)]
+        )  # the logged cumulative ratio
 
 
 def test_ema_with_momentum_one_and_a_long_window_equal_cumulative():
@@ -241,7 +248,11 @@ def test_gsa_cumulative_is_the_spec_step_bit_for_bit_and_ema_one_equals_it(monke
     _, loss_ema, grads_ema = run("gsa", 40, balance="ema", balance_momentum=1.0)
     for loss, grads in ((loss_cum, grads_cum), (loss_ema, grads_ema)):
         assert torch.equal(loss, loss_legacy)
-        assert all(torch.equal(a, b) for step_a, step_b in zip(grads, grads_legacy) for a, b in zip(step_a, step_b))
+        assert all(
+            torch.equal(a, b)
+            for step_a, step_b in zip(grads, grads_legacy, strict=True)
+            for a, b in zip(step_a, step_b, strict=True)
+        )
     _, loss_const, _ = run("gsa", 40, balance="constant")
     _, loss_alias, _ = run("gsa", 40, adaptive_weights=False)
     assert torch.equal(loss_const, loss_alias)  # the old key is an alias of constant
@@ -344,7 +355,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit(name, rule):
     fresh.load_state_dict(saved["method"])
     _, loss_b, _ = run(name, 40, start=31, method=fresh)
     assert torch.equal(torch.cat([loss_a, loss_b]), loss_whole)
-    assert all(torch.equal(a, b) for a, b in zip(fresh.model.parameters(), whole.model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.model.parameters(), whole.model.parameters(), strict=True))
 
 
 def test_cli_resume_after_sigkill_is_bit_identical_with_a_window(tmp_path):

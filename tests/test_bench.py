@@ -70,7 +70,7 @@ def test_shorten_stream_keeps_the_first_batches_of_every_task():
     full = ClassIncrementalStream(ds, 5, 10, "random", seed=0)
     short = shorten_stream(ClassIncrementalStream(ds, 5, 10, "random", seed=0), 2)
     assert len(short) == 10 and short.n_samples == 100
-    for a, b in zip(full.tasks, short.tasks):
+    for a, b in zip(full.tasks, short.tasks, strict=True):
         assert torch.equal(a.train_idx[:20], b.train_idx)
     assert [b.task for b in short.batches()] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
 

@@ -74,7 +74,7 @@ def test_iblurry_composition_matches_n_and_m(n, m):
     blurry = [c for part in s.blurry_classes for c in part]
     assert len(disjoint) == 20 * n // 100 and sorted(disjoint + blurry) == list(range(20))
     assert all(len(p) == len(disjoint) // 5 for p in s.disjoint_classes)  # spread evenly
-    task_of = {i: t for i, t in stream_order(s)}
+    task_of = dict(stream_order(s))
     labels = ds.train_y.tolist()
     home = {c: t for t, part in enumerate(s.disjoint_classes) for c in part}
     home.update({c: t for t, part in enumerate(s.blurry_classes) for c in part})

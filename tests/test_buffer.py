@@ -96,7 +96,7 @@ def test_batch_collisions_match_sequential_reference():
         hit = r[(j >= cap) & (r < cap)]
         collisions += len(hit) - len(np.unique(hit))
     assert collisions > 0
-    ref = sequential_algorithm_r(cap, [(int(j), int(r), stream[int(j)]) for j, r in zip(j_all, r_all)])
+    ref = sequential_algorithm_r(cap, [(int(j), int(r), stream[int(j)]) for j, r in zip(j_all, r_all, strict=True)])
     assert position(buf.x).tolist() == [pos for pos, _ in ref]
     assert buf.y.tolist() == [pos * 3 for pos, _ in ref]
     assert buf.task.tolist() == [task for _, task in ref]
@@ -211,7 +211,7 @@ def test_state_dict_round_trip_continues_bit_identically(policy):
     assert fresh.n_seen == 120 and len(fresh) == 25
     got = run_and_record(fresh, 120, 15)
     assert len(got) == len(expected)
-    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_load_state_dict_rejects_a_mismatched_buffer():

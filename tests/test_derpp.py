@@ -92,7 +92,7 @@ def is_crop_flip(inp: torch.Tensor, out: torch.Tensor, padding: int) -> bool:
     if padding == 0 and torch.equal(inp, out):
         return True
     h, w = inp.shape[-2:]
-    for a, b in zip(inp, out):
+    for a, b in zip(inp, out, strict=True):
         p = torch.zeros(a.shape[0], h + 2 * padding, w + 2 * padding, dtype=a.dtype)
         p[:, padding : padding + h, padding : padding + w] = a
         windows = [p[:, i : i + h, j : j + w] for i in range(2 * padding + 1) for j in range(2 * padding + 1)]
@@ -218,15 +218,15 @@ def run_lockstep(spec: Spec, separate_passes: bool = True) -> dict:
             loss,
             rtol=RTOL,
             atol=ATOL,
-            msg=lambda m: f"loss differs from the reference at {at}: {m}",
+            msg=lambda m, at=at: f"loss differs from the reference at {at}: {m}",
         )
-        for name, g, g_ref in zip(names, captured["grads"], grads):
+        for name, g, g_ref in zip(names, captured["grads"], grads, strict=True):
             torch.testing.assert_close(
                 g.double(),
                 g_ref,
                 rtol=RTOL,
                 atol=ATOL,
-                msg=lambda m, name=name: f"gradient of {name} differs at {at}: {m}",
+                msg=lambda m, name=name, at=at: f"gradient of {name} differs at {at}: {m}",
             )
         # the rows this step wrote carry the pre-update logits of their augmented incoming row
         after = len(buf)
@@ -239,7 +239,7 @@ def run_lockstep(spec: Spec, separate_passes: bool = True) -> dict:
                 logits_new[rows[-1]],
                 rtol=RTOL,
                 atol=ATOL,
-                msg=lambda m: f"stored logits are not the pre-update logits at {at}: {m}",
+                msg=lambda m, at=at: f"stored logits are not the pre-update logits at {at}: {m}",
             )
             stats["stored_checked"] += 1
         assert buf.n_seen == n_seen_before + len(batch.y)

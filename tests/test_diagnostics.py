@@ -151,7 +151,7 @@ def test_diagnostics_leave_training_bit_identical(tmp_path, digits, method):
     off, res_off = run_result(config(method, False), digits, tmp_path / "off")
     on, res_on = run_result(config(method, True, every=2), digits, tmp_path / "on")
     assert res_on["acc_matrix"] == res_off["acc_matrix"]
-    for a, b in zip(off.method.model.state_dict().values(), on.method.model.state_dict().values()):
+    for a, b in zip(off.method.model.state_dict().values(), on.method.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert "diagnostics" in res_on and "diagnostics" not in res_off
     assert on.diagnostics.grads, "no gradient was measured"

@@ -122,7 +122,7 @@ def test_relabelling_the_stream_permutes_the_weights():
             model.head.weight[pi] = w
             model.head.bias[pi] = b
 
-    for ba, bb in zip(stream_a.batches(), stream_b.batches()):
+    for ba, bb in zip(stream_a.batches(), stream_b.batches(), strict=True):
         assert torch.equal(ba.x, bb.x) and torch.equal(pi[ba.y], bb.y)
         if ba.step > 3:
             break
@@ -168,6 +168,6 @@ def test_step_draws_at_once_equal_drawing_per_call(cfg, monkeypatch):
     assert torch.equal(fused.generator.get_state(), per_call.generator.get_state())
     assert torch.equal(fused.gsa.stats.positive, per_call.gsa.stats.positive)
     assert torch.equal(fused.gsa.stats.negative, per_call.gsa.stats.negative)
-    for a, b in zip(fused.model.parameters(), per_call.model.parameters()):
+    for a, b in zip(fused.model.parameters(), per_call.model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert float(fused.gsa.stats.negative.sum()) > 0

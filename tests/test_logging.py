@@ -33,7 +33,7 @@ def test_gsa_statistics_in_metrics_csv_and_tensorboard(tmp_path):
     assert all(float(r["value"]) > 0 for r in ratios)
     # the last logged weights are the final statistics reported in results.json
     last = {int(r["key"].rsplit("/", 1)[1]): float(r["value"]) for r in weights}
-    final = dict(zip(res["gsa"]["classes"], res["gsa"]["weights"]))
+    final = dict(zip(res["gsa"]["classes"], res["gsa"]["weights"], strict=True))
     assert all(abs(last[c] - final[c]) < 1e-4 for c in final)
     # the first classes appear before the later tasks' classes (logged as they are seen)
     first_step = {}

@@ -253,7 +253,7 @@ def test_every_step_matches_the_official_equations():
             captured["loss"].double(), loss, rtol=RTOL, atol=ATOL, msg=lambda m: f"loss differs at {where}: {m}"
         )
         assert len(grads) == len(captured["grads"])
-        for i, (g, g_ref) in enumerate(zip(captured["grads"], grads)):
+        for i, (g, g_ref) in enumerate(zip(captured["grads"], grads, strict=True)):
             torch.testing.assert_close(
                 g.double(), g_ref, rtol=RTOL, atol=ATOL, msg=lambda m, i=i: f"gradient {i} differs at {where}: {m}"
             )

@@ -72,7 +72,7 @@ def test_bn_extra_passes_move_only_the_running_statistics():
     loss0, grads0, mean0, n0 = bn_step(False)
     loss1, grads1, mean1, n1 = bn_step(True)
     torch.testing.assert_close(loss1, loss0)
-    for a, b in zip(grads0, grads1):
+    for a, b in zip(grads0, grads1, strict=True):
         torch.testing.assert_close(a, b)
     assert n0 == 2 and n1 == 2 + 11  # the two loss passes, and P1, P3-P8 (6), P9, P10, P12, P13
     assert not torch.allclose(mean0, mean1)

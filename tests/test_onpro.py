@@ -72,12 +72,12 @@ def ntxent_ref(sim, labels, t, self_excluded):
     e = torch.exp(s / t)
     if self_excluded:
         e = e * (~torch.eye(n2, dtype=torch.bool))
-    l = -torch.log(e / (e.sum(1, keepdim=True) + EPS) + EPS)
+    nll = -torch.log(e / (e.sum(1, keepdim=True) + EPS) + EPS)
     m = (lab.view(-1, 1) == lab.view(1, -1)).double()
     m = m / (m.sum(1, keepdim=True) + EPS)
     if not self_excluded:
-        return (m * l).sum() / n2
-    return (l[:b, b:].diag().sum() + l[b:, :b].diag().sum()) / n2 + 2 * (m * l).sum() / n2
+        return (m * nll).sum() / n2
+    return (nll[:b, b:].diag().sum() + nll[b:, :b].diag().sum()) / n2 + 2 * (m * nll).sum() / n2
 
 
 def ope_ref(z1, z2, y, t):
@@ -94,7 +94,7 @@ def ope_ref(z1, z2, y, t):
         denom = sum(torch.exp(logits[i, q]) for q in range(2 * k) if q != i)
         total = total + (logits[i, j] - torch.log(denom))
     means = torch.zeros(NUM_CLASSES, z1.shape[1], dtype=z1.dtype)
-    for c, a, b in zip(classes, p1, p2):
+    for c, a, b in zip(classes, p1, p2, strict=True):
         means[c] = (a + b) / 2
     return -total / (2 * k), means.detach(), classes
 
@@ -327,9 +327,13 @@ def test_onpro_steps_match_reference(knobs):
         mixed += sum(int((a[2][3] > 0).sum()) for a in rec.apf)
         loss, grads = onpro_reference(model64, proj64, batch, seen, list(samples.calls), rec, snap, ref, knobs)
         where = f"task {batch.task}, batch {batch.step_in_task}"
-        torch.testing.assert_close(captured["loss"].double(), loss, rtol=RTOL, atol=ATOL, msg=lambda m: f"{where}: {m}")
-        for g, g_ref in zip(captured["grads"], grads):
-            torch.testing.assert_close(g.double(), g_ref, rtol=RTOL, atol=ATOL, msg=lambda m: f"grad at {where}: {m}")
+        torch.testing.assert_close(
+            captured["loss"].double(), loss, rtol=RTOL, atol=ATOL, msg=lambda m, where=where: f"{where}: {m}"
+        )
+        for g, g_ref in zip(captured["grads"], grads, strict=True):
+            torch.testing.assert_close(
+                g.double(), g_ref, rtol=RTOL, atol=ATOL, msg=lambda m, where=where: f"grad at {where}: {m}"
+            )
     assert mixed > 0, "some replayed rows were mixed"
 
 
@@ -355,15 +359,20 @@ def test_apf_pair_selection_on_hand_made_prototypes():
         for _ in range(30):
             counts = method.apf_pair_counts(m)
             assert int(counts.sum()) == m
-            got = {(int(a), int(b)): int(k) for a, b, k in zip(method.pair_a, method.pair_b, counts) if k > 0}
+            got = {
+                (int(a), int(b)): int(k) for a, b, k in zip(method.pair_a, method.pair_b, counts, strict=True) if k > 0
+            }
             assert set(got) <= set(pairs), "only pairs of classes with prototypes"
-            diff = [got.get(p, 0) - int(e) for p, e in zip(pairs, expect)]
+            diff = [got.get(p, 0) - int(e) for p, e in zip(pairs, expect, strict=True)]
             assert sorted(diff) == sorted([0] * 5 + [short])
             seen_pairs.add(diff.index(short))
             if short < 0:
                 assert expect[diff.index(short)] > 0
         assert len(seen_pairs) > 1, "the pair that absorbs the rounding is random"
-    got = {(int(a), int(b)): int(k) for a, b, k in zip(method.pair_a, method.pair_b, method.apf_pair_counts(16))}
+    got = {
+        (int(a), int(b)): int(k)
+        for a, b, k in zip(method.pair_a, method.pair_b, method.apf_pair_counts(16), strict=True)
+    }
     assert got[(0, 1)] >= 9 and all(v <= 3 for p, v in got.items() if p != (0, 1))
     # the rows: buffer rows of the pair's classes, grouped in pair order
     y = torch.tensor([0, 1, 2, 3] * 5)
@@ -372,7 +381,7 @@ def test_apf_pair_selection_on_hand_made_prototypes():
     xm, ym = method.to_input(x[:16]), y[:16]
     x_mix, ya, yb, lam = method.apf(xm, ym, 16)
     base = int(16 * SPEC["mixup_base_rate"])
-    seq = list(zip(ya[base:].tolist(), yb[base:].tolist()))
+    seq = list(zip(ya[base:].tolist(), yb[base:].tolist(), strict=True))
     assert all(p in got for p in seq) and seq == sorted(seq, key=pairs.index)
     for r in range(base, 16):
         va = x_mix[r, 0, 0, 0] * 255

@@ -170,7 +170,7 @@ def run_lockstep(cfg: PCRConfig, check):
         mem_x, mem_y, _ = samples[0][2]
         assert len(mem_y) == min(10, n_buf)
         flat = buf_x.flatten(1)
-        hits = [int(((flat == r).all(1) & (buf_y == l)).sum()) for r, l in zip(mem_x.flatten(1), mem_y)]
+        hits = [int(((flat == r).all(1) & (buf_y == y)).sum()) for r, y in zip(mem_x.flatten(1), mem_y, strict=True)]
         assert all(h >= 1 for h in hits)
         # the augmentation: one call on the incoming rows followed by the replayed rows, as [0, 1] floats
         x_new, x_mem = batch.x.float() / 255.0, mem_x.float() / 255.0
@@ -199,7 +199,7 @@ def test_every_step_matches_the_official_loss():
     def check(loss, grads, ref_loss, ref_grads, names, info):
         where = f"task {info['batch'].task} batch {info['batch'].step_in_task}"
         torch.testing.assert_close(loss.double(), ref_loss, rtol=RTOL, atol=ATOL, msg=lambda m: f"{where}: {m}")
-        for name, g, r in zip(names, grads, ref_grads):
+        for name, g, r in zip(names, grads, ref_grads, strict=True):
             if name == "head.bias":
                 assert g is None and r is None, "the proxies are the head's weight rows only"
                 continue
@@ -235,7 +235,7 @@ def test_passes_iters_and_the_evaluation_head():
         method = build(PCRConfig(separate_passes=separate))
         calls = []
         original = method.model.features
-        method.model.features = lambda x: (calls.append(len(x)), original(x))[1]
+        method.model.features = lambda x, calls=calls, original=original: (calls.append(len(x)), original(x))[1]
         for b in batches[:2]:
             method.observe(b), method.remember(b, None)
         assert calls[1:] == ([20, 20] if separate else [40]) and len(calls) == 1 + expect

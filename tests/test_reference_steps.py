@@ -450,7 +450,7 @@ def assert_loss_and_grads(r: StepRecord):
         msg=lambda m: f"loss differs from the reference at {where(r)}: {m}",
     )
     assert len(r.grads) == len(r.ref.grads)
-    for name, g, g_ref in zip(r.names, r.grads, r.ref.grads):
+    for name, g, g_ref in zip(r.names, r.grads, r.ref.grads, strict=True):
         torch.testing.assert_close(
             g.double(),
             g_ref,

@@ -52,7 +52,7 @@ def image_folder(root: Path, classes: dict[str, tuple[int, int]]) -> Path:
     """train/<c>/ and test/<c>/ with (train, test) random 8x8 PNGs per class."""
     g = torch.Generator().manual_seed(0)
     for c, counts in classes.items():
-        for split, n in zip(("train", "test"), counts):
+        for split, n in zip(("train", "test"), counts, strict=True):
             if n == 0:
                 continue
             (root / split / c).mkdir(parents=True, exist_ok=True)
@@ -94,9 +94,11 @@ def test_a_task_without_test_images_is_refused_not_scored_zero(tmp_path):
 
 # 3. -------------------------------------------------------------------------------------------------------------
 def test_one_writer_per_folder_and_a_crashed_holder_leaves_no_lock(tmp_path):
-    with RunFolder(tmp_path / "run"):
-        with pytest.raises(ConfigError, match=rf"in use by another run \(pid {os.getpid()}\)"):
-            RunFolder(tmp_path / "run").__enter__()
+    with (
+        RunFolder(tmp_path / "run"),
+        pytest.raises(ConfigError, match=rf"in use by another run \(pid {os.getpid()}\)"),
+    ):
+        RunFolder(tmp_path / "run").__enter__()
     # a holder killed with SIGKILL: the operating system drops its lock
     code = (
         f"import os, signal; from cil.run.folder import RunFolder; RunFolder({str(tmp_path / 'run2')!r})"

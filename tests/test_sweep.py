@@ -49,7 +49,7 @@ def test_joblib_two_jobs_then_relaunch_skips_them(tmp_path):
         for s in (0, 1)
     ]
     assert sorted(dirs) == names
-    r0, r1 = (assert_complete(dirs[n], s) for n, s in zip(names, (0, 1)))
+    r0, r1 = (assert_complete(dirs[n], s) for n, s in zip(names, (0, 1), strict=True))
     assert r0["class_order"] != r1["class_order"]  # two different seeds really ran
     assert "2 complete" in proc.stdout and "0 failed" in proc.stdout
 

@@ -186,7 +186,7 @@ def test_novelty_rule_is_task_aware_gsa_bit_for_bit_on_a_disjoint_stream():
         a = aware.train_batch(batch)
         f = free.train_batch(batch)
         assert torch.equal(a.loss, f.loss), batch.step
-        for pa, pf in zip(aware.method.model.parameters(), free.method.model.parameters()):
+        for pa, pf in zip(aware.method.model.parameters(), free.method.model.parameters(), strict=True):
             assert torch.equal(pa.grad, pf.grad) and torch.equal(pa, pf), batch.step
         assert free.method.pseudo_step == (batch.task, batch.step_in_task)
         assert torch.equal(free.method.classes.task_mask, aware.method.classes.task_mask)

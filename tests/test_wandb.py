@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -151,7 +152,7 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_env, uninterru
     assert [r["exit"] for r in runs] == [None, EXIT_PREEMPTED, 0]
     # no step is sent twice; together the attempts hold every step of an uninterrupted run, with its values
     steps = [sorted(r["rows"]) for r in runs if r["rows"]]
-    assert all(max(a) < min(b) for a, b in zip(steps, steps[1:])) and len(steps) >= 2
+    assert all(max(a) < min(b) for a, b in pairwise(steps)) and len(steps) >= 2
     (ref,) = attempts(uninterrupted)
     merged = {s: row for r in runs for s, row in r["rows"].items()}
     assert sorted(merged) == sorted(ref["rows"])

@@ -6,6 +6,7 @@ writes the three standard figures of one run. matplotlib runs with the Agg backe
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import matplotlib
@@ -64,7 +65,7 @@ def long_windows(series: dict) -> np.ndarray:
 def task_ends(series: dict) -> list[int]:
     """Stream steps at which a task ended (each task end has a snapshot)."""
     snaps = series["snapshots"]
-    return [a["step"] for a, b in zip(snaps, snaps[1:]) if b["task"] != a["task"]]
+    return [a["step"] for a, b in pairwise(snaps) if b["task"] != a["task"]]
 
 
 def _boundaries(ax, series):
@@ -140,7 +141,7 @@ def plot_class_ratios(ax, series: dict, kind: str = "mass", recent: bool = False
     ax.set_xlabel("stream batch")
     ax.set_ylabel(("recent " if recent else "") + "G+/G- per class")
     handles, labels = ax.get_legend_handles_labels()
-    uniq = dict(sorted(zip(labels, handles), key=lambda kv: int(kv[0].split()[-1])))
+    uniq = dict(sorted(zip(labels, handles, strict=True), key=lambda kv: int(kv[0].split()[-1])))
     ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="best")
     if title:
         ax.set_title(title, fontsize=9)
@@ -182,7 +183,7 @@ def plot_grad_norms(ax, series: dict, head: bool = False, title: str | None = No
         key = "head_cos" if head else "cos"
         pts = [(r["step"], r[key]) for r in g if r[key] is not None]
         if pts:
-            steps_c, cos = map(np.array, zip(*pts))
+            steps_c, cos = map(np.array, zip(*pts, strict=True))
             cos_ax.plot(steps_c, cos, color="tab:purple", lw=0.6, alpha=0.3)
             cos_ax.plot(steps_c, smooth(cos, smooth_over), color="tab:purple", lw=1.4)
         cos_ax.axhline(0.0, color="k", lw=0.8, ls="--")

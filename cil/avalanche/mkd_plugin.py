@@ -77,7 +77,7 @@ class MKDPlugin(SupervisedPlugin):
     def _follow_structure(self, student: nn.Module) -> None:
         """Give the teachers the student's structure when it changed (a grown head); see the module docstring."""
         s_params, s_buffers = dict(student.named_parameters()), dict(student.named_buffers())
-        for j, (alpha, teacher) in enumerate(zip(self.alphas, self.teachers)):
+        for j, (alpha, teacher) in enumerate(zip(self.alphas, self.teachers, strict=True)):
             t_params, t_buffers = dict(teacher.named_parameters()), dict(teacher.named_buffers())
             same = {k: v.shape for k, v in t_params.items()} == {k: v.shape for k, v in s_params.items()} and {
                 k: v.shape for k, v in t_buffers.items()
@@ -85,7 +85,11 @@ class MKDPlugin(SupervisedPlugin):
             if not same:
                 for k, v in t_params.items():
                     new = s_params.get(k)
-                    if new is None or new.dim() != v.dim() or any(a > b for a, b in zip(v.shape, new.shape)):
+                    if (
+                        new is None
+                        or new.dim() != v.dim()
+                        or any(a > b for a, b in zip(v.shape, new.shape, strict=True))
+                    ):
                         raise ConfigError(
                             f"MKDPlugin: the model's parameter {k!r} changed from {tuple(v.shape)} to "
                             f"{None if new is None else tuple(new.shape)}; the EMA teachers can follow a head that "

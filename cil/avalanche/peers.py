@@ -6,8 +6,9 @@ dataset is the task's training samples as float tensors *in our stream's order* 
 `classes_in_this_experience`), so Avalanche sees exactly our batches:
 
 - online strategies (naive, replay, er_ace, er_aml, scr, mir, der): `split_online_stream(task, batch_size,
-  shuffle=False)` (with `access_task_boundaries=True` only for GSAPlugin, which reads the task); each of our batches is one sub-experience, trained with
-  `strategy.train(sub_exp)` (one pass, train_mb_size = batch size) - Avalanche's online-CL recipe.
+  shuffle=False)` (with `access_task_boundaries=True` only for GSAPlugin, which reads the task); each of our
+  batches is one sub-experience, trained with `strategy.train(sub_exp)` (one pass, train_mb_size = batch size) -
+  Avalanche's online-CL recipe.
 - task strategies (gdumb, agem, lwf): their memory or teacher is updated once per experience
   (`after_training_exp`), which per mini-batch would be a different method (LwF distilling from the model one
   batch ago, A-GEM storing every batch). They get the whole task as one experience at the task's last batch,

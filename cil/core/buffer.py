@@ -211,7 +211,7 @@ class ReplayBuffer:
 
     def _class_counts_cpu(self) -> dict[int, int]:
         labels, counts = np.unique(self._y_np[: len(self)], return_counts=True)
-        return dict(zip(labels.tolist(), counts.tolist()))
+        return dict(zip(labels.tolist(), counts.tolist(), strict=True))
 
     # ---------------------------------------------------------------- queries
     def _candidates(self, task, exclude_task, classes) -> np.ndarray | None:
@@ -313,7 +313,7 @@ class ReplayBuffer:
         self.n_seen = int(state["n_seen"])
         self._gen.set_state(state["generator"])
         self._seen_per_class = {int(k): int(v) for k, v in state["seen_per_class"].items()}
-        self._full_classes = set(int(c) for c in state["full_classes"])
+        self._full_classes = {int(c) for c in state["full_classes"]}
         saved = state.get("extras", {})
         if set(saved) != set(self._extras):
             raise ConfigError(

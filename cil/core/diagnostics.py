@@ -237,7 +237,7 @@ class Diagnostics:
             return torch.zeros(sum(p.numel() for p in self.params), device=self.device)
         grads = torch.autograd.grad(loss, self.params, retain_graph=True, allow_unused=True)
         return torch.cat(
-            [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.params)]
+            [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.params, strict=True)]
         )
 
     def _norms(self, g: Tensor) -> tuple[float, float]:
@@ -288,9 +288,9 @@ class Diagnostics:
         for key in ("cos", "head_cos"):
             if rec[key] is not None:
                 logger.scalar(f"diag/grad_{key}", rec[key], step, task)
-        for j, (norm, head) in rec["tasks"].items():
+        for j, (norm, _head) in rec["tasks"].items():
             logger.scalar(f"diag/grad_norm/task_{j}", norm, step, task)
-        for j, (norm, head) in rec["replay_tasks"].items():
+        for j, (norm, _head) in rec["replay_tasks"].items():
             logger.scalar(f"diag/grad_norm/replay_task_{j}", norm, step, task)
         self.grads.append(rec)
         for j, (norm, head) in rec["tasks"].items():
@@ -428,6 +428,6 @@ class Diagnostics:
 def _combined(stats: dict, kind: str, src: str = "all") -> tuple[list[float], list[float]]:
     """(G+, G-) per class of one kind, for one source or summed over both ('all')."""
     srcs = SOURCES if src == "all" else (src,)
-    pos = [sum(v) for v in zip(*(stats[f"{kind}/{s}"]["pos"] for s in srcs))]
-    neg = [sum(v) for v in zip(*(stats[f"{kind}/{s}"]["neg"] for s in srcs))]
+    pos = [sum(v) for v in zip(*(stats[f"{kind}/{s}"]["pos"] for s in srcs), strict=True)]
+    neg = [sum(v) for v in zip(*(stats[f"{kind}/{s}"]["neg"] for s in srcs), strict=True)]
     return pos, neg

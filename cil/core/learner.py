@@ -167,7 +167,7 @@ class Learner:
         (device work only, no read-back). Same numbers as per-step accumulation, to float rounding of the loss."""
         if not self._pending:
             return
-        losses, logits, labels, seen = zip(*self._pending)
+        losses, logits, labels, seen = zip(*self._pending, strict=True)
         losses = [loss for loss in losses if loss is not None]  # real-time mode: skipped batches have none
         if losses:
             self.loss_sum += torch.stack(losses).sum()
@@ -232,7 +232,7 @@ class Learner:
         self._pending.append((out.loss, out.logits, batch.y, method.seen))  # never changed in place
         self.online_seen += len(batch.y)
         seen = method.seen
-        for b, logits in zip(ahead, ahead_logits):
+        for b, logits in zip(ahead, ahead_logits, strict=True):
             seen = seen.index_fill(0, b.y, True)  # its own labels count as seen, as for a trained batch
             self._pending.append((None, logits, b.y, seen))
             self.online_seen += len(b.y)

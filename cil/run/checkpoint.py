@@ -118,7 +118,7 @@ def check_finite(learner: Learner) -> None:
         if named
         else torch.ones(0, dtype=bool)
     )
-    bad = sorted({name for (name, _), ok in zip(named, finite.tolist()) if not ok})
+    bad = sorted({name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok})
     if bool(learner.nonfinite) or bad:
         where = f" (non-finite values in {', '.join(bad[:3])})" if bad else ""
         raise TrainingError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from typing import Any
 
@@ -38,13 +39,13 @@ def _schema_at(path: list[str]) -> type | None:
 
 def _describe_type(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union and type(None) in args:
+    if origin in (typing.Union, types.UnionType) and type(None) in args:  # Optional[X] and X | None
         rest = [a for a in args if a is not type(None)]
         return f"null or {_describe_type(rest[0])}" if len(rest) == 1 else "null or a value"
-    if origin in (list, list):
+    if origin is list:
         inner = _describe_type(args[0]) if args else "values"
         return f"a list of {inner.removeprefix('an ').removeprefix('a ')}s, e.g. [1, 2]" if args else "a list"
-    if origin in (dict, dict):
+    if origin is dict:
         return "a mapping {key: value}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, "a value")
 
@@ -105,7 +106,7 @@ def unknown_keys(cfg: DictConfig, cls: Any = RunConfig, prefix: str = "") -> Non
     its own structured type (each method's config), else the field's type in the run schema."""
     known = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    for key in cfg.keys():
+    for key in cfg:
         full_key = f"{prefix}{key}"
         if key not in known:
             raise ConfigError(_unknown_key_message(full_key, cls))

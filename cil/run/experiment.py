@@ -48,7 +48,8 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     try:
-        flags = next((ln.split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")), [])
+        with open("/proc/cpuinfo") as info:
+            flags = next((ln.split() for ln in info if ln.startswith("flags")), [])
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags

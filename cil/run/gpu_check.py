@@ -416,7 +416,7 @@ def fidelity(plan: Plan, work: Path, report: Report, step_time: dict, deadline: 
                 rows[label] |= {"status": f"not started: estimated {estimate:.0f} s, {deadline - now:.0f} s left"}
                 continue
             run_dir = work / label.replace(" ", "_").replace("=", "")
-            stderr = open(work / f"{run_dir.name}.stderr", "w")
+            stderr = open(work / f"{run_dir.name}.stderr", "w")  # noqa: SIM115 - the run writes it; closed at its end
             proc = subprocess.Popen(cli_command(overrides, run_dir), stdout=subprocess.DEVNULL, stderr=stderr)
             running[label] = (proc, run_dir, now, stderr)
             rows[label] |= {"status": "running", "command": "python -m cil " + " ".join(overrides)}

@@ -1,6 +1,6 @@
 """Where a run's numbers go while it runs: metrics.csv always (long format: step, task, key, value), and
-TensorBoard and Weights & Biases when enabled (the loop's MetricsLog). Values arrive already on the host; nothing here touches the
-device. Also the diagnostics' files at the end of a run."""
+TensorBoard and Weights & Biases when enabled (the loop's MetricsLog). Values arrive already on the host; nothing
+here touches the device. Also the diagnostics' files at the end of a run."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class RunLogger(MetricsLog):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / METRICS
         new_file = not (resume and path.exists())
-        self._file = open(path, "w" if new_file else "a", newline="")
+        self._file = open(path, "w" if new_file else "a", newline="")  # noqa: SIM115 - open for the run; close()
         self._csv = csv.writer(self._file)
         if new_file:
             self._csv.writerow(["step", "task", "key", "value"])

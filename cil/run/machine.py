@@ -6,19 +6,19 @@ import os
 import platform
 
 
+def _cpuinfo(field: str) -> str:
+    """The value of /proc/cpuinfo's first `field` line, or "" where there is none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith(field)), "")
+    except OSError:
+        return ""
+
+
 def machine_info() -> dict:
     import torch
 
-    cpu = ""
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    flags = ""
-    try:
-        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
+    cpu, flags = _cpuinfo("model name"), _cpuinfo("flags")
     return {
         "cpu": cpu or platform.processor(),
         "cores": os.cpu_count(),

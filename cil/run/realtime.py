@@ -11,6 +11,7 @@ the stream). Everything runs under a forked RNG, so the run itself starts exactl
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 from collections.abc import Callable
 
@@ -39,7 +40,7 @@ def probe_step_flops(method, stream: ClassIncrementalStream, draws: int) -> floa
         if i < fill:
             out = method.observe(batch)
         else:
-            out, n = count_flops(lambda: method.observe(batch))
+            out, n = count_flops(functools.partial(method.observe, batch))
             flops.append(n)
         method.remember(batch, out)
     return sum(flops) / len(flops) if flops else 0.0

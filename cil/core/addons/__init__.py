@@ -4,7 +4,7 @@ See cil.core.addons.base for the hooks; the runner builds them (`build_addons`) 
 import importlib
 import pkgutil
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 from cil.core.addons.base import ADDONS, Addon, AddonConfig, register
 from cil.errors import ConfigError

@@ -10,7 +10,7 @@ x1 = T1(x0) (random resized crop [0.6, 1] + horizontal flip), x2 = RA(x1), x3 = 
 magnitude m, one choice of ops for the whole batch as torchvision's RandAugment on a batch tensor does):
 
     L_k = ce_weight * sum_{v=0..3} CE(f_k(x_v), y)
-          + kd_lambda * [ KD(f_k(x3) | f_l(x3)) + KD(f_k(x0) | f_l(x1)) + KD(f_k(x1) | f_l(x2)) + KD(f_k(x2) | f_l(x3)) ]
+          + kd_lambda * [KD(f_k(x3) | f_l(x3)) + KD(f_k(x0) | f_l(x1)) + KD(f_k(x1) | f_l(x2)) + KD(f_k(x2) | f_l(x3))]
 
 (k, l the two peers, f_l detached: the distillation chain, each view learns from the peer's next, more augmented
 view). L_1 joins the run's method's loss before its optimizer step, L_2 the peer's. Evaluation: the ensemble

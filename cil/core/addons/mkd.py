@@ -105,7 +105,7 @@ def make_teacher(model: torch.nn.Module, alpha: float, correction_step: int) -> 
     teacher.requires_grad_(False)
     with torch.no_grad():
         factor = ema_factor(alpha, 0, correction_step)
-        for p, e in zip(model.parameters(), teacher.parameters()):
+        for p, e in zip(model.parameters(), teacher.parameters(), strict=True):
             e.copy_(p * factor)
     return teacher
 
@@ -113,7 +113,7 @@ def make_teacher(model: torch.nn.Module, alpha: float, correction_step: int) -> 
 @torch.no_grad()
 def ema_update(teachers, alphas, params: list[Tensor], batches: int, correction_step: int) -> None:
     """theta_j <- (1 - a_j) theta_j + a_j / (1 - a_j^k) theta for every teacher (after an optimizer step)."""
-    for alpha, teacher in zip(alphas, teachers):
+    for alpha, teacher in zip(alphas, teachers, strict=True):
         ema = list(teacher.parameters())
         torch._foreach_mul_(ema, 1 - alpha)
         torch._foreach_add_(ema, torch._foreach_mul(params, ema_factor(alpha, batches, correction_step)))
@@ -125,9 +125,9 @@ def average_parameters(model: torch.nn.Module, teachers) -> dict[str, Tensor]:
     names = [n for n, _ in model.named_parameters()]
     avg = [
         sum(ps) / (len(teachers) + 1)
-        for ps in zip([p.detach() for p in model.parameters()], *[t.parameters() for t in teachers])
+        for ps in zip([p.detach() for p in model.parameters()], *[t.parameters() for t in teachers], strict=True)
     ]
-    state = dict(zip(names, avg))
+    state = dict(zip(names, avg, strict=True))
     state.update(dict(model.named_buffers()))
     return state
 
@@ -312,7 +312,7 @@ class MKD(Addon):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for teacher, saved in zip(self.teachers, state["teachers"]):
+        for teacher, saved in zip(self.teachers, state["teachers"], strict=True):
             teacher.load_state_dict(saved)
         self.batches, self.updates = state["batches"], state["updates"]
         self._average = None

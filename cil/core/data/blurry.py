@@ -101,7 +101,7 @@ class BlurryStream(ClassIncrementalStream):
         else:
             for _ in range(SI_BLURRY_DRAWS):  # the official code allows a task without classes; we redraw
                 disjoint_of, blurry_of = _split_at_random(disjoint, n_tasks, g), _split_at_random(blurry, n_tasks, g)
-                if all(d or b for d, b in zip(disjoint_of, blurry_of)):
+                if all(d or b for d, b in zip(disjoint_of, blurry_of, strict=True)):
                     break
             else:
                 raise ConfigError(
@@ -127,7 +127,7 @@ class BlurryStream(ClassIncrementalStream):
             total = sum(len(b) for b in own_blurry) * blurry_sample_pct // 100
             cuts = [0] + torch.randint(0, max(total, 1), (n_tasks - 1,), generator=g).sort().values.tolist() + [total]
             give = [min(cuts[t + 1] - cuts[t], len(own_blurry[t])) for t in range(n_tasks)]
-        pool = torch.cat([b[:n] for b, n in zip(own_blurry, give)])
+        pool = torch.cat([b[:n] for b, n in zip(own_blurry, give, strict=True)])
         pool = pool[torch.randperm(len(pool), generator=g)]
         self.pool_size = len(pool)  # blurry samples moved to the pool (some land back in their home task)
         if kind == "iblurry":  # dealt evenly; the remainder one each to the first tasks (never dropped)

@@ -61,7 +61,7 @@ def _decode_chunk(paths: list[str]) -> list[torch.Tensor]:
     jpeg = [i for i, d in enumerate(datas) if len(d) > 3 and bytes(d[:3].tolist()) == b"\xff\xd8\xff"]
     if jpeg:
         try:  # one call for the whole list is markedly faster than one call per image
-            for i, img in zip(jpeg, decode_jpeg([datas[i] for i in jpeg])):
+            for i, img in zip(jpeg, decode_jpeg([datas[i] for i in jpeg]), strict=True):
                 out[i] = img
         except RuntimeError:
             pass  # a bad file in the list: decode one by one below to name it
@@ -102,7 +102,7 @@ def decode_images(files: list[str], channels: int | None, image_size: int | None
 
     if image_size is None:
         h, w = images[0].shape[1:]
-        for path, img in zip(files, images):
+        for path, img in zip(files, images, strict=True):
             if img.shape[1:] != (h, w):
                 raise DataError(
                     f"{path} is {img.shape[2]}x{img.shape[1]} pixels but {files[0]} is {w}x{h}; "
@@ -152,7 +152,9 @@ def cached(
             d = torch.load(path, map_location="cpu", weights_only=True)
             return ImageDataset(name, d["train_x"], d["train_y"], d["test_x"], d["test_y"], list(d["class_names"]))
         except Exception as e:  # noqa: BLE001 - a corrupt or foreign cache is simply rebuilt
-            warnings.warn(f"ignoring unreadable dataset cache {path} ({type(e).__name__}: {e}); rebuilding it")
+            warnings.warn(
+                f"ignoring unreadable dataset cache {path} ({type(e).__name__}: {e}); rebuilding it", stacklevel=2
+            )
     ds = build()
     try:  # atomic: a crash mid-write never leaves a half-written cache under the real name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +177,9 @@ def cached(
                 os.unlink(tmp)
             raise
     except OSError as e:
-        warnings.warn(f"could not write dataset cache {path} ({e}); set CIL_CACHE_DIR to a writable folder")
+        warnings.warn(
+            f"could not write dataset cache {path} ({e}); set CIL_CACHE_DIR to a writable folder", stacklevel=2
+        )
     return ds
 
 

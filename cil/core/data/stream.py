@@ -150,7 +150,7 @@ class ClassIncrementalStream:
     def batches(self, start: int = 0) -> Iterator[Batch]:
         """Yield every batch once, from stream position `start` on (a resumed run continues where it stopped)."""
         step = 0
-        for task, n in zip(self.tasks, self.batches_per_task):
+        for task, n in zip(self.tasks, self.batches_per_task, strict=True):
             if step + n <= start:
                 step += n
                 continue

@@ -41,7 +41,8 @@ class PCRConfig(ReplayConfig):
     name: str = "pcr"
     temperature: float = 0.09  # tau of the proxy-contrastive loss (official --pcr_temp 0.09)
     augment: bool = True  # add an augmented copy of every incoming and replayed image (official); False: originals only
-    separate_passes: bool = True  # incoming and replayed rows in two forward passes (own batch-norm statistics), as the official code; False: one pass
+    # incoming and replayed rows in two forward passes (own batch-norm statistics), as the official code; False: one
+    separate_passes: bool = True
 
     def validate(self) -> None:
         super().validate()

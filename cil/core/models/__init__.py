@@ -1,7 +1,8 @@
 """Backbones with a linear head over all classes of the benchmark.
 
 Every model has ``features(x) -> [B, feature_dim]``, ``head: nn.Linear(feature_dim, num_classes)`` and
-``forward(x) = head(features(x))``. Inputs are float tensors (the method turns stored uint8 images into them: Method.to_input).
+``forward(x) = head(features(x))``. Inputs are float tensors (the method turns stored uint8 images into them:
+Method.to_input).
 """
 
 from __future__ import annotations

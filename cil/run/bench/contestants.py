@@ -29,6 +29,7 @@ from __future__ import annotations
 import random
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -199,7 +200,7 @@ def run_ours(cfg: RunConfig, dataset, batches_per_task, breakdown: bool = False)
         "train_cpu_s": train_cpu,
         "eval_time_s": res["eval_time_s"],
         "task_train_time_s": res["task_train_time_s"],
-        "task_train_cpu_s": [b - a for a, b in zip([0.0] + task_ends, task_ends)],
+        "task_train_cpu_s": [b - a for a, b in pairwise([0.0, *task_ends])],
         "samples": learner.stream.n_samples,
         "task_samples": [len(t.train_idx) for t in learner.stream.tasks],
         "learner_final_avg_acc": res["final_avg_acc"],
