@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 
 from cil.core.data.dataset import ImageDataset, register_loader
 from cil.core.data.sources import check_md5, missing_error, torchvision_download
@@ -81,9 +80,13 @@ def _load_cifar(name: str, tv_cls: type, root: Path, download: bool, verify: boo
 
 @register_loader("cifar10")
 def load_cifar10(root: Path, download: bool, verify: bool, **_: Any) -> ImageDataset:
-    return _load_cifar("cifar10", torchvision.datasets.CIFAR10, root, download, verify, b"labels")
+    from torchvision.datasets import CIFAR10  # where used: importing torchvision pulls in torch._dynamo
+
+    return _load_cifar("cifar10", CIFAR10, root, download, verify, b"labels")
 
 
 @register_loader("cifar100")
 def load_cifar100(root: Path, download: bool, verify: bool, **_: Any) -> ImageDataset:
-    return _load_cifar("cifar100", torchvision.datasets.CIFAR100, root, download, verify, b"fine_labels")
+    from torchvision.datasets import CIFAR100
+
+    return _load_cifar("cifar100", CIFAR100, root, download, verify, b"fine_labels")

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision.transforms.v2.functional import resize
 
 from cil.errors import ConfigError, DataError
 
@@ -90,6 +89,9 @@ def cache_dir() -> Path:
 
 def resize_tensor(x: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [N, C, H, W] images resized to size x size (antialiased), in chunks that bound the float scratch."""
+    # torchvision is imported where used: it pulls in torch._dynamo, a cost only runs that resize pay
+    from torchvision.transforms.v2.functional import resize
+
     if tuple(x.shape[2:]) == (size, size):
         return x
     return torch.cat([resize(x[i : i + 4096], [size, size], antialias=True) for i in range(0, len(x), 4096)])

@@ -11,11 +11,13 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-from torchvision.transforms.v2.functional import resize, to_dtype
+
+if TYPE_CHECKING:
+    from torchvision.io import ImageReadMode
 
 from cil.core.data.dataset import ImageDataset, cache_dir
 from cil.errors import DataError
@@ -26,6 +28,9 @@ _DECODE_CHUNK = 512  # files per decode call: big enough to amortise overhead, s
 
 
 def _decode_one(path: str, data: torch.Tensor, mode: ImageReadMode) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2.functional import to_dtype
+
     try:
         img = decode_image(data, mode=mode)
         img = img[0] if img.dim() == 4 else img  # animated GIF: keep the first frame
@@ -56,6 +61,8 @@ def _read_bytes(path: str) -> torch.Tensor:
 
 
 def _decode_chunk(paths: list[str]) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg  # (see decode_images)
+
     datas = [_read_bytes(p) for p in paths]
     out: list[torch.Tensor | None] = [None] * len(paths)
     jpeg = [i for i, d in enumerate(datas) if len(d) > 3 and bytes(d[:3].tolist()) == b"\xff\xd8\xff"]
@@ -95,6 +102,10 @@ def decode_images(files: list[str], channels: int | None, image_size: int | None
     # Grey+alpha counts as grey; anything else (RGB, RGBA, CMYK) makes the whole dataset RGB.
     if channels is None:
         channels = 1 if all(img.shape[0] in (1, 2) for img in images) else 3
+    from torchvision.io import (
+        ImageReadMode,
+    )  # torchvision is imported where used: it pulls in torch._dynamo, a cost only runs that decode pay
+
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     for i, img in enumerate(images):
         if img.shape[0] != channels:  # rare: re-decode just these with the decoder's own colour conversion
@@ -115,6 +126,8 @@ def decode_images(files: list[str], channels: int | None, image_size: int | None
 
 def _resize_list(images: list[torch.Tensor], size: int) -> torch.Tensor:
     """Resize images of possibly different sizes to size x size, batching those that share a size."""
+    from torchvision.transforms.v2.functional import resize  # (see decode_images)
+
     out = torch.empty(len(images), images[0].shape[0], size, size, dtype=torch.uint8)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, img in enumerate(images):

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 
 from cil.core.data.dataset import ImageDataset, register_loader
 from cil.core.data.sources import check_md5, download_files, missing_error
@@ -81,9 +80,13 @@ def _load_mnist_family(name: str, tv_cls: type, root: Path, download: bool, veri
 
 @register_loader("mnist")
 def load_mnist(root: Path, download: bool, verify: bool, **_: Any) -> ImageDataset:
-    return _load_mnist_family("mnist", torchvision.datasets.MNIST, root, download, verify)
+    from torchvision.datasets import MNIST  # where used: importing torchvision pulls in torch._dynamo
+
+    return _load_mnist_family("mnist", MNIST, root, download, verify)
 
 
 @register_loader("fashion_mnist")
 def load_fashion_mnist(root: Path, download: bool, verify: bool, **_: Any) -> ImageDataset:
-    return _load_mnist_family("fashion_mnist", torchvision.datasets.FashionMNIST, root, download, verify)
+    from torchvision.datasets import FashionMNIST
+
+    return _load_mnist_family("fashion_mnist", FashionMNIST, root, download, verify)
