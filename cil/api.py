@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -27,9 +27,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cil.core.learner import Learner
 from cil.errors import ConfigError
-from cil.run.config_dir import CONF_DIR
 from cil.run.config_errors import describe, unknown_keys
 from cil.run.experiment import build_learner, run_experiment
+from cil.run.hydra_conf import CONF_DIR, register_schemas
 from cil.schema import RunConfig
 
 __all__ = ["config", "overrides", "run", "build"]
@@ -52,7 +52,7 @@ def _value(v: Any) -> str:
     return str(v)
 
 
-def overrides(cfg: Config = None) -> list[str]:
+def overrides(cfg: Mapping[str, Any] | Iterable[str] | None = None) -> list[str]:
     """Hydra override strings for a dict (nested or dotted keys) or a list of override strings."""
     if cfg is None:
         return []
@@ -82,12 +82,13 @@ def config(cfg: Config = None) -> RunConfig:
     if isinstance(cfg, RunConfig):
         return cfg
     args = overrides(cfg)
+    register_schemas()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             dcfg = compose(config_name="config", overrides=args)
         unknown_keys(dcfg)
-        return OmegaConf.to_object(dcfg)
+        return cast(RunConfig, OmegaConf.to_object(dcfg))  # typed as any container; the schema makes it a RunConfig
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(describe(err)) from None
     finally:

@@ -46,7 +46,7 @@ class Preempted(BaseException):
         )
 
 
-def require(ok: bool, key: str, value, allowed: str) -> None:
+def require(ok: bool, key: str, value: object, allowed: str) -> None:
     """Raise ConfigError `key=value is not allowed: allowed` unless `ok` (config checks in one line each)."""
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")

@@ -55,10 +55,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
     atomic_write(Path(path), lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
-def read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     """The parsed file, or None when it is absent or unreadable (half-written by a killed job: not complete)."""
     try:
-        return json.loads(Path(path).read_text())
+        data: dict[str, Any] = json.loads(Path(path).read_text())
+        return data
     except (OSError, ValueError):
         return None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from itertools import pairwise
 from pathlib import Path
+from typing import cast
 
 import matplotlib
 
@@ -37,9 +38,12 @@ def group_ratios(series: dict, kind: str = "mass", sources=SOURCES, recent: bool
     """(steps, old [S], new [S]): sum G+ / sum G- over the old and the new classes of the snapshot's task."""
     snaps = series["snapshots"]
     task_of = np.array(series["class_task"])
-    steps, old, new = [], [], []
-    pos = sum(np.array([s["stats"][f"{kind}/{src}"]["pos"] for s in snaps]) for src in sources)
-    neg = sum(np.array([s["stats"][f"{kind}/{src}"]["neg"] for s in snaps]) for src in sources)
+    steps: list[int] = []
+    old: list[float] = []
+    new: list[float] = []
+    # sum() is typed ndarray | Literal[0] (the empty case): there is a source at least
+    pos = cast(np.ndarray, sum(np.array([s["stats"][f"{kind}/{src}"]["pos"] for s in snaps]) for src in sources))
+    neg = cast(np.ndarray, sum(np.array([s["stats"][f"{kind}/{src}"]["neg"] for s in snaps]) for src in sources))
     if recent:
         pos = np.diff(pos, axis=0, prepend=0.0)
         neg = np.diff(neg, axis=0, prepend=0.0)

@@ -19,12 +19,16 @@ import textwrap
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+if TYPE_CHECKING:
+    from cil.analysis.report import Run
 
 
 def _figure(width: float = 6.0, height: float = 4.0) -> Figure:
@@ -43,6 +47,7 @@ def _save(fig: Figure, path: Path) -> Path:
 def figure_to_rgb(fig: Figure) -> np.ndarray:
     """[H, W, 3] uint8 pixels of a figure (for TensorBoard images)."""
     canvas = fig.canvas
+    assert isinstance(canvas, FigureCanvasAgg)  # every figure here has one (_figure)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
@@ -85,8 +90,7 @@ def plot_accuracy_matrix(acc, path: Path, title: str = "") -> Path:
 def _mean_std_curves(curves: list[list[dict]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Anytime curves of several seeds on the x grid of the first (points are at the same steps by design)."""
     x = np.array([p["samples"] for p in curves[0]], dtype=float)
-    ys = [np.interp(x, [p["samples"] for p in c], [p["acc"] for p in c]) for c in curves if c]
-    ys = np.stack(ys)
+    ys = np.stack([np.interp(x, [p["samples"] for p in c], [p["acc"] for p in c]) for c in curves if c])
     return x, ys.mean(0), ys.std(0, ddof=1) if len(ys) > 1 else np.zeros_like(x)
 
 
@@ -136,9 +140,11 @@ def plot_accuracy_vs_memory(
             if len({p[3] for p in pts}) > 1
             else f"{label} (n={pts[0][3]})",
         )
-    for label, pts in (paper or {}).items():
-        pts = sorted(pts)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="--", marker="x", label=f"{label} (paper)")
+    for label, paper_pts in (paper or {}).items():
+        paper_pts = sorted(paper_pts)
+        ax.plot(
+            [p[0] for p in paper_pts], [p[1] for p in paper_pts], linestyle="--", marker="x", label=f"{label} (paper)"
+        )
     memories = sorted({p[0] for pts in points.values() for p in pts})
     if memories:
         ax.set_xscale("log")
@@ -236,9 +242,11 @@ def plot_sections(sections, out_dir: Path) -> list[Path]:
             done = [g for g in gs if g.complete]
             if not done:
                 continue
-            points = defaultdict(list)
+            points: dict[str, list[tuple[int, float, float, int]]] = defaultdict(list)
             for g in done:
-                points[g.label].append((g.memory, g.mean("final_avg_acc"), g.std("final_avg_acc") or 0.0, g.n))
+                mean = g.mean("final_avg_acc")
+                assert mean is not None  # its complete runs have a final accuracy
+                points[g.label].append((g.memory, mean, g.std("final_avg_acc") or 0.0, g.n))
             written.append(
                 plot_accuracy_vs_memory(
                     points, d / f"{_slug(name)}_acc_vs_memory.png", f"{section.name}: {name}, final accuracy vs memory"
@@ -246,7 +254,7 @@ def plot_sections(sections, out_dir: Path) -> list[Path]:
             )
             for memory in sorted({g.memory for g in done}):
                 curves = {
-                    g.label: [r.results.get("anytime_curve") or [] for r in g.complete]
+                    g.label: [_results(r).get("anytime_curve") or [] for r in g.complete]
                     for g in done
                     if g.memory == memory
                 }
@@ -258,7 +266,7 @@ def plot_sections(sections, out_dir: Path) -> list[Path]:
                     )
                 )
                 auc = {
-                    f"{g.label}, A_AUC {g.mean('a_auc'):.1f}": [r.results.get("auc_curve") or [] for r in g.complete]
+                    f"{g.label}, A_AUC {g.mean('a_auc'):.1f}": [_results(r).get("auc_curve") or [] for r in g.complete]
                     for g in done
                     if g.memory == memory and g.mean("a_auc") is not None
                 }
@@ -272,7 +280,7 @@ def plot_sections(sections, out_dir: Path) -> list[Path]:
                         )
                     )
             for g in done:
-                mats = [np.asarray(r.results["acc_matrix"], dtype=float) for r in g.complete]
+                mats = [np.asarray(_results(r)["acc_matrix"], dtype=float) for r in g.complete]
                 if len({m.shape for m in mats}) == 1:
                     written.append(
                         plot_accuracy_matrix(
@@ -293,6 +301,12 @@ def plot_sections(sections, out_dir: Path) -> list[Path]:
                             )
                         )
     return written
+
+
+def _results(run: Run) -> dict[str, Any]:
+    """A complete run's results.json (what makes it complete)."""
+    assert run.results is not None
+    return run.results
 
 
 def main(argv: list[str] | None = None) -> int:

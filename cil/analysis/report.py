@@ -25,7 +25,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -63,11 +63,12 @@ ERROR_KINDS = [
 ]
 
 
-def _result(results: dict, metric: str) -> Any:
+def _result(results: dict[str, Any] | None, metric: str) -> Any:
     """results[metric], where a dotted metric ("errors.within_task") reaches into nested dicts."""
+    node: Any = results
     for part in metric.split("."):
-        results = results.get(part) if isinstance(results, dict) else None
-    return results
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -235,7 +236,8 @@ def seed_list(seeds: list) -> str:
     """[0, 1, 2, 4] -> '0-2,4'."""
     if not all(isinstance(s, int) for s in seeds):
         return ",".join(map(str, seeds))
-    parts, run = [], []
+    parts: list[str] = []
+    run: list[int] = []
     for s in sorted(seeds):
         if run and s == run[-1] + 1:
             run.append(s)
@@ -260,7 +262,7 @@ def method_label(flat: dict) -> str:
     return "+".join([flat.get("method.name") or "?", *addons])
 
 
-def _schema_defaults(method: str) -> dict[str, Any]:
+def _schema_defaults(method: str | None) -> dict[str, Any]:
     """Today's defaults of every key a run of `method` has (the run schema's groups and the method's own config)."""
     import dataclasses
 
@@ -297,7 +299,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
                 key,
                 flat.get("experiment") or flat.get("dataset.name") or "?",
                 method_label(flat),
-                flat.get("buffer.size"),
+                cast(int, flat.get("buffer.size")),  # the schema's defaults are merged in: always an int
             )
         groups[key].runs.append(r)
     # Groups sharing (name, method, memory) differ in some other key: name those keys.
@@ -492,6 +494,7 @@ def table_block(name: str, spec: dict, section: Section | None) -> str:
                 ),
             ]
     else:
+        assert section is not None  # the runs are its
         rec = recorded_command(section.path)
         if rec and rec != command:
             lines += [f"Last launch into that folder: `{rec}`."]
@@ -591,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
             final = collect_sections([s.path / "final"])[0] if (s.path / "final").is_dir() else None
             rows = summary_rows(final) if final and final.runs else []
             all_rows += rows
-            texts.append(tune_text(s.path, section_text(final, rows) if rows else None))
+            texts.append(tune_text(s.path, section_text(final, rows) if final is not None and rows else None))
             continue
         rows = summary_rows(s)
         all_rows += rows

@@ -29,10 +29,11 @@ def _trial_number(run_dir: Path) -> int | None:
         return None
 
 
-def _value(config: dict, dotted: str) -> Any:
+def _value(config: dict[str, Any], dotted: str) -> Any:
+    node: Any = config
     for part in dotted.split("."):
-        config = config.get(part) if isinstance(config, dict) else None
-    return config
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def trial_rows(search_dir: Path, params: list[str]) -> list[dict]:

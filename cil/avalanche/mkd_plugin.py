@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import fields
-from typing import Any
+from typing import Any, cast
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -180,7 +180,8 @@ class MKDPlugin(SupervisedPlugin):
         with torch.no_grad():  # the teachers in their own (train) mode, as the core add-on
             teacher_logits = [avalanche_forward(t, strategy.mb_x, strategy.mb_task_id) for t in self.teachers]
         mask = seen if self.cfg.seen_only else None
-        kd = sum(kd_loss(logits.float(), t.float(), self.cfg.temperature, mask) for t in teacher_logits)
+        # sum() over Tensors is typed Tensor | Literal[0] (the empty case): one teacher at least here
+        kd = cast(Tensor, sum(kd_loss(logits.float(), t.float(), self.cfg.temperature, mask) for t in teacher_logits))
         kd = kd / len(teacher_logits)
         self.last = {"kd": kd.detach()}
         strategy.loss = strategy.loss + self.cfg.weight * self.cfg.kd_lambda * kd

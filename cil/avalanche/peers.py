@@ -18,9 +18,9 @@ See docs/avalanche.md for every knob and what maps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -29,7 +29,11 @@ from cil.avalanche.mkd_options import MKD_NOT_OPTIONS
 from cil.core.data.stream import Batch, ClassIncrementalStream
 from cil.core.methods.base import Method, MethodConfig, StepOutput, to_float
 from cil.core.methods.gsa import GSAConfig
+from cil.core.models import Backbone
 from cil.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cil.avalanche.mkd_plugin import MKDPlugin
 
 ONLINE = ("gsa", "naive", "replay", "er_ace", "er_aml", "scr", "mir", "der")
 PER_TASK = ("gdumb", "agem", "lwf")
@@ -132,7 +136,7 @@ def strategy_name(method_name: str) -> str:
     return name
 
 
-def peer_config_class(method_name: str) -> type:
+def peer_config_class(method_name: str) -> type[MethodConfig]:
     return AvalancheGSAConfig if strategy_name(method_name) == "gsa" else AvalancheConfig
 
 
@@ -169,7 +173,7 @@ class Features(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.features(x)
+        return cast(Backbone, self.model).features(x)  # one of our models (cil.core.models)
 
 
 class StrategyModel(nn.Module):
@@ -286,7 +290,7 @@ def build_strategy(
 
         if not hasattr(model, "features") or not hasattr(model, "feature_dim"):
             raise ConfigError(f"model.name={cfg.model.name!r} has no features(); avalanche_scr needs a backbone")
-        d = model.feature_dim
+        d = cast(Backbone, model).feature_dim  # checked just above
         projection = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, params["projection_dim"]))
         scr_model = SCRModel(feature_extractor=Features(model), projection=projection).to(device)
         return SCR(
@@ -376,9 +380,9 @@ class AvalanchePeer(Method):
         self.shuffle = name not in ("gsa", "lwf", "agem")
         self.stream = stream
         self.experiences = task_experiences(stream, self.to_input)
-        self.sub_experiences = None
-        self.params: dict = {}
-        self.mkd = None  # the MKDPlugin of `addon=mkd` (its eval head is the run's main head)
+        self.sub_experiences: Iterator[Any] | None = None  # online: the current task's sub-experiences
+        self.params: dict[str, Any] = {}
+        self.mkd: MKDPlugin | None = None  # the MKDPlugin of `addon=mkd` (its eval head is the run's main head)
         # Avalanche resets strategy.loss when train() ends: the loss is read where it is computed
         self.loss_probe = loss_probe()
         strategy.plugins.append(self.loss_probe)
@@ -412,9 +416,11 @@ class AvalanchePeer(Method):
         return logits
 
     def observe(self, batch: Batch) -> StepOutput:
+        assert batch.task is not None and batch.step_in_task is not None  # peers need boundaries (cil.run.config)
         self.classes.mark_seen(batch.y, batch.y_host)
         logits = self._online_logits(batch)
         if self.online:
+            assert self.sub_experiences is not None  # made by on_task_start
             sub = next(self.sub_experiences)
             if batch.step_in_task == 0 and list(sub.dataset.targets) != batch.y_host.tolist():
                 raise AssertionError("Avalanche sub-experience differs from our batch")  # order is the contract

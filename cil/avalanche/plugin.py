@@ -134,6 +134,7 @@ class GSAPlugin(SupervisedPlugin):
         narrower than the largest label until it grows; padded columns are unseen classes, always masked)."""
 
         def forward(x: torch.Tensor) -> torch.Tensor:
+            assert self.classes is not None and self.gsa is not None  # built by before_training_exp
             logits = strategy.model(x)
             width = max(self.classes.num_classes, logits.shape[1])
             self.gsa.grow(width)
@@ -167,6 +168,7 @@ class GSAPlugin(SupervisedPlugin):
         if self.gsa is None:
             x0 = strategy.experience.dataset[0][0]
             self._build(torch.as_tensor(x0), torch.device(strategy.device), max(classes) + 1)
+        assert self.gsa is not None and self.classes is not None  # built above
         self.gsa.grow(max(classes) + 1)
         if task != self.task:  # a new task (an online stream calls this once per sub-experience)
             self.task, self.step_in_task = task, 0
@@ -175,8 +177,10 @@ class GSAPlugin(SupervisedPlugin):
     def before_backward(self, strategy, **kwargs):
         x, y = strategy.mb_x, strategy.mb_y
         y_host = y.cpu()
+        assert self.gsa is not None and self.classes is not None  # built by before_training_exp
         self.gsa.grow(int(y_host.max()) + 1)
         if self.cfg.task_free:  # before mark_seen: novelty is judged against the classes seen before
+            assert self.gsa.pseudo is not None  # made when task_free
             self.task, self.step_in_task = self.gsa.pseudo.observe(y, y_host)
             self._y_host = y_host
         self.classes.mark_seen(y, y_host)
@@ -184,6 +188,7 @@ class GSAPlugin(SupervisedPlugin):
 
     def after_training_iteration(self, strategy, **kwargs):
         # Step 9: the raw mini-batch enters the reservoir once (only in the first epoch of a multi-epoch run).
+        assert self.buffer is not None  # built by before_training_exp
         if self.cfg.task_free:  # no task stored; the counters live in the pseudo-tasks
             if strategy.clock.train_exp_epochs == 0:
                 self.buffer.add(strategy.mb_x.detach(), strategy.mb_y, None, y_host=self._y_host)
@@ -196,6 +201,7 @@ class GSAPlugin(SupervisedPlugin):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         if self.gsa is not None:  # the buffer shares numpy views with tensors: store state dicts, not objects
+            assert self.buffer is not None and self.classes is not None  # built with the step
             state["_saved"] = {
                 "buffer": self.buffer.state_dict(),
                 "gsa": self.gsa.state_dict(),

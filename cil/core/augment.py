@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
 @functools.lru_cache(maxsize=64)
-def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _constant(values: tuple[float | tuple[float, ...], ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A small constant tensor, made once: building it from a Python list costs as much as a small op (~5 us),
     and on CUDA a host-to-device copy. Never modified in place."""
     return torch.tensor(values, dtype=dtype, device=device)
@@ -149,7 +149,7 @@ def resample(x: Tensor, grid: Tensor) -> Tensor:
 def resized_crop(x: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
     """Crop every image of ``x`` [B, C, H, W] to its box (long [B, 4]: top, left, h, w) and resize it to
     ``size`` with bilinear interpolation, all in one ``grid_sample`` call."""
-    return resample(x, crop_grid(boxes, tuple(x.shape[-2:]), size, x.dtype))
+    return resample(x, crop_grid(boxes, (x.shape[-2], x.shape[-1]), size, x.dtype))
 
 
 def random_grayscale(x: Tensor, apply: Tensor) -> Tensor:
@@ -174,12 +174,12 @@ class GSAAugment:
 
     def __init__(
         self,
-        size: tuple[int, int],
-        scale: tuple[float, float] = (0.6, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        size: Sequence[int],  # (height, width)
+        scale: Sequence[float] = (0.6, 1.0),  # (min, max)
+        ratio: Sequence[float] = (3 / 4, 4 / 3),  # (min, max)
         grayscale_p: float = 0.2,
         attempts: int = 10,
-    ):
+    ) -> None:
         if not (0 < scale[0] <= scale[1]):
             raise ValueError(f"scale must satisfy 0 < min <= max, got {scale}")
         if not (0 < ratio[0] <= ratio[1]):
@@ -218,7 +218,7 @@ class GSAAugment:
 
     def apply(self, x: Tensor, gray: Tensor, boxes: Tensor) -> Tensor:
         """Apply given parameters (from :meth:`sample`) to ``x``."""
-        return self.apply_grid(x, gray, self.grid(boxes, tuple(x.shape[-2:]), x.dtype))
+        return self.apply_grid(x, gray, self.grid(boxes, (x.shape[-2], x.shape[-1]), x.dtype))
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         if x.dim() != 4 or x.shape[1] not in (1, 3):
@@ -279,7 +279,7 @@ class AffineCropAugment(GSAAugment):
         )
 
     def apply(self, x: Tensor, gray: Tensor, boxes: Tensor) -> Tensor:
-        return self.apply_grid(x, gray, self.grid(boxes, tuple(x.shape[-2:]), x.dtype))
+        return self.apply_grid(x, gray, self.grid(boxes, (x.shape[-2], x.shape[-1]), x.dtype))
 
 
 CROPS = {"torchvision": GSAAugment, "affine": AffineCropAugment}
@@ -303,7 +303,7 @@ class PreDrawn:
     def __init__(self, augment: GSAAugment, n: int, height: int, width: int, generator: torch.Generator):
         self.augment, self.height, self.width = augment, height, width
         self.gray, self.boxes = augment.draw(n, height, width, generator)
-        self.grid = None
+        self.grid: Tensor | None = None
         self.used = 0
 
     @property
@@ -456,15 +456,15 @@ class SimCLRAugment:
 
     def __init__(
         self,
-        size: tuple[int, int],
-        scale: tuple[float, float] = (0.2, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        size: Sequence[int],  # (height, width)
+        scale: Sequence[float] = (0.2, 1.0),  # (min, max)
+        ratio: Sequence[float] = (3 / 4, 4 / 3),  # (min, max)
         flip_p: float = 0.5,
-        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+        jitter: Sequence[float] = (0.4, 0.4, 0.4, 0.1),  # (brightness, contrast, saturation, hue)
         jitter_p: float = 0.8,
         grayscale_p: float = 0.2,
         attempts: int = 10,
-    ):
+    ) -> None:
         if not (0 < scale[0] <= scale[1]):
             raise ValueError(f"scale must satisfy 0 < min <= max, got {scale}")
         if not (0 <= jitter[3] <= 0.5) or min(jitter[:3]) < 0:

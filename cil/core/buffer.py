@@ -28,6 +28,8 @@ Design (add/sample run every stream step, so they must not stall the device):
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -36,6 +38,14 @@ from torch import Tensor
 from cil.errors import ConfigError
 
 POLICIES = ("reservoir", "class_balanced")
+
+
+class SampleFilters(TypedDict, total=False):
+    """The filters of `ReplayBuffer.sample` as keyword arguments (`sample_extras`, `Method.replay`)."""
+
+    task: int | None
+    exclude_task: int | None
+    classes: Tensor | Sequence[int] | None
 
 
 def _later_writer_wins(slots: np.ndarray, trash: int) -> np.ndarray:
@@ -51,14 +61,14 @@ def _later_writer_wins(slots: np.ndarray, trash: int) -> np.ndarray:
 class ReplayBuffer:
     def __init__(
         self,
-        capacity: int,
+        capacity: int | numbers.Integral,  # a numpy integer too; a bool or a float is refused below
         sample_shape: tuple[int, ...],
-        device="cpu",
+        device: str | torch.device = "cpu",
         policy: str = "reservoir",
         seed: int = 0,
-        dtype=torch.uint8,
+        dtype: torch.dtype = torch.uint8,
         extras: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
-    ):
+    ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 1:
             raise ConfigError(
                 f"buffer capacity must be an integer >= 1, got {capacity!r}; "
@@ -89,7 +99,8 @@ class ReplayBuffer:
         self._task_cpu = torch.full((capacity + 1,), -1, dtype=torch.long)
         self._y_cpu = torch.full((capacity + 1,), -1, dtype=torch.long)
         self._task_np, self._y_np = self._task_cpu.numpy(), self._y_cpu.numpy()  # share memory
-        self._pending_labels: list[tuple[np.ndarray, Tensor, object]] = []  # (slots, host labels, event or None)
+        # (slots, host labels, event or None)
+        self._pending_labels: list[tuple[np.ndarray, Tensor, torch.cuda.Event | None]] = []
         # CBRS state: stream count per class, and the classes that are or have been a largest class in memory.
         self._seen_per_class: dict[int, int] = {}
         self._full_classes: set[int] = set()
@@ -145,7 +156,8 @@ class ReplayBuffer:
 
     def _reservoir_slots(self, draws: list[int]) -> np.ndarray | None:
         """Slot of every item of the batch (the trash row for items not kept), or None when none is kept."""
-        owner = {}  # slot -> the batch item that writes it last (the later writer wins, as in sequential R)
+        # slot -> the batch item that writes it last (the later writer wins, as in sequential R)
+        owner: dict[int, int] = {}
         for j, r in enumerate(draws, start=self.n_seen):
             slot = j if j < self.capacity else r
             if slot < self.capacity:
@@ -214,7 +226,9 @@ class ReplayBuffer:
         return dict(zip(labels.tolist(), counts.tolist(), strict=True))
 
     # ---------------------------------------------------------------- queries
-    def _candidates(self, task, exclude_task, classes) -> np.ndarray | None:
+    def _candidates(
+        self, task: int | None, exclude_task: int | None, classes: Tensor | Sequence[int] | None
+    ) -> np.ndarray | None:
         """Indices of filled slots matching the filters, or None for 'all filled slots'."""
         n = len(self)
         if task is None and exclude_task is None and classes is None:
@@ -230,7 +244,9 @@ class ReplayBuffer:
             keep &= np.isin(self._y_np[:n], wanted)
         return np.flatnonzero(keep)
 
-    def _sample_index(self, n: int, task, exclude_task, classes) -> Tensor | None:
+    def _sample_index(
+        self, n: int, task: int | None, exclude_task: int | None, classes: Tensor | Sequence[int] | None
+    ) -> Tensor | None:
         cand = self._candidates(task, exclude_task, classes)
         available = len(self) if cand is None else len(cand)
         k = min(int(n), available)
@@ -244,7 +260,12 @@ class ReplayBuffer:
         return idx
 
     def sample(
-        self, n: int, *, task: int | None = None, exclude_task: int | None = None, classes: Tensor | None = None
+        self,
+        n: int,
+        *,
+        task: int | None = None,
+        exclude_task: int | None = None,
+        classes: Tensor | Sequence[int] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Up to n rows drawn uniformly without replacement among filled slots matching all filters."""
         idx = self._sample_index(n, task, exclude_task, classes)
@@ -252,7 +273,9 @@ class ReplayBuffer:
             return (self._x.new_empty((0, *self.sample_shape)), self._y.new_empty((0,)), self._task.new_empty((0,)))
         return self._x.index_select(0, idx), self._y.index_select(0, idx), self._task.index_select(0, idx)
 
-    def sample_extras(self, n: int, **filters) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    def sample_extras(
+        self, n: int, **filters: Unpack[SampleFilters]
+    ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         """As `sample` (the same draw from the generator), plus every extra of the drawn rows by name."""
         idx = self._sample_index(n, filters.get("task"), filters.get("exclude_task"), filters.get("classes"))
         if idx is None:
@@ -273,7 +296,7 @@ class ReplayBuffer:
         return self._class_counts_cpu()
 
     # ---------------------------------------------------------------- checkpointing
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         self._sync_labels()
         n = len(self)
         return {
@@ -290,7 +313,7 @@ class ReplayBuffer:
             **({"extras": {k: t[:n].to("cpu", copy=True) for k, t in self._extras.items()}} if self._extras else {}),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("policy", "capacity", "sample_shape"):
             mine, theirs = getattr(self, key), state[key]
             if key == "sample_shape":

@@ -38,7 +38,7 @@ class FlopMeter:
     def due(self, trained_index: int) -> bool:
         return self.every > 0 and trained_index % self.every == self.every // 2
 
-    def summary(self, trained_batches: int, stream_samples: int) -> dict | None:
+    def summary(self, trained_batches: int, stream_samples: int) -> dict[str, float | int | str | None] | None:
         """results.json `flops`: the mean over the counted steps, per trained step and per stream sample, and the
         run's total estimated as mean x trained batches."""
         if self.every <= 0:

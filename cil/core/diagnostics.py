@@ -47,11 +47,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cil.core.data.stream import Batch, ClassIncrementalStream
+from cil.core.metrics import ScalarLog
 from cil.core.objectives.common import classes_mask, mask_logits
 from cil.core.objectives.gsa import GradientStats
 
@@ -110,7 +113,7 @@ class Diagnostics:
     The learner calls ``begin_batch`` / ``end_batch`` around each ``method.observe`` and ``on_evaluation`` at each
     task end; the method calls ``report`` for each loss term and ``before_backward`` in its ``step``."""
 
-    def __init__(self, every: int, class_task: Sequence[int], model: nn.Module, device: torch.device | str):
+    def __init__(self, every: int, class_task: Sequence[int], model: nn.Module, device: torch.device | str) -> None:
         self.every = int(every)
         self.class_task = [int(t) for t in class_task]  # label -> task index
         self.num_classes = len(self.class_task)
@@ -123,22 +126,25 @@ class Diagnostics:
         self.measuring = False
         self.terms: list[LossTerm] = []
         # Host-side records (what the logs, results.json and the plots are made of).
-        self.snapshots: list[dict] = []  # cumulative per-class G+/G- per kind and source, every `every` batches
-        self.grads: list[dict] = []  # per measured step: gradient norms per source and task, cosines
-        self.gains: list[dict] = []  # per task end and task: accuracy change against gradient norm
-        self._pending_grad: dict | None = None
-        self._queue: list[tuple] = []  # reported terms not yet in the statistics (see flush)
+        # cumulative per-class G+/G- per kind and source, every `every` batches
+        self.snapshots: list[dict[str, Any]] = []
+        self.grads: list[dict[str, Any]] = []  # per measured step: gradient norms per source and task, cosines
+        self.gains: list[dict[str, Any]] = []  # per task end and task: accuracy change against gradient norm
+        self._pending_grad: dict[str, Any] | None = None
+        # reported terms not yet in the statistics (see flush): (source, logits, targets, mask, scale, class weights)
+        self._queue: list[tuple[str, Tensor, Tensor, Tensor | str, float, Tensor | None]] = []
         self.last_grads: dict[str, Tensor] = {}
         self._interval: dict[int, list[float]] = {}  # task -> [sum of norms, sum of head norms] since last eval
         self._interval_steps = 0
         self._prev_acc = [0.0] * self.n_tasks
 
     @classmethod
-    def for_stream(cls, every: int, stream, model: nn.Module) -> Diagnostics:
+    def for_stream(cls, every: int, stream: ClassIncrementalStream, model: nn.Module) -> Diagnostics:
         return cls(every, stream.class_task, model, stream.device)
 
     # -- hooks -----------------------------------------------------------------------------------------------
-    def begin_batch(self, batch) -> None:
+    def begin_batch(self, batch: Batch) -> None:
+        assert batch.task is not None  # the learner hands over the stream's batch, which carries its task
         self.step, self.task = batch.step + 1, batch.task  # `step` counts batches observed, as the learner does
         self.measuring = self.step % self.every == 0
         self.terms = []
@@ -148,7 +154,7 @@ class Diagnostics:
         source: str,
         logits: Tensor,
         targets: Tensor,
-        mask,
+        mask: Tensor | str,
         scale: float = 1.0,
         class_weights: Tensor | None = None,
     ) -> None:
@@ -198,7 +204,7 @@ class Diagnostics:
         self.measuring = False
         self.terms = []
 
-    def end_batch(self, logger) -> None:
+    def end_batch(self, logger: ScalarLog) -> None:
         if self._pending_grad is not None:
             self._log_grad(self._pending_grad, logger)
             self._pending_grad = None
@@ -207,7 +213,7 @@ class Diagnostics:
         elif len(self._queue) >= 512:  # bound the queue when snapshots are rare
             self.flush()
 
-    def on_evaluation(self, task: int, acc_row: Sequence[float], logger) -> None:
+    def on_evaluation(self, task: int, acc_row: Sequence[float], logger: ScalarLog) -> None:
         """At a task end: snapshot the statistics and record each seen task's gain since the previous one."""
         if not self.snapshots or self.snapshots[-1]["step"] != self.step:
             self._snapshot(logger)
@@ -243,7 +249,7 @@ class Diagnostics:
     def _norms(self, g: Tensor) -> tuple[float, float]:
         return float(g.norm()), float(g[g.shape[0] - self.head_size :].norm())
 
-    def _measure(self) -> dict:
+    def _measure(self) -> dict[str, Any]:
         """Gradients of the (source, task) groups of rows; one backward each, the graph kept for the method.
         Accumulators are the first group's gradient itself (no zero-filled vectors), and the total's norm and
         the cosines come from dot products, so the bookkeeping stays small next to the backward passes."""
@@ -255,15 +261,16 @@ class Diagnostics:
                 groups.setdefault(j, []).append((term.source, (rows * (row_task == j)).sum()))
         size = sum(p.numel() for p in self.params)
         total: dict[str, Tensor] = {}
-        rec = {"step": self.step, "task": self.task, "tasks": {}, "replay_tasks": {}}
+        rec: dict[str, Any] = {"step": self.step, "task": self.task, "tasks": {}, "replay_tasks": {}}
         for j in sorted(groups):  # one task at a time: at most one task-sized accumulator alive
-            task_grad = None
+            task_grad: Tensor | None = None
             for source, group_loss in groups[j]:
                 g = self._flat_grad(group_loss)
                 total[source] = g.clone() if source not in total else total[source].add_(g)
                 task_grad = g if task_grad is None else task_grad + g
                 if source == "replay":
                     rec["replay_tasks"][j] = self._norms(g)
+            assert task_grad is not None  # every group list has a term
             one_replay_group = len(groups[j]) == 1 and groups[j][0][0] == "replay"
             rec["tasks"][j] = rec["replay_tasks"][j] if one_replay_group else self._norms(task_grad)
         for s in SOURCES:
@@ -280,7 +287,7 @@ class Diagnostics:
         rec["total"] = (rec.pop("_sq")[2], rec.pop("_head_sq")[2])
         return rec
 
-    def _log_grad(self, rec: dict, logger) -> None:
+    def _log_grad(self, rec: dict[str, Any], logger: ScalarLog) -> None:
         step, task = rec["step"], rec["task"]
         for s in (*SOURCES, "total"):
             logger.scalar(f"diag/grad_norm/{s}", rec[s][0], step, task)
@@ -300,7 +307,7 @@ class Diagnostics:
         self._interval_steps += 1
 
     # -- logit-gradient statistics ---------------------------------------------------------------------------
-    def _host_stats(self) -> dict:
+    def _host_stats(self) -> dict[str, dict[str, list[float]]]:
         self.flush()
         return {
             f"{k}/{s}": {"pos": st.positive.cpu().tolist(), "neg": st.negative.cpu().tolist()}
@@ -313,8 +320,8 @@ class Diagnostics:
             "new": [c for c, t in enumerate(self.class_task) if t == task],
         }
 
-    def _snapshot(self, logger) -> None:
-        snap = {"step": self.step, "task": self.task, "stats": self._host_stats()}
+    def _snapshot(self, logger: ScalarLog) -> None:
+        snap: dict[str, Any] = {"step": self.step, "task": self.task, "stats": self._host_stats()}
         prev = self.snapshots[-1]["stats"] if self.snapshots else None
         self.snapshots.append(snap)
         step, task = self.step, self.task
@@ -337,13 +344,13 @@ class Diagnostics:
                             logger.scalar(f"diag/{kind}/{src}/{key}", value, step, task)
 
     # -- results ---------------------------------------------------------------------------------------------
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """For results.json: final per-class statistics, per-task (old vs new) statistics of each task's
         interval, mean gradient norms per task interval, and the gains."""
         final = self._host_stats()
         classes = []
         for c, t in enumerate(self.class_task):
-            row = {"class": c, "task": t}
+            row: dict[str, Any] = {"class": c, "task": t}
             for kind in KINDS:
                 for src in (*SOURCES, "all"):
                     p, n = _combined(final, kind, src)
@@ -358,7 +365,7 @@ class Diagnostics:
         prev = None
         for snap in ends:
             t = snap["task"]
-            entry = {"task": t, "step": snap["step"]}
+            entry: dict[str, Any] = {"task": t, "step": snap["step"]}
             for kind in KINDS:
                 for src in (*SOURCES, "all"):
                     now = _combined(snap["stats"], kind, src)
@@ -386,7 +393,7 @@ class Diagnostics:
             "measured_steps": len(self.grads),
         }
 
-    def series(self) -> dict:
+    def series(self) -> dict[str, Any]:
         """Everything recorded over time (diagnostics.json): the snapshots, gradient records and gains."""
         grads = [
             {
@@ -405,7 +412,7 @@ class Diagnostics:
         }
 
     # -- checkpoints -----------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         self.flush()
         return {
             "stats": {f"{k}/{s}": st.state_dict() for (k, s), st in self.stats.items()},
@@ -417,7 +424,7 @@ class Diagnostics:
             "prev_acc": self._prev_acc,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         for (k, s), st in self.stats.items():
             st.load_state_dict(state["stats"][f"{k}/{s}"])
         self.snapshots, self.grads, self.gains = state["snapshots"], state["grads"], state["gains"]
@@ -425,7 +432,7 @@ class Diagnostics:
         self._prev_acc = state["prev_acc"]
 
 
-def _combined(stats: dict, kind: str, src: str = "all") -> tuple[list[float], list[float]]:
+def _combined(stats: dict[str, dict[str, list[float]]], kind: str, src: str = "all") -> tuple[list[float], list[float]]:
     """(G+, G-) per class of one kind, for one source or summed over both ('all')."""
     srcs = SOURCES if src == "all" else (src,)
     pos = [sum(v) for v in zip(*(stats[f"{kind}/{s}"]["pos"] for s in srcs), strict=True)]

@@ -12,7 +12,8 @@ import logging
 import math
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from cil.core import compute, metrics
 from cil.core.data.stream import Batch, ClassIncrementalStream
-from cil.core.methods.base import Method, StepOutput
+from cil.core.methods.base import DiagnosticsHooks, Method, StepOutput
 from cil.core.objectives.common import mask_logits
 from cil.errors import TrainingError
 
@@ -84,6 +85,14 @@ class MetricsLog:
         pass
 
 
+class CheckpointHook(Protocol):
+    """What the loop asks of `Learner.checkpointer` (the runner's cil.run.checkpoint.Checkpointer)."""
+
+    def due(self, step: int, task_ends: bool) -> bool: ...
+
+    def checkpoint(self, learner: Learner) -> None: ...
+
+
 class Learner:
     """Feeds the stream to the method once, evaluates, and keeps the run's progress.
 
@@ -113,9 +122,9 @@ class Learner:
         progress: bool = True,
         flops_every: int = 0,
         delay: int = 1,
-        realtime: dict | None = None,
+        realtime: dict[str, Any] | None = None,
         auc_every_samples: int = 0,
-    ):
+    ) -> None:
         self.stream = stream
         self.method = method
         self.logger = logger if logger is not None else MetricsLog()
@@ -123,7 +132,7 @@ class Learner:
         self.progress = progress
         self.flops = compute.FlopMeter(flops_every)
         self.delay, self.realtime = delay, realtime
-        self.diagnostics = method.diagnostics  # cil.core.diagnostics.Diagnostics or None
+        self.diagnostics: DiagnosticsHooks | None = method.diagnostics  # cil.core.diagnostics.Diagnostics or None
         self.device = stream.device
         self.n_tasks = stream.n_tasks
         self.test_x, self.test_y = stream.test_x, stream.test_y
@@ -138,11 +147,12 @@ class Learner:
         self.hide_task = stream.hides_boundaries
         self.auc_every = auc_every_samples
         self.track_classes = self.hide_task or auc_every_samples > 0  # A_AUC, A_last, F_last in the results
-        self._seen_test = (frozenset(), None)  # (seen classes, their test indices) of the last anytime point
+        # (seen classes, their test indices) of the last anytime point
+        self._seen_test: tuple[frozenset[int], torch.Tensor | None] = (frozenset(), None)
         # Everything below is the run's progress: what a checkpoint must hold.
         self.step = 0  # stream batches observed
         self.acc_matrix: list[list[float]] = []
-        self.anytime_curve: list[dict] = []
+        self.anytime_curve: list[dict[str, Any]] = []
         self.train_time_s = 0.0
         self.task_train_time_s: list[float] = []  # training time of each finished task (a slow-down shows here)
         self.eval_time_s = 0.0
@@ -155,20 +165,32 @@ class Learner:
         self.warnings: list[str] = []  # what a user should know about the run (results.json `warnings`)
         self.head_matrices: dict[str, list[list[float]]] = {}  # add-ons' extra heads (MKD's teacher...)
         self.seen_classes: set[int] = set()  # labels observed in the stream so far (when track_classes)
-        self.auc_curve: list[dict] = []  # {"step", "samples", "acc"}: accuracy on the seen classes' test samples
+        # {"step", "samples", "acc"}: accuracy on the seen classes' test samples
+        self.auc_curve: list[dict[str, Any]] = []
         self.class_acc: list[list[float | None]] = []  # per-class accuracy after each task (None: unseen)
-        self.errors: dict | None = None  # metrics.error_breakdown at the last task end
-        self.confusion = None  # its confusion matrix (numpy [C, C])
-        self.checkpointer = None  # set by the runner (cil.run.checkpoint.Checkpointer)
-        self._pending: list = []  # (loss, logits, labels, seen mask) of the steps since the last fold
+        self.errors: dict[str, float] | None = None  # metrics.error_breakdown at the last task end
+        self.confusion: np.ndarray | None = None  # its confusion matrix (numpy [C, C])
+        self.checkpointer: CheckpointHook | None = None  # set by the runner (cil.run.checkpoint.Checkpointer)
+        # (loss, logits, labels, seen mask) of the steps since the last fold (loss None: a batch predicted only)
+        self._pending: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def close(self) -> None:
+        """Close the metrics log's files (metrics.csv, TensorBoard): `with api.build(...) as learner:` does it."""
+        self.logger.close()
+
+    def __enter__(self) -> Learner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _fold(self) -> None:
         """Add the pending steps' losses and online correct counts to the running sums, in a few batched ops
         (device work only, no read-back). Same numbers as per-step accumulation, to float rounding of the loss."""
         if not self._pending:
             return
-        losses, logits, labels, seen = zip(*self._pending, strict=True)
-        losses = [loss for loss in losses if loss is not None]  # real-time mode: skipped batches have none
+        step_losses, logits, labels, seen = zip(*self._pending, strict=True)
+        losses = [loss for loss in step_losses if loss is not None]  # real-time mode: skipped batches have none
         if losses:
             self.loss_sum += torch.stack(losses).sum()
             self.nonfinite |= ~torch.isfinite(self.loss_sum)
@@ -212,6 +234,7 @@ class Learner:
             given = dataclasses.replace(batch, task=None, step_in_task=None)
         else:
             given = batch
+            assert batch.task is not None  # the stream's own batch carries its task
             if batch.task != self.task:
                 self.task = batch.task
                 method.on_task_start(self.task, self.stream.tasks[self.task].classes)
@@ -256,7 +279,7 @@ class Learner:
         method.owned.train(was_training)
         return logits
 
-    def run(self) -> dict:
+    def run(self) -> dict[str, Any]:
         stream = self.stream
         bar = tqdm(
             total=len(stream),
@@ -286,12 +309,13 @@ class Learner:
         bar.close()
         return self.results()
 
-    def _after_batch(self, batch: Batch, bar, tick: float) -> float:
+    def _after_batch(self, batch: Batch, bar: tqdm[Any], tick: float) -> float:
         """What follows every stream batch (trained or skipped): read-backs, evaluations, the task end,
         checkpoints. Returns the new training-time origin."""
         stream = self.stream
         bar.update(1)
         task = batch.task
+        assert task is not None and batch.step_in_task is not None  # the stream's own batch carries its task
         task_ends = batch.step_in_task + 1 == stream.batches_per_task[task]
         if self.step % self.log_every == 0 or task_ends:
             tick = self._log(task, bar, tick)
@@ -309,7 +333,7 @@ class Learner:
             tick = self._checkpoint(tick)
         return tick
 
-    def _timed_eval(self, tick: float, fn) -> float:
+    def _timed_eval(self, tick: float, fn: Callable[[], object]) -> float:
         """Run an evaluation without counting it as training time; returns the new training-time origin."""
         _sync(self.device)
         start = time.perf_counter()
@@ -324,6 +348,7 @@ class Learner:
         when SIGTERM asked the run to stop."""
         _sync(self.device)
         self.train_time_s += time.perf_counter() - tick
+        assert self.checkpointer is not None  # called only when there is one (_after_batch)
         self.checkpointer.checkpoint(self)
         return time.perf_counter()
 
@@ -345,6 +370,7 @@ class Learner:
             classes = torch.tensor(sorted(seen), device=self.device)
             idx = torch.nonzero(torch.isin(self.test_y, classes)).squeeze(1)
             self._seen_test = (seen, idx)
+        assert idx is not None  # set above: the seen classes are never the empty start once a batch was observed
         pred = predict(self.method, self.test_x[idx], self.eval_batch_size)
         acc = 100.0 * float((pred == self.test_y[idx]).float().mean()) if len(idx) else 0.0
         self.auc_curve.append({"step": self.step, "samples": self.online_seen, "acc": acc})
@@ -352,6 +378,7 @@ class Learner:
 
     def _task_end(self, task: int) -> None:
         row = self.evaluate_all(task + 1)
+        assert self.confusion is not None and self.errors is not None  # set by evaluate_all
         self.acc_matrix.append(row)
         if self.track_classes:  # per-class accuracy of the seen classes, for F_last
             per_class = metrics.class_accuracy(self.confusion)
@@ -382,7 +409,7 @@ class Learner:
             f"[{' '.join(f'{a:.1f}' for a in row[: task + 1])}]"
         )
 
-    def _log(self, task: int, bar, tick: float) -> float:
+    def _log(self, task: int, bar: tqdm[Any], tick: float) -> float:
         """Read the accumulated loss and online accuracy back from the device (the only per-interval sync)."""
         self._fold()
         if self.loss_count == 0:
@@ -417,7 +444,7 @@ class Learner:
         return tick
 
     # -- results ---------------------------------------------------------------------------------------------
-    def results(self) -> dict:
+    def results(self) -> dict[str, Any]:
         self._fold()
         acc = self.acc_matrix
         curve = [p["acc"] for p in self.anytime_curve]
@@ -473,7 +500,7 @@ class Learner:
             **(self.blurry_results() if self.track_classes else {}),
         }
 
-    def blurry_results(self) -> dict:
+    def blurry_results(self) -> dict[str, Any]:
         """A_AUC, A_last and F_last (docs/streams.md), and the curve A_AUC is the area of."""
         curve = self.auc_curve
         rows = [[np.nan if a is None else a for a in row] for row in self.class_acc]
@@ -491,7 +518,7 @@ class Learner:
         }
 
     # -- progress as state (checkpoints) ---------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         self._fold()
         return {
             "step": self.step,
@@ -514,7 +541,7 @@ class Learner:
             "class_acc": self.class_acc,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         self.acc_matrix = state["acc_matrix"]
         self.anytime_curve = state["anytime_curve"]

@@ -6,9 +6,17 @@ unused: those classes are not seen yet).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
+
+
+class ScalarLog(Protocol):
+    """Where scalars go (the learner's MetricsLog, the runner's RunLogger): what the diagnostics write to."""
+
+    def scalar(self, key: str, value: float, step: int, task: int | None = None) -> None: ...
 
 
 def _square(acc: Sequence[Sequence[float]]) -> np.ndarray:
@@ -18,20 +26,20 @@ def _square(acc: Sequence[Sequence[float]]) -> np.ndarray:
     return a
 
 
-def final_average_accuracy(acc) -> float:
+def final_average_accuracy(acc: Sequence[Sequence[float]]) -> float:
     """Mean accuracy over all tasks trained so far, after the last one: mean_j acc[T-1][j], j <= T-1."""
     a = _square(acc)
     t = a.shape[0]
     return float(a[t - 1, :t].mean())
 
 
-def average_incremental_accuracy(acc) -> float:
+def average_incremental_accuracy(acc: Sequence[Sequence[float]]) -> float:
     """Mean over i of the average accuracy on tasks 0..i after task i (Rebuffi et al., iCaRL)."""
     a = _square(acc)
     return float(np.mean([a[i, : i + 1].mean() for i in range(a.shape[0])]))
 
 
-def average_forgetting(acc) -> float | None:
+def average_forgetting(acc: Sequence[Sequence[float]]) -> float | None:
     """Chaudhry et al. (2018): mean over tasks j < T-1 of max_{l < T-1} acc[l][j] - acc[T-1][j].
 
     None with a single task, where forgetting is undefined.
@@ -49,13 +57,13 @@ def anytime_accuracy(curve: Sequence[float]) -> float | None:
     return float(np.mean(curve)) if len(curve) else None
 
 
-def confusion_matrix(targets, preds, num_classes: int) -> np.ndarray:
+def confusion_matrix(targets: npt.ArrayLike, preds: npt.ArrayLike, num_classes: int) -> np.ndarray:
     """counts[i, j] = test samples of class i predicted as class j (labels are head indices)."""
     t, p = np.asarray(targets, dtype=np.int64), np.asarray(preds, dtype=np.int64)
     return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def error_breakdown(confusion: np.ndarray, class_task: Sequence[int], tasks_seen: int) -> dict:
+def error_breakdown(confusion: np.ndarray, class_task: Sequence[int], tasks_seen: int) -> dict[str, float]:
     """Where the test samples of the seen tasks go, in percent of them (the four parts add up to 100):
     ``correct``; ``within_task`` (a wrong class of the same task); ``to_newer_task`` (a class of a later task:
     the recency bias that GSA's cross-task balancing targets); ``to_older_task`` (a class of an earlier task).
@@ -105,7 +113,7 @@ def class_accuracy(confusion: np.ndarray) -> np.ndarray:
         return np.where(total > 0, 100.0 * np.diag(c) / total, np.nan)
 
 
-def seen_accuracy(confusion: np.ndarray, seen: Sequence[int]) -> float | None:
+def seen_accuracy(confusion: np.ndarray, seen: Iterable[int]) -> float | None:
     """Accuracy in percent over the test samples of the classes `seen` (every sample counts once: A_last when
     taken after the last task). None when those classes have no test samples."""
     c = np.asarray(confusion, dtype=np.float64)

@@ -116,7 +116,7 @@ def check_finite(learner: Learner) -> None:
     finite = (
         torch.stack([torch.isfinite(t).all().to(device) for _, t in named]).cpu()
         if named
-        else torch.ones(0, dtype=bool)
+        else torch.ones(0, dtype=torch.bool)
     )
     bad = sorted({name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok})
     if bool(learner.nonfinite) or bad:

@@ -12,10 +12,11 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
@@ -23,38 +24,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cil.avalanche.peers import STRATEGIES
-from cil.core.addons import ADDONS
-from cil.core.methods import METHODS
 from cil.errors import EXIT_PREEMPTED, CilError, Preempted
 from cil.run.checkpoint import note_stop
-from cil.run.config import method_defaults
-from cil.run.config_dir import CONF_DIR
 from cil.run.config_errors import describe, unknown_keys
 from cil.run.folder import LOCK
-from cil.run.sweep import run_dirname
+from cil.run.hydra_conf import CONF_DIR, register_schemas
 from cil.schema import RunConfig
 
 log = logging.getLogger("cil")
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
-def register_schemas() -> None:
-    """The run schema, and every method's config as an option of the `method` group (its fields are the keys)."""
-    store = ConfigStore.instance()
-    store.store(name="cil_schema", node=RunConfig)
-    for name in [*METHODS, *(f"avalanche_{s}" for s in STRATEGIES)]:
-        store.store(group="method", name=name, node=method_defaults(name))
-    for name, cls in ADDONS.items():  # addon=<name> (or a list): the config lands at addon.<name>
-        store.store(group="addon", name=name, node=cls.Config(), package=f"addon.{name}")
-    store.store(group="addon", name="none", node={}, package="addon")  # addon=none: explicitly none (sweeps)
-
-
-register_schemas()
-# hydra.sweep.subdir: a job's folder name within the file-name limit (cil.run.sweep.run_dirname); also registered
-# in launcher workers, which import this module to run the job
-if not OmegaConf.has_resolver("cil_dirname"):
-    OmegaConf.register_new_resolver("cil_dirname", run_dirname)
+register_schemas()  # also in launcher workers, which import this module to run the job
 
 
 def _tidy_failed_run(out_dir: Path) -> None:
@@ -89,8 +70,9 @@ def main(dcfg: DictConfig) -> dict:
         print(f"error: {err}", file=sys.stderr)
         _tidy_failed_run(out_dir)
         sys.exit(2)
-    cfg: RunConfig = OmegaConf.to_object(dcfg)
-    resolved = OmegaConf.to_container(dcfg, resolve=True)
+    # typed as any container: the schema makes them a RunConfig and a dict
+    cfg = cast(RunConfig, OmegaConf.to_object(dcfg))
+    resolved = cast(dict[str, Any], OmegaConf.to_container(dcfg, resolve=True))
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep job: skip if complete, record a failure, go on
         from cil.run.sweep import run_sweep_job, search_score
 
@@ -133,8 +115,9 @@ def main(dcfg: DictConfig) -> dict:
     return results
 
 
-def _tool(name: str):
+def _tool(name: str) -> Callable[[list[str]], int]:
     """The `main(argv) -> exit code` of a subcommand, imported only when asked for."""
+    tool: Callable[[list[str]], int]
     if name == "report":
         from cil.analysis.report import main as tool
     elif name == "plots":

@@ -4,9 +4,13 @@ config with its defaults. Nothing here imports hydra."""
 from __future__ import annotations
 
 import importlib.util
+from typing import TYPE_CHECKING
 
 from cil.errors import ConfigError, require
 from cil.schema import RunConfig
+
+if TYPE_CHECKING:
+    from cil.core.methods.base import MethodConfig
 
 PRECISIONS = ("fp32", "bf16", "auto")
 OPTIMIZERS = ("sgd", "adam")
@@ -16,7 +20,7 @@ WANDB_MODES = ("online", "offline", "disabled")
 STREAM_KINDS = ("disjoint", "iblurry", "siblurry")
 
 
-def method_schema(name: str) -> type:
+def method_schema(name: str) -> type[MethodConfig]:
     """The config dataclass of method `name` (ours, or an Avalanche peer's)."""
     if name.startswith("avalanche_"):
         from cil.avalanche.peers import peer_config_class
@@ -27,7 +31,7 @@ def method_schema(name: str) -> type:
     return method_class(name).Config
 
 
-def method_defaults(name: str):
+def method_defaults(name: str) -> MethodConfig:
     """A fresh config of method `name` with its defaults (what `method=<name>` starts from)."""
     if name.startswith("avalanche_"):
         from cil.avalanche.peers import peer_configs
@@ -247,6 +251,8 @@ def task_free_methods() -> list[str]:
     for n, cls in sorted(METHODS.items()):
         if not cls.needs_task_boundaries:
             names.append(n)
-        elif "task_free" in cls.Config.__dataclass_fields__ and not cls.boundaries_needed(cls.Config(task_free=True)):
+        elif "task_free" in cls.Config.__dataclass_fields__ and not cls.boundaries_needed(
+            cls.Config(task_free=True)  # type: ignore[call-arg]  # only a Config with a task_free field gets here
+        ):
             names.append(f"{n} with method.task_free=true")
     return names

@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -34,7 +34,7 @@ def _schema_at(path: list[str]) -> type | None:
         if name not in hints:
             return None
         cls = hints[name]
-    return cls if dataclasses.is_dataclass(cls) else None
+    return cast(type, cls) if dataclasses.is_dataclass(cls) else None  # a class: is_dataclass admits instances
 
 
 def _describe_type(tp: Any) -> str:
@@ -54,7 +54,7 @@ def _owner(parts: list[str], object_type: Any = None) -> type | None:
     """The dataclass holding the key: the error's own node type (a method's config) when OmegaConf gives one,
     else found by walking the run schema."""
     if dataclasses.is_dataclass(object_type):
-        return object_type
+        return cast(type, object_type)  # OmegaConf's node type: a class (is_dataclass admits instances)
     return _schema_at(parts[:-1])
 
 
@@ -87,13 +87,13 @@ def describe(err: BaseException) -> str:
     cause: BaseException | None = err
     while cause is not None and not isinstance(cause, OmegaConfBaseException):
         cause = cause.__cause__
-    if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
-        key = cause.full_key
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, ValidationError) and key:
         tp = _field_type(key, getattr(cause, "object_type", None))
         allowed = f"{key.split('[')[0]} takes {_describe_type(tp)}" if tp is not None else cause.msg
         return f"{key}={cause.value!r} is not allowed: {allowed}"
-    if isinstance(cause, (ConfigKeyError, AttributeError)) and getattr(cause, "full_key", None):
-        return _unknown_key_message(cause.full_key, getattr(cause, "object_type", None))
+    if isinstance(cause, (ConfigKeyError, AttributeError)) and key:
+        return _unknown_key_message(key, getattr(cause, "object_type", None))
     text = str(err).split("\nConfig search path:")[0].strip()  # the search path is Hydra's internals
     for option, extra in PLUGIN_EXTRAS.items():
         if f"Could not find '{option}'" in text:
@@ -107,7 +107,7 @@ def unknown_keys(cfg: DictConfig, cls: Any = RunConfig, prefix: str = "") -> Non
     known = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in cfg:
-        full_key = f"{prefix}{key}"
+        full_key = f"{prefix}{key!s}"
         if key not in known:
             raise ConfigError(_unknown_key_message(full_key, cls))
         value = cfg[key]

@@ -15,8 +15,10 @@ import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import torch
+from torch import nn
 
 from cil import __version__
 from cil.core.addons import build_addons
@@ -91,7 +93,7 @@ def build_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        return torch.optim.Adam(params, lr=o.lr, betas=(o.betas[0], o.betas[1]), weight_decay=o.weight_decay)
     raise ConfigError(f"optimizer.name={o.name!r} is unknown: choose sgd or adam")
 
 
@@ -186,9 +188,9 @@ def build_learner(
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model.parameters())
     if cfg.compile:
-        model = torch.compile(model)
+        model = cast(nn.Module, torch.compile(model))  # an OptimizedModule; torch types it as a plain callable
     normalize = dataset.normalization() if cfg.dataset.normalize else None
-    realtime = None  # results.json `realtime` (without the delay), when the real-time mode is on
+    realtime: dict[str, Any] | None = None  # results.json `realtime` (without the delay), when the real-time mode is on
     if cfg.method.name.startswith("avalanche_"):  # Avalanche's own strategies as peers (docs/avalanche.md)
         from cil.avalanche.peers import build_peer
 
@@ -227,6 +229,10 @@ def build_learner(
     )
     if cfg.realtime.enabled and cfg.realtime.delay is not None:
         realtime = {"reference": cfg.realtime.reference, "delay_source": "set"}
+    delay = 1
+    if cfg.realtime.enabled:
+        assert realtime is not None  # measured above, or set by hand
+        delay = cfg.realtime.delay or realtime["delay"]
     return Learner(
         stream,
         method,
@@ -239,7 +245,7 @@ def build_learner(
         progress=cfg.log.progress,
         auc_every_samples=anytime_every_samples(cfg),
         flops_every=cfg.compute.flops_every if cfg.compute.flops else 0,
-        delay=(cfg.realtime.delay or realtime["delay"]) if cfg.realtime.enabled else 1,
+        delay=delay,
         realtime=None if realtime is None else {k: v for k, v in realtime.items() if k != "delay"},
     )
 

@@ -222,7 +222,7 @@ def sync_check(plan: Plan, dataset, report: Report) -> None:
     from cil.run.experiment import build_learner
 
     rows = []
-    variants = [
+    variants: list[tuple[str, str, dict[str, Any]]] = [
         ("er", "er", {}),
         ("er_ace (separate passes)", "er_ace", {"separate_passes": True}),
         ("gsa", "gsa", {}),

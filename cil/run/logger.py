@@ -25,12 +25,11 @@ class RunLogger(MetricsLog):
         self.wandb = wandb  # a started cil.run.wandb_log.WandbSink (the runner finishes it), or None
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / METRICS
-        new_file = not (resume and path.exists())
-        self._file = open(path, "w" if new_file else "a", newline="")  # noqa: SIM115 - open for the run; close()
-        self._csv = csv.writer(self._file)
-        if new_file:
-            self._csv.writerow(["step", "task", "key", "value"])
+        self._path = self.out_dir / METRICS
+        self._rows: list[list[Any]] = []  # written at each flush, the file opened only then: none is left open
+        if not (resume and self._path.exists()):
+            with open(self._path, "w", newline="") as f:
+                csv.writer(f).writerow(["step", "task", "key", "value"])
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported only when asked for: it is slow to load
@@ -39,7 +38,7 @@ class RunLogger(MetricsLog):
             self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=purge_step)
 
     def scalar(self, key: str, value: float, step: int, task: int | None = None) -> None:
-        self._csv.writerow([step, "" if task is None else task, key, f"{value:.6g}"])
+        self._rows.append([step, "" if task is None else task, key, f"{value:.6g}"])
         if self._tb is not None:
             self._tb.add_scalar(key, value, step)
         if self.wandb is not None:
@@ -62,12 +61,15 @@ class RunLogger(MetricsLog):
         self._tb.add_image("acc_matrix", image, step, dataformats="HWC")
 
     def flush(self) -> None:
-        self._file.flush()
+        if self._rows:
+            with open(self._path, "a", newline="") as f:
+                csv.writer(f).writerows(self._rows)
+            self._rows.clear()
         if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
-        self._file.close()
+        self.flush()
         if self._tb is not None:
             self._tb.close()
 

@@ -35,6 +35,7 @@ def probe_step_flops(method, stream: ClassIncrementalStream, draws: int) -> floa
     task, flops = -1, []
     for i, batch in enumerate(itertools.chain(warm, counted)):
         if batch.task != task:
+            assert batch.task is not None  # the stream's own batch carries its task
             task = batch.task
             method.on_task_start(task, stream.tasks[task].classes)
         if i < fill:

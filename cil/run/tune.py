@@ -23,10 +23,11 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from cil.run.config_dir import CONF_DIR
+from cil.run.hydra_conf import CONF_DIR
 from cil.runfolder import RESULTS, read_json, write_json_atomic
 
 TUNE_FILE = "tune.json"
@@ -107,7 +108,7 @@ def main(argv: list[str], run_hydra: Callable[[list[str]], int]) -> int:
         return 2
     out = (args.dir or Path("tune") / time.strftime("%Y-%m-%d") / f"{time.strftime('%H-%M-%S')}_{search}").resolve()
     search_dir, final_dir = out / SEARCH_DIR, out / FINAL_DIR
-    record = {
+    record: dict[str, Any] = {
         "command": "python -m cil tune " + " ".join(argv),
         "search": search,
         "search_dir": str(search_dir),

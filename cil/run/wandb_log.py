@@ -23,7 +23,7 @@ import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cil.errors import EXIT_PREEMPTED, ConfigError, Preempted
 from cil.schema import RunConfig
@@ -78,7 +78,7 @@ def read_records(path: Path) -> Iterator[Any]:
         pos += 7 + length
         chunks.append(body)
         if kind in (_FULL, _LAST):
-            record = pb.Record()
+            record = pb.Record()  # type: ignore[attr-defined]  # protobuf builds its classes at import: no stub
             try:
                 record.ParseFromString(b"".join(chunks))
             except Exception:  # noqa: BLE001 - a torn record: what came before is all there is
@@ -221,7 +221,9 @@ class WandbSink:
                 for path in run_plots(Path(out_dir), Path(tmp)):  # W&B copies each image when the row goes out
                     self._put(f"plots/{path.stem}", self.wandb.Image(str(path)), step)
                 self._commit()
-            summary = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            summary: dict[str, Any] = {
+                k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
             summary["status"] = results.get("status")
             self.run.summary.update(summary)
             self._finish(0)
@@ -233,7 +235,7 @@ class WandbSink:
                 self.finished = True
                 self.run.finish(exit_code=0)
 
-    def __exit__(self, exc_type, err, tb) -> bool:
+    def __exit__(self, exc_type, err, tb) -> Literal[False]:
         """The run stops before it completes (pushed on the runner's ExitStack): pre-empted (resumable, marked
         so, exit code 75) or failed (exit code 1). The run's own error propagates."""
         if err is None or self.finished:

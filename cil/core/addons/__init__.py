@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cil.core.addons.base import ADDONS, Addon, AddonConfig, register
+from cil.core.methods.base import Method
 from cil.errors import ConfigError
 
 for _module in pkgutil.iter_modules(__path__):
@@ -31,7 +32,7 @@ def addon_configs(selection: Any) -> dict[str, AddonConfig]:
         selection = dict.fromkeys(selection)
     if not isinstance(selection, dict):
         raise ConfigError(f"addon={selection!r}: use a name, a list of names or a mapping name -> settings")
-    out = {}
+    out: dict[str, AddonConfig] = {}
     for name, cfg in selection.items():
         cls = addon_class(name)
         if cfg is None:
@@ -57,7 +58,7 @@ def validate_addons(selection: Any) -> None:
         cfg.validate()
 
 
-def build_addons(selection: Any, method, make_peer: Callable | None = None) -> list[Addon]:
+def build_addons(selection: Any, method: Method, make_peer: Callable[[], Method] | None = None) -> list[Addon]:
     """Build the selected add-ons on `method` (in the selection's order) and attach them (`method.addons`).
     `make_peer()`: a fresh method of the same kind with its own model and optimizer (CCL-DC's peer learner)."""
     addons = [addon_class(name)(cfg, method, make_peer=make_peer) for name, cfg in addon_configs(selection).items()]

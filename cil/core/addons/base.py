@@ -22,14 +22,19 @@ is the base method bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
+from cil.core.data.stream import Batch
+from cil.core.methods.base import Method
 from cil.core.objectives.common import mask_logits
 from cil.errors import require
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -49,7 +54,7 @@ class Addon:
     name: ClassVar[str] = "base"
     Config: ClassVar[type[AddonConfig]] = AddonConfig
 
-    def __init__(self, cfg: AddonConfig, method, **context: Any):
+    def __init__(self, cfg: AddonConfig, method: Method, **context: Any) -> None:
         self.cfg = cfg
         self.last: dict[str, torch.Tensor] = {}  # detached loss terms of the last step (log_values)
 
@@ -58,42 +63,42 @@ class Addon:
         return self.cfg.weight > 0
 
     # -- hooks (all optional) --------------------------------------------------------------------------------
-    def begin_observe(self, method, batch) -> None:
+    def begin_observe(self, method: Method, batch: Batch) -> None:
         pass
 
-    def main_pass(self, method, inputs: torch.Tensor, logits: torch.Tensor, raw: torch.Tensor | None) -> None:
+    def main_pass(self, method: Method, inputs: torch.Tensor, logits: torch.Tensor, raw: torch.Tensor | None) -> None:
         pass
 
-    def extra_loss(self, method) -> torch.Tensor | None:
+    def extra_loss(self, method: Method) -> torch.Tensor | None:
         return None
 
-    def after_step(self, method) -> None:
+    def after_step(self, method: Method) -> None:
         pass
 
-    def on_task_start(self, method, task: int, classes: torch.Tensor) -> None:
+    def on_task_start(self, method: Method, task: int, classes: torch.Tensor) -> None:
         pass
 
-    def eval_logits(self, method, x: torch.Tensor, head: str | None) -> torch.Tensor | None:
+    def eval_logits(self, method: Method, x: torch.Tensor, head: str | None) -> torch.Tensor | None:
         return None
 
     def eval_heads(self) -> list[str]:
         return []
 
     # -- what a run keeps and reports ------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
     def log_values(self) -> dict[str, float]:
         return {f"{self.name}/{k}": float(v) for k, v in self.last.items()}
 
-    def extra_results(self) -> dict:
+    def extra_results(self) -> dict[str, Any]:
         return {}
 
     # -- helpers ---------------------------------------------------------------------------------------------
-    def softmax_mask(self, method) -> torch.Tensor | None:
+    def softmax_mask(self, method: Method) -> torch.Tensor | None:
         return method.seen if self.cfg.seen_only else None
 
     @staticmethod
@@ -101,7 +106,7 @@ class Addon:
         return logits if mask is None else mask_logits(logits, mask)
 
 
-def in_eval_mode(module: nn.Module, fn):
+def in_eval_mode(module: nn.Module, fn: Callable[[], _T]) -> _T:
     """fn() with `module` in eval mode, its mode restored afterwards."""
     was = module.training
     module.eval()
@@ -112,9 +117,10 @@ def in_eval_mode(module: nn.Module, fn):
 
 
 ADDONS: dict[str, type[Addon]] = {}
+_AddonClass = TypeVar("_AddonClass", bound=type[Addon])
 
 
-def register(cls: type[Addon]) -> type[Addon]:
+def register(cls: _AddonClass) -> _AddonClass:
     """Class decorator: make an add-on available by its `name` (`addon=<name>`)."""
     if cls.name in ADDONS and ADDONS[cls.name] is not cls:
         raise ValueError(f"two add-ons are named {cls.name!r}: {ADDONS[cls.name]} and {cls}")

@@ -20,7 +20,9 @@ docs/methods.md ("CCL-DC add-on") lists every deviation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,8 @@ from torch import Tensor
 
 from cil.core.addons.base import Addon, AddonConfig, in_eval_mode, register
 from cil.core.augment import GSAAugment
+from cil.core.data.stream import Batch
+from cil.core.methods.base import Method, ReplayConfig
 from cil.core.objectives.distill import kd_loss
 from cil.errors import ConfigError, require
 
@@ -75,10 +79,10 @@ class _PeerLink(Addon):
 
     name = "ccl_dc_peer"
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.pending: Tensor | None = None
 
-    def extra_loss(self, method) -> Tensor | None:
+    def extra_loss(self, method: Method) -> Tensor | None:
         loss, self.pending = self.pending, None
         return loss
 
@@ -87,8 +91,11 @@ class _PeerLink(Addon):
 class CCLDC(Addon):
     name = "ccl_dc"
     Config = CCLDCConfig
+    cfg: CCLDCConfig
 
-    def __init__(self, cfg: CCLDCConfig, method, make_peer=None, **context):
+    def __init__(
+        self, cfg: CCLDCConfig, method: Method, make_peer: Callable[[], Method] | None = None, **context: Any
+    ) -> None:
         super().__init__(cfg, method)
         if make_peer is None:
             raise ConfigError(
@@ -104,15 +111,15 @@ class CCLDC(Addon):
 
         self.randaug = RandAugment(cfg.randaug_n, cfg.randaug_m)
         self.rng = torch.Generator().manual_seed(method.seed * 7 + 11)  # seeds of RandAugment's op choices (CPU)
-        self.batch = None
+        self.batch: Batch | None = None
 
     # -- training --------------------------------------------------------------------------------------------
-    def begin_observe(self, method, batch) -> None:
+    def begin_observe(self, method: Method, batch: Batch) -> None:
         self.batch = batch
         if self.active:
             self.peer.classes.mark_seen(batch.y, batch.y_host)
 
-    def on_task_start(self, method, task, classes) -> None:
+    def on_task_start(self, method: Method, task: int, classes: Tensor) -> None:
         self.peer.on_task_start(task, classes)
 
     def rand_augment(self, x: Tensor) -> Tensor:
@@ -123,10 +130,10 @@ class CCLDC(Addon):
         seed = int(torch.randint(0, 2**62, (1,), generator=self.rng))
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed)
-            out = self.randaug(convert_image_dtype(x, torch.uint8))
+            out: Tensor = self.randaug(convert_image_dtype(x, torch.uint8))
         return convert_image_dtype(out, torch.float32)
 
-    def views(self, method, x_uint8: Tensor) -> list[Tensor]:
+    def views(self, method: Method, x_uint8: Tensor) -> list[Tensor]:
         """[x3, x0, x1, x2] as model inputs (the official order of the passes)."""
         x0 = x_uint8.float().div(255.0)
         if self.crop is not None:
@@ -140,25 +147,30 @@ class CCLDC(Addon):
             x1 = x2 = x3 = x0
         return [method.from_unit(v) for v in (x3, x0, x1, x2)]
 
-    def extra_loss(self, method) -> Tensor | None:
+    def extra_loss(self, method: Method) -> Tensor | None:
         cfg = self.cfg
         if not self.active:
             return None
         batch = self.batch
-        r = method.cfg.replay_batch_size if cfg.replay_batch_size is None else cfg.replay_batch_size
+        assert batch is not None  # begin_observe comes first
+        if cfg.replay_batch_size is not None:
+            r = cfg.replay_batch_size
+        else:  # the method's draw; a method without replay (naive) has no buffer to draw from
+            r = method.cfg.replay_batch_size if isinstance(method.cfg, ReplayConfig) else 0
         mem = method.replay(r)
         x, y = (batch.x, batch.y) if mem is None else (torch.cat([mem[0], batch.x]), torch.cat([mem[1], batch.y]))
         views = self.views(method, x)
         l1 = [method.forward_float(v) for v in views]  # [x3, x0, x1, x2]
         l2 = [self.peer.forward_float(v) for v in views]
         mask = self.softmax_mask(method)
-        ce1 = sum(F.cross_entropy(self.masked(z, mask), y) for z in l1)
-        ce2 = sum(F.cross_entropy(self.masked(z, mask), y) for z in l2)
+        # sum() over Tensors is typed Tensor | Literal[0] (the empty case): never 0 here, the lists are not empty
+        ce1 = cast(Tensor, sum(F.cross_entropy(self.masked(z, mask), y) for z in l1))
+        ce2 = cast(Tensor, sum(F.cross_entropy(self.masked(z, mask), y) for z in l2))
         T = cfg.temperature
         # the chain: (x3 | x3), (x0 | x1), (x1 | x2), (x2 | x3) -- student view | peer's view (detached)
         pairs = ((0, 0), (1, 2), (2, 3), (3, 0))
-        kd1 = sum(kd_loss(l1[i], l2[j], T, mask) for i, j in pairs)
-        kd2 = sum(kd_loss(l2[i], l1[j], T, mask) for i, j in pairs)
+        kd1 = cast(Tensor, sum(kd_loss(l1[i], l2[j], T, mask) for i, j in pairs))
+        kd2 = cast(Tensor, sum(kd_loss(l2[i], l1[j], T, mask) for i, j in pairs))
         full = mask if mask is not None else torch.ones(l1[0].shape[1], dtype=torch.bool, device=y.device)
         n_mem = 0 if mem is None else len(mem[1])
         for z in l1:
@@ -172,10 +184,11 @@ class CCLDC(Addon):
         self.last = {"ce": ce1.detach(), "kd": kd1.detach(), "peer_ce": ce2.detach(), "peer_kd": kd2.detach()}
         return cfg.weight * (cfg.ce_weight * ce1 + cfg.kd_lambda * kd1)
 
-    def after_step(self, method) -> None:
+    def after_step(self, method: Method) -> None:
         """The peer's update: its own step of the method's loss plus its collaborative term (official order:
         peer 1 steps, then peer 2)."""
         if self.link.pending is not None:
+            assert self.batch is not None  # set by begin_observe, before the step
             self.peer.update(self.batch)
 
     # -- evaluation ------------------------------------------------------------------------------------------
@@ -188,7 +201,7 @@ class CCLDC(Addon):
         finally:
             peer.owned.train(was)
 
-    def eval_logits(self, method, x: Tensor, head: str | None) -> Tensor | None:
+    def eval_logits(self, method: Method, x: Tensor, head: str | None) -> Tensor | None:
         which = (
             self.cfg.eval_head
             if head is None
@@ -208,7 +221,7 @@ class CCLDC(Addon):
         return [h for h in ("ccl_dc_student", "ccl_dc_peer", "ccl_dc_ensemble") if h != f"ccl_dc_{self.cfg.eval_head}"]
 
     # -- state -----------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         peer = self.peer
         return {
             "model": {k: v.cpu() for k, v in peer.model.state_dict().items()},
@@ -217,13 +230,13 @@ class CCLDC(Addon):
             "rng": self.rng.get_state(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.peer.model.load_state_dict(state["model"])
         self.peer.optimizer.load_state_dict(state["optimizer"])
         self.peer.load_state_dict(state["method"])
         self.rng.set_state(state["rng"])
 
-    def extra_results(self) -> dict:
+    def extra_results(self) -> dict[str, Any]:
         return {
             "ccl_dc": {
                 "eval_head": self.cfg.eval_head,

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,8 @@ from torch.func import functional_call
 
 from cil.core.addons.base import Addon, AddonConfig, in_eval_mode, register
 from cil.core.augment import GSAAugment, random_grayscale
+from cil.core.data.stream import Batch
+from cil.core.methods.base import Method, ReplayConfig
 from cil.core.objectives.distill import kd_loss
 from cil.errors import require
 
@@ -111,16 +115,22 @@ def make_teacher(model: torch.nn.Module, alpha: float, correction_step: int) -> 
 
 
 @torch.no_grad()
-def ema_update(teachers, alphas, params: list[Tensor], batches: int, correction_step: int) -> None:
+def ema_update(
+    teachers: Sequence[torch.nn.Module],
+    alphas: Sequence[float],
+    params: list[Tensor],
+    batches: int,
+    correction_step: int,
+) -> None:
     """theta_j <- (1 - a_j) theta_j + a_j / (1 - a_j^k) theta for every teacher (after an optimizer step)."""
     for alpha, teacher in zip(alphas, teachers, strict=True):
-        ema = list(teacher.parameters())
+        ema: list[Tensor] = list(teacher.parameters())
         torch._foreach_mul_(ema, 1 - alpha)
         torch._foreach_add_(ema, torch._foreach_mul(params, ema_factor(alpha, batches, correction_step)))
 
 
 @torch.no_grad()
-def average_parameters(model: torch.nn.Module, teachers) -> dict[str, Tensor]:
+def average_parameters(model: torch.nn.Module, teachers: Sequence[torch.nn.Module]) -> dict[str, Tensor]:
     """(student + teachers) / (n + 1), parameter by parameter, with the student's buffers (init_agg_model)."""
     names = [n for n, _ in model.named_parameters()]
     avg = [
@@ -132,12 +142,14 @@ def average_parameters(model: torch.nn.Module, teachers) -> dict[str, Tensor]:
     return state
 
 
-def color_jitter(x: Tensor, u: Tensor, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1) -> Tensor:
+def color_jitter(
+    x: Tensor, u: Tensor, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4, hue: float = 0.1
+) -> Tensor:
     """Per-sample colour jitter of [B, C, H, W] floats in [0, 1] (torchvision's definitions, fixed order
     brightness, contrast, saturation, hue), factors from uniforms ``u`` [B, 4]. One-channel input: brightness
     and contrast only."""
 
-    def factor(col, amount):
+    def factor(col: int, amount: float) -> Tensor:
         return (1 - amount + 2 * amount * u[:, col]).view(-1, 1, 1, 1)
 
     x = (x * factor(0, brightness)).clamp(0, 1)
@@ -180,7 +192,7 @@ class MKDAugment:
     """tf_ema: random resized crop (scale crop_scale), horizontal flip p 0.5, colour jitter (0.4, 0.4, 0.4, 0.1)
     with p 0.8, grayscale p 0.2; per sample, batched, every draw from one generator call."""
 
-    def __init__(self, size: tuple[int, int], crop_scale: tuple[float, float]):
+    def __init__(self, size: Sequence[int], crop_scale: Sequence[float]) -> None:
         self.crop = GSAAugment(size, scale=crop_scale, grayscale_p=0.0)
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
@@ -197,45 +209,48 @@ class MKDAugment:
 class MKD(Addon):
     name = "mkd"
     Config = MKDConfig
+    cfg: MKDConfig
 
-    def __init__(self, cfg: MKDConfig, method, **context):
+    def __init__(self, cfg: MKDConfig, method: Method, **context: Any) -> None:
         super().__init__(cfg, method)
         self.alphas = cfg.alphas()
-        self.teachers = []
+        self.teachers: list[torch.nn.Module] = []
         for alpha in self.alphas:
             self.teachers.append(make_teacher(method.model, alpha, cfg.correction_step))
         self.batches = 0  # stream batches seen (the official stream_idx / batch_size)
-        self.batch = None
-        self.pass_ = None  # (inputs, logits, raw) the method declared in this update (mode main_pass)
+        self.batch: Batch | None = None
+        # (inputs, logits, raw) the method declared in this update (mode main_pass)
+        self.pass_: tuple[Tensor, Tensor, Tensor | None] | None = None
         size = tuple(method.input_shape[1:]) if method.input_shape else None
         self.augment = MKDAugment(size, tuple(cfg.crop_scale)) if cfg.augment and size and len(size) == 2 else None
-        self._average = None  # (batches, updates) -> averaged parameters for eval_head=average
+        self._average: tuple[int, dict[str, Tensor]] | None = None  # (updates, averaged parameters): eval_head=average
         self.updates = 0
 
     # -- training --------------------------------------------------------------------------------------------
-    def begin_observe(self, method, batch) -> None:
+    def begin_observe(self, method: Method, batch: Batch) -> None:
         self.batches += 1
         self.batch = batch
 
-    def main_pass(self, method, inputs, logits, raw) -> None:
+    def main_pass(self, method: Method, inputs: Tensor, logits: Tensor, raw: Tensor | None) -> None:
         if self.cfg.mode == "main_pass":
             self.pass_ = (inputs, logits, raw)
 
-    def teacher_logits(self, method, x: Tensor) -> list[Tensor]:
+    def teacher_logits(self, method: Method, x: Tensor) -> list[Tensor]:
         with torch.no_grad(), method.autocast():
             return [t(x).float() for t in self.teachers]
 
-    def distill(self, method, stu_aug: Tensor, stu_raw: Tensor | None, teachers: list[Tensor]) -> Tensor:
+    def distill(self, method: Method, stu_aug: Tensor, stu_raw: Tensor | None, teachers: list[Tensor]) -> Tensor:
         cfg, mask = self.cfg, self.softmax_mask(method)
-        total = 0.0
+        total: Tensor | float = 0.0
         for t in teachers:
             term = kd_loss(stu_aug, t, cfg.temperature, mask)
             if stu_raw is not None:
                 term = (term + kd_loss(stu_raw, t, cfg.temperature, mask)) / 2
             total = total + term
+        assert isinstance(total, Tensor)  # one teacher at least (n_teachers >= 1)
         return total / len(teachers)
 
-    def extra_loss(self, method) -> Tensor | None:
+    def extra_loss(self, method: Method) -> Tensor | None:
         cfg = self.cfg
         if not self.active:
             self.pass_ = None
@@ -252,7 +267,11 @@ class MKD(Addon):
             self.last = {"kd": kd.detach()}
             return cfg.weight * cfg.kd_lambda * kd
         batch = self.batch
-        r = method.cfg.replay_batch_size if cfg.replay_batch_size is None else cfg.replay_batch_size
+        assert batch is not None  # begin_observe comes first
+        if cfg.replay_batch_size is not None:
+            r = cfg.replay_batch_size
+        else:  # the method's draw; a method without replay (naive) has no buffer to draw from
+            r = method.cfg.replay_batch_size if isinstance(method.cfg, ReplayConfig) else 0
         mem = method.replay(r)
         x, y = (batch.x, batch.y) if mem is None else (torch.cat([mem[0], batch.x]), torch.cat([mem[1], batch.y]))
         n_mem = 0 if mem is None else len(mem[1])
@@ -273,7 +292,7 @@ class MKD(Addon):
         return cfg.weight * (ce + cfg.kd_lambda * kd)
 
     @torch.no_grad()
-    def after_step(self, method) -> None:
+    def after_step(self, method: Method) -> None:
         ema_update(
             self.teachers,
             self.alphas,
@@ -284,19 +303,19 @@ class MKD(Addon):
         self.updates += 1
 
     # -- evaluation ------------------------------------------------------------------------------------------
-    def averaged(self, method) -> dict[str, Tensor]:
+    def averaged(self, method: Method) -> dict[str, Tensor]:
         """(student + teachers) / (n + 1), parameter by parameter, with the student's buffers (init_agg_model)."""
         if self._average is None or self._average[0] != self.updates:
             self._average = (self.updates, average_parameters(method.model, self.teachers))
         return self._average[1]
 
-    def eval_logits(self, method, x: Tensor, head: str | None) -> Tensor | None:
+    def eval_logits(self, method: Method, x: Tensor, head: str | None) -> Tensor | None:
         which = self.cfg.eval_head if head is None else EXTRA_HEADS.get(head)
         if which is None or which == "student":
             return None if which is None else method.predict_logits(x)
         if which == "teacher":
-            return in_eval_mode(self.teachers[0], lambda: self.teachers[0](x))
-        return functional_call(method.model, self.averaged(method), (x,))
+            return cast(Tensor, in_eval_mode(self.teachers[0], lambda: self.teachers[0](x)))  # Module() is Any
+        return cast(Tensor, functional_call(method.model, self.averaged(method), (x,)))  # typed Any in torch
 
     def eval_heads(self) -> list[str]:
         if not self.cfg.report_heads:
@@ -304,18 +323,18 @@ class MKD(Addon):
         return [h for h in EXTRA_HEADS if h != f"mkd_{self.cfg.eval_head}"]
 
     # -- state -----------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "teachers": [{k: v.cpu() for k, v in t.state_dict().items()} for t in self.teachers],
             "batches": self.batches,
             "updates": self.updates,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         for teacher, saved in zip(self.teachers, state["teachers"], strict=True):
             teacher.load_state_dict(saved)
         self.batches, self.updates = state["batches"], state["updates"]
         self._average = None
 
-    def extra_results(self) -> dict:
+    def extra_results(self) -> dict[str, Any]:
         return {"mkd": {"alphas": self.alphas, "eval_head": self.cfg.eval_head}}

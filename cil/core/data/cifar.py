@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -13,12 +13,15 @@ from cil.core.data.dataset import ImageDataset, register_loader
 from cil.core.data.sources import check_md5, missing_error, torchvision_download
 from cil.errors import DataError
 
+if TYPE_CHECKING:
+    from torchvision.datasets import CIFAR10
+
 # The per-channel mean and std that the CIFAR code bases (GSA's official code among them) normalise with, for both
 # CIFAR-10 and CIFAR-100.
 CIFAR_NORMALIZATION = (tuple(v / 255 for v in (125.3, 123.0, 113.9)), tuple(v / 255 for v in (63.0, 62.1, 66.7)))
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path) -> dict[Any, Any]:
     try:
         with open(path, "rb") as f:
             obj = pickle.load(f, encoding="bytes")  # the batches were pickled by Python 2
@@ -47,7 +50,9 @@ def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[torch.Tensor, torch
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
 
 
-def _load_cifar(name: str, tv_cls: type, root: Path, download: bool, verify: bool, label_key: bytes) -> ImageDataset:
+def _load_cifar(
+    name: str, tv_cls: type[CIFAR10], root: Path, download: bool, verify: bool, label_key: bytes
+) -> ImageDataset:
     base = root / tv_cls.base_folder
     entries = [*tv_cls.train_list, *tv_cls.test_list, [tv_cls.meta["filename"], tv_cls.meta["md5"]]]
     missing = [name for name, _ in entries if not (base / name).is_file()]
@@ -63,7 +68,7 @@ def _load_cifar(name: str, tv_cls: type, root: Path, download: bool, verify: boo
         for name, md5 in entries:
             check_md5(base / name, md5)
 
-    def split(file_list: list) -> tuple[torch.Tensor, torch.Tensor]:
+    def split(file_list: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [_read_cifar_batch(base / name, label_key) for name, _ in file_list]
         return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
 

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -54,7 +55,7 @@ class ImageDataset:
         """A digest of the images, the labels and the class names: a resumed run refuses other data."""
         h = hashlib.blake2b(digest_size=16)
         for t in (self.train_x, self.train_y, self.test_x, self.test_y):
-            h.update(t.contiguous().numpy())
+            h.update(t.contiguous().numpy())  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ on 3.12+ only
         h.update("\0".join(self.class_names).encode())
         return h.hexdigest()
 
@@ -75,7 +76,7 @@ class ImageDataset:
         return (int(c), int(h), int(w))
 
 
-def data_root(root: str | os.PathLike | None = None) -> Path:
+def data_root(root: str | os.PathLike[str] | None = None) -> Path:
     """The data root: the explicit argument, else ``$CIL_DATA_ROOT``, else ``./data``."""
     if root is None or str(root) == "":
         root = os.environ.get("CIL_DATA_ROOT") or "data"
@@ -99,12 +100,13 @@ def resize_tensor(x: torch.Tensor, size: int) -> torch.Tensor:
 
 LOADERS: dict[str, Callable[..., ImageDataset]] = {}
 _RESIZES_ITSELF: set[str] = set()  # loaders that resize while decoding (and cache the resized tensors)
+_Loader = TypeVar("_Loader", bound=Callable[..., ImageDataset])
 
 
-def register_loader(name: str, resizes: bool = False):
+def register_loader(name: str, resizes: bool = False) -> Callable[[_Loader], _Loader]:
     """Decorator: make `loader(root, download, verify, image_size, path)` available as dataset `name`."""
 
-    def deco(fn):
+    def deco(fn: _Loader) -> _Loader:
         LOADERS[name] = fn
         if resizes:
             _RESIZES_ITSELF.add(name)
@@ -115,7 +117,7 @@ def register_loader(name: str, resizes: bool = False):
 
 def load_dataset(
     name: str,
-    root: str | os.PathLike | None = None,
+    root: str | os.PathLike[str] | None = None,
     *,
     download: bool = True,
     verify: bool = True,

@@ -72,10 +72,10 @@ def _decode_chunk(paths: list[str]) -> list[torch.Tensor]:
                 out[i] = img
         except RuntimeError:
             pass  # a bad file in the list: decode one by one below to name it
-    for i, img in enumerate(out):
-        if img is None:
-            out[i] = _decode_one(paths[i], datas[i], ImageReadMode.UNCHANGED)
-    return out
+    # the images that failed in the list (or were not JPEGs), one by one
+    return [
+        _decode_one(paths[i], datas[i], ImageReadMode.UNCHANGED) if img is None else img for i, img in enumerate(out)
+    ]
 
 
 def decode_images(files: list[str], channels: int | None, image_size: int | None, desc: str) -> torch.Tensor:
@@ -129,7 +129,7 @@ def _resize_list(images: list[torch.Tensor], size: int) -> torch.Tensor:
     from torchvision.transforms.v2.functional import resize  # (see decode_images)
 
     out = torch.empty(len(images), images[0].shape[0], size, size, dtype=torch.uint8)
-    groups: dict[tuple[int, int], list[int]] = {}
+    groups: dict[tuple[int, ...], list[int]] = {}
     for i, img in enumerate(images):
         groups.setdefault(tuple(img.shape[1:]), []).append(i)
     for (h, w), idx in groups.items():

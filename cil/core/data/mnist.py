@@ -7,7 +7,7 @@ import gzip
 import struct
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ import torch
 from cil.core.data.dataset import ImageDataset, register_loader
 from cil.core.data.sources import check_md5, download_files, missing_error
 from cil.errors import DataError
+
+if TYPE_CHECKING:
+    from torchvision.datasets import MNIST
 
 
 def _read_idx(path: Path) -> torch.Tensor:
@@ -39,12 +42,12 @@ def _read_idx(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=offset).reshape(dims)
 
 
-def _load_mnist_family(name: str, tv_cls: type, root: Path, download: bool, verify: bool) -> ImageDataset:
+def _load_mnist_family(name: str, tv_cls: type[MNIST], root: Path, download: bool, verify: bool) -> ImageDataset:
     raw_dir = root / tv_cls.__name__ / "raw"  # torchvision's layout: root/MNIST/raw, root/FashionMNIST/raw
 
     def locate() -> dict[str, Path | None]:
         # Prefer the original .gz (md5-verifiable); accept an already extracted idx file too.
-        found = {}
+        found: dict[str, Path | None] = {}
         for gz_name, _ in tv_cls.resources:
             gz, plain = raw_dir / gz_name, raw_dir / gz_name.removesuffix(".gz")
             found[gz_name] = gz if gz.is_file() else plain if plain.is_file() else None
@@ -60,15 +63,16 @@ def _load_mnist_family(name: str, tv_cls: type, root: Path, download: bool, veri
         missing = [n for n, p in files.items() if p is None]
         if missing:
             raise missing_error(tv_cls.__name__, missing, raw_dir, error if download else None)
+    paths = {n: p for n, p in files.items() if p is not None}  # every file, none being missing
     if verify:
         # torchvision's md5s are of the .gz files; an extracted file is checked only by its idx header.
         for gz_name, md5 in tv_cls.resources:
-            if files[gz_name].suffix == ".gz":
-                check_md5(files[gz_name], md5)
+            if paths[gz_name].suffix == ".gz":
+                check_md5(paths[gz_name], md5)
 
     def split(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
-        x = _read_idx(files[f"{prefix}-images-idx3-ubyte.gz"])
-        y = _read_idx(files[f"{prefix}-labels-idx1-ubyte.gz"])
+        x = _read_idx(paths[f"{prefix}-images-idx3-ubyte.gz"])
+        y = _read_idx(paths[f"{prefix}-labels-idx1-ubyte.gz"])
         if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
             raise DataError(f"{raw_dir}: {prefix} images {list(x.shape)} and labels {list(y.shape)} do not match")
         return x.unsqueeze(1).contiguous(), y.long()

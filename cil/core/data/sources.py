@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from cil.errors import DataError
@@ -35,7 +36,7 @@ def check_md5(path: Path, expected: str) -> None:
 
 
 @contextlib.contextmanager
-def _network_timeout(seconds: float):
+def _network_timeout(seconds: float) -> Iterator[None]:
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(seconds)
     try:

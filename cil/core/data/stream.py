@@ -121,7 +121,15 @@ class ClassIncrementalStream:
         self.n_batches = sum(self.batches_per_task)
         self.n_samples = sum(len(task.train_idx) for task in self.tasks)
 
-    def _setup(self, dataset: ImageDataset, n_tasks: int, batch_size: int, order, seed: int, device) -> None:
+    def _setup(
+        self,
+        dataset: ImageDataset,
+        n_tasks: int,
+        batch_size: int,
+        order: str | Sequence[int],
+        seed: int,
+        device: str | torch.device,
+    ) -> None:
         """What every stream kind checks and keeps first: the batch size, the data, the class order, the device."""
         if batch_size < 1:
             raise ConfigError(f"stream.batch_size={batch_size} must be >= 1")

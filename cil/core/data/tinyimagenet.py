@@ -36,7 +36,7 @@ def load_tinyimagenet(root: Path, image_size: int | None, **_: Any) -> ImageData
     words: dict[str, str] = {}
     if (base / "words.txt").is_file():
         for line in _read_lines(base / "words.txt", "class names"):
-            wnid, _, text = line.partition("\t")
+            wnid, _tab, text = line.partition("\t")
             words[wnid.strip()] = text.strip()
     label_of = {w: i for i, w in enumerate(wnids)}
 

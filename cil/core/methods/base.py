@@ -16,15 +16,18 @@ every registered method as a `method=<name>` option with the config's fields as 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeVar, Unpack, cast
 
 import torch
 from torch import nn
 
-from cil.core.buffer import ReplayBuffer
+from cil.core.buffer import ReplayBuffer, SampleFilters
 from cil.core.data.stream import Batch
+from cil.core.metrics import ScalarLog
+from cil.core.models import Backbone
 from cil.errors import require
 
 
@@ -108,13 +111,76 @@ def to_float(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
+class AddonHooks(Protocol):
+    """What a method (and the learner) call on an add-on: cil.core.addons.base.Addon, a layer above the methods,
+    which never import it."""
+
+    @property
+    def name(self) -> str: ...
+
+    def begin_observe(self, method: Method, batch: Batch) -> None: ...
+
+    def main_pass(
+        self, method: Method, inputs: torch.Tensor, logits: torch.Tensor, raw: torch.Tensor | None
+    ) -> None: ...
+
+    def extra_loss(self, method: Method) -> torch.Tensor | None: ...
+
+    def after_step(self, method: Method) -> None: ...
+
+    def on_task_start(self, method: Method, task: int, classes: torch.Tensor) -> None: ...
+
+    def eval_logits(self, method: Method, x: torch.Tensor, head: str | None) -> torch.Tensor | None: ...
+
+    def eval_heads(self) -> list[str]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def log_values(self) -> dict[str, float]: ...
+
+    def extra_results(self) -> dict[str, Any]: ...
+
+
+class DiagnosticsHooks(Protocol):
+    """What a method and the learner call on the diagnostics: cil.core.diagnostics.Diagnostics, beside the
+    methods in the layers, so neither imports the other."""
+
+    def begin_batch(self, batch: Batch) -> None: ...
+
+    def report(
+        self,
+        source: str,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        mask: torch.Tensor | str,
+        scale: float = 1.0,
+        class_weights: torch.Tensor | None = None,
+    ) -> None: ...
+
+    def before_backward(self, loss: torch.Tensor) -> None: ...
+
+    def end_batch(self, logger: ScalarLog) -> None: ...
+
+    def on_evaluation(self, task: int, acc_row: Sequence[float], logger: ScalarLog) -> None: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+    def series(self) -> dict[str, Any]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 class ClassSets:
     """The seen classes (labels observed in the stream so far) and the current task's classes (announced at a
     task start). Each is a bool mask over the head on the device (for the losses) and a set of labels on the host
     (for counting without a device read-back). A mask is replaced, never changed in place, so a mask handed out
     earlier (the learner keeps each step's until it counts online accuracy) stays as it was."""
 
-    def __init__(self, num_classes: int, device: torch.device):
+    def __init__(self, num_classes: int, device: torch.device) -> None:
         self.num_classes = num_classes
         self.seen = torch.zeros(num_classes, dtype=torch.bool, device=device)
         self.seen_labels: set[int] = set()
@@ -148,10 +214,10 @@ class ClassSets:
         """r = |seen classes of the current task| / |seen classes| (GSA's mixed-batch ratio)."""
         return len(self.seen_labels & self.task_labels) / max(len(self.seen_labels), 1)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"seen": self.seen.cpu(), "task_classes": self.task_mask.cpu(), "task": self.task}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seen = state["seen"].to(self.seen.device, copy=True)
         self.seen_labels = set(state["seen"].nonzero().squeeze(1).tolist())
         self.task_mask = state["task_classes"].to(self.task_mask.device, copy=True)
@@ -177,9 +243,9 @@ class Method:
         precision: str = "fp32",
         channels_last: bool = False,
         seed: int = 0,
-        input_shape: tuple | None = None,
-        normalize: tuple | None = None,
-    ):
+        input_shape: tuple[int, int, int] | None = None,
+        normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.buffer = buffer
@@ -199,12 +265,13 @@ class Method:
         self.classes = ClassSets(num_classes, self.device)
         # Random choices of the method itself (augmentation), on the device so no copy happens per step.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.diagnostics = None  # a cil.core.diagnostics.Diagnostics when diagnostics are on (set by the builder)
+        # a cil.core.diagnostics.Diagnostics when diagnostics are on (set by the builder)
+        self.diagnostics: DiagnosticsHooks | None = None
         self.owned = nn.ModuleDict()  # modules trained beside the model (see `own`)
         # Add-ons (cil.core.addons: MKD, CCL-DC): set by the builder; the method calls their hooks, never imports
         # them. Each has begin_observe / main_pass / extra_loss / after_step / on_task_start, state_dict and
         # eval_logits / eval_heads (duck-typed, see cil.core.addons.base.Addon).
-        self.addons: list = []
+        self.addons: Sequence[AddonHooks] = []
 
     @classmethod
     def boundaries_needed(cls, cfg: MethodConfig) -> bool:
@@ -249,6 +316,7 @@ class Method:
         for _ in range(self.cfg.iters):
             loss, logits = self.update(batch)
             first = logits if first is None else first
+        assert first is not None  # method.iters >= 1 (MethodConfig.validate)
         return StepOutput(loss.detach(), first.detach())
 
     def update(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,7 +330,8 @@ class Method:
 
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Evaluation logits [B, num_classes] of model inputs (already converted by `to_input`), in eval mode."""
-        return self.model(x)
+        logits: torch.Tensor = self.model(x)
+        return logits
 
     def eval_logits(self, x: torch.Tensor, head: str | None = None) -> torch.Tensor:
         """The logits the learner evaluates: an add-on's head when it claims `head` (None: the run's main head,
@@ -285,7 +354,7 @@ class Method:
             addon.main_pass(self, inputs, logits, raw)
 
     # -- helpers ---------------------------------------------------------------------------------------------
-    def autocast(self):
+    def autocast(self) -> AbstractContextManager[object]:
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
@@ -304,18 +373,20 @@ class Method:
 
     def forward(self, x_uint8: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            return self.model(self.to_input(x_uint8)).float()
+            logits: torch.Tensor = self.model(self.to_input(x_uint8))
+            return logits.float()
 
     def forward_float(self, x: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            return self.model(x).float()
+            logits: torch.Tensor = self.model(x)
+            return logits.float()
 
     def report(
         self,
         source: str,
         logits: torch.Tensor,
         targets: torch.Tensor,
-        mask,
+        mask: torch.Tensor | str,
         scale: float = 1.0,
         class_weights: torch.Tensor | None = None,
         rows: slice | None = None,
@@ -343,7 +414,7 @@ class Method:
 
     @property
     def head(self) -> nn.Linear:
-        return getattr(self.model, "_orig_mod", self.model).head  # torch.compile wraps the model
+        return cast(Backbone, getattr(self.model, "_orig_mod", self.model)).head  # torch.compile wraps the model
 
     @torch.no_grad()
     def refresh_head_rows(self, labels: list[int], generator: torch.Generator) -> None:
@@ -359,14 +430,16 @@ class Method:
                 if torch.is_tensor(value) and value.shape == p.shape:
                     value[rows] = 0
 
-    def replay(self, n: int, **filters: Any):
+    def replay(
+        self, n: int, **filters: Unpack[SampleFilters]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Up to n buffer samples (x, y, task), None when the buffer is missing or has none that match."""
         if self.buffer is None or n <= 0:
             return None
         x, y, t = self.buffer.sample(n, **filters)
         return (x, y, t) if len(y) else None
 
-    def extra_results(self) -> dict:
+    def extra_results(self) -> dict[str, Any]:
         """Method-specific summaries for results.json."""
         return {}
 
@@ -374,7 +447,7 @@ class Method:
         """Method-specific scalars for metrics.csv / TensorBoard; called only at log intervals (may sync)."""
         return {}
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         state = {**self.classes.state_dict(), "generator": self.generator.get_state()}
         if len(self.owned):
             state["owned"] = {k: v.cpu() for k, v in self.owned.state_dict().items()}
@@ -382,7 +455,7 @@ class Method:
             state["addons"] = {addon.name: addon.state_dict() for addon in self.addons}
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.classes.load_state_dict(state)
         self.generator.set_state(state["generator"])
         if len(self.owned):
@@ -392,9 +465,10 @@ class Method:
 
 
 METHODS: dict[str, type[Method]] = {}
+_MethodClass = TypeVar("_MethodClass", bound=type[Method])
 
 
-def register(cls: type[Method]) -> type[Method]:
+def register(cls: _MethodClass) -> _MethodClass:
     """Class decorator: make a method available by its `name` (`method=<name>`)."""
     if cls.name in METHODS and METHODS[cls.name] is not cls:
         raise ValueError(f"two methods are named {cls.name!r}: {METHODS[cls.name]} and {cls}")

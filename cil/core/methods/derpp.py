@@ -26,12 +26,14 @@ Differences from the official code, each a switch (docs/methods.md, "DER++"):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cil.core.methods.base import Method, ReplayConfig, register
+from cil.core.data.stream import Batch
+from cil.core.methods.base import Method, MethodConfig, ReplayConfig, StepOutput, register
 from cil.core.objectives.derpp import derpp_loss
 from cil.errors import require
 
@@ -97,14 +99,15 @@ class DERPPConfig(ReplayConfig):
 class DERPP(Method):
     name = "derpp"
     Config = DERPPConfig
+    cfg: DERPPConfig
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._all = torch.ones(self.num_classes, dtype=torch.bool, device=self.device)
         self.last_terms: tuple[Tensor, Tensor, Tensor] | None = None  # (ce_new, mse, ce_replay), detached
 
     @classmethod
-    def buffer_extras(cls, cfg, num_classes):
+    def buffer_extras(cls, cfg: MethodConfig, num_classes: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {"logits": ((num_classes,), torch.float32)}
 
     def augment_images(self, x: Tensor) -> Tensor:
@@ -114,14 +117,14 @@ class DERPP(Method):
         corner, flip = draw_crop_flip(len(x), self.cfg.crop_padding, self.generator)
         return apply_crop_flip(x, corner, flip, self.cfg.crop_padding)
 
-    def _draw(self) -> tuple[Tensor, Tensor, Tensor]:
+    def _draw(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """One replay draw: (images, labels, stored logits); empty when the buffer is."""
         if self.buffer is None or len(self.buffer) == 0 or self.cfg.replay_batch_size == 0:
             return None
         x, y, _, extras = self.buffer.sample_extras(self.cfg.replay_batch_size)
         return x, y, extras["logits"]
 
-    def update(self, batch):
+    def update(self, batch: Batch) -> tuple[Tensor, Tensor]:
         cfg = self.cfg
         mask = self.seen if cfg.ce_classes == "seen" else self._all
         x_new = self.augment_images(batch.x)
@@ -132,6 +135,7 @@ class DERPP(Method):
             logits_mse = logits_ce = logits_new[:0]
             stored, y_ce = logits_new[:0], batch.y[:0]
         else:
+            assert second is not None  # the buffer that gave the first draw gives the second
             x_mse = self.augment_images(first[0])
             x_ce = self.augment_images(second[0]) if cfg.independent_draws else None
             parts = [x_new, x_mse] + ([x_ce] if x_ce is not None else [])
@@ -151,7 +155,7 @@ class DERPP(Method):
         self.last_terms = (ce_new.detach(), mse.detach(), ce_rep.detach())
         return loss, logits_new
 
-    def remember(self, batch, out):
+    def remember(self, batch: Batch, out: StepOutput) -> None:
         """Store the raw incoming images with the logits of this step's forward pass (before the update)."""
         if self.buffer is not None:
             self.buffer.add(batch.x, batch.y, batch.task, logits=out.logits)

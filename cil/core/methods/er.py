@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cil.core.data.stream import Batch
 from cil.core.methods.base import Method, ReplayConfig, register
 from cil.core.objectives.er import er_loss
 from cil.errors import require
@@ -32,8 +33,9 @@ class ER(Method):
     name = "er"
     Config = ERConfig
     declares_main_pass = True
+    cfg: ERConfig
 
-    def update(self, batch):
+    def update(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y, n = batch.x, batch.y, len(batch.y)
         mem = self.replay(self.cfg.replay_batch_size)
         if mem is not None:

@@ -10,12 +10,14 @@ incoming and the replayed rows ([A(x), hflip(A(x))], GSA's random resized crop +
 compared with GSA at an equal replay budget and augmentation."""
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from cil.core.augment import CROPS, two_views
+from cil.core.data.stream import Batch
 from cil.core.methods.base import BalancedReplayConfig, Method, register
-from cil.core.objectives.balance import class_log_values, logit_grad_norm, make_rule
+from cil.core.objectives.balance import Magnitude, class_log_values, logit_grad_norm, make_rule
 from cil.core.objectives.common import classes_mask, cross_entropy_masked
 from cil.core.objectives.er_ace import er_ace_loss, er_ace_loss_joint
 from cil.core.objectives.gsa import gsa_replay_loss
@@ -34,9 +36,11 @@ class ERACE(Method):
     name = "er_ace"
     Config = ERACEConfig
     declares_main_pass = True
-    _unseen_of = (None, None)  # (seen mask, its complement): the seen mask is replaced, never changed in place
+    cfg: ERACEConfig
+    # (seen mask, its complement): the seen mask is replaced, never changed in place
+    _unseen_of: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         cfg = self.cfg
         # constant needs no statistics here: no rule at all, so the default step is the paper's, op for op
@@ -59,7 +63,9 @@ class ERACE(Method):
         seen = self.seen
         if self._unseen_of[0] is not seen:
             self._unseen_of = (seen, ~seen)
-        return self._unseen_of[1]
+        unseen = self._unseen_of[1]
+        assert unseen is not None  # set with the seen mask
+        return unseen
 
     def _views(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Model input of stored rows: [A(x), hflip(A(x))] with labels repeated when `augment`, else x as is."""
@@ -68,7 +74,7 @@ class ERACE(Method):
             return x, y
         return two_views(x, self.augment, self.generator), torch.cat([y, y])
 
-    def update(self, batch):
+    def update(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rule is not None or self.augment is not None:
             return self._update_balanced(batch)
         n = len(batch.y)
@@ -83,16 +89,18 @@ class ERACE(Method):
             logits = self.forward_float(inputs)
             logits_new, logits_buf = logits[:n], logits[n:]
         if mem is not None and not self.cfg.separate_passes:  # the same loss in fewer ops (cil.core.objectives)
+            assert logits is not None  # the one pass's
             loss = er_ace_loss_joint(logits, batch.y, y_buf, self._unseen())
         else:
             loss = er_ace_loss(logits_new, batch.y, logits_buf, y_buf, self.seen)
-        self.distill_pass(inputs, logits)
+        if logits is not None:  # None: two passes and no add-on to read them (distill_pass is then a no-op)
+            self.distill_pass(inputs, logits)
         self.report("new", logits_new, batch.y, "present")
         self.report("replay", logits_buf, y_buf, self.seen)
         self.step(loss)
         return loss, logits_new
 
-    def _update_balanced(self, batch):
+    def _update_balanced(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The step with a balancing rule and/or the augmented views: the two terms computed apart."""
         rule, seen = self.rule, self.seen
         x_new, y_new = self._views(batch.x, batch.y)
@@ -121,8 +129,9 @@ class ERACE(Method):
             rule.update(logits_buf, y_buf, seen)
             weights = rule.weights()  # ones for magnitude
             loss_buf = gsa_replay_loss(logits_buf, y_buf, weights, seen)
-            a = b = None
+            a: torch.Tensor | None = None
             if rule.scales_terms:  # magnitude: detached scales from the closed-form logit-gradient norms
+                assert isinstance(rule, Magnitude)  # the one rule that scales the terms
                 a, b = rule.term_scales(
                     logit_grad_norm(logits_new, y_new, present), logit_grad_norm(logits_buf, y_buf, seen)
                 )
@@ -141,13 +150,13 @@ class ERACE(Method):
         GSA's weight formula, so `cil plot` draws them), and magnitude's term scales."""
         return {} if self.rule is None else class_log_values(self.rule, self.classes.seen_labels)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self.rule is not None:
             state["balance"] = self.rule.state_dict()
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         if self.rule is not None:
             self.rule.load_state_dict(state["balance"])

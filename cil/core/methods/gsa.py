@@ -26,17 +26,19 @@ Step numbers in comments refer to the spec. Choices of the official code that th
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Unpack
 
 import torch
 from torch import Tensor
 
 from cil.core.augment import CROPS, PreDrawn, two_views
-from cil.core.buffer import ReplayBuffer
-from cil.core.methods.base import BalancedReplayConfig, ClassSets, Method, register
-from cil.core.objectives.balance import class_log_values, logit_grad_norm, make_rule
-from cil.core.objectives.gsa import gsa_new_loss, gsa_replay_loss
+from cil.core.buffer import ReplayBuffer, SampleFilters
+from cil.core.data.stream import Batch
+from cil.core.methods.base import BalancedReplayConfig, ClassSets, Method, MethodConfig, StepOutput, register
+from cil.core.objectives.balance import Magnitude, class_log_values, logit_grad_norm, make_rule
+from cil.core.objectives.gsa import GradientStats, gsa_new_loss, gsa_replay_loss
 from cil.errors import require
 
 Forward = Callable[[Tensor], Tensor]
@@ -135,11 +137,12 @@ class PseudoTasks:
     the set changes (no read-back).
     """
 
-    def __init__(self, classes: ClassSets, rule: str = "novelty", window: int = 10):
+    def __init__(self, classes: ClassSets, rule: str = "novelty", window: int = 10) -> None:
         self.classes, self.rule, self.window = classes, rule, window
         self.task = -1  # pseudo-task index: novelty events so far - 1
         self.step = 0  # incoming batches since the last novelty event (0: the event's batch)
-        self.recent: deque = deque(maxlen=window)  # window: (labels on the host, labels on the device) per batch
+        # window: (labels on the host, labels on the device) per batch
+        self.recent: deque[tuple[set[int], Tensor]] = deque(maxlen=window)
 
     def observe(self, y: Tensor, y_host: Tensor) -> tuple[int, int]:
         """Take one incoming batch's labels (device, host); returns (pseudo-task, batches since its start)."""
@@ -169,10 +172,10 @@ class PseudoTasks:
         """The seen classes outside the current ones (host): the "old" side of the mixed replay batch."""
         return sorted(self.classes.seen_labels - self.classes.task_labels)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"task": self.task, "step": self.step, "recent": [sorted(held) for held, _ in self.recent]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.task, self.step = int(state["task"]), int(state["step"])
         device = self.classes.task_mask.device
         self.recent.clear()
@@ -196,11 +199,11 @@ class GSAStep:
         buffer: ReplayBuffer | None,
         classes: ClassSets,
         generator: torch.Generator,
-        image_size: tuple[int, int] | None,
+        image_size: Sequence[int] | None,  # (H, W)
         to_input: Callable[[Tensor], Tensor],
-        report: Callable | None = None,
-        distill: Callable | None = None,
-    ):
+        report: Callable[..., None] | None = None,  # Method.report
+        distill: Callable[[Tensor, Tensor], None] | None = None,  # Method.distill_pass
+    ) -> None:
         self.cfg, self.buffer, self.classes, self.generator = cfg, buffer, classes, generator
         self.distill = distill  # Method.distill_pass: told the replay branch's views and logits (add-ons)
         self.to_input = to_input
@@ -224,7 +227,7 @@ class GSAStep:
         self.pseudo = PseudoTasks(classes, cfg.current_classes, cfg.current_window) if cfg.task_free else None
 
     @property
-    def stats(self):
+    def stats(self) -> GradientStats:
         """The gradient statistics (a `GradientStats`) that define the replay weights under the balancing rule."""
         return self.rule.stats
 
@@ -236,7 +239,7 @@ class GSAStep:
         if pad > 0:
             self.last_weights = torch.cat([self.last_weights, self.last_weights.new_ones(pad)])
 
-    def _sample(self, n: int, **filters):
+    def _sample(self, n: int, **filters: Unpack[SampleFilters]) -> tuple[Tensor, Tensor] | None:
         if self.buffer is None or n <= 0:
             return None
         x, y, _ = self.buffer.sample(n, **filters)
@@ -245,8 +248,8 @@ class GSAStep:
     def views(self, x: Tensor, augment: PreDrawn | None = None) -> Tensor:
         """[A(x), hflip(A(x))] (or a single A(x) with two_views off); labels repeat in the same order. A is
         ``augment`` (draws made by `draw_augmentations`) when given, else ``self.augment`` (or none)."""
-        aug = augment if augment is not None else self.augment
-        aug = aug if aug is not None else (lambda v, g: v)
+        chosen = augment if augment is not None else self.augment
+        aug: Callable[[Tensor, torch.Generator], Tensor] = chosen if chosen is not None else (lambda v, g: v)
         if not self.cfg.two_views:
             return aug(x, self.generator)
         return two_views(x, aug, self.generator, independent=self.cfg.independent_views)
@@ -286,7 +289,9 @@ class GSAStep:
 
         # 3 (composed first, so the step's augmentations can be drawn at once). The balanced mixed replay batch,
         # skipped on the very first batch: the buffer is empty.
-        xm, ym, old = None, None, None
+        xm: Tensor | None = None
+        ym: Tensor | None = None
+        old: Tensor | None = None
         if self.buffer is not None and len(self.buffer) > 0:
             xm, ym, old = self.mixed_replay_batch(xc, yc, task)
         aug = self.draw_augmentations(xc, 0 if xm is None else len(xm))
@@ -314,6 +319,7 @@ class GSAStep:
             # 4-7. Softmax over seen classes, statistics updated first, then the weighted replay loss.
             vm = self.views(xm, aug)
             logits_m = forward(vm)
+            assert ym is not None  # composed with xm
             ym = self.repeat_labels(ym)
             rule.update(logits_m, ym, classes.seen)
             warm = step_in_task < cfg.warmup_batches
@@ -322,6 +328,7 @@ class GSAStep:
             else:
                 self.last_weights = torch.ones_like(self.last_weights)
             if rule.scales_terms:  # magnitude: detached scales a, b from the closed-form logit-gradient norms
+                assert isinstance(rule, Magnitude)  # the one rule that scales the terms
                 bw = cfg.buffer_loss_weight
                 a, b = rule.term_scales(
                     logit_grad_norm(logits_new, yv, new_mask), bw * logit_grad_norm(logits_m, ym, classes.seen)
@@ -347,7 +354,10 @@ class GSAStep:
         Returns (x, y, the other tasks' rows as model input or None)."""
         r_batch = self.cfg.replay_batch_size
         if not self.cfg.balanced_replay:
-            x, y = self._sample(r_batch)
+            mem = self._sample(r_batch)
+            if mem is None:  # R = 0: an empty replay batch, as the balanced one is then
+                return xc[:0], yc[:0], None
+            x, y = mem
             return self.to_input(x), y, None
         r = self.classes.current_share()
         n_old, n_cur = int(r_batch * (1 - r)), int(r_batch * r)
@@ -371,7 +381,7 @@ class GSAStep:
             forward(batch)
 
     # -- what a run reports and keeps ------------------------------------------------------------------------
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """Seen classes with their G+, G- and current weights (results.json `gsa`)."""
         seen = sorted(self.classes.seen_labels)
         return {
@@ -389,13 +399,13 @@ class GSAStep:
         is left out. Magnitude adds its last term scales and logit-gradient norms (balance/...)."""
         return class_log_values(self.rule, self.classes.seen_labels)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         state = {"stats": self.rule.state_dict(), "last_weights": self.last_weights.clone()}
         if self.pseudo is not None:  # the current classes themselves are the ClassSets' task mask
             state["pseudo_tasks"] = self.pseudo.state_dict()
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rule.load_state_dict(state["stats"])
         self.grow(len(state["last_weights"]))
         self.last_weights.copy_(state["last_weights"])
@@ -409,12 +419,14 @@ class GSA(Method):
     Config = GSAConfig
     declares_main_pass = True
     needs_task_boundaries = True  # unless method.task_free=true (`boundaries_needed`)
+    cfg: GSAConfig
 
     @classmethod
-    def boundaries_needed(cls, cfg: GSAConfig) -> bool:
+    def boundaries_needed(cls, cfg: MethodConfig) -> bool:
+        assert isinstance(cfg, GSAConfig)  # a GSA run's config (cil.run.config checks it first)
         return not cfg.task_free
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         size = tuple(self.input_shape[1:]) if self.input_shape else None
         self.gsa = GSAStep(
@@ -431,40 +443,44 @@ class GSA(Method):
         if self.cfg.freeze_head_after_first_task and task >= 1:  # the optimizer no longer reaches the head
             self.head.requires_grad_(False)
 
-    def observe(self, batch):
+    def observe(self, batch: Batch) -> StepOutput:
         if self.cfg.task_free:  # before the base class marks the batch's labels seen
+            assert self.gsa.pseudo is not None  # made when task_free
             self.pseudo_step = self.gsa.pseudo.observe(batch.y, batch.y_host)
-        if self.cfg.fresh_head_rows and batch.task >= 1 and batch.step_in_task == 0:  # a task starts (not a resume)
+        # a task starts (not a resume)
+        if self.cfg.fresh_head_rows and batch.task is not None and batch.task >= 1 and batch.step_in_task == 0:
             generator = torch.Generator().manual_seed(self.seed * 1000 + batch.task)
             self.refresh_head_rows(sorted(self.classes.task_labels), generator)
         return super().observe(batch)
 
-    def update(self, batch):
+    def update(self, batch: Batch) -> tuple[Tensor, Tensor]:
         task, step_in_task = self.pseudo_step if self.cfg.task_free else (batch.task, batch.step_in_task)
+        assert task is not None and step_in_task is not None  # pseudo-tasks, or the boundaries GSA needs
         loss, logits_new = self.gsa.loss(self.forward_float, batch.x, batch.y, task, step_in_task)
         # 8. One optimizer step. (9. The learner adds the raw batch to the buffer afterwards.)
         self.step(loss)
         return loss, logits_new
 
-    def remember(self, batch, out) -> None:
+    def remember(self, batch: Batch, out: StepOutput) -> None:
         if not self.cfg.task_free or self.buffer is None:
             return super().remember(batch, out)
         # No task stored; the host labels keep the buffer's label mirror exact, so the step's label-filtered
         # draws never wait for the device.
         self.buffer.add(batch.x, batch.y, None, y_host=batch.y_host)
 
-    def extra_results(self) -> dict:
+    def extra_results(self) -> dict[str, Any]:
         out = {"gsa": self.gsa.summary()}
         if self.cfg.task_free:
+            assert self.gsa.pseudo is not None  # made when task_free
             out["gsa"]["pseudo_tasks"] = self.gsa.pseudo.task + 1  # novelty events in the stream
         return out
 
     def log_values(self) -> dict[str, float]:
         return self.gsa.log_values()
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), **self.gsa.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.gsa.load_state_dict(state)

@@ -1,5 +1,8 @@
 """Fine-tuning on the stream with no replay: the lower bound."""
 
+import torch
+
+from cil.core.data.stream import Batch
 from cil.core.methods.base import Method, MethodConfig, register
 from cil.core.objectives.er import er_loss
 
@@ -10,7 +13,7 @@ class Naive(Method):
     Config = MethodConfig
     uses_buffer = False
 
-    def update(self, batch):
+    def update(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.forward(batch.x)
         loss = er_loss(logits, batch.y, self.seen)
         self.report("new", logits, batch.y, self.seen)

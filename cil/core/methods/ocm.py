@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cil.core.augment import CROPS, rotation_views
+from cil.core.data.stream import Batch
 from cil.core.methods.base import Method, ReplayConfig, register
+from cil.core.models import Backbone
 from cil.core.objectives.ocm import (
     ocm_ce,
     ocm_nt_xent_buffer,
@@ -98,8 +101,9 @@ class OCM(Method):
     name = "ocm"
     Config = OCMConfig
     needs_task_boundaries = True  # task 0 / later tasks, the previous model, the old classes
+    cfg: OCMConfig
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         cfg = self.cfg
         feat_dim = self.head.in_features
@@ -165,16 +169,17 @@ class OCM(Method):
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(normalised features, normalised projections, logits) of model inputs, one forward pass."""
-        model = getattr(self.model, "_orig_mod", self.model)
+        model = cast(Backbone, getattr(self.model, "_orig_mod", self.model))  # torch.compile wraps the model
         with self.autocast():
             f = model.features(x)
             u, logits = self.proj(f), model.head(f)
         f, u = f.float(), u.float()
         return F.normalize(f, dim=1), F.normalize(u, dim=1), logits.float()
 
-    def update(self, batch):
+    def update(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         n = len(batch.y)
+        assert batch.task is not None  # OCM needs task boundaries (a disjoint stream)
         mem = self.replay(self.n_replay()) if batch.task > 0 else None
         ce_mask = None if cfg.ce_classes == "all" else self.seen
         x = self.to_input(batch.x)
@@ -213,7 +218,8 @@ class OCM(Method):
             self.last = {"ce": l_ce.detach(), "new": l_new.detach(), "buffer": l_buf.detach()}
             if self.previous is not None:
                 with torch.no_grad(), self.autocast():
-                    prev_u = self.previous["proj"](self.previous["model"].features(m16)).float()
+                    prev_model = cast(Backbone, self.previous["model"])
+                    prev_u = self.previous["proj"](prev_model.features(m16)).float()
                     prev_logits = self.previous["model"](am[len(ym) :]).float()
                 prev_z = F.normalize(prev_u, dim=1)
                 l_prev = ocm_nt_xent_previous(z[rows : rows + len(m16)] @ prev_z.t(), ym16, cfg.temperature)
@@ -227,13 +233,13 @@ class OCM(Method):
     def log_values(self) -> dict[str, float]:
         return {f"ocm/{k}": float(v) for k, v in self.last.items()}
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         state = {**super().state_dict(), "ocm_old": self.old.cpu(), "ocm_n_old": self.n_old}
         if self.previous is not None:
             state["ocm_previous"] = {k: v.cpu() for k, v in self.previous.state_dict().items()}
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.old = state["ocm_old"].to(self.device, copy=True)
         self.n_old = int(state["ocm_n_old"])

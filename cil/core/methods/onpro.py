@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cil.core.augment import CROPS, rotation_views
+from cil.core.data.stream import Batch
 from cil.core.methods.base import Method, ReplayConfig, register
+from cil.core.models import Backbone
 from cil.core.objectives.ocm import ocm_nt_xent_buffer, ocm_nt_xent_new
 from cil.core.objectives.onpro import mixup_cross_entropy, prototype_loss
 from cil.errors import ConfigError, require
@@ -100,7 +103,7 @@ class OnProConfig(ReplayConfig):
         require(self.crop in CROPS, "method.crop", self.crop, f"choose one of {sorted(CROPS)}")
 
 
-def beta_sample(n: int, alpha: float, generator: torch.Generator, device) -> Tensor:
+def beta_sample(n: int, alpha: float, generator: torch.Generator, device: torch.device | str) -> Tensor:
     """n draws of Beta(alpha, alpha) by Joehnk's rejection method (exact), all candidates at once: enough of them
     that all n rows fail with probability < 1e-12 (then the last candidate is taken)."""
     accept = math.exp(2 * math.lgamma(alpha + 1) - math.lgamma(2 * alpha + 1))  # P(U^(1/a) + V^(1/a) <= 1)
@@ -119,11 +122,12 @@ class OnPro(Method):
     name = "onpro"
     Config = OnProConfig
     needs_task_boundaries = True  # the first task's step differs; APF starts at each task's second batch
+    cfg: OnProConfig
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         cfg: OnProConfig = self.cfg
-        base = getattr(self.model, "_orig_mod", self.model)
+        base = cast(Backbone, getattr(self.model, "_orig_mod", self.model))  # torch.compile wraps the model
         feature_dim = base.feature_dim
         if cfg.proj_dim >= feature_dim:
             raise ConfigError(
@@ -181,6 +185,7 @@ class OnPro(Method):
         pair = torch.searchsorted(torch.cumsum(counts, 0), torch.arange(m, device=dev), right=True)
         ca, cb = self.pair_a[pair], self.pair_b[pair]
         # a class no longer in the buffer is replaced by a random class that is (the official fallback)
+        assert self.buffer is not None  # the replay batch came from it
         buf_y = self.buffer.y
         valid = buf_y >= 0
         cnt = torch.bincount(buf_y.clamp(min=0), weights=valid.float(), minlength=self.num_classes)[: self.num_classes]
@@ -225,7 +230,7 @@ class OnPro(Method):
     # -- the step --------------------------------------------------------------------------------------------
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(features, L2-normalised projections) of model inputs x."""
-        base = getattr(self.model, "_orig_mod", self.model)
+        base = cast(Backbone, getattr(self.model, "_orig_mod", self.model))  # torch.compile wraps the model
         with self.autocast():
             f = base.features(x)
             z = self.projection(f)
@@ -252,7 +257,7 @@ class OnPro(Method):
         self.proto_present = present
         return loss
 
-    def update(self, batch):
+    def update(self, batch: Batch) -> tuple[Tensor, Tensor]:
         cfg = self.cfg
         x, y, n = self.to_input(batch.x), batch.y, len(batch.y)
         zero = x.new_zeros(())
@@ -309,10 +314,10 @@ class OnPro(Method):
     def log_values(self) -> dict[str, float]:
         return {f"onpro/{k}": float(v) for k, v in self.last.items()}
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "proto_mean": self.proto_mean.cpu(), "proto_present": self.proto_present.cpu()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.proto_mean = state["proto_mean"].to(self.device, copy=True)
         self.proto_present = state["proto_present"].to(self.device, copy=True)

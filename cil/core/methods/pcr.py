@@ -23,11 +23,14 @@ a fresh replay batch is drawn and augmented for every update.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
 from cil.core.augment import SimCLRAugment
-from cil.core.methods.base import Method, ReplayConfig, register
+from cil.core.data.stream import Batch
+from cil.core.methods.base import Method, ReplayConfig, StepOutput, register
+from cil.core.models import Backbone
 from cil.core.objectives.common import classes_mask
 from cil.core.objectives.pcr import cosine_logits, pcr_loss
 from cil.errors import require
@@ -59,24 +62,27 @@ class PCRConfig(ReplayConfig):
 class PCR(Method):
     name = "pcr"
     Config = PCRConfig
+    cfg: PCRConfig
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         size = tuple(self.input_shape[1:]) if self.input_shape else None
         self.augment: SimCLRAugment | None = SimCLRAugment(size) if self.cfg.augment and size else None
         self._incoming_aug: torch.Tensor | None = None  # A(x) of the current batch, shared by its updates
-        self._last: tuple | None = None  # (softmax logits, labels, incoming rows) of the last update, detached
+        # (softmax logits, labels, incoming rows) of the last update, detached
+        self._last: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     @property
-    def net(self):
-        return getattr(self.model, "_orig_mod", self.model)  # torch.compile wraps the model
+    def net(self) -> Backbone:
+        return cast(Backbone, getattr(self.model, "_orig_mod", self.model))  # torch.compile wraps the model
 
     # -- inputs ----------------------------------------------------------------------------------------------
-    def _views(self, x_new: torch.Tensor, x_mem: torch.Tensor | None):
+    def _views(self, x_new: torch.Tensor, x_mem: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[x, A(x)] of the incoming rows and of the replayed rows, as [0, 1] floats. The incoming rows' A(x) is
         drawn at the first update of a batch (in one call with that update's replayed rows) and kept."""
         if self.augment is None:
             return x_new, x_mem
+        mem_aug: torch.Tensor | None
         if self._incoming_aug is None:
             both = x_new if x_mem is None else torch.cat([x_new, x_mem])
             aug = self.augment(both, self.generator)
@@ -84,39 +90,46 @@ class PCR(Method):
         else:
             mem_aug = None if x_mem is None else self.augment(x_mem, self.generator)
         x_new = torch.cat([x_new, self._incoming_aug])
-        return x_new, (None if x_mem is None else torch.cat([x_mem, mem_aug]))
+        if x_mem is None:
+            return x_new, None
+        assert mem_aug is not None  # drawn above with x_mem
+        return x_new, torch.cat([x_mem, mem_aug])
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         with self.autocast():
             return self.net.features(self.from_unit(x)).float()
 
     # -- one incoming batch ----------------------------------------------------------------------------------
-    def observe(self, batch):
+    def observe(self, batch: Batch) -> StepOutput:
         self._incoming_aug = None
         try:
             return super().observe(batch)
         finally:
             self._incoming_aug = None
 
-    def update(self, batch):
+    def update(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(batch.y)
         mem = self.replay(self.cfg.replay_batch_size)
         x_new, x_mem = self._views(batch.x.float() / 255.0, None if mem is None else mem[0].float() / 255.0)
         reps = 2 if self.augment is not None else 1
         y_new = batch.y.repeat(reps)
+        f_mem: torch.Tensor | None
         if mem is None:
             f_new, f_mem = self._features(x_new), None
-        elif self.cfg.separate_passes:
-            f_new, f_mem = self._features(x_new), self._features(x_mem)
         else:
-            f = self._features(torch.cat([x_new, x_mem]))
-            f_new, f_mem = f[: len(x_new)], f[len(x_new) :]
+            assert x_mem is not None  # the views of the replayed rows
+            if self.cfg.separate_passes:
+                f_new, f_mem = self._features(x_new), self._features(x_mem)
+            else:
+                f = self._features(torch.cat([x_new, x_mem]))
+                f_new, f_mem = f[: len(x_new)], f[len(x_new) :]
         proxies = self.head.weight.float()
         logits_new = cosine_logits(f_new[:n].detach(), proxies.detach(), EVAL_SCALE)
         if mem is None:  # the official step on 0 * CE: zero gradients, nothing learned
             loss = cosine_logits(f_new, proxies, EVAL_SCALE).sum() * 0.0
             self._last = None
         else:
+            assert f_mem is not None  # the replayed rows' features
             y = torch.cat([y_new, mem[1].repeat(reps)])
             loss, logits = pcr_loss(torch.cat([f_new, f_mem]), y, proxies, self.cfg.temperature)
             present, rows = classes_mask(y, logits.shape[1]), len(y_new)

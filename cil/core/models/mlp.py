@@ -23,7 +23,9 @@ class MLP(nn.Module):
         self.head = nn.Linear(width, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(torch.flatten(x, 1))  # flatten copies if x is channels_last, so any layout works
+        out: torch.Tensor = self.body(torch.flatten(x, 1))  # flatten copies if x is channels_last, so any layout works
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        logits: torch.Tensor = self.head(self.features(x))
+        return logits

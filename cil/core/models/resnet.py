@@ -53,7 +53,8 @@ class ResNet18(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)  # 4x4 map at 32x32 input, 8x8 at 64x64
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        logits: torch.Tensor = self.head(self.features(x))
+        return logits
 
 
 def resnet18(input_shape: tuple[int, int, int], num_classes: int, nf: int = 64) -> ResNet18:

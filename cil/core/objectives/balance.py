@@ -23,6 +23,7 @@ here reads a value back to the host; the only host state is a task id and a batc
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -58,7 +59,7 @@ class Cumulative:
         num_classes: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float64,
-    ):
+    ) -> None:
         self.stats = GradientStats(num_classes, device=device, dtype=dtype)
 
     @property
@@ -69,8 +70,9 @@ class Cumulative:
     def negative(self) -> Tensor:
         return self.stats.negative
 
-    def start(self, task: int) -> None:
-        """Called at the start of every step with the current task (before `update`)."""
+    def start(self, task: int | None) -> None:
+        """Called at the start of every step with the current task (before `update`; None: a blurry stream hides
+        it)."""
 
     def update(self, logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> None:
         self.stats.update(logits, targets, mask)
@@ -96,11 +98,17 @@ class EMA(Cumulative):
 
     name = "ema"
 
-    def __init__(self, num_classes=None, device=None, dtype=torch.float64, momentum: float = 0.99):
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float64,
+        momentum: float = 0.99,
+    ) -> None:
         super().__init__(num_classes, device, dtype)
         self.momentum = float(momentum)
 
-    def update(self, logits, targets, mask=None) -> None:
+    def update(self, logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> None:
         self.stats.positive.mul_(self.momentum)
         self.stats.negative.mul_(self.momentum)
         self.stats.update(logits, targets, mask)
@@ -112,11 +120,16 @@ class TaskReset(Cumulative):
 
     name = "task_reset"
 
-    def __init__(self, num_classes=None, device=None, dtype=torch.float64):
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
         super().__init__(num_classes, device, dtype)
-        self.task = -1
+        self.task: int | None = -1  # None: the task of a step on a blurry stream (hidden)
 
-    def start(self, task: int) -> None:
+    def start(self, task: int | None) -> None:
         if task != self.task:
             self.stats.positive.zero_()
             self.stats.negative.zero_()
@@ -127,7 +140,7 @@ class TaskReset(Cumulative):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.task = int(state["task"])
+        self.task = None if state["task"] is None else int(state["task"])  # None: saved on a blurry stream
 
 
 class Window(Cumulative):
@@ -137,7 +150,13 @@ class Window(Cumulative):
 
     name = "window"
 
-    def __init__(self, num_classes=None, device=None, dtype=torch.float64, window: int = 100):
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float64,
+        window: int = 100,
+    ) -> None:
         super().__init__(num_classes, device, dtype)
         self.window = int(window)
         n = self.stats.num_classes
@@ -152,7 +171,7 @@ class Window(Cumulative):
             self.ring_pos = F.pad(self.ring_pos, (0, pad))
             self.ring_neg = F.pad(self.ring_neg, (0, pad))
 
-    def update(self, logits, targets, mask=None) -> None:
+    def update(self, logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> None:
         c = logits.shape[1]
         if self.ring_pos.device != logits.device:
             self.ring_pos, self.ring_neg = self.ring_pos.to(logits.device), self.ring_neg.to(logits.device)
@@ -222,7 +241,13 @@ class Magnitude(Constant):
     name = "magnitude"
     scales_terms = True
 
-    def __init__(self, num_classes=None, device=None, dtype=torch.float64, ratio: float = 1.0):
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float64,
+        ratio: float = 1.0,
+    ) -> None:
         super().__init__(num_classes, device, dtype)
         self.target = float(ratio)
         self.last_scales: tuple[Tensor, Tensor] | None = None
@@ -240,7 +265,7 @@ class Magnitude(Constant):
         return a, b
 
     def log_values(self, prefix: str) -> dict[str, float]:
-        if self.last_scales is None:
+        if self.last_scales is None or self.last_norms is None:  # both are set together
             return {}
         (a, b), (gn, gr) = self.last_scales, self.last_norms
         return {
@@ -258,7 +283,7 @@ CLASS_WEIGHT_RULES = ("cumulative", "ema", "task_reset", "window")
 def make_rule(
     name: str,
     num_classes: int | None = None,
-    device=None,
+    device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
     momentum: float = 0.99,
     window: int = 100,
@@ -276,12 +301,15 @@ def make_rule(
     return RULES[name](num_classes, device, dtype)
 
 
-def class_log_values(rule: Cumulative, labels, prefix: str = "gsa") -> dict[str, float]:
+def class_log_values(rule: Cumulative, labels: Iterable[int], prefix: str = "gsa") -> dict[str, float]:
     """Host floats for the log (reads back: call at log intervals only): ``<prefix>/weight/<c>`` (the weight the
     rule gives class c) and ``<prefix>/ratio/<c>`` (G+_c / G-_c of its statistics; an infinite ratio is left
     out) for every label in ``labels``, plus magnitude's term scales (``balance/...``)."""
     weights, ratios = rule.weights().cpu(), rule.ratio().cpu()
-    out = rule.log_values("balance") if rule.scales_terms else {}
+    out: dict[str, float] = {}
+    if rule.scales_terms:
+        assert isinstance(rule, Magnitude)  # the one rule that scales the terms
+        out = rule.log_values("balance")
     for c in sorted(labels):
         out[f"{prefix}/weight/{c}"] = float(weights[c])
         if torch.isfinite(ratios[c]):

@@ -39,6 +39,7 @@ def er_ace_loss(
     loss = cross_entropy_masked(logits_new, y_new, present)
     if logits_buf is None or logits_buf.shape[0] == 0:
         return loss
+    assert y_buf is not None  # the replay batch comes with its labels
     return loss + cross_entropy_masked(logits_buf, y_buf, seen)
 
 

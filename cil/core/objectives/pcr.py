@@ -29,7 +29,8 @@ NORM_EPS = 1e-6
 
 def normalize_rows(v: Tensor) -> Tensor:
     """Each row divided by (its L2 norm + 1e-6)."""
-    return v / (v.norm(p=2, dim=1, keepdim=True) + NORM_EPS)
+    out: Tensor = v / (v.norm(p=2, dim=1, keepdim=True) + NORM_EPS)  # Tensor.norm is unannotated in torch
+    return out
 
 
 def cosine_logits(features: Tensor, proxies: Tensor, temperature: float) -> Tensor:

@@ -111,7 +111,8 @@ def summarise(runs: list[dict]) -> dict:
     ok = [r for r in runs if "error" not in r]
     for wl in dict.fromkeys(_group(r) for r in ok if not r.get("profile")):
         rows = [r for r in ok if _group(r) == wl]
-        by, profiled = {}, {}
+        by: dict[str, dict[Any, dict[str, Any]]] = {}  # contestant -> repeat -> run
+        profiled: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
             if r.get("profile"):  # instrumented: where the time goes, not how much there is
                 profiled.setdefault(r["contestant"], []).append(r)
