@@ -7,11 +7,11 @@ STAMP := $(VENV)/.cil-installed
 CIL_DATA_ROOT ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),$(CURDIR)/data)
 export CIL_DATA_ROOT
 
-.PHONY: demo test bench gpu-check env clean-env
+.PHONY: demo test check lint bench gpu-check env clean-env
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml constraints-cpu.txt
+$(STAMP): pyproject.toml setup.py constraints-cpu.txt
 	@if ! $(PY) -c "import sys" 2>/dev/null; then \
 	  echo "creating $(VENV) with $(PYTHON)"; rm -rf $(VENV); \
 	  $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV); fi
@@ -21,11 +21,21 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 demo: $(STAMP)
 	$(PY) -m cil demo
 
-# The import layers first (docs/architecture.md), then two test workers with one thread each: the tests start
-# CLI runs of their own on a 2-core machine.
-test: $(STAMP)
+# Lint and format (ruff), types (mypy), the import layers (import-linter; docs/architecture.md): before any test.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+
+# The whole suite (CI, and what a new user runs): two test workers with one thread each, as the tests start CLI
+# runs of their own on a 2-core machine.
+test: lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
+
+# While working: lint, types and the fast tests (those not marked slow), in under two minutes.
+check: lint
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 # One intra-op thread per run unless OMP_NUM_THREADS says otherwise (the figures in docs/performance.md).
 bench: $(STAMP)

@@ -1,7 +1,7 @@
 """`python tests/_interrupt_cli.py WHERE:N:ACTION [cli overrides...]` runs `python -m cil` unchanged, except that
 at the N-th occurrence (1-based, counted in this process) of WHERE the process sends itself SIGKILL (ACTION=KILL)
-or SIGTERM (TERM), sets the model's weights to NaN (NAN, a diverged update) or sleeps 30 s (SLEEP, a run that
-holds its folder for a while), where WHERE is one of:
+or SIGTERM (TERM), sets the model's weights to NaN (NAN, a diverged update) or sleeps (SLEEP, a run that holds its
+folder for a while: until the file $CIL_TEST_RELEASE exists, at most 60 s), where WHERE is one of:
 
   observe  inside a method's update of an incoming batch (after the optimizer step, before the buffer add)
   batch    after the learner's loop body for a batch (any method, Avalanche peers too)
@@ -36,7 +36,9 @@ def tick(method=None) -> None:
         for p in method.model.parameters():
             p.data.fill_(float("nan"))
     elif action == "SLEEP":
-        time.sleep(30)
+        release, deadline = os.environ.get("CIL_TEST_RELEASE"), time.time() + 60
+        while time.time() < deadline and not (release and os.path.exists(release)):
+            time.sleep(0.05)
     else:
         os.kill(os.getpid(), getattr(signal, f"SIG{action}"))
 

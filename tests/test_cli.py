@@ -72,9 +72,10 @@ def test_experiment_protocol_composes(tmp_path):
         (["addon=mkd", "addon.mkd.kd_lambda=-1"], "addon.mkd.kd_lambda"),
     ],
 )
-def test_bad_input_fails_before_training_and_leaves_nothing(tmp_path, args, needle):
-    proc, run_dir = cli(tmp_path, *FAST, *args)
-    assert proc.returncode != 0
+def test_bad_input_fails_before_training_and_leaves_nothing(tmp_path, cli_in_process, args, needle):
+    run_dir = tmp_path / "run"
+    proc = cli_in_process(f"hydra.run.dir={run_dir}", *FAST, *args)
+    assert proc.returncode == 2
     assert needle in proc.stderr + proc.stdout
     assert not (run_dir / "results.json").exists()
     assert not run_dir.exists() or not any(run_dir.iterdir()), list(run_dir.iterdir())

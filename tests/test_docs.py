@@ -1,9 +1,11 @@
-"""The documentation's examples run as written (docs/api.md)."""
+"""The documentation's examples run as written (docs/api.md), and the README matches pyproject."""
 
 import re
+import tomllib
 from pathlib import Path
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
 
 
 def python_blocks(path: Path) -> list[str]:
@@ -21,3 +23,15 @@ def test_api_examples_run(tmp_path, monkeypatch, capsys):
     assert "GSA: final average accuracy" in out and "after task 4:" in out and "refused: buffer.sise" in out
     assert (tmp_path / "runs" / "gsa_digits" / "results.json").is_file()
     assert (tmp_path / "runs" / "er_ace_mkd_digits" / "results.json").is_file()
+
+
+def test_readme_names_every_dependency_and_extra_of_pyproject():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    readme = (REPO / "README.md").read_text()
+    requirements = readme[readme.index("## Requirements") : readme.index("## Development")]
+    names = [re.split(r"[<>=\[ ]", dep)[0] for dep in project["dependencies"]]
+    for extra, deps in project["optional-dependencies"].items():
+        names += [f"`{extra}`"] + [re.split(r"[<>=\[ ]", dep)[0] for dep in deps]
+    missing = [n for n in names if n not in requirements and n.removesuffix("-lib") not in requirements]
+    assert not missing, f"README's Requirements does not name {missing} (pyproject.toml has them)"
+    assert "kornia" not in requirements  # dropped from the dependencies

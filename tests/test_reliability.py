@@ -110,14 +110,16 @@ def test_one_writer_per_folder_and_a_crashed_holder_leaves_no_lock(tmp_path):
 
 
 def test_a_second_cli_run_into_a_busy_folder_is_refused_and_the_first_finishes(tmp_path):
-    run = tmp_path / "run"
-    first = cli(run, *FAST, interrupt="batch:3:SLEEP", wait=False)  # holds the folder for 30 s
-    deadline = time.time() + 120
-    while status(run) != "running" and time.time() < deadline:
-        time.sleep(0.1)
-    second = cli(run, *FAST)
-    assert "is in use by another run" in one_error_line(second)
-    assert first.wait(timeout=600) == 0 and status(run) == "complete"
+    run, release = tmp_path / "run", tmp_path / "release"
+    # the first run holds the folder from its third batch until `release` exists
+    with cli(run, *FAST, interrupt="batch:3:SLEEP", wait=False, env={"CIL_TEST_RELEASE": str(release)}) as first:
+        deadline = time.time() + 120
+        while status(run) != "running" and time.time() < deadline:
+            time.sleep(0.1)
+        second = cli(run, *FAST)
+        release.touch()
+        assert "is in use by another run" in one_error_line(second)
+        assert first.wait(timeout=600) == 0 and status(run) == "complete"
 
 
 # 4. -------------------------------------------------------------------------------------------------------------
@@ -178,9 +180,12 @@ def test_a_config_error_never_deletes_files_it_did_not_create(tmp_path):
         ("method=gsa", "method.current_task_replay=22"),
     ],
 )
-def test_impossible_settings_end_in_one_line_and_no_stray_folder(tmp_path, override, needle):
+def test_impossible_settings_end_in_one_line_and_no_stray_folder(tmp_path, cli_in_process, override, needle):
     extra = ["buffer.size=16", "method.replay_batch_size=16"] if override == "method=gsa" else []
-    line = one_error_line(cli(tmp_path / "run", "dataset=digits", "log.progress=false", override, *extra))
+    run = tmp_path / "run"
+    line = one_error_line(
+        cli_in_process(f"hydra.run.dir={run}", "dataset=digits", "log.progress=false", override, *extra)
+    )
     assert needle in line
     assert not (tmp_path / "run").exists()
 
@@ -243,16 +248,16 @@ def test_results_that_cannot_be_written_are_printed_and_the_run_says_so(tmp_path
 # 9. --------------------------------------------------------------------------------------------------------------
 def test_several_sigterms_in_a_row_still_exit_75(tmp_path):
     run = tmp_path / "run"
-    proc = cli(run, *FAST, "method=gsa", "method.replay_batch_size=32", wait=False)
-    deadline = time.time() + 120
-    while status(run) != "running" and time.time() < deadline:
-        time.sleep(0.05)
-    for _ in range(30):  # during the batch in flight, the checkpoint, and the way out
-        if proc.poll() is not None:
-            break
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.03)
-    assert proc.wait(timeout=300) == 75, proc.stderr.read()[-2000:]
+    with cli(run, *FAST, "method=gsa", "method.replay_batch_size=32", wait=False) as proc:
+        deadline = time.time() + 120
+        while status(run) != "running" and time.time() < deadline:
+            time.sleep(0.05)
+        for _ in range(30):  # during the batch in flight, the checkpoint, and the way out
+            if proc.poll() is not None:
+                break
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.03)
+        assert proc.wait(timeout=300) == 75, proc.stderr.read()[-2000:]
     assert status(run) == "preempted"
 
 

@@ -47,10 +47,12 @@ def test_holdout_refuses_a_class_with_a_single_sample():
 
 
 def test_validation_split_evaluates_on_held_out_training_rows(tmp_path):
-    learner = api.build({"dataset": "digits", "eval.split": "validation", "log.progress": False}, out_dir=tmp_path)
-    val = holdout_validation(load_dataset("digits"), 0.1)
-    assert torch.equal(learner.test_x.cpu(), val.test_x) and torch.equal(learner.test_y.cpu(), val.test_y)
-    assert learner.stream.n_samples == len(val.train_y)
+    with api.build(
+        {"dataset": "digits", "eval.split": "validation", "log.progress": False}, out_dir=tmp_path
+    ) as learner:
+        val = holdout_validation(load_dataset("digits"), 0.1)
+        assert torch.equal(learner.test_x.cpu(), val.test_x) and torch.equal(learner.test_y.cpu(), val.test_y)
+        assert learner.stream.n_samples == len(val.train_y)
 
 
 @pytest.mark.parametrize("space", SEARCH_SPACES)
