@@ -27,7 +27,8 @@ class DatasetConfig:
 class StreamConfig:
     n_tasks: int = 5
     batch_size: int = 10
-    # "natural" (0..K-1), "random" (seeded permutation) or an explicit list of class labels
+    # "natural" (0..K-1), "random" (torch permutation seeded by `seed`), "numpy_shuffle" (numpy's legacy generator
+    # seeded by `seed` shuffles 0..K-1, as mkd_ocl, CCL-DC and PCR draw it) or an explicit list of class labels
     class_order: Any = "random"
     samples_per_class: int | None = None  # train on a seeded subset of this many samples per class (null: all)
     # disjoint (tasks of disjoint classes) | iblurry | siblurry (blurry, boundaries hidden from methods:
@@ -48,15 +49,18 @@ class ModelConfig:
     name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [400, 400])  # mlp only
     nf: int | None = None  # resnets: base width; None keeps the architecture's own (20 reduced, 64 full)
+    # resnets' final pooling: global (8nf features at any input size) | avg4 (a fixed 4x4 window, as mkd_ocl's and
+    # CCL-DC's ResNet: the same on 32x32 inputs, 4 x 8nf = 2048 features on 64x64 TinyImageNet)
+    pool: str = "global"
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "sgd"  # sgd | adam
+    name: str = "sgd"  # sgd | adam | adamw (Adam with decoupled weight decay)
     lr: float = 0.1
     momentum: float = 0.0  # sgd
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
-    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    weight_decay: float = 0.0  # sgd, adam: L2 added to the gradient; adamw: decoupled, p <- p - lr * wd * p
 
 
 @dataclass
@@ -71,6 +75,9 @@ class EvalConfig:
     # (hyperparameter search: the test set is dropped before the stream is built, so a trial never sees it)
     split: str = "test"
     validation_fraction: float = 0.1  # share of every class's training samples held out when split=validation
+    # seen: every prediction's argmax spans the classes seen so far | all: every head unit (mkd_ocl, CCL-DC, OCM,
+    # OnPro, PCR); for every evaluation (task ends, anytime, A_AUC, the add-ons' heads) and online accuracy
+    classes: str = "seen"
 
 
 @dataclass
@@ -140,7 +147,9 @@ class RunConfig:
     realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 where the device has it natively)
+    # fp32 | bf16 (autocast) | fp16 (CUDA: autocast float16 and a GradScaler per optimizer) | auto (bf16 where the
+    # device has it natively, else fp32)
+    precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False  # torch.compile the model (opt-in)
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (1 per run in sweeps)

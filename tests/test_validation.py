@@ -94,7 +94,7 @@ def cfg_with(**changes) -> RunConfig:
         ({"eval__anytime_every": -1}, "eval.anytime_every=-1 is not allowed"),
         ({"method": GSAConfig(grayscale_p=1.5)}, "method.grayscale_p=1.5 is not allowed: use 0 <= p <= 1"),
         ({"method": GSAConfig(name="er")}, "method.name='er' needs its own config (ERConfig)"),
-        ({"precision": "fp16"}, "precision='fp16' is not allowed: choose one of ('fp32', 'bf16', 'auto')"),
+        ({"precision": "fp8"}, "precision='fp8' is not allowed: choose one of ('fp32', 'bf16', 'fp16', 'auto')"),
         (
             {"buffer__size": 5, "method__replay_batch_size": 10},
             "buffer.size=5 is smaller than method.replay_batch_size=10",

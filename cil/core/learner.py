@@ -23,15 +23,21 @@ from cil.core import compute, metrics
 from cil.core.data.stream import Batch, ClassIncrementalStream
 from cil.core.methods.base import DiagnosticsHooks, Method, StepOutput
 from cil.core.objectives.common import mask_logits
-from cil.errors import TrainingError
+from cil.errors import TrainingError, require
 
 log = logging.getLogger("cil")
 LOSS_ALARM = 1e4  # a cross-entropy this large means logits ~1e4 apart: the run has diverged, finite or not
 
 
+EVAL_CLASSES = ("seen", "all")  # eval.classes: the head units a prediction's argmax spans
+
+
 @torch.inference_mode()
-def predict(method: Method, x: torch.Tensor, batch_size: int, head: str | None = None) -> torch.Tensor:
-    """Predicted label of every row of ``x``: argmax over the seen classes, in eval mode and large batches.
+def predict(
+    method: Method, x: torch.Tensor, batch_size: int, head: str | None = None, all_classes: bool = False
+) -> torch.Tensor:
+    """Predicted label of every row of ``x``: argmax over the seen classes (`all_classes`: over every head unit,
+    as mkd_ocl, CCL-DC, OCM, OnPro and PCR evaluate), in eval mode and large batches.
     `head`: an add-on's extra evaluation head (`Method.eval_heads`); None: the run's main head."""
     model = method.model
     was_training = model.training
@@ -41,7 +47,7 @@ def predict(method: Method, x: torch.Tensor, batch_size: int, head: str | None =
     for i in range(0, len(x), batch_size):
         with method.autocast():
             logits = method.eval_logits(method.to_input(x[i : i + batch_size]), head).float()
-        preds.append(mask_logits(logits, method.seen).argmax(1))
+        preds.append((logits if all_classes else mask_logits(logits, method.seen)).argmax(1))
     model.train(was_training)
     method.owned.train(was_training)
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=x.device)
@@ -57,10 +63,17 @@ def task_accuracy(pred: torch.Tensor, y: torch.Tensor, task_ids: torch.Tensor, n
 
 
 def evaluate(
-    method: Method, x: torch.Tensor, y: torch.Tensor, task_ids: torch.Tensor, n_tasks: int, batch_size: int
+    method: Method,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    task_ids: torch.Tensor,
+    n_tasks: int,
+    batch_size: int,
+    all_classes: bool = False,
 ) -> torch.Tensor:
-    """Per-task accuracy in percent, argmax over the seen classes, in eval mode and large batches."""
-    return task_accuracy(predict(method, x, batch_size), y, task_ids, n_tasks)
+    """Per-task accuracy in percent, argmax over the seen classes (`all_classes`: every head unit), in eval mode
+    and large batches."""
+    return task_accuracy(predict(method, x, batch_size, all_classes=all_classes), y, task_ids, n_tasks)
 
 
 def _sync(device: torch.device) -> None:
@@ -106,7 +119,9 @@ class Learner:
     auc_every_samples: every that many stream samples, accuracy on the whole test set of the classes seen so far
     (the anytime curve whose area is A_AUC, docs/streams.md); 0: off. On a stream that hides its boundaries
     (a blurry stream) the method gets every batch with `task` and `step_in_task` set to None and no
-    on_task_start/on_task_end: a task-free method cannot read what it is not given."""
+    on_task_start/on_task_end: a task-free method cannot read what it is not given.
+    eval_classes: `seen` (argmax over the classes seen so far) or `all` (over every head unit) for every
+    prediction the loop counts: task-end, anytime and A_AUC evaluations, the add-ons' heads, online accuracy."""
 
     def __init__(
         self,
@@ -124,7 +139,10 @@ class Learner:
         delay: int = 1,
         realtime: dict[str, Any] | None = None,
         auc_every_samples: int = 0,
+        eval_classes: str = "seen",
     ) -> None:
+        require(eval_classes in EVAL_CLASSES, "eval.classes", eval_classes, f"choose one of {EVAL_CLASSES}")
+        self.all_classes = eval_classes == "all"
         self.stream = stream
         self.method = method
         self.logger = logger if logger is not None else MetricsLog()
@@ -195,16 +213,19 @@ class Learner:
             self.loss_sum += torch.stack(losses).sum()
             self.nonfinite |= ~torch.isfinite(self.loss_sum)
             self.loss_count += len(losses)
-        rows = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(y) for y in labels]))
-        masks = torch.stack(seen)[rows.to(self.device)]
-        pred = mask_logits(torch.cat(logits), masks).argmax(1)
+        if self.all_classes:
+            pred = torch.cat(logits).argmax(1)
+        else:
+            rows = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(y) for y in labels]))
+            masks = torch.stack(seen)[rows.to(self.device)]
+            pred = mask_logits(torch.cat(logits), masks).argmax(1)
         self.online_correct += (pred == torch.cat(labels)).sum()
         self._pending.clear()
 
     # -- evaluation ------------------------------------------------------------------------------------------
     def evaluate_all(self, tasks_seen: int) -> list[float]:
         """Per-task accuracy on the full test sets; also where the errors go (`self.errors`, `self.confusion`)."""
-        pred = predict(self.method, self.test_x, self.eval_batch_size)
+        pred = predict(self.method, self.test_x, self.eval_batch_size, all_classes=self.all_classes)
         self.confusion = metrics.confusion_matrix(
             self.test_y.cpu().numpy(), pred.cpu().numpy(), self.stream.num_classes
         )
@@ -214,7 +235,13 @@ class Learner:
     def evaluate_anytime(self, task: int) -> float:
         idx = self.anytime_idx
         acc = evaluate(
-            self.method, self.test_x[idx], self.test_y[idx], self.test_task[idx], self.n_tasks, self.eval_batch_size
+            self.method,
+            self.test_x[idx],
+            self.test_y[idx],
+            self.test_task[idx],
+            self.n_tasks,
+            self.eval_batch_size,
+            self.all_classes,
         )
         # Average over the tasks seen so far that have samples in the subsample.
         present = torch.bincount(self.test_task[idx].clamp(min=0), minlength=self.n_tasks)[: task + 1] > 0
@@ -371,7 +398,7 @@ class Learner:
             idx = torch.nonzero(torch.isin(self.test_y, classes)).squeeze(1)
             self._seen_test = (seen, idx)
         assert idx is not None  # set above: the seen classes are never the empty start once a batch was observed
-        pred = predict(self.method, self.test_x[idx], self.eval_batch_size)
+        pred = predict(self.method, self.test_x[idx], self.eval_batch_size, all_classes=self.all_classes)
         acc = 100.0 * float((pred == self.test_y[idx]).float().mean()) if len(idx) else 0.0
         self.auc_curve.append({"step": self.step, "samples": self.online_seen, "acc": acc})
         self.logger.scalar("anytime_seen_acc", acc, self.step, task)
@@ -389,7 +416,7 @@ class Learner:
                 ]
             )
         for head in self.method.eval_heads():  # add-ons' extra heads: one accuracy matrix each
-            pred = predict(self.method, self.test_x, self.eval_batch_size, head)
+            pred = predict(self.method, self.test_x, self.eval_batch_size, head, self.all_classes)
             head_row = task_accuracy(pred, self.test_y, self.test_task, self.n_tasks).tolist()
             self.head_matrices.setdefault(head, []).append(head_row)
             self.logger.scalar(f"{head}/avg_acc_seen", sum(head_row[: task + 1]) / (task + 1), self.step, task)
@@ -421,7 +448,7 @@ class Learner:
             raise TrainingError(
                 f"the training loss became non-finite (nan or inf) before stream batch {self.step} (task {task}); "
                 "the run stopped and the last checkpoint (if any) is kept. Lower optimizer.lr, or use "
-                "precision=fp32 if precision=bf16"
+                "precision=fp32 if precision=bf16 or fp16"
             )
         if loss > LOSS_ALARM and not self.warnings:
             self.warnings.append(

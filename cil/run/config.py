@@ -12,8 +12,10 @@ from cil.schema import RunConfig
 if TYPE_CHECKING:
     from cil.core.methods.base import MethodConfig
 
-PRECISIONS = ("fp32", "bf16", "auto")
-OPTIMIZERS = ("sgd", "adam")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+MODEL_POOLS = ("global", "avg4")
+EVAL_CLASSES = ("seen", "all")
 BUFFER_POLICIES = ("reservoir", "class_balanced")
 EVAL_SPLITS = ("test", "validation")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -103,6 +105,13 @@ def validate(cfg: RunConfig) -> None:
         "use a list of layer widths >= 1 ([] for a linear model)",
     )
     require(cfg.model.nf is None or cfg.model.nf >= 1, "model.nf", cfg.model.nf, "use null or an integer >= 1")
+    require(cfg.model.pool in MODEL_POOLS, "model.pool", cfg.model.pool, f"choose one of {MODEL_POOLS}")
+    require(
+        cfg.model.pool == "global" or cfg.model.name != "mlp",
+        "model.pool",
+        cfg.model.pool,
+        "the MLP has no pooling; avg4 is for model=resnet18 or reduced_resnet18 (use model.pool=global)",
+    )
     require(cfg.optimizer.name in OPTIMIZERS, "optimizer.name", cfg.optimizer.name, f"choose one of {OPTIMIZERS}")
     require(cfg.optimizer.lr > 0, "optimizer.lr", cfg.optimizer.lr, "use a learning rate > 0")
     require(cfg.optimizer.momentum >= 0, "optimizer.momentum", cfg.optimizer.momentum, "use a value >= 0")
@@ -116,12 +125,28 @@ def validate(cfg: RunConfig) -> None:
     require(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", cfg.optimizer.weight_decay, "use a value >= 0")
     require(cfg.precision in PRECISIONS, "precision", cfg.precision, f"choose one of {PRECISIONS}")
     require(
+        cfg.precision != "fp16" or not cfg.method.name.startswith("avalanche_"),
+        "precision",
+        cfg.precision,
+        f"method={cfg.method.name} trains Avalanche's strategy in fp32 (no GradScaler there); use precision=fp32",
+    )
+    if cfg.stream.class_order == "numpy_shuffle":
+        from cil.core.data.stream import NUMPY_SEED_FIX, NUMPY_SEEDS
+
+        require(cfg.seed < NUMPY_SEEDS, "seed", cfg.seed, NUMPY_SEED_FIX)
+    require(
         cfg.threads is None or cfg.threads >= 1,
         "threads",
         cfg.threads,
         "use null (torch's default) or an integer >= 1 (1 when several runs share the machine)",
     )
     require(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "use an integer >= 1")
+    require(
+        cfg.eval.classes in EVAL_CLASSES,
+        "eval.classes",
+        cfg.eval.classes,
+        f"choose one of {EVAL_CLASSES} (seen: argmax over the classes seen so far; all: over every head unit)",
+    )
     require(cfg.eval.anytime_every >= 0, "eval.anytime_every", cfg.eval.anytime_every, "use 0 (off) or an integer >= 1")
     require(cfg.eval.anytime_samples >= 1, "eval.anytime_samples", cfg.eval.anytime_samples, "use an integer >= 1")
     require(

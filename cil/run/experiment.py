@@ -57,9 +57,20 @@ def native_bf16(device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def check_precision(name: str, device: torch.device) -> None:
+    """Refuse a precision the device cannot run, before anything is built or written: fp16 (float16 autocast with
+    a GradScaler) is for CUDA devices."""
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            "precision=fp16 needs a CUDA device (autocast float16 with a GradScaler, as the official code trains); "
+            "on this CPU use precision=fp32 or precision=bf16"
+        )
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """`auto` -> bf16 where the device has native bf16, else fp32; bf16 on a device without it is kept (a run
-    must do what it says) with a warning."""
+    must do what it says) with a warning; fp16 off CUDA is refused (check_precision)."""
+    check_precision(name, device)
     if name == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if name == "bf16" and not native_bf16(device):
@@ -94,7 +105,9 @@ def build_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     if o.name == "adam":
         return torch.optim.Adam(params, lr=o.lr, betas=(o.betas[0], o.betas[1]), weight_decay=o.weight_decay)
-    raise ConfigError(f"optimizer.name={o.name!r} is unknown: choose sgd or adam")
+    if o.name == "adamw":  # decoupled weight decay (CCL-DC's optimizer): p <- p - lr * wd * p, then Adam's step
+        return torch.optim.AdamW(params, lr=o.lr, betas=(o.betas[0], o.betas[1]), weight_decay=o.weight_decay)
+    raise ConfigError(f"optimizer.name={o.name!r} is unknown: choose sgd, adam or adamw")
 
 
 def load_run_dataset(cfg: RunConfig) -> ImageDataset:
@@ -125,6 +138,7 @@ def build_stream(cfg: RunConfig, dataset: ImageDataset) -> ClassIncrementalStrea
     """The run's stream on its device. What only the data can tell is refused here, before anything is trained
     or written: a bad split, class order or device, a task without test images, a memory that cannot fit."""
     device = resolve_device(cfg.device)
+    check_precision(cfg.precision, device)
     if method_uses_buffer(cfg.method.name):
         check_buffer_memory(cfg.buffer.size, dataset.input_shape, device)
     if cfg.stream.kind != "disjoint":  # i-Blurry / Si-Blurry (docs/streams.md)
@@ -171,6 +185,7 @@ def build_learner(
     already made from `dataset` by build_stream. `wandb_sink`: a started cil.run.wandb_log.WandbSink."""
     validate(cfg)
     device = resolve_device(cfg.device)
+    check_precision(cfg.precision, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # several runs on few cores: torch's default oversubscribes them
     if cfg.deterministic:
@@ -178,10 +193,10 @@ def build_learner(
     dataset = dataset or load_run_dataset(cfg)
     stream = stream or build_stream(cfg, dataset)
     torch.manual_seed(cfg.seed)  # model initialisation
-    kwargs = (
+    kwargs: dict[str, Any] = (
         {"hidden": tuple(cfg.model.hidden)}
         if cfg.model.name == "mlp"
-        else ({"nf": cfg.model.nf} if cfg.model.nf else {})
+        else {**({"nf": cfg.model.nf} if cfg.model.nf else {}), "pool": cfg.model.pool}
     )
     model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes, **kwargs).to(device)
     if cfg.channels_last:
@@ -244,6 +259,7 @@ def build_learner(
         log_every=cfg.log.every,
         progress=cfg.log.progress,
         auc_every_samples=anytime_every_samples(cfg),
+        eval_classes=cfg.eval.classes,
         flops_every=cfg.compute.flops_every if cfg.compute.flops else 0,
         delay=delay,
         realtime=None if realtime is None else {k: v for k, v in realtime.items() if k != "delay"},

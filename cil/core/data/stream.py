@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from cil.core.data.dataset import ImageDataset
-from cil.errors import ConfigError, DataError
+from cil.errors import ConfigError, DataError, require
 
 
 @dataclass(frozen=True)
@@ -35,20 +36,39 @@ class Task:
     test_idx: torch.Tensor  # indices into the test set (on the device)
 
 
+CLASS_ORDERS = ("natural", "random", "numpy_shuffle")  # stream.class_order's named orders (else a list of labels)
+NUMPY_SEEDS = 2**32  # numpy's legacy generator takes seeds below this
+NUMPY_SEED_FIX = (
+    "stream.class_order=numpy_shuffle seeds numpy's legacy generator, which takes seeds below 2**32; use a smaller "
+    "seed or stream.class_order=random"
+)
+
+
 def class_order(num_classes: int, order: str | Sequence[int], seed: int) -> list[int]:
-    """'natural' -> 0..K-1, 'random' -> a permutation seeded by `seed`, or an explicit list (checked)."""
+    """'natural' -> 0..K-1, 'random' -> a torch permutation seeded by `seed`, 'numpy_shuffle' -> the order
+    mkd_ocl, CCL-DC and PCR draw (numpy's legacy generator seeded by `seed` shuffles 0..K-1), or an explicit
+    list (checked)."""
     if isinstance(order, str):
         if order == "natural":
             return list(range(num_classes))
         if order == "random":
             g = torch.Generator().manual_seed(seed)
             return torch.randperm(num_classes, generator=g).tolist()
-        raise ConfigError(f"stream.class_order={order!r} is unknown: use 'natural', 'random' or a list of labels")
+        if order == "numpy_shuffle":
+            require(0 <= seed < NUMPY_SEEDS, "seed", seed, NUMPY_SEED_FIX)
+            labels = np.arange(num_classes)
+            # the same draw as `np.random.seed(seed); np.random.shuffle(labels)`, without numpy's global state
+            np.random.RandomState(seed).shuffle(labels)
+            return [int(c) for c in labels]
+        raise ConfigError(
+            f"stream.class_order={order!r} is unknown: use 'natural', 'random', 'numpy_shuffle' or a list of labels"
+        )
     try:
         order = [int(c) for c in order]
     except (TypeError, ValueError):
         raise ConfigError(
-            f"stream.class_order={order!r} is not allowed: use 'natural', 'random' or a list of class labels"
+            f"stream.class_order={order!r} is not allowed: use 'natural', 'random', 'numpy_shuffle' or a list of "
+            "class labels"
         ) from None
     if sorted(order) != list(range(num_classes)):
         raise ConfigError(

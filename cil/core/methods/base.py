@@ -3,7 +3,8 @@ chosen precision, one update.
 
 A method's `observe(batch)` does its `iters` updates on one incoming batch and returns the last loss and the
 incoming batch's logits from before the first update (for online accuracy), both detached and left on the
-device: nothing here reads a value back to the host.
+device: nothing here reads a value back to the host, except that under precision=fp16 the GradScaler reads its
+inf/nan flag once per optimizer step (as the official code's GradScaler does).
 
 A method lives in one module of this package: its config dataclass (`Config`, validated by `validate`), its
 needs (`uses_buffer`, `needs_task_boundaries`, `buffer_extras`) and its step, registered with `@register`.
@@ -263,6 +264,8 @@ class Method:
             else tuple(torch.tensor(v, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) for v in normalize)
         )
         self.classes = ClassSets(num_classes, self.device)
+        # fp16 scales the loss so small gradients survive float16 (one scaler per optimizer, as the official code's)
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         # Random choices of the method itself (augmentation), on the device so no copy happens per step.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # a cil.core.diagnostics.Diagnostics when diagnostics are on (set by the builder)
@@ -355,8 +358,11 @@ class Method:
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def autocast(self) -> AbstractContextManager[object]:
+        """The forward passes' precision, in training and at evaluation alike: bf16 or fp16 autocast, else fp32."""
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.precision == "fp16":
+            return torch.autocast(self.device.type, dtype=torch.float16)
         return nullcontext()
 
     def to_input(self, x_uint8: torch.Tensor) -> torch.Tensor:
@@ -377,8 +383,14 @@ class Method:
             return logits.float()
 
     def forward_float(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits_of(self.model, x)
+
+    def logits_of(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Logits of float inputs through `model` (the run's model, an EMA teacher of it, weights averaged with
+        them) with this method's head, in float32: the model's linear head; PCR: its cosine proxies. What MKD
+        distils and evaluates, as mkd_ocl does per method."""
         with self.autocast():
-            logits: torch.Tensor = self.model(x)
+            logits: torch.Tensor = model(x)
             return logits.float()
 
     def report(
@@ -407,8 +419,14 @@ class Method:
         if self.diagnostics is not None:
             self.diagnostics.before_backward(loss)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            # unscales, then steps unless a gradient is inf/nan: reads that flag back (the one host sync of fp16)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()  # halves the scale after a skipped step, doubles it after growth_interval good ones
         for addon in self.addons:  # e.g. the EMA teachers follow the updated model
             addon.after_step(self)
 
@@ -453,6 +471,8 @@ class Method:
             state["owned"] = {k: v.cpu() for k, v in self.owned.state_dict().items()}
         if self.addons:
             state["addons"] = {addon.name: addon.state_dict() for addon in self.addons}
+        if self.scaler is not None:  # the loss scale and its growth counter: a resumed run scales as this one
+            state["scaler"] = self.scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -462,6 +482,8 @@ class Method:
             self.owned.load_state_dict(state["owned"])
         for addon in self.addons:
             addon.load_state_dict(state["addons"][addon.name])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
 
 
 METHODS: dict[str, type[Method]] = {}
