@@ -4,9 +4,11 @@ class-pair selection on hand-made prototypes, a CLI run, bit-identical resume af
 
 The reference shares nothing with `cil.core.methods.onpro` / `cil.core.objectives.onpro` but its inputs and the
 method's recorded random draws: buffer draws (`buffer.sample`), augmentations (`OnPro.augment`: input -> output),
-the feature-slice offsets, and APF's output (whose structure the reference checks against its own prototypes
-before using it). Rotations, views, similarities, both contrastive losses, prototypes, OPE, the mixup CE and the
-total are computed here.
+the feature-slice offsets, the base mixup's uniforms (`OnPro.base_mixup_draws`) and the class-pair rows of APF's
+output (whose structure the reference checks against its own prototypes before using them). The base mixup
+(kornia 0.6.8's RandomMixUpV2: the call's Bernoulli(p) times each row's Bernoulli(p) times lambda ~ U(lower,
+upper), partner by one permutation; `mixup_row_gate=false`: the call's gate only), rotations, views, similarities,
+both contrastive losses, prototypes, OPE, the mixup CE and the total are computed here.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from test_reference_steps import (
     make_batches,
     to_unit,
 )
-from test_resume import FAST, checkpoint_step, cli, comparable
+from test_resume import FAST, checkpoint_step, cli, comparable, run_here
 
 from cil.core.buffer import ReplayBuffer
 from cil.core.data.stream import ClassIncrementalStream
@@ -101,8 +103,8 @@ def ope_ref(z1, z2, y, t):
 
 class Recorder:
     def __init__(self, method):
-        self.augs, self.offsets, self.apf = [], [], []
-        aug, off, apf = method.augment, method.feature_offsets, method.apf
+        self.augs, self.offsets, self.apf, self.mix = [], [], [], []
+        aug, off, apf, mix = method.augment, method.feature_offsets, method.apf, method.base_mixup_draws
 
         def augment(x):
             out = aug(x)
@@ -120,10 +122,16 @@ class Recorder:
             self.apf.append(((x.clone(), y.clone(), size), state, tuple(o.detach().clone() for o in out)))
             return out
 
+        def base_mixup_draws(n, k):
+            out = mix(n, k)
+            self.mix.append(((n, k), out))
+            return out
+
         method.augment, method.feature_offsets, method.apf = augment, feature_offsets, apf_
+        method.base_mixup_draws = base_mixup_draws
 
     def reset(self):
-        self.augs.clear(), self.offsets.clear(), self.apf.clear()
+        self.augs.clear(), self.offsets.clear(), self.apf.clear(), self.mix.clear()
 
     def augmented(self, x):
         for i, (inp, out) in enumerate(self.augs):
@@ -143,8 +151,27 @@ class Ref:
         self.classes: list[int] = []
 
 
+def base_mixup_reference(rec, mem_x, mem_y, base, knobs):
+    """kornia 0.6.8's RandomMixUpV2(p, (lower, upper)) on `base` rows of the replay batch, from the recorded
+    uniforms: row i mixes when the call's U < p and (row gate) its own U < p, lambda = lower + (upper - lower) U,
+    with the row that one permutation of the base rows gives it; rows not mixed keep lambda 0."""
+    (n, k), d = rec.mix.pop(0)
+    assert (n, k) == (len(mem_y), base)
+    rows, partner = d.rows.tolist(), d.partner.tolist()
+    assert len(set(rows)) == base and all(0 <= r < n for r in rows), "k distinct rows of the replay batch"
+    assert sorted(partner) == list(range(base)), "partners: one permutation of the base rows"
+    p = knobs["mixup_p"]
+    gate = (d.call < p) & ((d.row < p) if knobs.get("mixup_row_gate", True) else True)
+    assert (d.row is not None) == knobs.get("mixup_row_gate", True)
+    lam = (knobs["mixup_lower"] + (knobs["mixup_upper"] - knobs["mixup_lower"]) * d.lam.double()) * gate
+    xb = mem_x[d.rows].double()
+    lam4 = lam.view(-1, 1, 1, 1)
+    return xb * (1 - lam4) + xb[d.partner] * lam4, mem_y[d.rows], mem_y[d.rows][d.partner], lam
+
+
 def check_apf(rec, ref: Ref, mem_x, mem_y, size, knobs, buf: BufferSnapshot):
-    """APF's output obeys modules/APF.py given the reference's prototypes; returns it (float64 x)."""
+    """APF's output obeys modules/APF.py given the reference's prototypes (its base rows equal the reference's
+    mixup of the recorded uniforms); returns it (float64 x)."""
     (x_in, y_in, size_in), (pm, pp), (x_mix, ya, yb, lam) = rec.apf.pop(0)
     assert size_in == size and torch.equal(x_in, mem_x) and torch.equal(y_in, mem_y)
     # APF reads the prototypes of the previous step's replayed batch
@@ -153,18 +180,11 @@ def check_apf(rec, ref: Ref, mem_x, mem_y, size, knobs, buf: BufferSnapshot):
     base = int(size * knobs["mixup_base_rate"])
     m = size - base
     assert len(ya) == size
-    # base rows: mixup among a subset of the drawn rows; one decision for all, lambda in [lower, upper]
-    lb = lam[:base]
-    assert bool((lb == 0).all()) or bool(((lb >= knobs["mixup_lower"]) & (lb <= knobs["mixup_upper"])).all())
-    flat = mem_x.flatten(1)
-    for i in range(base):
-        cand_a = [r for r in range(len(mem_y)) if mem_y[r] == ya[i]]
-        cand_b = [r for r in range(len(mem_y)) if mem_y[r] == yb[i]]
-        assert any(
-            torch.allclose((1 - lb[i]) * flat[a] + lb[i] * flat[b], x_mix[i].flatten(), atol=1e-6)
-            for a in cand_a
-            for b in cand_b
-        ), f"base row {i} is not a mix of two drawn rows"
+    # base rows: the reference's own mixup from the recorded uniforms; the method's must equal it
+    x_base, ya_base, yb_base, lam_base = base_mixup_reference(rec, mem_x, mem_y, base, knobs)
+    assert torch.equal(ya[:base], ya_base) and torch.equal(yb[:base], yb_base)
+    torch.testing.assert_close(lam[:base].double(), lam_base, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(x_mix[:base].double(), x_base, rtol=1e-5, atol=1e-6)
     # APF rows: pair counts = round(m softmax(1/d)) fixed to sum m, one +-1 per pair at most
     classes = ref.classes
     pairs = [(a, b) for i, a in enumerate(classes) for b in classes[i + 1 :]]
@@ -190,7 +210,7 @@ def check_apf(rec, ref: Ref, mem_x, mem_y, size, knobs, buf: BufferSnapshot):
     for p in set(seq):  # one mixup decision per pair
         lams = torch.stack([lam[base + i] for i, s in enumerate(seq) if s == p])
         assert bool((lams == 0).all()) or bool((lams > 0).all())
-    return x_mix.double(), ya, yb, lam.double()
+    return x_mix.double(), ya, yb, lam.double()  # checked above: the augmentations are looked up by exact input
 
 
 def onpro_reference(model64, proj64, batch, seen, samples, rec, buf, ref: Ref, knobs):
@@ -254,7 +274,7 @@ def onpro_reference(model64, proj64, batch, seen, samples, rec, buf, ref: Ref, k
         ope_seen = seen_pass(mx, my)
         ope_new = ope_ref(z[:n], z[16 * n : 17 * n], y, t_proto)[0]
     assert next(draws, None) is None, "the method drew buffer rows the reference does not use"
-    assert not rec.augs and not rec.offsets and not rec.apf, "the method made draws the reference does not use"
+    assert not (rec.augs or rec.offsets or rec.apf or rec.mix), "the method made draws the reference does not use"
     loss = ce + ins + ope_new + ope_seen
     params = list(model64.parameters()) + list(proj64.parameters())
     return loss.detach(), torch.autograd.grad(loss, params)
@@ -271,6 +291,7 @@ SPEC = dict(
     mixup_p=0.2,
     mixup_lower=0.0,
     mixup_upper=0.6,
+    mixup_row_gate=True,
 )
 OTHER = dict(
     replay_batch_size=24,
@@ -283,7 +304,11 @@ OTHER = dict(
     mixup_p=1.0,
     mixup_lower=0.1,
     mixup_upper=0.4,
+    mixup_row_gate=True,
 )
+# OTHER with the CIFAR-10 gate probability, where the row gate shows (p = 1 mixes every row either way)
+ROW_GATE = {**OTHER, "mixup_p": 0.6}
+BATCH_GATE = {**ROW_GATE, "mixup_row_gate": False}  # the switch: the call's gate only
 
 
 def build(knobs):
@@ -295,11 +320,14 @@ def build(knobs):
     return OnPro(model, opt, buf, cfg, NUM_CLASSES, torch.device("cpu"), seed=2, input_shape=SHAPE)
 
 
-@pytest.mark.parametrize("knobs", [SPEC, OTHER], ids=["official_defaults", "other_knobs"])
+@pytest.mark.parametrize(
+    "knobs", [SPEC, OTHER, ROW_GATE, BATCH_GATE], ids=["official_defaults", "other_knobs", "row_gate", "batch_gate"]
+)
 def test_onpro_steps_match_reference(knobs):
     """Tasks 0-2 of the digits stream (3 x 10 batches; the second task's replay batch is sized by the seen
     classes, APF from each task's second batch): at every step, loss and every gradient (model and projection
-    head) equal the reference's, computed from the parameters before the step."""
+    head) equal the reference's, computed from the parameters before the step. With the row gate (the default)
+    some call mixes part of its base rows; with `mixup_row_gate=false` every call mixes all of them or none."""
     ds = _digits()
     method = build(knobs)
     stream = ClassIncrementalStream(ds, N_TASKS, BATCH, order=ORDER, seed=0)
@@ -316,7 +344,7 @@ def test_onpro_steps_match_reference(knobs):
         captured["grads"] = [p.grad.detach().clone() for p in params]
 
     method.step = step
-    ref, seen, mixed = Ref(), set(), 0
+    ref, seen, mixed, partial = Ref(), set(), 0, 0
     for batch in make_batches(ds)[:25]:
         model64 = copy.deepcopy(method.model).double()
         proj64 = copy.deepcopy(method.projection).double()
@@ -325,6 +353,9 @@ def test_onpro_steps_match_reference(knobs):
         learner.train_batch(batch)
         seen |= set(batch.y.tolist())
         mixed += sum(int((a[2][3] > 0).sum()) for a in rec.apf)
+        for (_, _, size), _, out in rec.apf:
+            on = int((out[3][: int(size * knobs["mixup_base_rate"])] > 0).sum())
+            partial += 0 < on < int(size * knobs["mixup_base_rate"])
         loss, grads = onpro_reference(model64, proj64, batch, seen, list(samples.calls), rec, snap, ref, knobs)
         where = f"task {batch.task}, batch {batch.step_in_task}"
         torch.testing.assert_close(
@@ -335,6 +366,10 @@ def test_onpro_steps_match_reference(knobs):
                 g.double(), g_ref, rtol=RTOL, atol=ATOL, msg=lambda m, where=where: f"grad at {where}: {m}"
             )
     assert mixed > 0, "some replayed rows were mixed"
+    if knobs is ROW_GATE:
+        assert partial > 0, "the row gate mixes part of a call's base rows"
+    if knobs is BATCH_GATE:
+        assert partial == 0, "without the row gate a call mixes all its base rows or none"
 
 
 def test_apf_pair_selection_on_hand_made_prototypes():
@@ -443,7 +478,7 @@ def test_cli_run_and_resume_after_sigkill_are_bit_identical(tmp_path, monkeypatc
     monkeypatch.setenv("PYTHONPATH", root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     ref_dir = tmp_path / "ref" / "run"
     ref_dir.parent.mkdir()
-    proc = cli(ref_dir, [*FAST, *QUICK])
+    proc = run_here(ref_dir, [*FAST, *QUICK])
     assert proc.returncode == 0, proc.stderr
     res = json.loads((ref_dir / "results.json").read_text())
     assert res["status"] == "complete" and 10 < res["final_avg_acc"] <= 100 and res["stream_samples"] > 1000
@@ -453,7 +488,7 @@ def test_cli_run_and_resume_after_sigkill_are_bit_identical(tmp_path, monkeypatc
     proc = cli(run_dir, [*FAST, *QUICK], "observe:40:KILL")  # task 1, APF running
     assert proc.returncode == -signal.SIGKILL
     assert checkpoint_step(run_dir) > 0
-    proc = cli(run_dir, [*FAST, *QUICK])
+    proc = run_here(run_dir, [*FAST, *QUICK])
     assert proc.returncode == 0, proc.stderr
     assert comparable(run_dir) == comparable(ref_dir)
     assert (run_dir / "metrics.csv").read_bytes() == (ref_dir / "metrics.csv").read_bytes()

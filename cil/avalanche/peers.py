@@ -81,6 +81,11 @@ class AvalancheGSAConfig(GSAConfig):
                     f"method.{key}=true is not available with method=avalanche_gsa: the strategy owns "
                     f"the model and the optimizer; use method=gsa"
                 )
+        if not self.train_without_replay:
+            raise ConfigError(
+                "method.train_without_replay=false is not available with method=avalanche_gsa: the strategy's "
+                "loop takes every optimizer step; use method=gsa"
+            )
 
 
 # Peers MKD does not fit, and why.

@@ -37,8 +37,14 @@ from cil.core.methods.base import ClassSets
 from cil.core.methods.gsa import GSAConfig, GSAStep
 from cil.errors import ConfigError
 
-# The head switches act on our learner's model and optimizer, which the plugin does not own.
-GSA_OPTIONS = {f.name for f in fields(GSAConfig)} - {"name", "fresh_head_rows", "freeze_head_after_first_task"}
+# The head switches act on our learner's model and optimizer, which the plugin does not own; skipping a whole step
+# (train_without_replay=false) is the strategy's training loop, which the plugin does not own either.
+GSA_OPTIONS = {f.name for f in fields(GSAConfig)} - {
+    "name",
+    "fresh_head_rows",
+    "freeze_head_after_first_task",
+    "train_without_replay",
+}
 
 
 def has_boundaries(experience) -> bool:

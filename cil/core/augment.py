@@ -27,6 +27,7 @@ from torch import Tensor
 __all__ = [
     "GSAAugment",
     "AffineCropAugment",
+    "PaddedCropAugment",
     "CROPS",
     "PreDrawn",
     "sample_crop_boxes",
@@ -283,6 +284,61 @@ class AffineCropAugment(GSAAugment):
 
 
 CROPS = {"torchvision": GSAAugment, "affine": AffineCropAugment}
+
+
+class PaddedCropAugment(GSAAugment):
+    """torchvision's ``RandomCrop(size, padding)`` applied to a batch tensor, then kornia's ``RandomHorizontalFlip``
+    (p 0.5 per sample): the ``transform_train`` of the add-on papers' GSA (mkd_ocl ``src/learners/base.py:61-66``).
+    torchvision draws one offset per call on a batch tensor, so every sample of one call is cropped at the same
+    offset (top, left), uniform on the integers [0, H + 2 padding - h] x [0, W + 2 padding - w] of the zero-padded
+    image; the flip is drawn per sample. Per-sample grayscale (``grayscale_p``, 0 in the add-on papers) comes first,
+    as in the other crops. ``scale``, ``ratio`` and ``attempts`` are unused.
+
+    Drawn parameters are long rows (top, left, flip), one per image, from one ``torch.rand(n, 4)``; a call applies
+    the offset of its first row to all its images (the other rows' offsets are drawn and left unused, so calls can
+    be drawn at once with :class:`PreDrawn`, bit for bit as call by call on a CPU generator)."""
+
+    def __init__(
+        self,
+        size: Sequence[int],  # (height, width)
+        scale: Sequence[float] = (0.6, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        grayscale_p: float = 0.0,
+        attempts: int = 10,
+        padding: int = 4,
+    ) -> None:
+        super().__init__(size, scale, ratio, grayscale_p, attempts)
+        if padding < 0:
+            raise ValueError(f"padding must be >= 0, got {padding}")
+        self.padding = int(padding)
+
+    def draw(self, n: int, height: int, width: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        u = torch.rand(n, 4, generator=generator, device=generator.device)
+        gray = u[:, 0] < self.grayscale_p
+        p = 2 * self.padding
+        span = _constant((height + p - self.size[0] + 1, width + p - self.size[1] + 1), u.dtype, u.device)
+        corner = torch.minimum(torch.floor(u[:, 1:3] * span), span - 1)  # uniform integer offsets
+        return gray, torch.cat([corner, (u[:, 3:] < 0.5).to(u.dtype)], dim=1).long()
+
+    def grid(self, boxes: Tensor, in_size: tuple[int, int], dtype: torch.dtype) -> Tensor:
+        return boxes  # an integer window needs no resampling grid: the rows are applied as drawn
+
+    def apply_grid(self, x: Tensor, gray: Tensor, grid: Tensor) -> Tensor:
+        if len(x) == 0:
+            return x
+        p, (oh, ow) = self.padding, self.size
+        padded = F.pad(random_grayscale(x, gray), (p, p, p, p))  # zero fill, as torchvision's default
+        # the call's first row holds its one offset (torchvision draws one per call on a batch tensor)
+        rows = grid[0, 0] + torch.arange(oh, device=x.device)
+        cols = grid[0, 1] + torch.arange(ow, device=x.device)
+        out = padded.index_select(2, rows).index_select(3, cols)
+        return torch.where(grid[:, 2, None, None, None].bool(), out.flip(-1), out)
+
+    def apply(self, x: Tensor, gray: Tensor, boxes: Tensor) -> Tensor:
+        return self.apply_grid(x, gray, boxes)
+
+    def __repr__(self) -> str:
+        return f"PaddedCropAugment(size={self.size}, padding={self.padding}, grayscale_p={self.grayscale_p})"
 
 
 class PreDrawn:

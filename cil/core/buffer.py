@@ -41,11 +41,14 @@ POLICIES = ("reservoir", "class_balanced")
 
 
 class SampleFilters(TypedDict, total=False):
-    """The filters of `ReplayBuffer.sample` as keyword arguments (`sample_extras`, `Method.replay`)."""
+    """The filters and draw options of `ReplayBuffer.sample` as keyword arguments (`sample_extras`,
+    `Method.replay`)."""
 
     task: int | None
     exclude_task: int | None
     classes: Tensor | Sequence[int] | None
+    replace: bool
+    generator: torch.Generator | None
 
 
 def _later_writer_wins(slots: np.ndarray, trash: int) -> np.ndarray:
@@ -245,19 +248,42 @@ class ReplayBuffer:
         return np.flatnonzero(keep)
 
     def _sample_index(
-        self, n: int, task: int | None, exclude_task: int | None, classes: Tensor | Sequence[int] | None
+        self,
+        n: int,
+        task: int | None,
+        exclude_task: int | None,
+        classes: Tensor | Sequence[int] | None,
+        replace: bool = False,
+        generator: torch.Generator | None = None,
     ) -> Tensor | None:
         cand = self._candidates(task, exclude_task, classes)
         available = len(self) if cand is None else len(cand)
         k = min(int(n), available)
         if k <= 0:
             return None
+        if replace:
+            return self._index_with_replacement(k, available, cand, generator)
         idx = torch.randperm(available, generator=self._gen)[:k]
         if cand is not None:
             idx = torch.from_numpy(cand[idx.numpy()])
         if self.device.type != "cpu":
             idx = idx.to(self.device, non_blocking=True)
         return idx
+
+    def _index_with_replacement(
+        self, k: int, available: int, cand: np.ndarray | None, generator: torch.Generator | None
+    ) -> Tensor:
+        """k slots, each uniform among the `available` candidates (None: the filled prefix), drawn on the device
+        from `generator` (the caller's, on the buffer's device), so nothing is read back."""
+        if generator is None or generator.device.type != self.device.type:
+            raise ValueError(
+                f"a draw with replacement needs a generator on the buffer's device ({self.device}), got "
+                f"{None if generator is None else generator.device}; pass the method's generator"
+            )
+        pick = torch.randint(0, available, (k,), generator=generator, device=self.device)
+        if cand is None:  # filled slots are the prefix [0, len(self))
+            return pick
+        return torch.from_numpy(cand).to(self.device, non_blocking=True)[pick]
 
     def sample(
         self,
@@ -266,9 +292,14 @@ class ReplayBuffer:
         task: int | None = None,
         exclude_task: int | None = None,
         classes: Tensor | Sequence[int] | None = None,
+        replace: bool = False,
+        generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Up to n rows drawn uniformly without replacement among filled slots matching all filters."""
-        idx = self._sample_index(n, task, exclude_task, classes)
+        """Up to n rows drawn uniformly among filled slots matching all filters: min(n, matching) rows, without
+        replacement by default (from the buffer's own generator, on the host); ``replace=True``: as many rows,
+        each uniform on its own, so a row can repeat (the add-on papers' ``np.random.choice``), drawn from
+        ``generator`` on the buffer's device (the buffer's own generator is then left as it was)."""
+        idx = self._sample_index(n, task, exclude_task, classes, replace, generator)
         if idx is None:
             return (self._x.new_empty((0, *self.sample_shape)), self._y.new_empty((0,)), self._task.new_empty((0,)))
         return self._x.index_select(0, idx), self._y.index_select(0, idx), self._task.index_select(0, idx)
@@ -277,7 +308,14 @@ class ReplayBuffer:
         self, n: int, **filters: Unpack[SampleFilters]
     ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         """As `sample` (the same draw from the generator), plus every extra of the drawn rows by name."""
-        idx = self._sample_index(n, filters.get("task"), filters.get("exclude_task"), filters.get("classes"))
+        idx = self._sample_index(
+            n,
+            filters.get("task"),
+            filters.get("exclude_task"),
+            filters.get("classes"),
+            filters.get("replace", False),
+            filters.get("generator"),
+        )
         if idx is None:
             idx = torch.zeros(0, dtype=torch.long, device=self.device)
         return (

@@ -1,9 +1,9 @@
 """Checkpoints: everything a run needs to continue exactly where it stopped, written atomically.
 
 A checkpoint (`<run dir>/checkpoint.pt`) holds the model, the optimizer, the buffer, the method's state (seen
-classes, GSA's gradient statistics, its augmentation generator), the torch global RNG, the learner's progress
-(stream position, accuracy matrix, anytime curve, the loss and online accuracy accumulated since the last log
-read-back), the length of metrics.csv at that moment, and the run's config. It is written every
+classes, GSA's gradient statistics, its augmentation generator, fp16's GradScaler state), the torch global RNG,
+the learner's progress (stream position, accuracy matrix, anytime curve, the loss and online accuracy accumulated
+since the last log read-back), the length of metrics.csv at that moment, and the run's config. It is written every
 `checkpoint.every` stream batches and after each task's evaluation (`checkpoint.at_task_end`), to a temporary
 file in the run folder that is then renamed over the old one: a kill at any moment leaves either the old or the
 new checkpoint, never a half-written one. A checkpoint is only written when the loss so far and every weight
@@ -76,13 +76,22 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: list(d) if isinstance(d, tuple) else d}
 
 
+# Keys whose default is not what the code did before they existed: a recorded config lacking one ran with this value.
+LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "onpro": {"method.mixup_row_gate": False},  # the batch-only mixup gate, until the official per-row gate (2026-12)
+}
+
+
 def added_key_defaults(flat: dict) -> dict[str, Any]:
     """The defaults of the run schema and of the config's method: a key added after a run was recorded defaults to
-    what the code did before it existed, so a recorded config lacking it ran with that value."""
+    what the code did before it existed (LEGACY_DEFAULTS where that is not the key's default), so a recorded
+    config lacking it ran with that value."""
+    method = str(flat.get("method.name", "er"))
     try:
-        return _flatten(dataclasses.asdict(default_config(str(flat.get("method.name", "er")))))
+        defaults = _flatten(dataclasses.asdict(default_config(method)))
     except (ConfigError, KeyError, TypeError, ValueError):  # a method this version no longer has
         return {}
+    return {**defaults, **LEGACY_DEFAULTS.get(method, {})}
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -124,7 +133,7 @@ def check_finite(learner: Learner) -> None:
         raise TrainingError(
             f"training diverged: the loss or the weights became non-finite (nan or inf) by stream batch "
             f"{learner.step}{where}; the run stopped without writing a checkpoint, the last good one (if any) is "
-            "kept. Lower optimizer.lr, or use precision=fp32 if precision=bf16"
+            "kept. Lower optimizer.lr, or use precision=fp32 if precision=bf16 or fp16"
         )
 
 

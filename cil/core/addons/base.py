@@ -16,8 +16,9 @@ builds the add-ons a run selects (`addon=mkd`, `addon=[mkd,ccl_dc]`) after the m
 - `state_dict()` / `load_state_dict(state)` (saved inside the method's state: resume is bit-identical),
   `log_values()` (per-term loss values, at log intervals), `extra_results()`.
 
-An add-on with `weight: 0` does nothing at all (no forward pass, no buffer draw, no random draw), so such a run
-is the base method bit for bit.
+An add-on with `weight: 0` does nothing at all (no forward pass, no buffer draw, no random draw, no teacher or peer
+update; the run's evaluation head is the method's own and no extra head is reported), so such a run is the base
+method bit for bit.
 """
 
 from __future__ import annotations

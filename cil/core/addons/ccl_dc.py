@@ -32,6 +32,7 @@ from cil.core.addons.base import Addon, AddonConfig, in_eval_mode, register
 from cil.core.augment import GSAAugment
 from cil.core.data.stream import Batch
 from cil.core.methods.base import Method, ReplayConfig
+from cil.core.methods.gsa import GSA
 from cil.core.objectives.distill import kd_loss
 from cil.errors import ConfigError, require
 
@@ -46,8 +47,8 @@ class CCLDCConfig(AddonConfig):
     temperature: float = 4.0  # kl_loss's temperature
     replay_batch_size: int | None = None  # the term's buffer draw; null: the method's replay_batch_size
     crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # T1's random resized crop
-    randaug_n: int = 3  # RandAugment ops per view (CVPR24 configs)
-    randaug_m: int = 15  # RandAugment magnitude (CVPR24 configs)
+    randaug_n: int = 3  # RandAugment ops per view (CVPR24 configs: CIFAR 3, TinyImageNet 1)
+    randaug_m: int = 15  # RandAugment magnitude (CVPR24 configs: CIFAR 15, TinyImageNet 11)
     eval_head: str = "ensemble"  # ensemble (official main accuracy) | student (the run's model) | peer
     report_heads: bool = True  # also evaluate the other two heads (results.json heads)
 
@@ -116,11 +117,16 @@ class CCLDC(Addon):
     # -- training --------------------------------------------------------------------------------------------
     def begin_observe(self, method: Method, batch: Batch) -> None:
         self.batch = batch
-        if self.active:
+        if not self.active:
+            return
+        if isinstance(self.peer, GSA):  # task-free GSA: the peer follows the same pseudo-tasks from the same labels
+            self.peer.observe_labels(batch)
+        else:
             self.peer.classes.mark_seen(batch.y, batch.y_host)
 
     def on_task_start(self, method: Method, task: int, classes: Tensor) -> None:
-        self.peer.on_task_start(task, classes)
+        if self.active:
+            self.peer.on_task_start(task, classes)
 
     def rand_augment(self, x: Tensor) -> Tensor:
         """torchvision's RandAugment on the uint8 batch (one op choice for the batch), its random choices drawn
@@ -202,6 +208,8 @@ class CCLDC(Addon):
             peer.owned.train(was)
 
     def eval_logits(self, method: Method, x: Tensor, head: str | None) -> Tensor | None:
+        if not self.active:  # weight 0: the method's own head, as without the add-on
+            return None
         which = (
             self.cfg.eval_head
             if head is None
@@ -216,7 +224,7 @@ class CCLDC(Addon):
         return (method.predict_logits(x).float() + self.peer_logits(x).float()) / 2
 
     def eval_heads(self) -> list[str]:
-        if not self.cfg.report_heads:
+        if not self.cfg.report_heads or not self.active:
             return []
         return [h for h in ("ccl_dc_student", "ccl_dc_peer", "ccl_dc_ensemble") if h != f"ccl_dc_{self.cfg.eval_head}"]
 

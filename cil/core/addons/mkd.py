@@ -20,7 +20,8 @@ scale [min_crop, 1], horizontal flip, colour jitter 0.4/0.4/0.4/0.1 with p 0.8, 
 with KD_T the temperature-T distillation (cil.core.objectives.distill.kd_loss, `WKDLoss`). `mode: main_pass`
 distils on the pass the method declares (`Method.distill_pass`) instead, without the CE term: the form of
 er_ema.py, where the method's own cross-entropy on its augmented combined batch is the CE term.
-The whole L_mkd is multiplied by `weight` (0: off). docs/methods.md ("MKD add-on") lists every deviation.
+The whole L_mkd is multiplied by `weight`; at 0 MKD is off (no loss, no teacher update, the method's own evaluation
+head and no extra heads: the base method bit for bit). docs/methods.md ("MKD add-on") lists every deviation.
 """
 
 from __future__ import annotations
@@ -188,6 +189,18 @@ def shift_hue(x: Tensor, shift: Tensor) -> Tensor:
     return choices.gather(1, i.unsqueeze(1).expand(-1, 1, 3, -1, -1)).squeeze(1)
 
 
+class _MethodHead(torch.nn.Module):
+    """The method's model as a submodule and `Method.logits_of` as forward: functional_call runs it on other
+    weights (the averaged ones) through the method's own head."""
+
+    def __init__(self, method: Method) -> None:
+        super().__init__()
+        self.method, self.model = method, method.model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.method.logits_of(self.model, x)
+
+
 class MKDAugment:
     """tf_ema: random resized crop (scale crop_scale), horizontal flip p 0.5, colour jitter (0.4, 0.4, 0.4, 0.1)
     with p 0.8, grayscale p 0.2; per sample, batched, every draw from one generator call."""
@@ -236,8 +249,8 @@ class MKD(Addon):
             self.pass_ = (inputs, logits, raw)
 
     def teacher_logits(self, method: Method, x: Tensor) -> list[Tensor]:
-        with torch.no_grad(), method.autocast():
-            return [t(x).float() for t in self.teachers]
+        with torch.no_grad():
+            return [method.logits_of(t, x) for t in self.teachers]
 
     def distill(self, method: Method, stu_aug: Tensor, stu_raw: Tensor | None, teachers: list[Tensor]) -> Tensor:
         cfg, mask = self.cfg, self.softmax_mask(method)
@@ -293,6 +306,8 @@ class MKD(Addon):
 
     @torch.no_grad()
     def after_step(self, method: Method) -> None:
+        if not self.active:  # weight 0: MKD is off, its teachers stay as built
+            return
         ema_update(
             self.teachers,
             self.alphas,
@@ -310,15 +325,21 @@ class MKD(Addon):
         return self._average[1]
 
     def eval_logits(self, method: Method, x: Tensor, head: str | None) -> Tensor | None:
+        if not self.active:  # weight 0: the method's own head, as without the add-on
+            return None
         which = self.cfg.eval_head if head is None else EXTRA_HEADS.get(head)
         if which is None or which == "student":
             return None if which is None else method.predict_logits(x)
         if which == "teacher":
-            return cast(Tensor, in_eval_mode(self.teachers[0], lambda: self.teachers[0](x)))  # Module() is Any
-        return cast(Tensor, functional_call(method.model, self.averaged(method), (x,)))  # typed Any in torch
+            teacher = self.teachers[0]
+            return in_eval_mode(teacher, lambda: method.logits_of(teacher, x))
+        # the averaged weights through the method's head (PCR: cosine), the model itself left as it is
+        averaged = _MethodHead(method)
+        params = {f"model.{k}": v for k, v in self.averaged(method).items()}
+        return cast(Tensor, functional_call(averaged, params, (x,)))  # typed Any in torch
 
     def eval_heads(self) -> list[str]:
-        if not self.cfg.report_heads:
+        if not self.cfg.report_heads or not self.active:
             return []
         return [h for h in EXTRA_HEADS if h != f"mkd_{self.cfg.eval_head}"]
 

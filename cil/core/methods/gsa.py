@@ -33,7 +33,7 @@ from typing import Any, Unpack
 import torch
 from torch import Tensor
 
-from cil.core.augment import CROPS, PreDrawn, two_views
+from cil.core.augment import CROPS, GSAAugment, PaddedCropAugment, PreDrawn, two_views
 from cil.core.buffer import ReplayBuffer, SampleFilters
 from cil.core.data.stream import Batch
 from cil.core.methods.base import BalancedReplayConfig, ClassSets, Method, MethodConfig, StepOutput, register
@@ -63,10 +63,15 @@ class GSAConfig(BalancedReplayConfig):
     crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
     grayscale_p: float = 0.2
     # The official code's behaviour where it differs (experiment=gsa_*_official turns these on; docs/methods.md)
-    crop: str = "torchvision"  # "affine": the official crop (half-pixel offsets, reflection at the borders)
+    crop: str = "torchvision"  # "affine": the official crop (half-pixel offsets, reflection at the borders);
+    # "padded": the add-on papers' GSA, RandomCrop(size, padding=crop_padding) with one offset per call + flip p 0.5
+    crop_padding: int = 4  # crop=padded: zero padding on every side
     bn_extra_passes: bool = False  # the official step's forward passes outside the loss (batch-norm statistics)
     fresh_head_rows: bool = False  # a task's head rows re-initialised when it starts (a head grown per task)
     freeze_head_after_first_task: bool = False  # the official code's defect: the head stops learning after task 0
+    # The GSA of the add-on papers (mkd_ocl, CCL-DC; docs/methods.md, "GSA as the add-on papers run it")
+    train_without_replay: bool = True  # False: the whole step is skipped while the buffer is empty (theirs)
+    replay_with_replacement: bool = False  # True: buffer draws with replacement (their np.random.choice)
     # Task-free GSA (docs/methods.md, "Task-free GSA"): the current classes and pseudo-tasks come from the stream
     task_free: bool = False  # True: never read the task; runs on streams without boundaries (stream.kind=iblurry...)
     current_classes: str = "novelty"  # task_free: "novelty" (classes since the last novel class) | "window"
@@ -87,7 +92,8 @@ class GSAConfig(BalancedReplayConfig):
             scale,
             "use [lo, hi] with 0 < lo <= hi <= 1",
         )
-        require(self.crop in CROPS, "method.crop", self.crop, f"choose one of {sorted(CROPS)}")
+        require(self.crop in GSA_CROPS, "method.crop", self.crop, f"choose one of {', '.join(GSA_CROPS)}")
+        require(self.crop_padding >= 0, "method.crop_padding", self.crop_padding, "use an integer >= 0")
         require(
             self.current_classes in CURRENT_CLASSES,
             "method.current_classes",
@@ -119,6 +125,14 @@ class GSAConfig(BalancedReplayConfig):
 
 
 CURRENT_CLASSES = ("novelty", "window")
+GSA_CROPS = (*CROPS, "padded")  # the resized crops, and the add-on papers' crop with padding
+
+
+def gsa_augment(cfg: GSAConfig, image_size: Sequence[int]) -> GSAAugment:
+    """GSA's augmentation A for images of `image_size` (H, W) under `cfg.crop`."""
+    if cfg.crop == "padded":
+        return PaddedCropAugment(image_size, grayscale_p=cfg.grayscale_p, padding=cfg.crop_padding)
+    return CROPS[cfg.crop](image_size, scale=tuple(cfg.crop_scale), grayscale_p=cfg.grayscale_p)
 
 
 class PseudoTasks:
@@ -217,11 +231,7 @@ class GSAStep:
             window=cfg.balance_window,
             ratio=cfg.balance_ratio,
         )
-        self.augment = (
-            CROPS[cfg.crop](image_size, scale=tuple(cfg.crop_scale), grayscale_p=cfg.grayscale_p)
-            if cfg.augment and image_size
-            else None
-        )
+        self.augment = gsa_augment(cfg, image_size) if cfg.augment and image_size else None
         self.last_weights = torch.ones(classes.num_classes, device=device)  # w_c of the last step (1: warm-up)
         # Task-free: pseudo-tasks and current classes from the labels (the caller calls `pseudo.observe`)
         self.pseudo = PseudoTasks(classes, cfg.current_classes, cfg.current_window) if cfg.task_free else None
@@ -242,6 +252,8 @@ class GSAStep:
     def _sample(self, n: int, **filters: Unpack[SampleFilters]) -> tuple[Tensor, Tensor] | None:
         if self.buffer is None or n <= 0:
             return None
+        if self.cfg.replay_with_replacement:  # drawn on the device from the step's generator: no read-back
+            filters = {**filters, "replace": True, "generator": self.generator}
         x, y, _ = self.buffer.sample(n, **filters)
         return (x, y) if len(y) else None
 
@@ -453,13 +465,36 @@ class GSA(Method):
             self.refresh_head_rows(sorted(self.classes.task_labels), generator)
         return super().observe(batch)
 
+    def observe_labels(self, batch: Batch) -> None:
+        """What `observe` does with the batch's labels before its updates: the task-free pseudo-task, then the
+        seen classes. For a learner that steps without observing (CCL-DC's peer, stepped by the add-on)."""
+        if self.cfg.task_free:
+            assert self.gsa.pseudo is not None  # made when task_free
+            self.pseudo_step = self.gsa.pseudo.observe(batch.y, batch.y_host)
+        self.classes.mark_seen(batch.y, batch.y_host)
+
     def update(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        if not self.cfg.train_without_replay and (self.buffer is None or len(self.buffer) == 0):
+            return self.skip_update(batch)
         task, step_in_task = self.pseudo_step if self.cfg.task_free else (batch.task, batch.step_in_task)
         assert task is not None and step_in_task is not None  # pseudo-tasks, or the boundaries GSA needs
         loss, logits_new = self.gsa.loss(self.forward_float, batch.x, batch.y, task, step_in_task)
         # 8. One optimizer step. (9. The learner adds the raw batch to the buffer afterwards.)
         self.step(loss)
         return loss, logits_new
+
+    @torch.no_grad()
+    def skip_update(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """No update while the buffer is empty (`train_without_replay=false`, the add-on papers' GSA skips its whole
+        step): a zero loss, and the incoming batch's logits in eval mode, so batch norm's statistics stay as they
+        are (the official code runs no forward pass then)."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            logits = self.forward(batch.x)
+        finally:
+            self.model.train(was)
+        return logits.new_zeros(()), logits
 
     def remember(self, batch: Batch, out: StepOutput) -> None:
         if not self.cfg.task_free or self.buffer is None:

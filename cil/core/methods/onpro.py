@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,9 @@ class OnProConfig(ReplayConfig):
     apf: bool = True  # adaptive prototypical feedback (mixup of the replay batch); False: the raw replay batch
     mixup_base_rate: float = 0.9  # share of the replay batch mixed among itself; the rest is drawn by APF
     mixup_p: float = 0.2  # probability that a mixup call (the base batch, or one class pair) mixes at all
+    # base mixup: also a Bernoulli(mixup_p) per row, as kornia 0.6.8's RandomMixUpV2 (a row mixes with p^2);
+    # false: the call's gate only (a row mixes with p; the step of cil before the official gate was found)
+    mixup_row_gate: bool = True
     mixup_lower: float = 0.0  # base mixup: lambda ~ U(mixup_lower, mixup_upper)
     mixup_upper: float = 0.6
     mixup_alpha: float = 0.4  # APF pairs: lambda ~ Beta(mixup_alpha, mixup_alpha)
@@ -117,6 +120,16 @@ def beta_sample(n: int, alpha: float, generator: torch.Generator, device: torch.
     return pick.exp().float()
 
 
+class BaseMixupDraws(NamedTuple):
+    """The random draws of APF's base mixup (kornia's RandomMixUpV2 on a random subset of the replay batch)."""
+
+    rows: Tensor  # [k] distinct rows of the replay batch, in random order
+    call: Tensor  # [] uniform: the call mixes when < mixup_p
+    lam: Tensor  # [k] uniforms: lambda = mixup_lower + (mixup_upper - mixup_lower) u
+    row: Tensor | None  # [k] uniforms: row i mixes when < mixup_p (mixup_row_gate); None without the row gate
+    partner: Tensor  # [k] a permutation of 0..k-1: row i is mixed with row partner[i] (itself allowed)
+
+
 @register
 class OnPro(Method):
     name = "onpro"
@@ -165,19 +178,30 @@ class OnPro(Method):
             0, self.feature_dim - self.cfg.proj_dim, (n,), generator=self.generator, device=self.device
         )
 
+    def base_mixup_draws(self, n: int, k: int) -> BaseMixupDraws:
+        """The draws of the base mixup of k rows out of a replay batch of n: which rows, the call's gate, each
+        row's lambda and (mixup_row_gate) each row's gate, the partners. Without the row gate the draws are the
+        ones cil made before it had one (one uniform fewer per row), so such runs repeat bit for bit."""
+        g, dev = self.generator, self.device
+        rows = torch.randperm(n, generator=g, device=dev)[:k]
+        u = torch.rand(2 * k + 1 if self.cfg.mixup_row_gate else k + 1, generator=g, device=dev)
+        partner = torch.randperm(k, generator=g, device=dev)
+        return BaseMixupDraws(rows, u[0], u[1 : k + 1], u[k + 1 :] if self.cfg.mixup_row_gate else None, partner)
+
     def apf(self, x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Adaptive prototypical feedback on the replay batch (x as model input, y). Returns (x_mix, y_a, y_b,
         lambda): the first int(batch_size * mixup_base_rate) rows mixed among a random subset of the batch; the
         remaining rows drawn by class pair from the whole buffer (see `apf_pair_counts`) and mixed."""
         cfg, g, dev = self.cfg, self.generator, x.device
         base_n = min(int(batch_size * cfg.mixup_base_rate), len(y))
-        sel = torch.randperm(len(y), generator=g, device=dev)[:base_n]
-        xb, yb = x[sel], y[sel]
-        u = torch.rand(base_n + 1, generator=g, device=dev)
-        lam = (cfg.mixup_lower + (cfg.mixup_upper - cfg.mixup_lower) * u[1:]) * (u[0] < cfg.mixup_p)
-        perm = torch.randperm(base_n, generator=g, device=dev)
+        d = self.base_mixup_draws(len(y), base_n)
+        xb, yb = x[d.rows], y[d.rows]
+        gate = d.call < cfg.mixup_p  # kornia's batch probability: does this call mix at all
+        if d.row is not None:  # kornia 0.6.8's generator multiplies each row's lambda by a Bernoulli(p) too
+            gate = gate & (d.row < cfg.mixup_p)
+        lam = (cfg.mixup_lower + (cfg.mixup_upper - cfg.mixup_lower) * d.lam) * gate
         lam4 = lam.view(-1, 1, 1, 1).to(x.dtype)
-        x_mix, y_a, y_b = xb * (1 - lam4) + xb[perm] * lam4, yb, yb[perm]
+        x_mix, y_a, y_b = xb * (1 - lam4) + xb[d.partner] * lam4, yb, yb[d.partner]
         m = batch_size - int(batch_size * cfg.mixup_base_rate)
         if m <= 0:
             return x_mix, y_a, y_b, lam

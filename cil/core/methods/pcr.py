@@ -144,6 +144,14 @@ class PCR(Method):
         """The cosine head: cos(f(x), w_c) / 0.09 over every head unit (the learner masks to the seen classes)."""
         return cosine_logits(self.net.features(x).float(), self.head.weight.float(), EVAL_SCALE)
 
+    def logits_of(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The cosine head of `model` (an MKD teacher or averaged weights too): mkd_ocl's pcr_ema distils and
+        evaluates cos(f(x), w_c) / 0.09."""
+        net = cast(Backbone, getattr(model, "_orig_mod", model))
+        with self.autocast():
+            features = net.features(x)
+        return cosine_logits(features.float(), net.head.weight.float(), EVAL_SCALE)
+
     def log_values(self) -> dict[str, float]:
         """The last update's PCR loss over its incoming rows and over its replayed rows (both views)."""
         if self._last is None:
