@@ -39,20 +39,45 @@ def _avalanche_leaves_the_warning_filters_alone(monkeypatch):
         monkeypatch.setattr(annotations, "warnings", quiet)
 
 
+@pytest.fixture(autouse=True)
+def _torch_global_state_restored():
+    """Runs made in the test process (cli_in_process, cil.api, run_experiment) set torch's thread count, its
+    deterministic-algorithms flag and its global seed: each test gets them back as they were, so a later
+    in-process run computes exactly as a fresh process would (several tests compare the two bit for bit)."""
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only, rng = torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_rng_state()
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    yield
+    torch.set_num_threads(threads)
+    if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) != (
+        deterministic,
+        warn_only,
+    ):  # only when changed: its first call costs a second or two of imports
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.set_rng_state(rng)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+
+
 @pytest.fixture
-def cli_in_process(capsys):
-    """`python -m cil <args>` inside the test process (cil.run.cli.run_hydra, as `cil tune` runs its phases), for
-    runs refused before training, whose cost in a subprocess would be the interpreter's start. Returns what
-    subprocess.run would: returncode, stdout, stderr. The real entry point keeps tests of its own."""
+def cli_in_process(capsys, monkeypatch):
+    """`python -m cil <args>` inside the test process (cil.run.cli.run_hydra, as `cil tune` runs its phases):
+    for the tests whose subject is not the process itself (a signal, a kill, an exit code), whose cost in a
+    subprocess would be the interpreter's and torch's start. Returns what subprocess.run would: returncode,
+    stdout, stderr. `env`: environment variables for this call. The real entry point keeps tests of its own."""
     from cil.run.cli import run_hydra
 
-    def run(*args: str) -> subprocess.CompletedProcess:
+    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         capsys.readouterr()
         sigterm = signal.getsignal(signal.SIGTERM)
-        try:
-            code = run_hydra(list(args))
-        finally:
-            signal.signal(signal.SIGTERM, sigterm)
+        with monkeypatch.context() as patch:
+            for key, value in (env or {}).items():
+                patch.setenv(key, value)
+            try:
+                code = run_hydra(list(args))
+            finally:
+                signal.signal(signal.SIGTERM, sigterm)
         out, err = capsys.readouterr()
         return subprocess.CompletedProcess(list(args), code, out, err)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_resume import FAST, cli, comparable
+from test_resume import FAST, cli, comparable, run_here
 
 from cil.core.addons import addon_configs
 from cil.core.addons.mkd import ema_factor
@@ -204,13 +204,13 @@ def test_resume_after_sigkill_is_bit_identical_with_an_addon(tmp_path, addon, mo
     args = [*FAST, "method=er", "method.replay_batch_size=10", f"addon={addon}", "stream.n_tasks=2"]
     ref = tmp_path / "ref" / "run"
     ref.parent.mkdir()
-    proc = cli(ref, args)
+    proc = run_here(ref, args)
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "cut" / "run"
     run.parent.mkdir()
     proc = cli(run, args, "observe:45:KILL")
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    proc = cli(run, args)
+    proc = run_here(run, args)
     assert proc.returncode == 0, proc.stderr
     a, b = comparable(ref), comparable(run)
     assert a == b

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 import torch
-from test_resume import FAST, checkpoint_step, cli, comparable
+from test_resume import FAST, checkpoint_step, cli, comparable, run_here
 
 from cil.core.buffer import ReplayBuffer
 from cil.core.data import load_dataset
@@ -369,14 +369,14 @@ def test_cli_resume_after_sigkill_is_bit_identical_with_a_window(tmp_path):
     ]
     ref = tmp_path / "ref"
     ref.mkdir()
-    proc = cli(ref / "run", args)
+    proc = run_here(ref / "run", args)
     assert proc.returncode == 0, proc.stderr
     run_dir = tmp_path / "killed" / "run"
     run_dir.parent.mkdir()
     proc = cli(run_dir, args, "observe:40:KILL")  # task 1, after the task-0 checkpoint: statistics in flight
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert 25 <= checkpoint_step(run_dir) < 40
-    proc = cli(run_dir, args)
+    proc = run_here(run_dir, args)
     assert proc.returncode == 0, proc.stderr
     assert comparable(run_dir) == comparable(ref / "run")
     assert (run_dir / "metrics.csv").read_bytes() == (ref / "run" / "metrics.csv").read_bytes()

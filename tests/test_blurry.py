@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from test_resume import INTERRUPT, comparable
+from test_resume import INTERRUPT, comparable, run_here
 
 from cil.core import metrics
 from cil.core.data import ImageDataset
@@ -260,7 +260,7 @@ BLURRY = [
 def test_cli_er_on_iblurry_digits_reports_a_auc_and_resumes_bit_for_bit(tmp_path):
     ref = tmp_path / "ref" / "run"
     ref.parent.mkdir()
-    proc = cli(ref, BLURRY)
+    proc = run_here(ref, BLURRY)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((ref / "results.json").read_text())
     assert res["status"] == "complete" and res["config"]["stream"]["kind"] == "iblurry"
@@ -271,14 +271,14 @@ def test_cli_er_on_iblurry_digits_reports_a_auc_and_resumes_bit_for_bit(tmp_path
     run.parent.mkdir()
     proc = cli(run, BLURRY, "observe:60:KILL")  # mid-step, after a checkpoint
     assert proc.returncode == -signal.SIGKILL
-    proc = cli(run, BLURRY)
+    proc = run_here(run, BLURRY)
     assert proc.returncode == 0, proc.stderr
     assert comparable(run) == comparable(ref)
 
 
 def test_cli_refuses_gsa_on_a_blurry_stream(tmp_path):
     run = tmp_path / "run"
-    proc = cli(run, ["dataset=digits", "log.progress=false", "method=gsa", "stream.kind=siblurry"])
+    proc = run_here(run, ["dataset=digits", "log.progress=false", "method=gsa", "stream.kind=siblurry"])
     assert proc.returncode == 2
     assert "method=gsa needs task boundaries; stream.kind=siblurry hides them" in proc.stderr
     assert not (run / "results.json").exists()

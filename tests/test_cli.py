@@ -21,9 +21,15 @@ def cli(tmp_path, *args, env=None):
     return proc, run_dir
 
 
-@pytest.mark.parametrize("method", ["er", "gsa"])
-def test_short_run_writes_sane_results(tmp_path, method):
-    proc, run_dir = cli(tmp_path, *FAST, f"method={method}", "buffer.size=100", "method.replay_batch_size=10")
+# ER through the real entry point (`python -m cil` in a new process), GSA in this one: the same code after start-up
+@pytest.mark.parametrize("method, in_process", [("er", False), ("gsa", True)])
+def test_short_run_writes_sane_results(tmp_path, cli_in_process, method, in_process):
+    args = [*FAST, f"method={method}", "buffer.size=100", "method.replay_batch_size=10"]
+    if in_process:
+        run_dir = tmp_path / "run"
+        proc = cli_in_process(f"hydra.run.dir={run_dir}", *args)
+    else:
+        proc, run_dir = cli(tmp_path, *args)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((run_dir / "results.json").read_text())
     assert res["status"] == "complete"
@@ -48,8 +54,8 @@ def test_short_run_writes_sane_results(tmp_path, method):
     assert "run folder" in proc.stdout
 
 
-def test_experiment_protocol_composes(tmp_path):
-    proc, _ = cli(tmp_path, "experiment=gsa_cifar100", "--cfg", "job")
+def test_experiment_protocol_composes(cli_in_process):
+    proc = cli_in_process("experiment=gsa_cifar100", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr
     assert "name: resnet18" in proc.stdout and "n_tasks: 10" in proc.stdout and "replay_batch_size: 64" in proc.stdout
 
@@ -81,11 +87,15 @@ def test_bad_input_fails_before_training_and_leaves_nothing(tmp_path, cli_in_pro
     assert not run_dir.exists() or not any(run_dir.iterdir()), list(run_dir.iterdir())
 
 
-def test_missing_data_file_is_named(tmp_path):
-    empty = tmp_path / "empty_root"
+def test_missing_data_file_is_named(tmp_path, cli_in_process):
+    empty, run_dir = tmp_path / "empty_root", tmp_path / "run"
     empty.mkdir()
-    proc, run_dir = cli(
-        tmp_path, "dataset=mnist", "dataset.download=false", f"dataset.root={empty}", "log.progress=false"
+    proc = cli_in_process(
+        f"hydra.run.dir={run_dir}",
+        "dataset=mnist",
+        "dataset.download=false",
+        f"dataset.root={empty}",
+        "log.progress=false",
     )
     assert proc.returncode == 2
     assert "train-images-idx3-ubyte" in proc.stderr and str(empty) in proc.stderr

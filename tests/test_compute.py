@@ -7,7 +7,7 @@ import signal
 
 import pytest
 import torch
-from test_resume import TIMINGS, checkpoint_step, cli
+from test_resume import TIMINGS, checkpoint_step, cli, run_here
 
 from cil.core.buffer import ReplayBuffer
 from cil.core.compute import count_flops, delay_from_flops
@@ -143,11 +143,11 @@ def test_realtime_run_resumes_bit_for_bit_after_sigkill(tmp_path):
     ref_dir, run_dir = tmp_path / "ref" / "run", tmp_path / "killed" / "run"
     ref_dir.parent.mkdir()
     run_dir.parent.mkdir()
-    assert cli(ref_dir, args).returncode == 0
+    assert run_here(ref_dir, args).returncode == 0
     proc = cli(run_dir, args, "batch:17:KILL")  # the 17th training step: stream batch 48
     assert proc.returncode == -signal.SIGKILL
     assert checkpoint_step(run_dir) % 3 != 0  # resumed between a training step and its skipped batches
-    proc = cli(run_dir, args)
+    proc = run_here(run_dir, args)
     assert proc.returncode == 0, proc.stderr
     ref, mine = (json.loads((d / "results.json").read_text()) for d in (ref_dir, run_dir))
     assert {k: v for k, v in mine.items() if k not in TIMINGS} == {k: v for k, v in ref.items() if k not in TIMINGS}

@@ -37,7 +37,7 @@ from test_reference_steps import (
     to_unit,
     where,
 )
-from test_resume import FAST, checkpoint_step, cli, comparable
+from test_resume import FAST, checkpoint_step, cli, comparable, run_here
 
 from cil.core.buffer import ReplayBuffer
 from cil.core.data.stream import ClassIncrementalStream
@@ -310,7 +310,7 @@ def test_cli_run_is_sane_and_resumes_bit_identically_after_sigkill(tmp_path):
     (results.json and metrics.csv): buffer logits, augmentation generator and replay draws all resume."""
     ref = tmp_path / "ref" / "run"
     ref.parent.mkdir()
-    proc = cli(ref, ARGS)
+    proc = run_here(ref, ARGS)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((ref / "results.json").read_text())
     assert res["status"] == "complete" and len(res["acc_matrix"]) == 5
@@ -320,7 +320,7 @@ def test_cli_run_is_sane_and_resumes_bit_identically_after_sigkill(tmp_path):
     proc = cli(run_dir, ARGS, "observe:40:KILL")
     assert proc.returncode == -9
     assert 25 <= checkpoint_step(run_dir) < 40
-    proc = cli(run_dir, ARGS)
+    proc = run_here(run_dir, ARGS)
     assert proc.returncode == 0, proc.stderr
     assert comparable(run_dir) == comparable(ref)
     assert (run_dir / "metrics.csv").read_bytes() == (ref / "metrics.csv").read_bytes()

@@ -36,7 +36,7 @@ from test_reference_steps import (
     _digits,
     make_batches,
 )
-from test_resume import cli, comparable
+from test_resume import cli, comparable, run_here
 
 from cil.core.buffer import ReplayBuffer
 from cil.core.data.stream import ClassIncrementalStream
@@ -327,7 +327,7 @@ def test_cli_run_and_resume_after_sigkill_is_bit_identical(tmp_path, monkeypatch
     previous model in it) and resumed ends with the same results, bit for bit."""
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # the runs import this checkout's cil
     ref = tmp_path / "ref"
-    proc = cli(ref, FAST)
+    proc = run_here(ref, FAST)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((ref / "results.json").read_text())
     assert res["status"] == "complete" and len(res["acc_matrix"]) == 5
@@ -336,6 +336,6 @@ def test_cli_run_and_resume_after_sigkill_is_bit_identical(tmp_path, monkeypatch
     run = tmp_path / "run"
     proc = cli(run, FAST, "observe:40:KILL")
     assert proc.returncode == -signal.SIGKILL
-    proc = cli(run, FAST)
+    proc = run_here(run, FAST)
     assert proc.returncode == 0, proc.stderr
     assert comparable(run) == comparable(ref)

@@ -2,8 +2,11 @@
 input normalisation) and `gsa_<dataset>_official` (the official code's behaviour, each piece a switch). On a reduced
 CIFAR-10 JPEG stream the official mode's head stops learning after task 0 exactly as the official code's does."""
 
+import shutil
+
 import pytest
 import torch
+from conftest import SHARED_DATA
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -40,15 +43,30 @@ def test_both_modes_set_the_paper_protocol_and_only_official_sets_the_official_s
     assert official.experiment == f"gsa_{dataset}_official"
 
 
-def head_history(tmp_path, shared_data, experiment):
+@pytest.fixture(scope="module")
+def jpeg_subset(tmp_path_factory):
+    """The first 10 training and 10 test images of every class of the CIFAR-10 JPEG copy, in its own layout: the
+    runs below use 10 per class, and decoding the whole copy would cost most of their time."""
+    if not (SHARED_DATA / "cifar10-jpeg").is_dir():
+        pytest.skip(f"offline data copy not found at {SHARED_DATA}")
+    root = tmp_path_factory.mktemp("jpeg")
+    for split, n in (("train", 10), ("test", 10)):
+        for folder in sorted((SHARED_DATA / "cifar10-jpeg" / split).iterdir()):
+            (root / "cifar10-jpeg" / split / folder.name).mkdir(parents=True)
+            for f in sorted(folder.iterdir())[:n]:
+                shutil.copy(f, root / "cifar10-jpeg" / split / folder.name / f.name)
+    return root
+
+
+def head_history(tmp_path, data_root, experiment):
     """Drive a reduced official-protocol run on the CIFAR-10 JPEG copy; the head after every batch."""
     cfg = compose_cfg(
         f"experiment={experiment}",
         "dataset=cifar10_jpeg",
-        f"dataset.root={shared_data}",
+        f"dataset.root={data_root}",
         "model=reduced_resnet18",
-        "model.nf=8",
-        "stream.samples_per_class=20",
+        "model.nf=4",
+        "stream.samples_per_class=10",
         "buffer.size=100",
         "log.progress=false",
         "eval.anytime_every=0",
@@ -70,8 +88,8 @@ def head_history(tmp_path, shared_data, experiment):
     return learner, history
 
 
-def test_official_head_stops_learning_after_task_0_and_new_rows_are_fresh(tmp_path, shared_data):
-    learner, history = head_history(tmp_path, shared_data, "gsa_cifar10_official")
+def test_official_head_stops_learning_after_task_0_and_new_rows_are_fresh(tmp_path, jpeg_subset):
+    learner, history = head_history(tmp_path, jpeg_subset, "gsa_cifar10_official")
     classes = {t.index: t.classes.tolist() for t in learner.stream.tasks}
     assert classes[0] == [0, 1] and classes[4] == [8, 9]  # the paper's (natural) class order
     end_of_task0 = max(i for i, h in enumerate(history) if h[0] == 0)
@@ -93,8 +111,8 @@ def test_official_head_stops_learning_after_task_0_and_new_rows_are_fresh(tmp_pa
     assert torch.equal(history[-1][3][classes[0]], b0[classes[0]])
 
 
-def test_corrected_mode_keeps_training_the_head(tmp_path, shared_data):
-    learner, history = head_history(tmp_path, shared_data, "gsa_cifar10")
+def test_corrected_mode_keeps_training_the_head(tmp_path, jpeg_subset):
+    learner, history = head_history(tmp_path, jpeg_subset, "gsa_cifar10")
     end_of_task0 = max(i for i, h in enumerate(history) if h[0] == 0)
     assert history[-1][4]
     assert not torch.equal(history[-1][2][[0, 1]], history[end_of_task0][2][[0, 1]])

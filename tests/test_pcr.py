@@ -291,13 +291,13 @@ ARGS = [
 
 
 def test_cli_run_is_sane_and_resumes_bit_for_bit_after_sigkill(tmp_path, monkeypatch):
-    from test_resume import checkpoint_step, cli, comparable
+    from test_resume import checkpoint_step, cli, comparable, run_here
 
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # the runs import this checkout's cil, whatever is installed
 
     ref_dir = tmp_path / "ref" / "run"
     ref_dir.parent.mkdir()
-    proc = cli(ref_dir, ARGS)
+    proc = run_here(ref_dir, ARGS)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((ref_dir / "results.json").read_text())
     assert res["status"] == "complete" and res["config"]["method"]["name"] == "pcr"
@@ -309,7 +309,7 @@ def test_cli_run_is_sane_and_resumes_bit_for_bit_after_sigkill(tmp_path, monkeyp
     proc = cli(run_dir, ARGS, "observe:40:KILL")  # mid-step in task 1: augmentation generator and buffer in flight
     assert proc.returncode == -signal.SIGKILL
     assert 25 <= checkpoint_step(run_dir) < 40
-    proc = cli(run_dir, ARGS)
+    proc = run_here(run_dir, ARGS)
     assert proc.returncode == 0, proc.stderr
     assert comparable(run_dir) == comparable(ref_dir)
     assert (run_dir / "metrics.csv").read_bytes() == (ref_dir / "metrics.csv").read_bytes()

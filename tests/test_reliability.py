@@ -63,22 +63,22 @@ def image_folder(root: Path, classes: dict[str, tuple[int, int]]) -> Path:
 
 
 # 1. -------------------------------------------------------------------------------------------------------------
-def test_a_restart_invalidates_the_old_results_before_touching_anything(tmp_path):
+def test_a_restart_invalidates_the_old_results_before_touching_anything(tmp_path, cli_in_process):
     run = tmp_path / "run"
-    assert cli(run, *FAST).returncode == 0 and status(run) == "complete"
+    assert cli_in_process(f"hydra.run.dir={run}", *FAST).returncode == 0 and status(run) == "complete"
     killed = cli(run, *FAST, "checkpoint.resume=false", interrupt="observe:5:KILL")
     assert killed.returncode == -signal.SIGKILL
     assert status(run) == "running"  # not the old "complete" beside a cut-back metrics.csv
-    again = cli(run, *FAST)
+    again = cli_in_process(f"hydra.run.dir={run}", *FAST)
     assert again.returncode == 0 and "nothing to do" not in again.stderr + again.stdout
     assert status(run) == "complete"
 
 
 # 2. -------------------------------------------------------------------------------------------------------------
-def test_a_task_without_test_images_is_refused_not_scored_zero(tmp_path):
+def test_a_task_without_test_images_is_refused_not_scored_zero(tmp_path, cli_in_process):
     folder = image_folder(tmp_path / "imgs", {"a": (6, 2), "b": (6, 2), "c": (6, 0), "d": (6, 0)})
-    proc = cli(
-        tmp_path / "run",
+    proc = cli_in_process(
+        f"hydra.run.dir={tmp_path / 'run'}",
         "dataset=imagefolder",
         f"dataset.path={folder}",
         "stream.n_tasks=2",
@@ -109,21 +109,21 @@ def test_one_writer_per_folder_and_a_crashed_holder_leaves_no_lock(tmp_path):
         pass
 
 
-def test_a_second_cli_run_into_a_busy_folder_is_refused_and_the_first_finishes(tmp_path):
+def test_a_second_cli_run_into_a_busy_folder_is_refused_and_the_first_finishes(tmp_path, cli_in_process):
     run, release = tmp_path / "run", tmp_path / "release"
     # the first run holds the folder from its third batch until `release` exists
     with cli(run, *FAST, interrupt="batch:3:SLEEP", wait=False, env={"CIL_TEST_RELEASE": str(release)}) as first:
         deadline = time.time() + 120
         while status(run) != "running" and time.time() < deadline:
             time.sleep(0.1)
-        second = cli(run, *FAST)
+        second = cli_in_process(f"hydra.run.dir={run}", *FAST)  # the lock is the operating system's, per process
         release.touch()
         assert "is in use by another run" in one_error_line(second)
         assert first.wait(timeout=600) == 0 and status(run) == "complete"
 
 
 # 4. -------------------------------------------------------------------------------------------------------------
-def test_resume_refuses_a_dataset_that_changed_since_the_checkpoint(tmp_path):
+def test_resume_refuses_a_dataset_that_changed_since_the_checkpoint(tmp_path, cli_in_process):
     folder = image_folder(tmp_path / "imgs", dict.fromkeys("abcd", (20, 3)))
     args = [
         "dataset=imagefolder",
@@ -140,7 +140,7 @@ def test_resume_refuses_a_dataset_that_changed_since_the_checkpoint(tmp_path):
     image_folder(tmp_path / "more", {"a": (3, 0)})
     for i, png in enumerate(sorted((tmp_path / "more" / "train" / "a").iterdir())):
         shutil.copy(png, folder / "train" / "a" / f"new{i}.png")
-    line = one_error_line(cli(run, *args, env=env))
+    line = one_error_line(cli_in_process(f"hydra.run.dir={run}", *args, env=env))
     assert "other data" in line and "checkpoint.resume=false" in line
     assert {
         p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.suffix not in (".lock", ".log")
@@ -159,12 +159,12 @@ def test_avalanche_peers_stop_on_sigterm_as_preempted(tmp_path):
 
 
 # 6. and 8: config errors ---------------------------------------------------------------------------------------
-def test_a_config_error_never_deletes_files_it_did_not_create(tmp_path):
+def test_a_config_error_never_deletes_files_it_did_not_create(tmp_path, cli_in_process):
     run = tmp_path / "mine"
     (run / ".hydra" / "notes").mkdir(parents=True)
     (run / "metrics.csv").write_text("precious\n")
     (run / "main.log").write_text("also precious\n")
-    line = one_error_line(cli(run, "dataset=digits", "stream.batch_size=0"))
+    line = one_error_line(cli_in_process(f"hydra.run.dir={run}", "dataset=digits", "stream.batch_size=0"))
     assert "stream.batch_size=0" in line
     assert (run / "metrics.csv").read_text() == "precious\n" and (run / "main.log").read_text() == "also precious\n"
     assert (run / ".hydra" / "notes").is_dir()
@@ -200,12 +200,12 @@ def test_a_zero_byte_image_is_named(tmp_path):
 
 
 # 7. -------------------------------------------------------------------------------------------------------------
-def test_a_refused_resume_leaves_the_folders_record_of_its_config(tmp_path):
+def test_a_refused_resume_leaves_the_folders_record_of_its_config(tmp_path, cli_in_process):
     run = tmp_path / "run"
     assert cli(run, *FAST, "checkpoint.every=10", interrupt="observe:15:KILL").returncode == -signal.SIGKILL
     recorded = (run / ".hydra" / "config.yaml").read_text(), (run / ".hydra" / "overrides.yaml").read_text()
     assert "seed: 0" in recorded[0]
-    line = one_error_line(cli(run, *FAST, "checkpoint.every=10", "seed=1"))
+    line = one_error_line(cli_in_process(f"hydra.run.dir={run}", *FAST, "checkpoint.every=10", "seed=1"))
     assert "other settings" in line and "seed: 0 -> 1" in line
     assert ((run / ".hydra" / "config.yaml").read_text(), (run / ".hydra" / "overrides.yaml").read_text()) == recorded
 
@@ -261,9 +261,9 @@ def test_several_sigterms_in_a_row_still_exit_75(tmp_path):
     assert status(run) == "preempted"
 
 
-def test_a_finite_but_exploded_loss_is_flagged(tmp_path):
+def test_a_finite_but_exploded_loss_is_flagged(tmp_path, cli_in_process):
     run = tmp_path / "run"
-    proc = cli(run, *FAST, "optimizer=adam", "optimizer.lr=1000000", "log.every=10")
+    proc = cli_in_process(f"hydra.run.dir={run}", *FAST, "optimizer=adam", "optimizer.lr=1000000", "log.every=10")
     assert proc.returncode == 0
     res = json.loads((run / "results.json").read_text())
     assert res["warnings"] and "diverged" in res["warnings"][0] and "optimizer.lr" in res["warnings"][0]

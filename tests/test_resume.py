@@ -1,6 +1,8 @@
 """Killed, pre-empted and resumed CLI runs end exactly where an uninterrupted run ends (results.json and
 metrics.csv, timings aside), bit for bit on CPU; two runs of one seed agree."""
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -49,6 +51,21 @@ def cli(run_dir: Path, args, interrupt=None, wait=True):
             cmd, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
     return subprocess.run(cmd, cwd=run_dir.parent, capture_output=True, text=True, timeout=600, env=env)
+
+
+def run_here(run_dir: Path, args) -> subprocess.CompletedProcess:
+    """`python -m cil` as `cli` runs it, but inside the test process (cil.run.cli.run_hydra): for the uninterrupted
+    and the resumed runs, whose subject is not the process (the kill between them needs one). Compared bit for bit
+    with a fresh process's run, so it also shows an in-process run computes as a new process does."""
+    from cil.run.cli import run_hydra
+
+    out, err, sigterm = io.StringIO(), io.StringIO(), signal.getsignal(signal.SIGTERM)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = run_hydra([f"hydra.run.dir={run_dir}", *args])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def comparable(run_dir: Path) -> dict:
@@ -206,3 +223,19 @@ def test_a_recorded_config_lacking_newer_keys_is_the_same_run():
         ]
         current["eval"]["split"] = "validation"  # and so is a newer key set away from its default
         assert "eval.split: 'test' -> 'validation'" in config_differences(recorded, current)
+
+
+def test_a_recorded_onpro_config_without_the_row_gate_ran_the_batch_only_gate():
+    """OnPro's per-row mixup gate became the default after runs were recorded without the key: such a config ran
+    the batch-only gate, so it differs from today's default and equals method.mixup_row_gate=false."""
+    import dataclasses
+
+    from cil.run.checkpoint import config_differences
+    from cil.run.config import default_config
+
+    current = dataclasses.asdict(default_config("onpro"))
+    recorded = dataclasses.asdict(default_config("onpro"))
+    del recorded["method"]["mixup_row_gate"]
+    assert config_differences(recorded, current) == ["method.mixup_row_gate: False -> True"]
+    current["method"]["mixup_row_gate"] = False
+    assert config_differences(recorded, current) == []

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 from test_blurry import cli
-from test_resume import comparable
+from test_resume import comparable, run_here
 
 from cil.core.buffer import ReplayBuffer
 from cil.core.data import load_dataset
@@ -258,7 +258,7 @@ TASK_FREE = [
 def test_cli_task_free_gsa_on_iblurry_reports_a_auc_and_resumes_bit_for_bit(tmp_path):
     ref = tmp_path / "ref" / "run"
     ref.parent.mkdir()
-    proc = cli(ref, TASK_FREE)
+    proc = run_here(ref, TASK_FREE)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((ref / "results.json").read_text())
     assert res["status"] == "complete" and res["config"]["method"]["task_free"] is True
@@ -268,7 +268,7 @@ def test_cli_task_free_gsa_on_iblurry_reports_a_auc_and_resumes_bit_for_bit(tmp_
     run.parent.mkdir()
     proc = cli(run, TASK_FREE, "observe:60:KILL")  # mid-step, after the checkpoint at batch 50
     assert proc.returncode == -signal.SIGKILL
-    proc = cli(run, TASK_FREE)
+    proc = run_here(run, TASK_FREE)
     assert proc.returncode == 0, proc.stderr
     assert comparable(run) == comparable(ref)
 
