@@ -70,6 +70,7 @@ def head_history(tmp_path, data_root, experiment):
         "buffer.size=100",
         "log.progress=false",
         "eval.anytime_every=0",
+        "precision=fp32",  # the protocol's fp16 needs CUDA
     )
     learner = build_learner(cfg, tmp_path)
     head = learner.method.head

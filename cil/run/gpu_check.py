@@ -61,7 +61,8 @@ class Plan:
         self.max_parallel = 3 if dry_run else 6
 
     def common(self) -> list[str]:
-        out = [f"dataset={self.dataset}", f"device={self.device}", "threads=1", "log.progress=false"]
+        # fp32: the figures this check records (the paper protocols' own fp16 is a choice of its own)
+        out = [f"dataset={self.dataset}", f"device={self.device}", "threads=1", "log.progress=false", "precision=fp32"]
         return out + ([f"dataset.root={self.data_root}"] if self.data_root else [])
 
 
