@@ -27,6 +27,8 @@ Pinned here, with the official code they come from (commits in docs/protocols.md
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torchvision.transforms.functional as TF
@@ -75,7 +77,7 @@ from torchvision.transforms import RandAugment
 from torchvision.transforms.functional import convert_image_dtype
 
 from cil.core.addons.ccl_dc import CCLDCConfig
-from cil.core.addons.mkd import MKDAugment, MKDConfig
+from cil.core.addons.mkd import MKDAugment, MKDConfig, color_jitter, in_order, in_order_masked
 from cil.core.learner import Learner
 from cil.core.methods.er import ER, ERConfig
 from cil.core.methods.er_ace import ERACE, ERACEConfig
@@ -97,35 +99,63 @@ def replayed_generator(g: torch.Generator) -> torch.Generator:
 @pytest.mark.parametrize("channels", [3, 1])
 def test_mkd_augmentation_matches_torchvision_per_image(channels):
     """tf_ema, image by image: torchvision's resized crop (scale [0.2, 1]) of the drawn box, horizontal flip (p 0.5),
-    brightness, contrast, saturation, hue (factors 1 +- 0.4, hue +- 0.1) with p 0.8, grayscale (p 0.2); one-channel
-    images get brightness and contrast only. Every branch is exercised."""
+    brightness, contrast, saturation, hue (factors 1 +- 0.4, hue +- 0.1) with p 0.8 in the call's drawn order
+    (kornia ColorJitter: one order per call), grayscale (p 0.2); one-channel images get brightness and contrast
+    only. Every branch is exercised, over calls of different orders."""
     x = torch.rand(96, channels, 16, 16, generator=torch.Generator().manual_seed(0))
     aug = MKDAugment((16, 16), (0.2, 1.0))
     g = torch.Generator().manual_seed(1)
-    again = replayed_generator(g)
-    out = aug(x, g)
-    gray0, boxes = aug.crop.draw(len(x), 16, 16, again)  # the draws of the call, in its order
-    u = torch.rand(len(x), 7, generator=again)
-    assert not gray0.any(), "tf_ema's crop has no grayscale of its own"
-    areas = boxes[:, 2] * boxes[:, 3] / 256.0
-    assert float(areas.min()) >= 0.2 - 0.05 and float(areas.min()) < 0.4
-    flip, jitter, gray = u[:, 0] < 0.5, u[:, 1] < 0.8, u[:, 6] < 0.2
-    for branch in (flip, jitter, gray):
-        assert 0 < int(branch.sum()) < len(x)
-    for i in range(len(x)):
-        top, left, h, w = (int(v) for v in boxes[i])
-        ref = TF.resized_crop(x[i], top, left, h, w, [16, 16], antialias=True)
-        if flip[i]:
-            ref = TF.hflip(ref)
-        if jitter[i]:
-            b, c, s = (1 - 0.4 + 0.8 * float(u[i, k]) for k in (2, 3, 4))
-            ref = TF.adjust_contrast(TF.adjust_brightness(ref, b), c)
-            if channels == 3:
-                ref = TF.adjust_hue(TF.adjust_saturation(ref, s), (2 * float(u[i, 5]) - 1) * 0.1)
-        if gray[i] and channels == 3:
-            ref = TF.rgb_to_grayscale(ref, num_output_channels=3)
-        # torchvision's luma weighs red 0.2989, the official kornia / PIL path and ours 0.299
-        torch.testing.assert_close(out[i], ref, rtol=0, atol=3e-4, msg=lambda m, i=i: f"image {i}: {m}")
+    orders = set()
+    for _ in range(3):
+        again = replayed_generator(g)
+        out = aug(x, g)
+        gray0, boxes = aug.crop.draw(len(x), 16, 16, again)  # the draws of the call, in its order
+        u = torch.rand(len(x), 7, generator=again)
+        order = torch.randperm(4, generator=again).tolist()
+        orders.add(tuple(order))
+        assert not gray0.any(), "tf_ema's crop has no grayscale of its own"
+        areas = boxes[:, 2] * boxes[:, 3] / 256.0
+        assert float(areas.min()) >= 0.2 - 0.05 and float(areas.min()) < 0.4
+        flip, jitter, gray = u[:, 0] < 0.5, u[:, 1] < 0.8, u[:, 6] < 0.2
+        for branch in (flip, jitter, gray):
+            assert 0 < int(branch.sum()) < len(x)
+        for i in range(len(x)):
+            top, left, h, w = (int(v) for v in boxes[i])
+            ref = TF.resized_crop(x[i], top, left, h, w, [16, 16], antialias=True)
+            if flip[i]:
+                ref = TF.hflip(ref)
+            if jitter[i]:
+                b, c, s = (1 - 0.4 + 0.8 * float(u[i, k]) for k in (2, 3, 4))
+                hue = (2 * float(u[i, 5]) - 1) * 0.1
+                ops = [
+                    lambda v, b=b: TF.adjust_brightness(v, b),
+                    lambda v, c=c: TF.adjust_contrast(v, c),
+                    lambda v, s=s: TF.adjust_saturation(v, s),
+                    lambda v, hue=hue: TF.adjust_hue(v, hue),
+                ]
+                for op in order:
+                    if channels == 3 or op < 2:
+                        ref = ops[op](ref)
+            if gray[i] and channels == 3:
+                ref = TF.rgb_to_grayscale(ref, num_output_channels=3)
+            # torchvision's luma weighs red 0.2989, the official kornia / PIL path and ours 0.299
+            torch.testing.assert_close(out[i], ref, rtol=0, atol=3e-4, msg=lambda m, i=i: f"image {i}: {m}")
+    assert len(orders) == 3, orders  # three calls, three orders: the order is the call's, not a constant
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_mkd_jitter_order_read_on_the_host_or_masked_on_the_device_is_the_same(channels):
+    """The jitter's two ways of following the drawn order (read on a CPU; masked where reading would sync) give
+    the same images for every one of the 24 orders."""
+    g = torch.Generator().manual_seed(3)
+    x, u = torch.rand(6, channels, 8, 8, generator=g), torch.rand(6, 4, generator=g)
+    ops = [lambda v, k=k: (v + 0.1 * (k + 1)).clamp(0, 1) * (1 - 0.05 * k) for k in range(4 if channels == 3 else 2)]
+    seen = set()
+    for perm in itertools.permutations(range(4)):
+        order = torch.tensor(perm)
+        assert torch.equal(in_order(x, ops, order), in_order_masked(x, ops, order)), perm
+        seen.add(color_jitter(x, u, order).sum().item())
+    assert len(seen) > 1  # the order matters
 
 
 @pytest.mark.parametrize("raw_pass", [True, False], ids=["raw_pass", "no_raw_pass"])
@@ -220,7 +250,12 @@ def test_ccl_dc_peer_update_on_gsa():
     passes, deviation (4)), statistics, and parameters after the step, at every step of three tasks; the views
     are checked to be the chain x0 -> x1 -> x2 -> x3 and fed to the terms as the official code does."""
     cfg = CCLDCConfig(kd_lambda=1.5, replay_batch_size=10)
-    method = with_addon(build(GSA, gsa_config(OTHER)), "ccl_dc", cfg, peer_maker(GSA, gsa_config(OTHER)))
+    # Seed 1, not 0: under T1's kornia crop law the seed-0 trajectory puts the float64 reference within ~1e-7 of a ReLU
+    # kink at one step (its gradient moves 0.2 % under a 1e-7 parameter nudge), which the float32 run crosses.
+    seed = 1
+    method = with_addon(
+        build(GSA, gsa_config(OTHER), seed=seed), "ccl_dc", cfg, peer_maker(GSA, gsa_config(OTHER), seed=seed)
+    )
     rec = Recorder(method)
     ccl, peer, prec = ccl_parts(method, rec)
     views = ViewLog(ccl)

@@ -90,6 +90,34 @@ def test_first_valid_attempt_and_fallback():
     assert (boxes == torch.tensor([8, 0, 16, 32])).all()
 
 
+def test_kornia_bounds_candidate_rule_swap_and_fallback():
+    """bounds="kornia" (kornia 0.6.8 / 0.8.0 ResizedCropGenerator): a candidate fits only if 0 < h < H and
+    0 < w < W; the crop height is round(sqrt(A r)) (r is h / w); no candidate fits: round(W min(ratio)) x W when
+    H / W > min(ratio), H x round(H / min(ratio)) when below, at a uniform random position."""
+    # attempt 0 is the whole 32 x 32 image (area 1.0, ratio 1): torchvision keeps it, kornia goes on to attempt 1
+    u_area, u_ratio, u_pos = torch.tensor([[1.0 - 1e-6, 0.0]]), torch.tensor([[0.5, 0.5]]), torch.tensor([[0.0, 0.0]])
+    assert _boxes_from_uniforms(u_area, u_ratio, u_pos, 32, 32, SCALE, RATIO).tolist() == [[0, 0, 32, 32]]
+    assert _boxes_from_uniforms(u_area, u_ratio, u_pos, 32, 32, SCALE, RATIO, "kornia").tolist() == [[0, 0, 25, 25]]
+    # r in (2, 3): kornia's crops are taller than wide, torchvision's wider than tall
+    _, _, h, w = sample_crop_boxes(500, 64, 64, gen(20), (0.1, 0.3), (2.0, 3.0), bounds="kornia").unbind(1)
+    assert (h > w).all()
+    _, _, h, w = sample_crop_boxes(500, 64, 64, gen(20), (0.1, 0.3), (2.0, 3.0)).unbind(1)
+    assert (w > h).all()
+    # no attempt fits (area 1.0: one side >= 8 at any ratio); kornia's fallback placed at random, not centred
+    top, left, h, w = sample_crop_boxes(3000, 8, 8, gen(21), (1.0, 1.0), RATIO, bounds="kornia").unbind(1)
+    assert (h == 6).all() and (w == 8).all() and (left == 0).all()
+    counts = torch.bincount(top, minlength=3)
+    assert len(counts) == 3 and (counts - 1000).abs().max() < 120, counts  # uniform on 0..2 (sd ~26)
+    never = (torch.ones(3, 10) * (1 - 1e-6), torch.ones(3, 10) * (1 - 1e-6), torch.tensor([[0.0, 0.999]] * 3))
+    assert _boxes_from_uniforms(*never, 32, 32, SCALE, RATIO, "kornia").tolist() == [[0, 0, 24, 32]] * 3
+    assert _boxes_from_uniforms(*never, 32, 64, SCALE, RATIO, "kornia").tolist() == [[0, 21, 32, 43]] * 3
+    boxes = sample_crop_boxes(50, 32, 32, gen(3), (1.0, 1.0), (2.0, 3.0), bounds="kornia")  # H / W < min ratio
+    assert (boxes[:, 2:] == torch.tensor([32, 16])).all() and (boxes[:, 0] == 0).all()
+    assert boxes[:, 1].unique().numel() > 5  # left uniform on 0..16
+    with pytest.raises(ValueError, match="bounds"):
+        GSAAugment((8, 8), bounds="torchvison")
+
+
 def test_resampling_matches_torchvision_resized_crop():
     x = images(12, 3, 32, 32, seed=4)
     boxes = sample_crop_boxes(12, 32, 32, gen(5), (0.1, 1.0), RATIO)

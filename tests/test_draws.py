@@ -46,15 +46,11 @@ Official definitions (docs/protocols.md lists the commits; docs/methods.md the d
 - CCL-DC (maorong-wang/CCL-DC `baseccl.py`, kornia 0.6.8): T1 = RandomResizedCrop (0.6, 1) + flip 0.5; x2 = RA(x1),
   x3 = RA(x2) with torchvision RandAugment(3, 15) on the uint8 batch tensor (one op choice per call for the batch).
   kornia's RandomResizedCrop (both versions) draws as torchvision's but keeps a candidate only if 0 < w < W and
-  0 < h < H: no crop spans a whole side.
+  0 < h < H: no crop spans a whole side but its fallback (round(3/4 L) x L on a square image, placed at random).
 - Reservoir (Vitter's algorithm R): the item at stream position n > M is kept with probability M / n, in a uniform
   slot. Class-balanced reservoir (Chrysakis & Moens, ICML 2020, Algorithm 1): an item of a class that is not full
   replaces a uniform instance of a largest class; an item of a full class is kept with probability m_c / n_c,
   replacing a uniform instance of its own class.
-
-Two draws do not match (strict xfail tests, which pass once the code follows the official law):
-`test_mkd_colour_jitter_order_is_drawn_per_call` (MKD's jitter order is fixed) and
-`test_kornia_resized_crops_never_span_a_whole_side` (CCL-DC's T1 and MKD's crop keep torchvision's w <= W).
 """
 
 from __future__ import annotations
@@ -78,7 +74,7 @@ from cil.core.methods.base import ClassSets
 from cil.core.methods.derpp import DERPP, DERPPConfig
 from cil.core.methods.er import ER, ERConfig
 from cil.core.methods.er_ace import ERACE, ERACEConfig
-from cil.core.methods.gsa import GSAConfig, GSAStep
+from cil.core.methods.gsa import GSAConfig, GSAStep, gsa_augment
 from cil.core.methods.ocm import OCM, OCMConfig
 from cil.core.methods.onpro import OnPro, OnProConfig
 from cil.core.methods.pcr import PCR, PCRConfig
@@ -902,13 +898,6 @@ def test_mkd_colour_jitter_laws():
     assert_same_law(level.round(5), reference.round(5), "grayscale rows' level")  # rounded: an atom at luma(c)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MKD's official tf_ema is kornia ColorJitter (mkd_ocl requirements: kornia==0.8.0), whose "
-    "ColorJitterGenerator draws order = torch.randperm(4) at every call (one order for the batch); "
-    "cil/core/addons/mkd.py color_jitter (lines 146-167) applies brightness, contrast, saturation, hue in a "
-    "fixed order, and docs/methods.md (MKD deviation 3) says kornia's order is fixed",
-)
 def test_mkd_colour_jitter_order_is_drawn_per_call():
     """kornia ColorJitter: the four ops in a uniformly random order drawn per call, shared by its rows. Brightness
     commutes with the rest, contrast and saturation with each other, so what shows is whether the hue turn comes
@@ -1003,23 +992,20 @@ def test_ccl_dc_first_view_crop_and_flip():
     assert_uniform_offsets(left, S - w, "crop left")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the official T1 (CCL-DC, kornia==0.6.8) and tf_ema crop (mkd_ocl, kornia==0.8.0) are kornia "
-    "RandomResizedCrop, which keeps a candidate only if 0 < w < W and 0 < h < H (kornia "
-    "augmentation/random_generator/_2d/crop.py: `cond = ((0 < w) * (w < size[0]) * (0 < h) * (h < size[1]))`); "
-    "cil/core/addons/ccl_dc.py:110 and cil/core/addons/mkd.py:197 use GSAAugment, torchvision's rule (w <= W), "
-    "so 18 % of T1's crops on 32x32 (7.5 % of MKD's) span a whole side; docs/protocols.md lists T1 as 'same'",
-)
-@pytest.mark.parametrize("source", ["ccl_dc_t1", "mkd"])
+@pytest.mark.parametrize("source", ["ccl_dc_t1", "mkd", "gsa_crop_kornia"])
 def test_kornia_resized_crops_never_span_a_whole_side(source):
     """kornia's RandomResizedCrop returns a crop as wide or as tall as the image only from its fallback, when all
-    10 candidates miss 0 < w < L, 0 < h < L (its fallback, a 3/4 x 1 central crop of a square image, spans one side):
-    with the probability that they all miss (a few 1e-4 on these small images)."""
+    10 candidates miss 0 < w < L, 0 < h < L (its fallback, a round(3/4 L) x L crop of a square image at a random
+    position, spans one side): with the probability that they all miss (a few 1e-4 on these small images)."""
     if source == "ccl_dc_t1":
         size, scale, (_, _, h, w, _) = S, (0.6, 1.0), ccl_dc_first_view()[3]
-    else:
+    elif source == "mkd":
         size, scale, (_, _, h, w, _) = 8, (0.2, 1.0), mkd_geometry()[2]
+    else:  # CCL-DC's GSA: method.crop=kornia
+        size, scale = S, (0.6, 1.0)
+        augment = gsa_augment(GSAConfig(crop="kornia"), (S, S))
+        boxes = augment.draw(20_000, S, S, torch.Generator().manual_seed(5))[1]
+        h, w = boxes[:, 2], boxes[:, 3]
     ch, cw = crop_candidates(size, scale, 400_000, 3)
     fallback = float((~((ch > 0) & (ch < size) & (cw > 0) & (cw < size)).any(1)).mean())
     full = (h == size) | (w == size)

@@ -29,6 +29,7 @@ __all__ = [
     "AffineCropAugment",
     "PaddedCropAugment",
     "CROPS",
+    "CROP_BOUNDS",
     "PreDrawn",
     "sample_crop_boxes",
     "hflip",
@@ -62,6 +63,53 @@ def _fallback_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[
     return h, w
 
 
+#: The candidate rules of :func:`sample_crop_boxes`: ``torchvision`` (``RandomResizedCrop.get_params``) or ``kornia``
+#: (``RandomResizedCrop``'s ``ResizedCropGenerator``, the same in kornia 0.6.8 and 0.8.0).
+CROP_BOUNDS = ("torchvision", "kornia")
+
+
+@functools.lru_cache(maxsize=64)
+def _kornia_fallback_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """kornia's fallback size (h, w) when no candidate fits (``ResizedCropGenerator.forward``, kornia@v0.6.8
+    ``kornia/augmentation/random_generator/_2d/crop.py:219-236``, v0.8.0 the same at 249-266): with in_ratio = H / W
+    (torchvision: W / H) and only the smaller ratio bound, ``in_ratio < min``: (H, round(H / min)); ``in_ratio >
+    min``: (round(W * min), W); equal: the whole image. kornia rounds in float32 (``torch.round``), as here."""
+    lo = min(ratio)
+    # float32: kornia's default parameter dtype
+    h, w = torch.tensor(float(height), dtype=torch.float32), torch.tensor(float(width), dtype=torch.float32)
+    if height / width < lo:
+        return height, int(torch.round(h / lo))
+    if height / width > lo:
+        return int(torch.round(w * lo)), width
+    return height, width
+
+
+def _kornia_boxes(
+    target_area: Tensor, aspect: Tensor, u_pos: Tensor, height: int, width: int, ratio: tuple[float, float]
+) -> Tensor:
+    """kornia's ``ResizedCropGenerator`` (kornia@v0.6.8 ``kornia/augmentation/random_generator/_2d/crop.py:189-240``,
+    v0.8.0 219-270) on our uniforms: the same candidates as torchvision's but for three rules, followed here
+    (see :func:`sample_crop_boxes`)."""
+    # kornia computes w = round(sqrt(A r)), h = round(sqrt(A / r)) and then returns them swapped (h_out = w, w_out =
+    # h, crop.py:208-217 at v0.6.8): its crop height is round(sqrt(A r)), so r is h / w (the same law when the ratio
+    # range is symmetric in log, as (3/4, 4/3)).
+    hw = torch.stack([target_area * aspect, target_area / aspect], dim=-1).sqrt_().round_()  # [B, A, 2]
+    limit = _constant((height, width), hw.dtype, hw.device)
+    # kornia keeps a candidate only when 0 < h < H and 0 < w < W (`cond`, crop.py:211 at v0.6.8, 241 at v0.8.0):
+    # strict, so no candidate spans a whole side (torchvision: h <= H, w <= W).
+    valid = ((hw > 0) & (hw < limit)).all(dim=-1)  # [B, A]
+    first = valid.to(torch.uint8).argmax(dim=1)  # the first valid attempt, as kornia's `cond.cumsum(1) == 1`
+    hw = hw.gather(1, first[:, None, None].expand(-1, 1, 2)).squeeze(1)  # [B, 2]
+    # No valid attempt: kornia's fallback size (not torchvision's whole image clamped to the ratio bounds).
+    fh, fw = _kornia_fallback_box(height, width, ratio)
+    hw = torch.where(valid.any(dim=1, keepdim=True), hw, _constant((fh, fw), hw.dtype, hw.device))
+    # kornia then draws every row's position, the fallback's too (CropGenerator.forward, crop.py:72-89 at v0.6.8,
+    # 91-108 at v0.8.0: start = floor(U (L - s + 1))), so its fallback is not centred as torchvision's is.
+    room = limit - hw
+    pos = torch.minimum(torch.floor(u_pos * (room + 1)), room)
+    return torch.cat([pos, hw], dim=1).long()
+
+
 def _boxes_from_uniforms(
     u_area: Tensor,
     u_ratio: Tensor,
@@ -70,8 +118,10 @@ def _boxes_from_uniforms(
     width: int,
     scale: tuple[float, float],
     ratio: tuple[float, float],
+    bounds: str = "torchvision",
 ) -> Tensor:
-    """Crop boxes from uniforms in [0, 1): ``u_area``, ``u_ratio`` [B, A] (A attempts), ``u_pos`` [B, 2].
+    """Crop boxes from uniforms in [0, 1): ``u_area``, ``u_ratio`` [B, A] (A attempts), ``u_pos`` [B, 2];
+    ``bounds`` the candidate rule (:data:`CROP_BOUNDS`, see :func:`sample_crop_boxes`).
 
     Heights and widths travel stacked on a last axis of size 2 so that each elementwise op runs once for both
     (the per-call cost is dispatch, not arithmetic); the elementwise operations are those of the per-axis
@@ -80,6 +130,8 @@ def _boxes_from_uniforms(
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u_ratio)
+    if bounds == "kornia":
+        return _kornia_boxes(target_area, aspect, u_pos, height, width, ratio)
     # (h, w) of every attempt: h = round(sqrt(A / r)), w = round(sqrt(A * r))
     hw = torch.stack([target_area / aspect, target_area * aspect], dim=-1).sqrt_().round_()  # [B, A, 2]
     limit = _constant((height, width), hw.dtype, hw.device)
@@ -103,17 +155,27 @@ def sample_crop_boxes(
     scale: tuple[float, float] = (0.6, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     attempts: int = 10,
+    bounds: str = "torchvision",
 ) -> Tensor:
     """Sample ``batch`` crop boxes with torchvision ``RandomResizedCrop.get_params`` semantics, vectorised.
 
     Per sample: ``attempts`` candidates, each with area fraction ~ U(scale) and log aspect ratio (w/h) ~
     U(log ratio), ``w = round(sqrt(A * r))``, ``h = round(sqrt(A / r))``; the first candidate that fits in the
-    image is taken, at a uniform random integer position; if none fits, the central crop of the whole image
-    clamped to the ratio bounds. Returns long [batch, 4] rows ``(top, left, h, w)`` on the generator's device.
+    image (0 < h <= H, 0 < w <= W) is taken, at a uniform random integer position; if none fits, the central crop
+    of the whole image clamped to the ratio bounds. Returns long [batch, 4] rows ``(top, left, h, w)`` on the
+    generator's device.
+
+    ``bounds="kornia"``: kornia's ``RandomResizedCrop`` (0.6.8 and 0.8.0) instead. The same area and log-ratio laws,
+    10 attempts, round half to even and uniform integer positions, but (1) r is h / w (``h = round(sqrt(A * r))``,
+    ``w = round(sqrt(A / r))``), (2) a candidate fits only if 0 < h < H and 0 < w < W, (3) if none fits, kornia's
+    fallback size (:func:`_kornia_fallback_box`; a square image with ratio (3/4, 4/3): round(3/4 W) x W) at a
+    uniform random position like any other crop.
     """
+    if bounds not in CROP_BOUNDS:
+        raise ValueError(f"bounds must be one of {CROP_BOUNDS}, got {bounds!r}")
     u = torch.rand(batch, 2 * attempts + 2, generator=generator, device=generator.device)
     return _boxes_from_uniforms(
-        u[:, :attempts], u[:, attempts : 2 * attempts], u[:, 2 * attempts :], height, width, scale, ratio
+        u[:, :attempts], u[:, attempts : 2 * attempts], u[:, 2 * attempts :], height, width, scale, ratio, bounds
     )
 
 
@@ -165,8 +227,9 @@ def random_grayscale(x: Tensor, apply: Tensor) -> Tensor:
 
 class GSAAugment:
     """Per sample: random grayscale with probability ``grayscale_p``, then a random resized crop to ``size``
-    (torchvision ``RandomResizedCrop`` sampling semantics, bilinear). Batched over [B, C, H, W] float tensors
-    (C = 1 or 3) on any device; the generator must live on the tensor's device.
+    (torchvision ``RandomResizedCrop`` sampling semantics, bilinear; ``bounds="kornia"``: kornia's, see
+    :func:`sample_crop_boxes`). Batched over [B, C, H, W] float tensors (C = 1 or 3) on any device; the generator
+    must live on the tensor's device.
 
     All random numbers of a call come from one ``torch.rand(B, 23)`` draw on the generator: column 0 decides
     grayscale, then 10 area and 10 aspect-ratio uniforms (attempts), then 2 position uniforms. Several calls
@@ -180,6 +243,8 @@ class GSAAugment:
         ratio: Sequence[float] = (3 / 4, 4 / 3),  # (min, max)
         grayscale_p: float = 0.2,
         attempts: int = 10,
+        *,
+        bounds: str = "torchvision",  # the crop's candidate rule (CROP_BOUNDS); the subclasses draw their own
     ) -> None:
         if not (0 < scale[0] <= scale[1]):
             raise ValueError(f"scale must satisfy 0 < min <= max, got {scale}")
@@ -187,11 +252,14 @@ class GSAAugment:
             raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}")
         if not (0.0 <= grayscale_p <= 1.0):
             raise ValueError(f"grayscale_p must be in [0, 1], got {grayscale_p}")
+        if bounds not in CROP_BOUNDS:
+            raise ValueError(f"bounds must be one of {CROP_BOUNDS}, got {bounds!r}")
         self.size = (int(size[0]), int(size[1]))
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.grayscale_p = float(grayscale_p)
         self.attempts = int(attempts)
+        self.bounds = bounds
 
     def sample(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Draw the random parameters for batch ``x``: (grayscale bool [B], boxes long [B, 4])."""
@@ -205,7 +273,14 @@ class GSAAugment:
         u = torch.rand(n, 2 * a + 3, generator=generator, device=generator.device)
         gray = u[:, 0] < self.grayscale_p
         boxes = _boxes_from_uniforms(
-            u[:, 1 : 1 + a], u[:, 1 + a : 1 + 2 * a], u[:, 1 + 2 * a :], height, width, self.scale, self.ratio
+            u[:, 1 : 1 + a],
+            u[:, 1 + a : 1 + 2 * a],
+            u[:, 1 + 2 * a :],
+            height,
+            width,
+            self.scale,
+            self.ratio,
+            self.bounds,
         )
         return gray, boxes
 
@@ -235,7 +310,11 @@ class GSAAugment:
         return self.apply(x, gray, boxes)
 
     def __repr__(self) -> str:
-        return f"GSAAugment(size={self.size}, scale={self.scale}, ratio={self.ratio}, grayscale_p={self.grayscale_p})"
+        bounds = "" if self.bounds == "torchvision" else f", bounds={self.bounds!r}"
+        return (
+            f"GSAAugment(size={self.size}, scale={self.scale}, ratio={self.ratio}, grayscale_p={self.grayscale_p}"
+            f"{bounds})"
+        )
 
 
 class AffineCropAugment(GSAAugment):

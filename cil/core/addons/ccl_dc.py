@@ -6,7 +6,7 @@ Two peer learners run the same method, each with its own model and optimizer, an
 a second instance of the run's method (built by the runner: `make_peer`), sharing the buffer; each update it
 takes its own step of the method's loss. Beside that loss, both peers get the collaborative term on a replay draw
 joined to the incoming batch, x0 = [x_mem, x_in], and a chain of increasingly augmented views
-x1 = T1(x0) (random resized crop [0.6, 1] + horizontal flip), x2 = RA(x1), x3 = RA(x2) (RandAugment, n ops of
+x1 = T1(x0) (kornia's random resized crop [0.6, 1] + horizontal flip), x2 = RA(x1), x3 = RA(x2) (RandAugment, n ops of
 magnitude m, one choice of ops for the whole batch as torchvision's RandAugment on a batch tensor does):
 
     L_k = ce_weight * sum_{v=0..3} CE(f_k(x_v), y)
@@ -107,7 +107,14 @@ class CCLDC(Addon):
         self.link = _PeerLink()
         self.peer.addons = [self.link]
         size = tuple(method.input_shape[1:]) if method.input_shape else None
-        self.crop = GSAAugment(size, scale=tuple(cfg.crop_scale), grayscale_p=0.0) if size and len(size) == 2 else None
+        # T1 is kornia's RandomResizedCrop (CCL-DC pins kornia 0.6.8), which keeps a candidate only if 0 < h < H and
+        # 0 < w < W and has its own fallback (kornia@v0.6.8 kornia/augmentation/random_generator/_2d/crop.py:
+        # 208-236): GSAAugment's bounds="kornia"
+        self.crop = (
+            GSAAugment(size, scale=tuple(cfg.crop_scale), grayscale_p=0.0, bounds="kornia")
+            if size and len(size) == 2
+            else None
+        )
         from torchvision.transforms import RandAugment
 
         self.randaug = RandAugment(cfg.randaug_n, cfg.randaug_m)

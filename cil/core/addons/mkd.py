@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -144,27 +144,63 @@ def average_parameters(model: torch.nn.Module, teachers: Sequence[torch.nn.Modul
 
 
 def color_jitter(
-    x: Tensor, u: Tensor, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4, hue: float = 0.1
+    x: Tensor,
+    u: Tensor,
+    order: Tensor,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.4,
+    hue: float = 0.1,
 ) -> Tensor:
-    """Per-sample colour jitter of [B, C, H, W] floats in [0, 1] (torchvision's definitions, fixed order
-    brightness, contrast, saturation, hue), factors from uniforms ``u`` [B, 4]. One-channel input: brightness
-    and contrast only."""
+    """Per-sample colour jitter of [B, C, H, W] floats in [0, 1] (torchvision's definitions), factors from uniforms
+    ``u`` [B, 4], the four ops (0 brightness, 1 contrast, 2 saturation, 3 hue) applied in ``order`` (long [4], a
+    permutation on ``x``'s device, one for the whole batch). One-channel input: brightness and contrast only."""
 
     def factor(col: int, amount: float) -> Tensor:
         return (1 - amount + 2 * amount * u[:, col]).view(-1, 1, 1, 1)
 
-    x = (x * factor(0, brightness)).clamp(0, 1)
-    gray = (
-        x.mean(1, keepdim=True)
-        if x.shape[1] == 1
-        else random_grayscale(x, torch.ones(len(x), dtype=torch.bool, device=x.device))[:, :1]
-    )
-    x = (factor(1, contrast) * x + (1 - factor(1, contrast)) * gray.mean((2, 3), keepdim=True)).clamp(0, 1)
-    if x.shape[1] != 3:
-        return x
-    gray = random_grayscale(x, torch.ones(len(x), dtype=torch.bool, device=x.device))
-    x = (factor(2, saturation) * x + (1 - factor(2, saturation)) * gray).clamp(0, 1)
-    return shift_hue(x, (2 * u[:, 3] - 1) * hue)
+    def luma3(v: Tensor) -> Tensor:
+        return random_grayscale(v, torch.ones(len(v), dtype=torch.bool, device=v.device))
+
+    def adjust_brightness(v: Tensor) -> Tensor:
+        return (v * factor(0, brightness)).clamp(0, 1)
+
+    def adjust_contrast(v: Tensor) -> Tensor:
+        gray = v.mean(1, keepdim=True) if v.shape[1] == 1 else luma3(v)[:, :1]
+        f = factor(1, contrast)
+        return (f * v + (1 - f) * gray.mean((2, 3), keepdim=True)).clamp(0, 1)
+
+    def adjust_saturation(v: Tensor) -> Tensor:
+        f = factor(2, saturation)
+        return (f * v + (1 - f) * luma3(v)).clamp(0, 1)
+
+    def adjust_hue(v: Tensor) -> Tensor:
+        return shift_hue(v, (2 * u[:, 3] - 1) * hue)
+
+    ops: tuple[Callable[[Tensor], Tensor], ...] = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    if x.shape[1] != 3:  # saturation and hue leave a one-channel image as it is
+        ops = ops[:2]
+    # kornia ColorJitter (kornia@v0.8.0 kornia/augmentation/_2d/intensity/color_jitter.py:139-142) applies its ops
+    # in the call's drawn order; reading the order on the host costs nothing on a CPU and a sync elsewhere
+    return (in_order if order.device.type == "cpu" else in_order_masked)(x, ops, order)
+
+
+def in_order(x: Tensor, ops: Sequence[Callable[[Tensor], Tensor]], order: Tensor) -> Tensor:
+    """The ops applied in `order` (a permutation of 0..3; an index past `ops` is skipped), read on the host."""
+    for i in order.tolist():
+        x = ops[i](x) if i < len(ops) else x
+    return x
+
+
+def in_order_masked(x: Tensor, ops: Sequence[Callable[[Tensor], Tensor]], order: Tensor) -> Tensor:
+    """`in_order` without reading the order: position k runs every op and keeps, through a 0-d device mask, the
+    one the order puts k-th (the same values, four times the arithmetic, no host/device sync)."""
+    for k in range(len(order)):
+        out = x
+        for i, op in enumerate(ops):
+            out = torch.where(order[k] == i, op(x), out)
+        x = out
+    return x
 
 
 def shift_hue(x: Tensor, shift: Tensor) -> Tensor:
@@ -202,19 +238,26 @@ class _MethodHead(torch.nn.Module):
 
 
 class MKDAugment:
-    """tf_ema: random resized crop (scale crop_scale), horizontal flip p 0.5, colour jitter (0.4, 0.4, 0.4, 0.1)
-    with p 0.8, grayscale p 0.2; per sample, batched, every draw from one generator call."""
+    """tf_ema (kornia 0.8.0): random resized crop (scale crop_scale, kornia's candidate rule), horizontal flip
+    p 0.5, colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8 in an order drawn per call, grayscale p 0.2; per sample,
+    batched, on the generator's device: the crop's draw, one ``torch.rand(n, 7)`` (flip, jitter on/off, four
+    factors, grayscale), then the jitter's order."""
 
     def __init__(self, size: Sequence[int], crop_scale: Sequence[float]) -> None:
-        self.crop = GSAAugment(size, scale=crop_scale, grayscale_p=0.0)
+        # kornia's RandomResizedCrop keeps a candidate only if 0 < h < H and 0 < w < W, and has its own fallback
+        # (kornia@v0.8.0 kornia/augmentation/random_generator/_2d/crop.py:238-266): GSAAugment's bounds="kornia"
+        self.crop = GSAAugment(size, scale=crop_scale, grayscale_p=0.0, bounds="kornia")
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         n = len(x)
         gray0, boxes = self.crop.draw(n, x.shape[-2], x.shape[-1], generator)
         u = torch.rand(n, 7, generator=generator, device=generator.device)
+        # kornia's ColorJitterGenerator draws `order = torch.randperm(4)` at every call, one order for the whole
+        # batch (kornia@v0.8.0 kornia/augmentation/random_generator/_2d/color_jitter.py:110); here on the device
+        order = torch.randperm(4, generator=generator, device=generator.device)
         x = self.crop.apply(x, gray0, boxes)
         x = torch.where((u[:, 0] < 0.5).view(-1, 1, 1, 1), x.flip(-1), x)
-        x = torch.where((u[:, 1] < 0.8).view(-1, 1, 1, 1), color_jitter(x, u[:, 2:6]), x)
+        x = torch.where((u[:, 1] < 0.8).view(-1, 1, 1, 1), color_jitter(x, u[:, 2:6], order), x)
         return random_grayscale(x, u[:, 6] < 0.2)
 
 

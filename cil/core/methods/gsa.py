@@ -64,7 +64,8 @@ class GSAConfig(BalancedReplayConfig):
     grayscale_p: float = 0.2
     # The official code's behaviour where it differs (experiment=gsa_*_official turns these on; docs/methods.md)
     crop: str = "torchvision"  # "affine": the official crop (half-pixel offsets, reflection at the borders);
-    # "padded": the add-on papers' GSA, RandomCrop(size, padding=crop_padding) with one offset per call + flip p 0.5
+    # "padded": mkd_ocl's GSA, RandomCrop(size, padding=crop_padding) with one offset per call + flip p 0.5;
+    # "kornia": CCL-DC's GSA, kornia's RandomResizedCrop (candidates strictly inside the image, its own fallback)
     crop_padding: int = 4  # crop=padded: zero padding on every side
     bn_extra_passes: bool = False  # the official step's forward passes outside the loss (batch-norm statistics)
     fresh_head_rows: bool = False  # a task's head rows re-initialised when it starts (a head grown per task)
@@ -125,13 +126,15 @@ class GSAConfig(BalancedReplayConfig):
 
 
 CURRENT_CLASSES = ("novelty", "window")
-GSA_CROPS = (*CROPS, "padded")  # the resized crops, and the add-on papers' crop with padding
+GSA_CROPS = (*CROPS, "kornia", "padded")  # the resized crops (torchvision's, the affine one, kornia's); mkd_ocl's
 
 
 def gsa_augment(cfg: GSAConfig, image_size: Sequence[int]) -> GSAAugment:
     """GSA's augmentation A for images of `image_size` (H, W) under `cfg.crop`."""
     if cfg.crop == "padded":
         return PaddedCropAugment(image_size, grayscale_p=cfg.grayscale_p, padding=cfg.crop_padding)
+    if cfg.crop == "kornia":  # CCL-DC's GSA (src/learners/baseline/gsa.py:46-49): kornia RandomResizedCrop
+        return GSAAugment(image_size, scale=tuple(cfg.crop_scale), grayscale_p=cfg.grayscale_p, bounds="kornia")
     return CROPS[cfg.crop](image_size, scale=tuple(cfg.crop_scale), grayscale_p=cfg.grayscale_p)
 
 
