@@ -202,6 +202,7 @@ def test_weight_zero_is_the_base_method_and_the_addon_composes(tmp_path, digits,
 def test_resume_after_sigkill_is_bit_identical_with_an_addon(tmp_path, addon, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))  # this checkout's cil
     args = [*FAST, "method=er", "method.replay_batch_size=10", f"addon={addon}", "stream.n_tasks=2"]
+    args += ["stream.samples_per_class=80"]  # 80 batches: the kill at 45 falls in task 1, after its checkpoints
     ref = tmp_path / "ref" / "run"
     ref.parent.mkdir()
     proc = run_here(ref, args)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_resume import run_here
 from torch import nn
 
 pytest.importorskip("avalanche")
@@ -163,26 +164,10 @@ def test_plugin_known_options_and_one_kind_of_stream(digits_stream):
 
 
 def cli(tmp_path, name, *args):
+    """`python -m cil` in this process (test_resume.run_here): Avalanche is already imported here."""
     run_dir = tmp_path / name
-    cmd = [
-        sys.executable,
-        "-m",
-        "cil",
-        f"hydra.run.dir={run_dir}",
-        "dataset=digits",
-        "log.progress=false",
-        "eval.anytime_every=50",
-        "buffer.size=100",
-        *args,
-    ]
-    proc = subprocess.run(
-        cmd,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-    )
+    args = ("dataset=digits", "log.progress=false", "eval.anytime_every=50", "buffer.size=100", *args)
+    proc = run_here(run_dir, list(args))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((run_dir / "results.json").read_text())
 

@@ -4,13 +4,11 @@ Small data only: sklearn's digits as an Avalanche benchmark of three tasks with 
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_resume import run_here
 from torch import nn
 
 pytest.importorskip("avalanche")
@@ -273,27 +271,10 @@ def test_options_the_plugin_does_not_take():
 
 
 def cli(tmp_path, name, *args, ok=True):
+    """`python -m cil` in this process (test_resume.run_here): Avalanche is already imported here."""
     run_dir = tmp_path / name
-    cmd = [
-        sys.executable,
-        "-m",
-        "cil",
-        f"hydra.run.dir={run_dir}",
-        "dataset=digits",
-        "log.progress=false",
-        "threads=1",
-        "eval.anytime_every=0",
-        "buffer.size=100",
-        *args,
-    ]
-    proc = subprocess.run(
-        cmd,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-    )
+    args = ("dataset=digits", "log.progress=false", "threads=1", "eval.anytime_every=0", "buffer.size=100", *args)
+    proc = run_here(run_dir, list(args))
     if not ok:
         return proc
     assert proc.returncode == 0, proc.stderr[-3000:]

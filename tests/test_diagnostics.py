@@ -1,9 +1,6 @@
 """cil.core.diagnostics: the accounting against autograd on the methods' real losses, and training unchanged by it."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -181,12 +178,9 @@ def test_every_must_be_positive():
         validate(cfg)
 
 
-def test_cli_writes_diagnostics_logs_and_plots(tmp_path):
+def test_cli_writes_diagnostics_logs_and_plots(tmp_path, cli_in_process):
     run_dir = tmp_path / "run"
     cmd = [
-        sys.executable,
-        "-m",
-        "cil",
         f"hydra.run.dir={run_dir}",
         "dataset=digits",
         "method=er",
@@ -196,8 +190,7 @@ def test_cli_writes_diagnostics_logs_and_plots(tmp_path):
         "diagnostics.enabled=true",
         "diagnostics.every=10",
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    proc = cli_in_process(*cmd)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((run_dir / "results.json").read_text())
     assert len(res["diagnostics"]["per_task"]) == 5 and res["diagnostics"]["measured_steps"] >= 10

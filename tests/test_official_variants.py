@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_resume import FAST, checkpoint_step, cli, comparable
+from test_resume import FAST, checkpoint_step, cli, comparable, run_here
 
 from cil.core.augment import PaddedCropAugment
 from cil.core.buffer import ReplayBuffer
@@ -582,14 +582,14 @@ def test_mkd_ocl_gsa_run_resumes_bit_for_bit_after_sigkill(tmp_path, monkeypatch
     args = [*FAST, *MKD_OCL_GSA, "addon=mkd", "stream.n_tasks=2"]
     ref = tmp_path / "ref" / "run"
     ref.parent.mkdir()
-    proc = cli(ref, args)
+    proc = run_here(ref, args)
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "cut" / "run"
     run.parent.mkdir()
     proc = cli(run, args, "observe:45:KILL")
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert checkpoint_step(run) > 0
-    proc = cli(run, args)
+    proc = run_here(run, args)
     assert proc.returncode == 0, proc.stderr
     a = comparable(ref)
     assert comparable(run) == a and a["final_avg_acc"] > 25

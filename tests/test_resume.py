@@ -79,11 +79,14 @@ def checkpoint_step(run_dir: Path) -> int:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """Uninterrupted runs (checkpoints written along the way, as in the interrupted runs)."""
+    """Uninterrupted runs (checkpoints written along the way, as in the interrupted runs), in this process: the
+    killed and resumed runs below, in processes of their own, must end on them bit for bit."""
     runs = {}
+    threads = torch.get_num_threads()
     for name, args in METHODS.items():
         run_dir = tmp_path_factory.mktemp(f"ref_{name}") / "run"
-        proc = cli(run_dir, [*FAST, *args])
+        proc = run_here(run_dir, [*FAST, *args])
+        torch.set_num_threads(threads)  # (a module fixture: the per-test restore does not cover it)
         assert proc.returncode == 0, proc.stderr
         runs[name] = run_dir
     return runs

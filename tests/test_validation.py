@@ -225,10 +225,15 @@ def mnist_copy(tmp_path, shared_data):
         ),
     ],
 )
-def test_cli_truncated_archive_is_named(tmp_path, mnist_copy, verify, message):
-    f = mnist_copy / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
-    proc, run_dir = cli(
-        tmp_path, "dataset=mnist", f"dataset.root={mnist_copy}", "dataset.download=false", f"dataset.verify={verify}"
+def test_cli_truncated_archive_is_named(tmp_path, cli_in_process, mnist_copy, verify, message):
+    f, run_dir = mnist_copy / "MNIST" / "raw" / "train-images-idx3-ubyte.gz", tmp_path / "run"
+    proc = cli_in_process(
+        f"hydra.run.dir={run_dir}",
+        "log.progress=false",
+        "dataset=mnist",
+        f"dataset.root={mnist_copy}",
+        "dataset.download=false",
+        f"dataset.verify={verify}",
     )
     assert proc.returncode == 2
     assert message.format(f=f) in proc.stderr
@@ -247,16 +252,18 @@ def image_folder(tmp_path):
     return tmp_path / "img"
 
 
-def test_cli_empty_class_folder_and_unreadable_image_are_named(tmp_path, image_folder, monkeypatch):
+def test_cli_empty_class_folder_and_unreadable_image_are_named(tmp_path, cli_in_process, image_folder, monkeypatch):
     monkeypatch.setenv("CIL_CACHE_DIR", str(tmp_path / "cache"))
     for f in (image_folder / "train" / "b").iterdir():
         f.unlink()
-    args = ("dataset=imagefolder", f"dataset.path={image_folder}", "stream.n_tasks=1", "buffer.size=10")
-    proc, run_dir = cli(tmp_path, *args)
+    run_dir = tmp_path / "run"
+    args = (f"hydra.run.dir={run_dir}", "log.progress=false", "dataset=imagefolder", f"dataset.path={image_folder}")
+    args += ("stream.n_tasks=1", "buffer.size=10")
+    proc = cli_in_process(*args)
     assert proc.returncode == 2
     assert f"error: class folder {image_folder / 'train' / 'b'} has no images" in proc.stderr
     (image_folder / "train" / "b" / "0.png").write_bytes(b"not an image")
-    proc, run_dir = cli(tmp_path, *args)
+    proc = cli_in_process(*args)
     assert proc.returncode == 2
     assert f"error: cannot decode image {image_folder / 'train' / 'b' / '0.png'}" in proc.stderr
     assert not run_dir.exists()
@@ -280,8 +287,11 @@ def test_cli_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert res["status"] == "failed" and "diverged" in res["error"] and res["checkpoint"].endswith("checkpoint.pt")
 
 
-def test_cli_real_divergence_is_reported(tmp_path):
-    proc, run_dir = cli(tmp_path, "dataset=digits", "optimizer.lr=1e6", "buffer.size=50")
+def test_cli_real_divergence_is_reported(tmp_path, cli_in_process):
+    run_dir = tmp_path / "run"
+    proc = cli_in_process(
+        f"hydra.run.dir={run_dir}", "log.progress=false", "dataset=digits", "optimizer.lr=1e6", "buffer.size=50"
+    )
     assert proc.returncode == 2
     assert "non-finite (nan or inf)" in proc.stderr and "Lower optimizer.lr" in proc.stderr
     assert not (run_dir / "checkpoint.pt").exists()

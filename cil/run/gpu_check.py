@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -53,10 +54,11 @@ class Plan:
         self.device = "cpu" if dry_run else "cuda"
         self.data_root = data_root
         self.dataset = "digits" if dry_run else "cifar10_jpeg"
-        self.quick_per_class = 40 if dry_run else 100  # correctness runs: samples per class (10 classes, batch 10)
+        self.quick_per_class = 20 if dry_run else 100  # correctness runs: samples per class (10 classes, batch 10)
         self.speed_batches = 1 if dry_run else 40  # speed: batches per task
         self.sync_steps = (3, 2) if dry_run else (30, 20)  # sync check: warm-up steps, checked steps
         self.fidelity_per_class = 6 if dry_run else None  # None: the whole stream
+        self.fidelity_memories = (500,) if dry_run else (500, 200, 1000)  # the dry run: one run of each kind
         self.nf = {"reduced_resnet18": 4 if dry_run else None, "resnet18": 4 if dry_run else None}
         self.max_parallel = 3 if dry_run else 6
 
@@ -131,10 +133,10 @@ def environment(plan: Plan) -> dict:
                 "gpus": torch.cuda.device_count(),
             }
         )
-    for module in ("hydra", "omegaconf", "avalanche"):
-        try:
-            env[module] = getattr(__import__(module), "__version__", "installed")
-        except ImportError:
+    for module, dist in (("hydra", "hydra-core"), ("omegaconf", "omegaconf"), ("avalanche", "avalanche-lib")):
+        try:  # the installed version, without importing the package (Avalanche takes seconds to import)
+            env[module] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
             env[module] = "not installed"
     return env
 
@@ -368,7 +370,7 @@ def fidelity_queue(plan: Plan) -> list[tuple[str, str, list[str]]]:
         [f"stream.samples_per_class={plan.fidelity_per_class}", "model.nf=4"] if plan.fidelity_per_class else []
     )
     queue = []
-    for memory in (500, 200, 1000):
+    for memory in plan.fidelity_memories:
         queue.append((f"gsa M={memory}", "gsa", ["experiment=gsa_cifar10", *base, f"buffer.size={memory}"]))
         queue.append(
             (
@@ -377,7 +379,7 @@ def fidelity_queue(plan: Plan) -> list[tuple[str, str, list[str]]]:
                 ["experiment=gsa_cifar10_official", *base, f"buffer.size={memory}"],
             )
         )
-    for memory in (500, 200, 1000):
+    for memory in plan.fidelity_memories:
         queue.append(
             (
                 f"er_ace M={memory}",
