@@ -31,11 +31,11 @@ lint: $(STAMP)
 # The whole suite (CI, and what a new user runs): two test workers with one thread each, as the tests start CLI
 # runs of their own on a 2-core machine.
 test: lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal
 
 # While working: lint, types and the fast tests (those not marked slow), in under two minutes.
 check: lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal -m "not slow"
 
 # One intra-op thread per run unless OMP_NUM_THREADS says otherwise (the figures in docs/performance.md).
 bench: $(STAMP)

@@ -198,6 +198,7 @@ def test_weight_zero_is_the_base_method_and_the_addon_composes(tmp_path, digits,
 
 
 # -- runs and config ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("addon", ["mkd", "ccl_dc"])
 def test_resume_after_sigkill_is_bit_identical_with_an_addon(tmp_path, addon, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))  # this checkout's cil

@@ -51,6 +51,7 @@ def test_config_is_typed_and_checked():
         api.config({"method": "er", "method.replay_batch_size": "many"})
 
 
+@pytest.mark.slow
 def test_run_equals_the_command_line_run(tmp_path):
     settings = ["dataset=digits", "method=er_ace", "buffer.size=100", "seed=3", "log.progress=false"]
     proc = subprocess.run(

@@ -172,6 +172,7 @@ def cli(tmp_path, name, *args):
     return json.loads((run_dir / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_avalanche_peers_through_cli(tmp_path):
     er_ace = cli(tmp_path, "er_ace", "method=avalanche_er_ace")
     lwf = cli(tmp_path, "lwf", "method=avalanche_lwf", "method.params.alpha=0.5")
@@ -192,6 +193,7 @@ def test_avalanche_peers_through_cli(tmp_path):
     assert er_ace["final_avg_acc"] > 55 and er_ace["final_avg_acc"] > lwf["final_avg_acc"] + 15
 
 
+@pytest.mark.slow
 def test_gsa_plugin_matches_our_learner_on_the_same_stream(tmp_path):
     ours = cli(tmp_path, "gsa", "method=gsa")
     plugin = cli(tmp_path, "avalanche_gsa", "method=avalanche_gsa")
@@ -215,6 +217,7 @@ def test_unknown_peer_or_knob_is_one_clear_error():
     assert strategy_params(cfg) == {"alpha": 0.3, "beta": 0.5}
 
 
+@pytest.mark.slow
 def test_core_does_not_import_avalanche():
     code = (
         "import sys, cil, cil.run.experiment, cil.core.learner, cil.core.methods, cil.run.config; "

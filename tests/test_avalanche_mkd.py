@@ -281,6 +281,7 @@ def cli(tmp_path, name, *args, ok=True):
     return json.loads((run_dir / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_peer_with_addon_mkd_through_cli(tmp_path):
     res = cli(tmp_path, "replay_mkd", "method=avalanche_replay", "addon=mkd", "addon.mkd.eval_head=teacher")
     assert res["status"] == "complete" and res["avalanche"]["strategy"] == "Naive"

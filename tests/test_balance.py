@@ -358,6 +358,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit(name, rule):
     assert all(torch.equal(a, b) for a, b in zip(fresh.model.parameters(), whole.model.parameters(), strict=True))
 
 
+@pytest.mark.slow
 def test_cli_resume_after_sigkill_is_bit_identical_with_a_window(tmp_path):
     args = [
         *FAST,

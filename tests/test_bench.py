@@ -21,6 +21,7 @@ from cil.run.experiment import build_learner
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_smoke_writes_json_with_expected_keys(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [
@@ -187,6 +188,7 @@ def test_seen_masks_are_replaced_when_a_class_is_new_and_never_changed_in_place(
     assert fresh.seen is restored and restored.nonzero().squeeze(1).tolist() == [0, 1, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", OURS)
 def test_every_native_method_is_a_contestant_with_its_arithmetic_timed(method):
     """`make bench` covers every registered method: it trains, its evaluation uses the method's own evaluation
@@ -263,6 +265,7 @@ def test_summary_reports_per_task_time_and_the_slowdown():
 MNIST_RAW = Path(os.environ.get("CIL_DATA_ROOT") or REPO.parent / "shared" / "data") / "MNIST" / "raw"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (MNIST_RAW / "train-images-idx3-ubyte.gz").is_file(), reason="offline MNIST copy absent")
 @pytest.mark.parametrize("which", ["avalanche_er", "avalanche_er_ace"])
 def test_avalanche_classic_split_mnist_contestant(which, tmp_path, monkeypatch):

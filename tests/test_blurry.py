@@ -257,6 +257,7 @@ BLURRY = [
 ]
 
 
+@pytest.mark.slow
 def test_cli_er_on_iblurry_digits_reports_a_auc_and_resumes_bit_for_bit(tmp_path):
     ref = tmp_path / "ref" / "run"
     ref.parent.mkdir()

@@ -22,6 +22,7 @@ def cli(tmp_path, *args, env=None):
 
 
 # ER through the real entry point (`python -m cil` in a new process), GSA in this one: the same code after start-up
+@pytest.mark.slow
 @pytest.mark.parametrize("method, in_process", [("er", False), ("gsa", True)])
 def test_short_run_writes_sane_results(tmp_path, cli_in_process, method, in_process):
     args = [*FAST, f"method={method}", "buffer.size=100", "method.replay_batch_size=10"]

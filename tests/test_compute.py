@@ -64,6 +64,7 @@ def test_er_step_flops_match_a_hand_count():
     assert delay_from_flops(flops // 2, flops) == 1  # a cheaper method keeps up with the stream
 
 
+@pytest.mark.slow
 def test_counting_flops_on_every_step_changes_no_result(tmp_path):
     counted = run_experiment(cfg(compute__flops_every=1), tmp_path / "on")
     plain = run_experiment(cfg(compute__flops=False), tmp_path / "off")
@@ -127,6 +128,7 @@ def test_measured_delay_and_delay_1_is_a_normal_run(tmp_path):
     assert same(measured, normal) == (rt["delay"] == 1)  # the probe leaves the run's own RNG untouched
 
 
+@pytest.mark.slow
 def test_realtime_run_resumes_bit_for_bit_after_sigkill(tmp_path):
     # checkpoints every 10 batches fall between a training step and its skipped batches (delay 3)
     args = [

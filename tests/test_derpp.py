@@ -305,6 +305,7 @@ def test_crop_flip_matches_a_per_sample_loop():
 ARGS = [*FAST, "method=derpp", "method.replay_batch_size=16", "method.augment=true", "method.crop_padding=0"]
 
 
+@pytest.mark.slow
 def test_cli_run_is_sane_and_resumes_bit_identically_after_sigkill(tmp_path):
     """A digits run ends with a sane results.json; a run killed mid-step (task 1) and resumed ends identically
     (results.json and metrics.csv): buffer logits, augmentation generator and replay draws all resume."""

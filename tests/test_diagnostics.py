@@ -178,6 +178,7 @@ def test_every_must_be_positive():
         validate(cfg)
 
 
+@pytest.mark.slow
 def test_cli_writes_diagnostics_logs_and_plots(tmp_path, cli_in_process):
     run_dir = tmp_path / "run"
     cmd = [

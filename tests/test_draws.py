@@ -724,6 +724,7 @@ def test_apf_pair_counts_round_then_fix_the_total_at_random(points, short):
         assert_binomial(int(hits[i]), calls, 1 / eligible.sum(), f"pair {pairs[i]} adjusted")
 
 
+@pytest.mark.slow
 def test_apf_pair_mixup_one_gate_per_pair_beta_lambda_per_row():
     """APF's pair rows: one Bernoulli(0.2) decision per class pair (all its rows mixed or none), lambda ~
     Beta(0.4, 0.4) per row (against numpy's Beta sampler, the official code's); each row mixes a buffer row of

@@ -242,6 +242,7 @@ def run_lockstep(cfg: OCMConfig, check):
     return method
 
 
+@pytest.mark.slow
 def test_every_step_matches_the_official_equations():
     """Tasks 0-2 (30 steps): loss and the gradients of every model and projection-head parameter equal the
     reference's; replayed rows min(64, 7 |seen|) (21 at the start of task 1, 42 in task 2)."""
@@ -323,6 +324,7 @@ FAST = [
 ]
 
 
+@pytest.mark.slow
 def test_cli_run_and_resume_after_sigkill_is_bit_identical(tmp_path, monkeypatch):
     """A digits run ends with sane results; the same run killed mid-step in task 1 (after a checkpoint, with the
     previous model in it) and resumed ends with the same results, bit for bit."""

@@ -89,6 +89,7 @@ def head_history(tmp_path, data_root, experiment):
     return learner, history
 
 
+@pytest.mark.slow
 def test_official_head_stops_learning_after_task_0_and_new_rows_are_fresh(tmp_path, jpeg_subset):
     learner, history = head_history(tmp_path, jpeg_subset, "gsa_cifar10_official")
     classes = {t.index: t.classes.tolist() for t in learner.stream.tasks}
@@ -112,6 +113,7 @@ def test_official_head_stops_learning_after_task_0_and_new_rows_are_fresh(tmp_pa
     assert torch.equal(history[-1][3][classes[0]], b0[classes[0]])
 
 
+@pytest.mark.slow
 def test_corrected_mode_keeps_training_the_head(tmp_path, jpeg_subset):
     learner, history = head_history(tmp_path, jpeg_subset, "gsa_cifar10")
     end_of_task0 = max(i for i, h in enumerate(history) if h[0] == 0)

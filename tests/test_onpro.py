@@ -323,6 +323,7 @@ def build(knobs):
 @pytest.mark.parametrize(
     "knobs", [SPEC, OTHER, ROW_GATE, BATCH_GATE], ids=["official_defaults", "other_knobs", "row_gate", "batch_gate"]
 )
+@pytest.mark.slow
 def test_onpro_steps_match_reference(knobs):
     """Tasks 0-2 of the digits stream (3 x 10 batches; the second task's replay batch is sized by the seen
     classes, APF from each task's second batch): at every step, loss and every gradient (model and projection
@@ -472,6 +473,7 @@ QUICK = ["method=onpro", "method.replay_batch_size=8", "method.proj_dim=16", "mo
 QUICK += ["stream.samples_per_class=80"]  # 80 batches: the kill at 40 falls in task 2, after a checkpoint
 
 
+@pytest.mark.slow
 def test_cli_run_and_resume_after_sigkill_are_bit_identical(tmp_path, monkeypatch):
     """`python -m cil dataset=digits method=onpro` ends with sane results; killed in task 1 (APF at work) and
     resumed, it ends bit for bit where the uninterrupted run ends."""

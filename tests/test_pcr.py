@@ -290,6 +290,7 @@ ARGS = [
 ]
 
 
+@pytest.mark.slow
 def test_cli_run_is_sane_and_resumes_bit_for_bit_after_sigkill(tmp_path, monkeypatch):
     from test_resume import checkpoint_step, cli, comparable, run_here
 

@@ -67,6 +67,7 @@ def test_gsa_weights_and_ratios(tmp_path):
         plots.plot_gsa_stats(tmp_path / "other.csv", tmp_path / "none.png")
 
 
+@pytest.mark.slow
 def test_plots_cli_writes_every_plot_of_a_sweep(tmp_path, capsys):
     sweep = tmp_path / "tiny_sweep"
     for method in ("er", "gsa"):

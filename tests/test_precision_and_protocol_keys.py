@@ -212,6 +212,7 @@ def fp16_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, growth_interval=2))
 
 
+@pytest.mark.slow
 def test_fp16_ccl_dc_peer_has_its_own_scaler_and_a_crashed_run_resumes_bit_for_bit(tmp_path, fp16_on_cpu, monkeypatch):
     def cfg():
         c = digits_cfg(precision="fp16", log__every=15, checkpoint__every=25, stream__n_tasks=5)
@@ -408,6 +409,7 @@ def test_avg4_pool_gives_official_feature_sizes(nf):
     torch.testing.assert_close(pooled.features(x), plain.features(x), rtol=1e-6, atol=1e-7)  # 4x4 map: the same mean
 
 
+@pytest.mark.slow
 def test_global_pool_is_the_network_of_before_bit_for_bit():
     """Default and `global`: the same parameters from the same seed (11,173,962 with 10 classes, as always) and
     features that are adaptive_avg_pool2d(., 1) of the last stage, 512-d at 32x32 and at 64x64."""

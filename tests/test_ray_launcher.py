@@ -56,6 +56,7 @@ def results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_sweep_on_ray_equals_in_process_runs_records_failure_and_relaunch_skips(tmp_path, env):
     # Four jobs on a 2-CPU local instance; stream.n_tasks=3 cannot split digits' 10 classes, which is found
     # inside the job once the data are loaded: those two fail, the other two must finish.
@@ -98,6 +99,7 @@ def test_sweep_on_ray_equals_in_process_runs_records_failure_and_relaunch_skips(
         assert (d / "failed.json").stat().st_mtime_ns > failed_mtimes[n]
 
 
+@pytest.mark.slow
 def test_without_ray_one_clear_error(tmp_path, env):
     code = (
         "import sys; sys.modules['ray'] = None; from cil.run.cli import cli; "

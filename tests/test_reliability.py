@@ -63,6 +63,7 @@ def image_folder(root: Path, classes: dict[str, tuple[int, int]]) -> Path:
 
 
 # 1. -------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_restart_invalidates_the_old_results_before_touching_anything(tmp_path, cli_in_process):
     run = tmp_path / "run"
     assert cli_in_process(f"hydra.run.dir={run}", *FAST).returncode == 0 and status(run) == "complete"
@@ -109,6 +110,7 @@ def test_one_writer_per_folder_and_a_crashed_holder_leaves_no_lock(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_a_second_cli_run_into_a_busy_folder_is_refused_and_the_first_finishes(tmp_path, cli_in_process):
     run, release = tmp_path / "run", tmp_path / "release"
     # the first run holds the folder from its third batch until `release` exists
@@ -123,6 +125,7 @@ def test_a_second_cli_run_into_a_busy_folder_is_refused_and_the_first_finishes(t
 
 
 # 4. -------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_refuses_a_dataset_that_changed_since_the_checkpoint(tmp_path, cli_in_process):
     folder = image_folder(tmp_path / "imgs", dict.fromkeys("abcd", (20, 3)))
     args = [
@@ -148,6 +151,7 @@ def test_resume_refuses_a_dataset_that_changed_since_the_checkpoint(tmp_path, cl
 
 
 # 5. -------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_avalanche_peers_stop_on_sigterm_as_preempted(tmp_path):
     pytest.importorskip("avalanche")
     run = tmp_path / "run"
@@ -200,6 +204,7 @@ def test_a_zero_byte_image_is_named(tmp_path):
 
 
 # 7. -------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_refused_resume_leaves_the_folders_record_of_its_config(tmp_path, cli_in_process):
     run = tmp_path / "run"
     assert cli(run, *FAST, "checkpoint.every=10", interrupt="observe:15:KILL").returncode == -signal.SIGKILL
@@ -211,6 +216,7 @@ def test_a_refused_resume_leaves_the_folders_record_of_its_config(tmp_path, cli_
 
 
 # 8. a full disk or a file-size limit -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_file_size_limit_during_a_checkpoint_is_one_line_and_a_failed_status(tmp_path):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))  # metrics and results fit, a checkpoint not
@@ -246,6 +252,7 @@ def test_results_that_cannot_be_written_are_printed_and_the_run_says_so(tmp_path
 
 
 # 9. --------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_several_sigterms_in_a_row_still_exit_75(tmp_path):
     run = tmp_path / "run"
     with cli(run, *FAST, "method=gsa", "method.replay_batch_size=32", wait=False) as proc:

@@ -92,6 +92,7 @@ def reference(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_er_resumes_bit_for_bit_after_kills_at_many_points(tmp_path, reference):
     run_dir, args = tmp_path / "run", [*FAST, *METHODS["er"]]
     # 1. SIGKILL in the middle of a step (batch 37, task 1): the last checkpoint is the end of task 0 (batch ~29).
@@ -131,6 +132,7 @@ def test_er_resumes_bit_for_bit_after_kills_at_many_points(tmp_path, reference):
     assert (run_dir / "metrics.csv").read_bytes() == (reference["er"] / "metrics.csv").read_bytes()
 
 
+@pytest.mark.slow
 def test_gsa_resumes_bit_for_bit_after_sigkill_and_external_sigterm(tmp_path, reference):
     run_dir, args = tmp_path / "run", [*FAST, *METHODS["gsa"]]
     # SIGKILL mid-step in task 1 (GSA's gradient statistics, buffer and augmentation generator all in flight)
@@ -152,6 +154,7 @@ def test_gsa_resumes_bit_for_bit_after_sigkill_and_external_sigterm(tmp_path, re
     assert (run_dir / "metrics.csv").read_bytes() == (reference["gsa"] / "metrics.csv").read_bytes()
 
 
+@pytest.mark.slow
 def test_same_seed_same_results_and_checkpoints_change_nothing(tmp_path, reference):
     """A second GSA run of the same seed without any checkpoint equals the reference bit for bit (the config's
     checkpoint keys aside), so neither run-to-run noise nor writing checkpoints changes a result."""
@@ -164,6 +167,7 @@ def test_same_seed_same_results_and_checkpoints_change_nothing(tmp_path, referen
     assert (run_dir / "metrics.csv").read_bytes() == (reference["gsa"] / "metrics.csv").read_bytes()
 
 
+@pytest.mark.slow
 def test_crash_and_resume_in_process_with_diagnostics_and_class_balanced_buffer(tmp_path, monkeypatch):
     """The same guarantee for the parts the CLI tests leave out (diagnostics state, the class-balanced buffer,
     Adam's moments), with the crash simulated in process: an exception in the middle of batch 40."""

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 TINY = [
     "dataset=digits",
     "log.progress=false",
@@ -36,6 +38,7 @@ def assert_complete(run_dir: Path, seed: int):
     return res
 
 
+@pytest.mark.slow
 def test_joblib_two_jobs_then_relaunch_skips_them(tmp_path):
     args = ("method=er", "seed=0,1")
     proc, sweep = multirun(tmp_path, *args, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
@@ -65,6 +68,7 @@ def test_joblib_two_jobs_then_relaunch_skips_them(tmp_path):
     assert sorted(run_dirs(sweep)) == names  # same folders, nothing new
 
 
+@pytest.mark.slow
 def test_submitit_local_two_jobs_one_fails_and_the_other_finishes(tmp_path):
     # stream.n_tasks=3 cannot split 10 classes: that job fails once the data are loaded; its sibling must finish
     args = ("method=er", "seed=0", "stream.n_tasks=5,3")
@@ -93,6 +97,7 @@ def test_submitit_local_two_jobs_one_fails_and_the_other_finishes(tmp_path):
     assert (bad / "failed.json").stat().st_mtime_ns > failed_mtime
 
 
+@pytest.mark.slow
 def test_slurm_launcher_config_composes(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "cil", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra"],
@@ -106,6 +111,7 @@ def test_slurm_launcher_config_composes(tmp_path):
     assert "timeout_min: 240" in proc.stdout and "submitit_folder: ${hydra.sweep.dir}/.submitit/%j" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_folder_name_past_the_file_name_limit_is_shortened_stably(tmp_path):
     """A job whose overrides make a folder name longer than one file name may be (255 bytes) gets its head and a
     hash of the whole name, the same on every launch, so the run completes and a re-launch skips it (before, the

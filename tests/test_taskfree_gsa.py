@@ -255,6 +255,7 @@ TASK_FREE = [
 ]
 
 
+@pytest.mark.slow
 def test_cli_task_free_gsa_on_iblurry_reports_a_auc_and_resumes_bit_for_bit(tmp_path):
     ref = tmp_path / "ref" / "run"
     ref.parent.mkdir()

@@ -94,6 +94,7 @@ def poisoned_digits(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 def test_tune_searches_on_validation_only_then_runs_the_best_on_test(tmp_path, poisoned_digits, capsys):
     args = [
         "search=er",

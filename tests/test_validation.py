@@ -194,6 +194,7 @@ def cli(tmp_path, *args, interrupt=None):
     return proc, run_dir
 
 
+@pytest.mark.slow
 def test_cli_config_error_is_one_line_and_exit_2(tmp_path):
     # (tests/test_cli.py runs type errors and unknown keys through the CLI too; this one was silently accepted)
     proc, run_dir = cli(tmp_path, "dataset=digits", "+stream.bogus=1")
@@ -269,6 +270,7 @@ def test_cli_empty_class_folder_and_unreadable_image_are_named(tmp_path, cli_in_
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_cli_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     # the weights become NaN in batch 12's update; checkpoints every 5 batches: 5 and 10 written, 15 refused
     proc, run_dir = cli(tmp_path, "dataset=digits", "checkpoint.every=5", "buffer.size=50", interrupt="observe:12:NAN")

@@ -96,6 +96,7 @@ def uninterrupted(tmp_path_factory, wandb_env):
     return run_dir
 
 
+@pytest.mark.slow
 def test_offline_run_records_scalars_matrix_config_summary_and_plots(uninterrupted):
     run_dir = uninterrupted
     results = json.loads((run_dir / "results.json").read_text())
@@ -134,6 +135,7 @@ def test_offline_run_records_scalars_matrix_config_summary_and_plots(uninterrupt
     assert run["summary"]["status"] == "complete"
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_env, uninterrupted):
     run_dir = tmp_path / "run"
     # SIGKILL mid-step in task 1: the W&B run is left as the kill left it
@@ -164,6 +166,7 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_env, uninterru
     assert runs[-1]["summary"]["final_avg_acc"] == json.loads((run_dir / "results.json").read_text())["final_avg_acc"]
 
 
+@pytest.mark.slow
 def test_sweep_jobs_are_runs_of_one_group(tmp_path, wandb_env):
     sweep = tmp_path / "sweep"
     cmd = [
