@@ -7,7 +7,7 @@ STAMP := $(VENV)/.cil-installed
 CIL_DATA_ROOT ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),$(CURDIR)/data)
 export CIL_DATA_ROOT
 
-.PHONY: demo test check lint bench gpu-check env clean-env
+.PHONY: demo test check lint bench gpu-check gpu-queue env clean-env
 
 env: $(STAMP)
 
@@ -45,6 +45,12 @@ bench: $(STAMP)
 # GPU_CHECK_ARGS for more (--budget S, --dry-run, --only ...).
 gpu-check:
 	$(if $(wildcard $(PY)),$(PY),python3) -m cil gpu-check $(if $(OUT),--out $(OUT)) $(GPU_CHECK_ARGS)
+
+# The paper-scale runs of experiments/queue.yaml on a GPU machine, one budget at a time, resumable (docs/gpu-check.md,
+# "The paper-scale queue"). OUT=DIR for the report folder; GPU_QUEUE_ARGS for more (--budget S, --pack FILE,
+# --dry-run, --list, --only TABLES).
+gpu-queue:
+	$(if $(wildcard $(PY)),$(PY),python3) -m cil gpu-queue $(if $(OUT),--out $(OUT)) $(GPU_QUEUE_ARGS)
 
 clean-env:
 	rm -rf $(VENV)

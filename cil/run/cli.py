@@ -126,6 +126,8 @@ def _tool(name: str) -> Callable[[list[str]], int]:
         from cil.run.bench.main import main as tool
     elif name == "gpu-check":
         from cil.run.gpu_check import main as tool
+    elif name == "gpu-queue":
+        from cil.run.gpu_queue import main as tool
     elif name == "tune":
         from cil.run.tune import main as tune_main
 
@@ -135,7 +137,7 @@ def _tool(name: str) -> Callable[[list[str]], int]:
     return tool
 
 
-SUBCOMMANDS = ("report", "plots", "bench", "gpu-check", "demo", "tune")
+SUBCOMMANDS = ("report", "plots", "bench", "gpu-check", "gpu-queue", "demo", "tune")
 
 
 def cli() -> None:

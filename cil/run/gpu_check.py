@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import importlib.util
-import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -38,12 +35,20 @@ from typing import Any
 
 import torch
 
-from cil import __version__
-from cil.runfolder import CHECKPOINT, METRICS, RESULTS, read_json, write_json_atomic
+from cil.run.gpu_plan import (
+    STARTUP_S,
+    Report,
+    RunPool,
+    cli_command,
+    environment,
+    fits,
+    last_step,
+    seconds_per_step,
+    task_end_accuracies,
+)
+from cil.runfolder import CHECKPOINT, RESULTS, read_json
 
 PUBLISHED = {200: (58.0, 48.9), 500: (64.6, 61.5), 1000: (69.1, 67.6)}  # GSA paper, re-run B (docs/gsa.md)
-GPU_SHARE = 2.5  # concurrent runs that together go as fast as GPU_SHARE runs alone (docs/gpu-check.md)
-STARTUP_S = 25.0  # a run's start: Python, torch, CUDA, the cached dataset
 
 
 class Plan:
@@ -68,84 +73,7 @@ class Plan:
         return out + ([f"dataset.root={self.data_root}"] if self.data_root else [])
 
 
-class Report:
-    """report.json (everything) and report.md (the same, readable), rewritten after every result."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.data: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "sections": {}}
-
-    def put(self, section: str, key: str, value: Any) -> None:
-        self.data["sections"].setdefault(section, {})[key] = value
-        self.write()
-
-    def write(self) -> None:
-        self.data["updated"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-        write_json_atomic(self.out / "report.json", self.data)
-        (self.out / "report.md").write_text(render_markdown(self.data))
-
-
-def render_markdown(data: dict) -> str:
-    lines = [f"# cil gpu-check ({data['started']}, last update {data.get('updated', '')})", ""]
-    for section, entries in data["sections"].items():
-        lines += [f"## {section}", ""]
-        for key, value in entries.items():
-            if isinstance(value, list) and value and isinstance(value[0], dict):
-                cols = list(value[0])
-                lines += [f"### {key}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-                lines += ["| " + " | ".join(_cell(row.get(c)) for c in cols) + " |" for row in value]
-                lines.append("")
-            else:
-                lines.append(f"- **{key}**: {_cell(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _cell(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, (list, dict)):
-        return json.dumps(v)
-    return "" if v is None else str(v)
-
-
-# -- 1. environment ---------------------------------------------------------------------------------------------
-def environment(plan: Plan) -> dict:
-    import torchvision
-
-    env = {
-        "cil": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "cuda (torch build)": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "cpus": os.cpu_count(),
-        "dry run": plan.dry_run,
-    }
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env.update(
-            {
-                "gpu": props.name,
-                "gpu memory GiB": round(props.total_memory / 2**30, 1),
-                "multiprocessors": props.multi_processor_count,
-                "gpus": torch.cuda.device_count(),
-            }
-        )
-    for module, dist in (("hydra", "hydra-core"), ("omegaconf", "omegaconf"), ("avalanche", "avalanche-lib")):
-        try:  # the installed version, without importing the package (Avalanche takes seconds to import)
-            env[module] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            env[module] = "not installed"
-    return env
-
-
 # -- runs through the command line ------------------------------------------------------------------------------
-def cli_command(overrides: list[str], run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "cil", *overrides, f"hydra.run.dir={run_dir}"]
-
-
 def run_cli(overrides: list[str], run_dir: Path, timeout: float) -> dict:
     # A correctness verdict is worth more than its budget share: a slow machine overruns the share (fidelity, which
     # keeps the absolute deadline, then starts fewer runs) rather than losing the verdict.
@@ -185,9 +113,9 @@ def correctness_runs(plan: Plan, work: Path, report: Report, deadline: float) ->
     proc = subprocess.Popen(cli_command(ov, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_at = None
     while proc.poll() is None and time.time() < deadline:
-        if (run_dir / CHECKPOINT).exists() and _last_step(run_dir) >= plan.quick_per_class // 2:
+        if (run_dir / CHECKPOINT).exists() and last_step(run_dir) >= plan.quick_per_class // 2:
             proc.send_signal(signal.SIGKILL)
-            killed_at = _last_step(run_dir)
+            killed_at = last_step(run_dir)
             break
         time.sleep(0.05)
     proc.wait()
@@ -200,23 +128,6 @@ def correctness_runs(plan: Plan, work: Path, report: Report, deadline: float) ->
         if killed_at is not None
         else f"{verdict} (the run ended before it could be killed)",
     )
-
-
-def _task_end_accuracies(run_dir: Path) -> list[float]:
-    """The average accuracy over the tasks seen, at each task end a run reached (from its metrics.csv)."""
-    try:
-        rows = [line.split(",") for line in (run_dir / METRICS).read_text().splitlines()[1:]]
-    except OSError:
-        return []
-    return [round(float(r[3]), 2) for r in rows if len(r) == 4 and r[2] == "avg_acc_seen"]
-
-
-def _last_step(run_dir: Path) -> int:
-    try:
-        lines = (run_dir / METRICS).read_text().splitlines()
-        return int(lines[-1].split(",")[0]) if len(lines) > 1 else 0
-    except (OSError, ValueError):
-        return 0
 
 
 def sync_check(plan: Plan, dataset, report: Report) -> None:
@@ -331,7 +242,7 @@ def speed(plan: Plan, dataset, report: Report, deadline: float) -> dict:
         if method in ("gsa", "gsa_official"):
             cfg.method = dataclasses.replace(cfg.method, replay_batch_size=64)
         res = run_ours(cfg, dataset, plan.speed_batches)
-        per_step = res["train_time_s"] / (res["samples"] / cfg.stream.batch_size)
+        per_step = seconds_per_step(res, cfg.stream.batch_size)
         rows.append(
             {
                 "method": method,
@@ -400,52 +311,43 @@ def fidelity(plan: Plan, work: Path, report: Report, step_time: dict, deadline: 
     work.mkdir(parents=True, exist_ok=True)
     queue = fidelity_queue(plan)
     steps = 5000 if plan.fidelity_per_class is None else plan.fidelity_per_class  # 10 classes, batch 10
-    running: dict[str, tuple[subprocess.Popen, Path, float, Any]] = {}
+    pool = RunPool()
     rows: dict[str, dict] = {label: {"run": label, "status": "queued"} for label, _, _ in queue}
 
     def publish():
         report.put("fidelity", "Split CIFAR-10 (JPEG copy), full ResNet-18, whole stream, fp32", list(rows.values()))
 
+    def still_needs(run) -> float:  # seconds alone a run going still needs
+        done = last_step(run.run_dir)
+        return max(0.0, STARTUP_S - (time.time() - run.started)) * (done == 0) + (steps - done) * run.info["s/step"]
+
     publish()
     margin = 20.0 if not plan.dry_run else 2.0
-    while queue or running:
+    stopped = False
+    while queue or pool.running:
         now = time.time()
-        while queue and len(running) < plan.max_parallel:
+        while queue and len(pool.running) < plan.max_parallel:
             label, kind, overrides = queue.pop(0)
-            # Runs share the GPU and the host: k runs at once each go at GPU_SHARE / k of one run's speed.
             per_step = step_time.get(kind, max(step_time.values(), default=0.0))  # unmeasured: start it anyway
-            estimate = steps * per_step * max(1.0, (len(running) + 1) / GPU_SHARE) + STARTUP_S
-            if now + estimate + margin > deadline:
-                rows[label] |= {"status": f"not started: estimated {estimate:.0f} s, {deadline - now:.0f} s left"}
+            estimate = steps * per_step + STARTUP_S
+            # Runs share the GPU (gpu_plan): started only if it and every run going still end before the deadline.
+            if not fits([still_needs(r) for r in pool.running.values()], estimate, deadline - margin - now):
+                rows[label] |= {"status": f"not started: estimated {estimate:.0f} s alone, {deadline - now:.0f} s left"}
                 continue
-            run_dir = work / label.replace(" ", "_").replace("=", "")
-            stderr = open(work / f"{run_dir.name}.stderr", "w")  # noqa: SIM115 - the run writes it; closed at its end
-            proc = subprocess.Popen(cli_command(overrides, run_dir), stdout=subprocess.DEVNULL, stderr=stderr)
-            running[label] = (proc, run_dir, now, stderr)
+            pool.start(label, overrides, work / label.replace(" ", "_").replace("=", ""), {"s/step": per_step})
             rows[label] |= {"status": "running", "command": "python -m cil " + " ".join(overrides)}
             publish()
-        if time.time() > deadline - margin:  # out of time: every run still going checkpoints and stops
-            for proc, *_ in running.values():
-                proc.send_signal(signal.SIGTERM)
-            for proc, *_ in running.values():
-                try:
-                    proc.wait(timeout=margin)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        for label, (proc, run_dir, started, stderr) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[label]
-            stderr.close()
-            rows[label] |= _fidelity_row(label, run_dir, proc.returncode, time.time() - started)
+        if not stopped and time.time() > deadline - margin:  # out of time: every run still going checkpoints, stops
+            pool.stop(grace=margin)
+            stopped = True
+        for ended in pool.reap():
+            rows[ended.key] |= _fidelity_row(ended.key, ended.run_dir, ended.code, ended.seconds, ended.stderr_tail)
             publish()
         time.sleep(0.5)
-    for label, _, _ in queue:
-        rows[label] |= {"status": "not started: out of time"}
     publish()
 
 
-def _fidelity_row(label: str, run_dir: Path, code: int, seconds: float) -> dict:
+def _fidelity_row(label: str, run_dir: Path, code: int, seconds: float, stderr: str) -> dict:
     res = read_json(run_dir / RESULTS) or {}
     row: dict[str, Any] = {"status": res.get("status", f"exit {code}"), "wall s": round(seconds, 1)}
     if res.get("status") == "complete":
@@ -462,10 +364,10 @@ def _fidelity_row(label: str, run_dir: Path, code: int, seconds: float) -> dict:
         row |= {
             "stopped at stream batch": res.get("step"),
             "of": res.get("stream_batches"),
-            "avg acc after each task %": _task_end_accuracies(run_dir),
+            "avg acc after each task %": task_end_accuracies(run_dir),
         }
     else:
-        row["error"] = res.get("error") or (run_dir.parent / f"{run_dir.name}.stderr").read_text()[-300:]
+        row["error"] = res.get("error") or stderr[-300:]
     return row
 
 
@@ -499,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(exist_ok=True)
     report = Report(out)
     report.put("plan", "budget s", args.budget)
-    report.put("environment", "versions", environment(plan))
+    report.put("environment", "versions", environment(plan.dry_run))
     ok = True
 
     def section(name: str, fn, *a):
