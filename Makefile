@@ -37,6 +37,15 @@ test: lint
 check: lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal -m "not slow"
 
+# Sweeps on a real SLURM cluster (tests/test_slurm.py): a private one-node cluster (munged, slurmctld, slurmd in a
+# temporary folder, removed afterwards) runs a sweep through Hydra's submitit launcher, pre-empts two of its jobs and
+# checks that they resume. slurm-wlm and munge are installed with apt when missing (root, apt access). CI runs it
+# after `make test`.
+.PHONY: slurm-test
+slurm-test: $(STAMP)
+	$(PY) tests/slurm_cluster.py install
+	CIL_SLURM_TEST=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=3 tests/test_slurm.py
+
 # One intra-op thread per run unless OMP_NUM_THREADS says otherwise (the figures in docs/performance.md).
 bench: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m cil bench $(BENCH_ARGS)

@@ -1,0 +1,279 @@
+"""A private one-node SLURM cluster for tests/test_slurm.py (`make slurm-test`): munged, slurmctld and slurmd of
+Debian's `slurm-wlm` and `munge` packages, all of their files (config, key, sockets, state, spool, logs) in one
+temporary folder, on free TCP ports, so it never touches a SLURM or munge installation of the machine.
+
+What works in a container without systemd or cgroups: `ProctrackType=proctrack/linuxproc` (jobs tracked by their
+process tree), `TaskPlugin=task/none` (no CPU binding), no accounting daemon (`sacct` is not available: job states
+come from `squeue`/`scontrol` and the controller's job-completion log, `jobcomp/filetxt`), every daemon as root
+(`SlurmUser=root`) in the foreground as a child of this process, and munged on its own socket and key
+(`AuthInfo=socket=...`). Clients reach the cluster through `SLURM_CONF` (`Cluster.env`).
+
+Also a command line, to keep a cluster up by hand (then `CIL_SLURM_TEST=running` runs the test against it):
+    python tests/slurm_cluster.py install | start DIR | stop DIR
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PACKAGES = ("slurm-wlm", "munge")
+DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd")
+CLIENTS = ("sbatch", "squeue", "scontrol", "scancel", "sinfo", "srun")
+APT_ENV = {"DEBIAN_FRONTEND": "noninteractive"}
+PARTITION = "debug"
+
+
+def missing_binaries() -> list[str]:
+    return [b for b in (*DAEMONS, *CLIENTS) if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
+
+
+def install(log=print) -> str | None:
+    """Installs slurm-wlm and munge with apt when a binary is missing. None when they are there, else one line
+    saying why they cannot be."""
+    if not missing_binaries():
+        return None
+    if shutil.which("apt-get") is None:
+        return f"cannot install {' '.join(PACKAGES)}: no apt-get on this machine (install SLURM and munge yourself)"
+    if os.geteuid() != 0:
+        return f"cannot install {' '.join(PACKAGES)}: apt-get needs root (run as root, or install them yourself)"
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
+    env = {**os.environ, **APT_ENV}
+    started = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:  # a machine whose package lists were never fetched: fetch them, then try again
+        update = subprocess.run(["apt-get", "update"], capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env) if update.returncode == 0 else update
+    if proc.returncode != 0 or missing_binaries():
+        last = (proc.stderr.strip() or proc.stdout.strip() or "?").splitlines()[-1]
+        return f"cannot install {' '.join(PACKAGES)} with apt-get (exit {proc.returncode}): {last}"
+    log(f"installed {' '.join(PACKAGES)} with apt-get in {time.monotonic() - started:.0f} s")
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_resources() -> tuple[int, int]:
+    """(CPUs, RealMemory in MB) as slurmd sees this machine (`slurmd -C`)."""
+    out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
+    fields = dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+    return int(fields["CPUs"]), int(fields["RealMemory"])
+
+
+class Cluster:
+    """One node (`localhost`, every CPU of the machine) and one partition (`debug`), rooted at `root`."""
+
+    def __init__(self, root: Path, conf: Path | None = None):
+        self.root = Path(root)
+        self.conf = self.root / "slurm.conf" if conf is None else conf
+        self.logs = self.root / "log"
+        self.jobcomp = self.logs / "jobcomp.txt"
+        self.munge_socket = self.root / "munge" / "munge.socket"
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment of a client of this cluster (sbatch, squeue, submitit's launcher)."""
+        return {**os.environ, "SLURM_CONF": str(self.conf)} if self.conf.exists() else dict(os.environ)
+
+    # -- start ---------------------------------------------------------------------------------------------------
+    def write_config(self) -> None:
+        cpus, memory = node_resources()
+        for sub in ("munge", "state", "spool", "log"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root / "munge", 0o755)  # munged wants its socket reachable by all
+        key = self.root / "munge" / "munge.key"
+        subprocess.run(["mungekey", "--create", f"--keyfile={key}", "--force"], check=True, capture_output=True)
+        os.chmod(key, 0o400)
+        r = self.root
+        self.conf.write_text(
+            f"""# generated by tests/slurm_cluster.py: a one-node test cluster, everything under {r}
+ClusterName=ciltest
+SlurmctldHost={socket.gethostname().split(".")[0]}(127.0.0.1)
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={self.munge_socket}
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd.pid
+SlurmctldLogFile={self.logs}/slurmctld.log
+SlurmdLogFile={self.logs}/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/filetxt
+JobCompLoc={self.jobcomp}
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+MpiDefault=none
+MailProg=/bin/true
+ReturnToService=2
+KillWait=20
+MinJobAge=600
+InactiveLimit=0
+NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN
+PartitionName={PARTITION} Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+"""
+        )
+
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        out = open(self.logs / f"{name}.out", "ab")  # noqa: SIM115 - the daemon's, closed with it
+        self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+        out.close()
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.write_config()
+        m = self.root / "munge"
+        self._spawn(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={m / 'munge.key'}",
+                f"--pid-file={m / 'munged.pid'}",
+                f"--seed-file={m / 'munged.seed'}",
+                f"--log-file={self.logs / 'munged.log'}",
+            ],
+        )
+        self._wait(lambda: self.munge_socket.exists(), timeout, "munged's socket")
+        self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
+        self._wait(lambda: self.client("scontrol", "ping").returncode == 0, timeout, "slurmctld to answer")
+        self._spawn("slurmd", ["slurmd", "-D", "-N", "localhost", "-f", str(self.conf)])
+        self._wait(self.node_idle, timeout, "the node to be idle")
+
+    def node_idle(self) -> bool:
+        out = self.client("sinfo", "-h", "-N", "-o", "%T").stdout.strip()
+        return out.startswith("idle")
+
+    def _wait(self, ok, timeout: float, what: str) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{', '.join(dead)} exited while waiting for {what}:\n{self.log_tail()}")
+            if ok():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 15) -> str:
+        parts = []
+        for path in sorted(self.logs.glob("*")):
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {path.name}\n" + "\n".join(text))
+        return "\n".join(parts)
+
+    # -- use -----------------------------------------------------------------------------------------------------
+    def client(self, *cmd: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+        return subprocess.run(list(cmd), capture_output=True, text=True, env=self.env, timeout=timeout)
+
+    # -- stop ----------------------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Cancels every job, stops the daemons (then any process of this cluster's jobs still alive: those whose
+        environment names this cluster's config) and removes the folder. Only for a cluster this object started
+        (or `main`'s `stop DIR`): somebody else's is left alone."""
+        if not self.procs:
+            return
+        with contextlib.suppress(Exception):
+            if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+                ids = self.client("squeue", "-h", "-o", "%i").stdout.split()
+                if ids:
+                    self.client("scancel", *ids)
+                    end = time.monotonic() + 30
+                    while time.monotonic() < end and self.client("squeue", "-h", "-o", "%i").stdout.strip():
+                        time.sleep(0.5)
+        for name in ("slurmd", "slurmctld", "munged"):
+            proc = self.procs.get(name)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        for pid in self.leftover_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def leftover_pids(self) -> list[int]:
+        """Processes of this cluster's jobs still alive: slurmstepd (whose environment, slurmd's, names this
+        cluster's config) and the jobs' own processes (SLURM_JOB_ID and this cluster's config in theirs). A shell
+        that only exported SLURM_CONF is not one of them."""
+        mark = f"SLURM_CONF={self.conf}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                name = (entry / "comm").read_text().strip()
+            except OSError:
+                continue
+            job = name == "slurmstepd" or any(e.startswith(b"SLURM_JOB_ID=") for e in environ)
+            if mark in environ and job:
+                found.append(int(entry.name))
+        return found
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["install"]:
+        why = install()
+        if why:
+            print(why, file=sys.stderr)
+            return 1
+        return 0
+    if len(argv) == 2 and argv[0] in ("start", "stop"):
+        cluster = Cluster(Path(argv[1]).absolute())
+        if argv[0] == "start":
+            cluster.start()
+            print(f"export SLURM_CONF={cluster.conf}")
+            return 0
+        # a cluster started by another process (`start DIR`, or a test run that was killed): its jobs, then its
+        # daemons by their pid files, then what is left of its jobs, then the folder
+        if not cluster.conf.exists():
+            print(f"{cluster.conf} does not exist: no cluster there", file=sys.stderr)
+            return 1
+        with contextlib.suppress(Exception):
+            ids = cluster.client("squeue", "-h", "-o", "%i", timeout=10).stdout.split()
+            if ids:
+                cluster.client("scancel", *ids, timeout=10)
+                time.sleep(3)
+        for pidfile in ("slurmd.pid", "slurmctld.pid", "munge/munged.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int((cluster.root / pidfile).read_text().split()[0]), signal.SIGTERM)
+        time.sleep(2)
+        for pid in cluster.leftover_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(cluster.root, ignore_errors=True)
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
