@@ -18,7 +18,7 @@ RESULTS = "results.json"
 FAILED = "failed.json"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
-SKIP_DIRS = {".hydra", ".submitit", "tensorboard", "wandb", "__pycache__"}
+SKIP_DIRS = {".hydra", ".submitit", ".cil-refused", "tensorboard", "wandb", "__pycache__"}
 
 
 def _umask() -> int:
@@ -56,12 +56,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    """The parsed file, or None when it is absent or unreadable (half-written by a killed job: not complete)."""
+    """The parsed file, or None when it is absent, unreadable (half-written by a killed job: not complete) or not
+    a JSON object (a list, a number: not a file cil wrote)."""
     try:
-        data: dict[str, Any] = json.loads(Path(path).read_text())
-        return data
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def run_status(run_dir: Path) -> str:

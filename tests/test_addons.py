@@ -250,3 +250,59 @@ def test_main_pass_mode_is_refused_for_a_method_that_declares_no_main_pass():
     cfg.addon = {"mkd": {"mode": "main_pass"}}
     validate(cfg)
     assert addon_configs(cfg.addon)["mkd"].mode == "main_pass"
+
+
+# -- every method with every add-on ------------------------------------------------------------------------------
+def _all_methods():
+    from cil.core.methods import METHODS
+
+    return sorted(METHODS)
+
+
+# digits as it comes (batches of 10), and a stream whose tasks end on a short batch (13 samples of each class: 10,
+# 10, 6): a method's per-batch state (PCR's augmented copy of the incoming batch) then differs in size between one
+# batch and the next, for the run's method and for CCL-DC's peer, which is stepped outside `observe`
+STREAMS = {"digits": {}, "short_batches": {"samples_per_class": 13}}
+
+
+@pytest.mark.parametrize("stream", sorted(STREAMS))
+@pytest.mark.parametrize("addon", ["mkd", "ccl_dc"])
+@pytest.mark.parametrize("method", _all_methods())
+def test_every_method_composes_with_every_addon(tmp_path, digits, method, addon, stream):
+    cfg = default_config(method, dataset=DatasetConfig(name="digits"))
+    cfg.buffer.size, cfg.log.progress, cfg.eval.anytime_every = 100, False, 0
+    for key, value in {"replay_batch_size": 16, "current_task_replay": 4}.items():
+        if hasattr(cfg.method, key):
+            setattr(cfg.method, key, value)
+    for key, value in STREAMS[stream].items():
+        setattr(cfg.stream, key, value)
+    cfg.addon = {addon: {}}
+    validate(cfg)
+    learner = build_learner(cfg, tmp_path, digits)
+    peer = getattr(learner.method.addons[0], "peer", None)
+    fresh = []
+    for i, batch in enumerate(learner.stream.batches()):
+        if i == 6:  # two tasks: the short batch, a task change, the next task's first batches
+            break
+        learner.train_batch(batch)
+        if peer is not None and hasattr(peer, "_incoming_aug"):  # PCR's peer draws this batch's copy, not the last's
+            assert len(peer._incoming_aug) == len(batch.y)
+            assert all(peer._incoming_aug is not earlier for earlier in fresh)
+            fresh.append(peer._incoming_aug)
+    values = learner.method.addons[0].log_values()
+    assert values and all(math.isfinite(v) for v in values.values())
+    learner.close()
+
+
+@pytest.mark.parametrize("addon", ["mkd", "ccl_dc"])
+def test_an_avalanche_peer_takes_an_addon_or_refuses_it_at_config_time(addon):
+    pytest.importorskip("avalanche")
+    from cil.avalanche.peers import peer_configs
+
+    for name in sorted(peer_configs()):
+        cfg = default_config(name)
+        cfg.addon = {addon: {}}
+        try:
+            validate(cfg)
+        except ConfigError as err:
+            assert f"addon={addon} with method.name={name!r}" in str(err)  # the reason, in one line

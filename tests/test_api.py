@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -73,3 +74,31 @@ def test_run_equals_the_command_line_run(tmp_path):
     assert (tmp_path / "api" / ".hydra" / "config.yaml").is_file()
     again = api.run(settings, out_dir=tmp_path / "api")  # complete: returned, not run again
     assert again["wall_time_s"] == res["wall_time_s"]
+
+
+@pytest.mark.parametrize(
+    "cfg, needle",
+    [
+        ({"method": None}, "method=None: a config group takes an option's name"),
+        ({"addon": None}, "for no add-on: 'none'"),
+        ({"dataset": 3}, "dataset=3"),
+        (5, "is not a config"),
+        ([5], "override 5 is not a string"),
+        ({1: "x"}, "config key 1"),
+        ({"buffer.size": 100, "buffer": {"size": 200}}, "buffer.size is given twice"),
+        (["seed=1", "seed=2"], "seed is given twice"),
+    ],
+)
+def test_every_bad_config_argument_is_a_config_error(cfg, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        api.config(cfg)
+
+
+@pytest.mark.parametrize("where", ["a_file", "under_a_file", "empty", "not_a_path"])
+def test_every_bad_out_dir_is_a_config_error(tmp_path, where):
+    (tmp_path / "f").write_text("mine\n")
+    out_dir = {"a_file": tmp_path / "f", "under_a_file": tmp_path / "f" / "run", "empty": "", "not_a_path": 5}[where]
+    for call in (api.run, api.build):
+        with pytest.raises(ConfigError, match="out_dir"):
+            call({"dataset": "digits", "log.progress": False}, out_dir=out_dir)
+    assert (tmp_path / "f").read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["f"]

@@ -258,3 +258,41 @@ def test_a_table_names_the_machines_its_runs_were_recorded_on(tmp_path):
     report.update_results_md(md, report.collect_sections([s]), {"t": {"title": "T"}}, "cil report")
     assert "Machines: AMD EPYC (2), Intel Xeon (1), not recorded (1)." in md.read_text()
     assert report.machines_note([report.load_run(s / "seed=3")]) == ""
+
+
+@pytest.mark.parametrize("content", ["[1, 2, 3]", "{not json", '{"status": "complete", "config": [1]}'])
+def test_an_unreadable_results_json_is_skipped_with_one_warning(sweep, capsys, content):
+    bad = sweep / "method=er,seed=9"
+    bad.mkdir()
+    (bad / "results.json").write_text(content)
+    assert report.main([str(sweep)]) == 0
+    out, err = capsys.readouterr()
+    assert "70.00 ± 10.00" in out and "7 run(s)" in out  # the table of the others, without the bad one
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(bad / "results.json") in warnings[0]
+
+
+def test_a_summary_the_user_wrote_is_kept_and_ours_is_rewritten(sweep, capsys):
+    (sweep / "summary.md").write_text("# my notes on this sweep\n")
+    (sweep / "summary.csv").write_text("a,b\n1,2\n")
+    assert report.main([str(sweep)]) == 0
+    err = capsys.readouterr().err
+    assert f"{sweep / 'summary.md'} was not written by cil report: it is kept as {sweep / 'summary.md.1.bak'}" in err
+    assert (sweep / "summary.md.1.bak").read_text() == "# my notes on this sweep\n"
+    assert (sweep / "summary.csv.1.bak").read_text() == "a,b\n1,2\n"
+    assert (sweep / "summary.md").read_text().startswith("### split_mnist_table")
+    assert report.main([str(sweep)]) == 0  # its own files: rewritten, no second copy
+    assert "not written by cil report" not in capsys.readouterr().err
+    assert sorted(p.name for p in sweep.glob("summary*")) == [
+        "summary.csv",
+        "summary.csv.1.bak",
+        "summary.md",
+        "summary.md.1.bak",
+    ]
+
+
+def test_an_output_folder_that_is_a_file_is_one_line(sweep, tmp_path, capsys):
+    (tmp_path / "taken").write_text("mine\n")
+    assert report.main([str(sweep), "-o", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot write the summary") and str(tmp_path / "taken") in err and "\n" not in err

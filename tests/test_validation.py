@@ -52,6 +52,11 @@ def hydra_error(*overrides) -> str:
         ("+bogus=1", "bogus is not a setting of cil: top-level keys are dataset, stream,"),
         ("+checkpoint.evry=5", "checkpoint.evry is not a setting of cil (did you mean checkpoint.every?)"),
         ("method=nope", "Could not find 'method/nope'"),
+        (  # a launcher option Hydra's config lacks: the fix is Hydra's +, not a cil setting
+            "hydra.launcher.additional_parameters.requeue=true",
+            "hydra.launcher.additional_parameters is not a key of Hydra's config (or of the chosen launcher's); to "
+            "add one, prefix it with +",
+        ),
     ],
 )
 def test_schema_errors_name_key_value_and_what_is_allowed(override, message):

@@ -30,6 +30,7 @@ from typing import Any, cast
 import yaml
 
 from cil.analysis.tune_report import is_tune_folder, tune_text
+from cil.errors import os_error_text
 from cil.runfolder import FAILED, RESULTS, find_run_dirs, read_json, run_status
 
 # Keys that do not change what a run measures: runs differing only in these are the same experiment.
@@ -119,14 +120,32 @@ def machines_note(runs: list[Run]) -> str:
     return " Machines: " + ", ".join(parts) + "."
 
 
-def load_run(run_dir: Path) -> Run:
+def load_run(run_dir: Path) -> Run | None:
+    """The run in `run_dir`; None (with one warning naming the file) when its results.json cannot be read or is
+    not a results.json (not a JSON object, a config that is not one): the table goes on without it."""
+    results = run_dir / RESULTS
+    if results.exists() and read_json(results) is None:
+        try:
+            json.loads(results.read_text())
+            why = "it is JSON, but not a JSON object as cil writes"
+        except OSError as err:
+            why = err.strerror or str(err)
+        except ValueError as err:
+            why = f"not JSON ({err})"
+        print(f"warning: skipped {results}: {why}; the table leaves this run out", file=sys.stderr)
+        return None
     status = run_status(run_dir)
     if status == "complete":
-        res = json.loads((run_dir / RESULTS).read_text())
-        return Run(run_dir, status, res.get("config") or {}, results=res)
+        res = read_json(results) or {}
+        config = res.get("config") or {}
+        if not isinstance(config, dict):
+            print(f"warning: skipped {results}: its config is not a mapping; the table leaves it out", file=sys.stderr)
+            return None
+        return Run(run_dir, status, config, results=res)
     if status == "failed":
         info = read_json(run_dir / FAILED) or read_json(run_dir / RESULTS) or {"error_type": "unreadable failed.json"}
-        cfg = info.get("config") or _hydra_config(run_dir)
+        cfg = info.get("config") if isinstance(info.get("config"), dict) else None
+        cfg = cfg or _hydra_config(run_dir)
         return Run(run_dir, status, cfg, error=f"{info.get('error_type', '?')}: {info.get('error', '?')}")
     return Run(run_dir, status, _hydra_config(run_dir))
 
@@ -134,9 +153,10 @@ def load_run(run_dir: Path) -> Run:
 def _hydra_config(run_dir: Path) -> dict:
     path = run_dir / ".hydra" / "config.yaml"
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        config = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
         return {}
+    return config if isinstance(config, dict) else {}
 
 
 @dataclass
@@ -147,7 +167,11 @@ class Section:
 
 
 def collect_sections(dirs: list[Path]) -> list[Section]:
-    return [Section(Path(d).resolve().name, Path(d), [load_run(r) for r in find_run_dirs(Path(d))]) for d in dirs]
+    sections = []
+    for d in dirs:
+        runs = [load_run(r) for r in find_run_dirs(Path(d))]
+        sections.append(Section(Path(d).resolve().name, Path(d), [r for r in runs if r is not None]))
+    return sections
 
 
 @dataclass
@@ -602,11 +626,48 @@ def main(argv: list[str] | None = None) -> int:
     md = "\n\n".join(texts) + "\n"
     print(md, end="")
     out = args.out or (args.dirs[0] if len(args.dirs) == 1 else Path("report"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(md)
-    write_csv(all_rows, out / "summary.csv")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, ours in (("summary.md", _is_our_summary), ("summary.csv", _is_our_csv)):
+            kept = keep_theirs(out / name, ours)
+            if kept is not None:
+                print(f"note: {out / name} was not written by cil report: it is kept as {kept}", file=sys.stderr)
+        (out / "summary.md").write_text(md + MD_MARK + "\n")
+        write_csv(all_rows, out / "summary.csv")
+    except OSError as err:
+        print(f"error: cannot write the summary: {os_error_text(err)} (-o DIR chooses another folder)", file=sys.stderr)
+        return 2
     print(f"wrote {out / 'summary.md'} and {out / 'summary.csv'}")
     return 0 if any(s.runs for s in sections) else 1
+
+
+# The last line of the summary.md cil report writes: a summary.md without it is someone else's and is kept.
+MD_MARK = "<!-- written by cil report: the next cil report of this folder rewrites this file -->"
+
+
+def _is_our_summary(text: str) -> bool:
+    return text.rstrip().endswith(MD_MARK)
+
+
+def _is_our_csv(text: str) -> bool:
+    return text.startswith(",".join(CSV_FIELDS[:5]))  # summary.csv's own header
+
+
+def keep_theirs(path: Path, ours: Any) -> Path | None:
+    """Move `path` aside (to `<name>.<n>.bak`) when it exists and `ours(text)` says cil report did not write it;
+    the new name, or None when there was nothing to keep."""
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    if ours(text):
+        return None
+    n = 1
+    while (kept := path.with_name(f"{path.name}.{n}.bak")).exists():
+        n += 1
+    path.rename(kept)
+    return kept
 
 
 if __name__ == "__main__":

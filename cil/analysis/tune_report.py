@@ -62,6 +62,22 @@ def _cell(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+def _status_note(record: dict[str, Any]) -> str:
+    """What tune.json says of a tune that has not finished (records from before `status` existed say nothing)."""
+    status = record.get("status")
+    if status in (None, "complete"):
+        return ""
+    notes = {
+        "searching": "the search has not finished (running, or killed): run the same command again",
+        "search stopped": "the search was stopped before all its trials ran (no final phase yet): run the same "
+        "command again",
+        "search failed": "the search ended without a best setting: see its log",
+        "final phase": "the final phase has not finished (running, or killed): run the same command again",
+        "final phase stopped": "the final phase was stopped: run the same command again",
+    }
+    return f" Status: {notes.get(status, status)}."
+
+
 def tune_text(tune_dir: Path, final_section: str | None) -> str:
     """Markdown: what was searched, the trials (best marked) and the final table (`final_section`, made by the
     report from final/)."""
@@ -83,7 +99,8 @@ def tune_text(tune_dir: Path, final_section: str | None) -> str:
             if "best_value" in record
             else "none yet"
         )
-        + ".",
+        + "."
+        + _status_note(record),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

@@ -53,6 +53,21 @@ FORMAT_VERSION = 1
 PENDING_STOP: list[int] = []
 
 
+# What `save` writes and `load` and `restore` read: a torch file without one of them is not a cil checkpoint.
+CHECKPOINT_KEYS = (
+    "format",
+    "config",
+    "model",
+    "optimizer",
+    "method",
+    "buffer",
+    "learner",
+    "rng",
+    "metrics_csv_bytes",
+    "wall_time_s",
+)
+
+
 def note_stop(signum: int, _frame=None) -> None:
     PENDING_STOP.append(signum)
 
@@ -177,9 +192,11 @@ class Checkpointer:
                 f"cannot read checkpoint {self.path} ({type(e).__name__}): the file is corrupt or not "
                 "a cil checkpoint. Delete it or set checkpoint.resume=false to start the run over"
             ) from e
-        if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        lacking = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else ["format"]
+        if lacking or state.get("format") != FORMAT_VERSION or not isinstance(state.get("config"), dict):
+            what = f" (it has no {lacking[0]!r})" if lacking else ""
             raise DataError(
-                f"{self.path} is not a cil checkpoint of format {FORMAT_VERSION}; delete it or set "
+                f"{self.path} is not a cil checkpoint of format {FORMAT_VERSION}{what}; delete it or set "
                 "checkpoint.resume=false to start the run over"
             )
         diff = config_differences(state["config"], self.config)
@@ -286,8 +303,9 @@ class Checkpointer:
 
     # -- signals -----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def stop_on_signals(self, signums: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None]:
-        """While the loop runs, SIGTERM only sets a flag; the loop then checkpoints and raises Preempted."""
+    def stop_on_signals(self, signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+        """While the loop runs, SIGTERM or SIGINT (Ctrl-C) only sets a flag; the loop then checkpoints and raises
+        Preempted (exit code 75, or 130 for Ctrl-C). Outside it, Ctrl-C stops at once (KeyboardInterrupt)."""
         if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
             yield
             return

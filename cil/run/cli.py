@@ -20,11 +20,12 @@ import hydra
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cil.errors import EXIT_PREEMPTED, CilError, Preempted
+from cil.errors import EXIT_INTERRUPTED, CilError, Preempted, os_error_text
 from cil.run.checkpoint import note_stop
 from cil.run.config_errors import describe, unknown_keys
 from cil.run.folder import LOCK
@@ -37,18 +38,73 @@ BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 register_schemas()  # also in launcher workers, which import this module to run the job
 
+# The run folder as it was before this command's Hydra made it: {absolute path: {entry name: size in bytes (-1 for a
+# folder)}, or None when it did not exist}. Noted by RunFolderBefore: a refused run leaves the folder as it was.
+FOLDER_BEFORE: dict[Path, dict[str, int] | None] = {}
+
+
+class RunFolderBefore(Callback):
+    """Hydra callback (conf/config.yaml `hydra.callbacks`): notes what the run folder holds before Hydra makes it
+    and opens its log there, so that a refused run removes only what it created (`_tidy_failed_run`)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            path = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()
+            FOLDER_BEFORE[path] = (
+                {e.name: e.stat().st_size if e.is_file() else -1 for e in path.iterdir()} if path.is_dir() else None
+            )
+        except Exception:  # noqa: BLE001 - an unresolvable or unreadable path: nothing noted, nothing removed
+            pass
+
 
 def _tidy_failed_run(out_dir: Path) -> None:
-    """A run refused before it started leaves no folder that looks like a run: the folder goes only when Hydra's
-    log is all it holds (this invocation made it). Nothing else is ever deleted."""
+    """A run refused before it started leaves the folder as it found it: what this invocation created there
+    (Hydra's log, the lock) is removed, a log file that was there gets back its length (the refusal's lines
+    appended to it go; they are on the terminal), and the folder goes when the invocation made it. Nothing else is
+    touched, and nothing at all when the run got as far as writing its own files (they say what happened), when
+    another run holds the folder, or when what was there before is not known (a sweep job)."""
+    key = out_dir.absolute()
+    if key not in FOLDER_BEFORE:
+        return
+    noted = FOLDER_BEFORE.pop(key)
+    before = noted or {}
     try:
-        entries = list(out_dir.iterdir())
-        if all(e.is_file() and (e.suffix == ".log" or e.name == LOCK) for e in entries):
-            for e in entries:
-                e.unlink()
+        entries = {e.name: e for e in out_dir.iterdir()}
+        created = {name: e for name, e in entries.items() if name not in before}
+        if any(not (e.is_file() and (e.suffix == ".log" or name == LOCK)) for name, e in created.items()):
+            return
+        if LOCK in entries and not _lock_is_free(out_dir / LOCK):
+            return  # another run is in the folder (and may have made these files)
+        root = logging.getLogger()
+        for handler in list(root.handlers):  # this run's log file: closed, so no later record reopens it
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == key:
+                root.removeHandler(handler)
+                handler.close()
+                name = Path(handler.baseFilename).name
+                if before.get(name, -1) >= 0 and name in entries:  # the user's file: the appended lines go
+                    os.truncate(entries[name], before[name])
+        for e in created.values():
+            e.unlink()
+        if noted is None:  # this invocation made the folder
             out_dir.rmdir()
     except OSError:
         pass
+
+
+def _lock_is_free(lock: Path) -> bool:
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _record_config(out_dir: Path, dcfg: DictConfig) -> None:
@@ -92,6 +148,7 @@ def main(dcfg: DictConfig) -> dict:
             resolved,
             list(HydraConfig.get().overrides.task),
             on_start=lambda: _record_config(out_dir, dcfg),
+            sweep_dir=Path(HydraConfig.get().sweep.dir),
         )
         return search_score(result, out_dir) if searching else result
     from cil.run.experiment import run_experiment  # after Hydra has parsed the command line: `--help` stays fast
@@ -155,8 +212,9 @@ def cli() -> None:
         _hydra_command()
     finally:
         # Python gives signals their default action back while it shuts down: a late SIGTERM would then turn
-        # this exit code into -15. Nothing is left to stop.
+        # this exit code into -15, a late Ctrl-C print a traceback. Nothing is left to stop.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _hydra_command() -> None:
@@ -181,9 +239,30 @@ def _hydra_command() -> None:
         )
         sys.exit(2)
     except Preempted as stop:
-        log.warning("pre-empted: %s", stop)
-        print(f"pre-empted: {stop}", file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
+        why = "interrupted" if stop.exit_code == EXIT_INTERRUPTED else "pre-empted"
+        log.warning("%s: %s", why, stop)
+        print(f"{why}: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside a run's loop (composing, loading data, between sweep jobs)
+        print(
+            "interrupted: Ctrl-C before a checkpoint could be written; nothing of a run in progress is lost "
+            f"beyond its last checkpoint: the same command resumes it (exit code {EXIT_INTERRUPTED})",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    except OSError as err:  # a path the user gave (run or sweep folder, working directory) that cannot be used
+        print(f"error: {_os_error_line(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _os_error_line(err: OSError) -> str:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return f"the working directory no longer exists ({err.strerror or err}); cd into an existing folder"
+    if err.filename is None:
+        return f"{err.strerror or err}; check the run folder (hydra.run.dir, hydra.sweep.dir) and the disk"
+    return f"cannot use {os_error_text(err)} (the run folder: hydra.run.dir; a sweep: hydra.sweep.dir)"
 
 
 def run_hydra(args: list[str]) -> int:

@@ -66,6 +66,11 @@ def _field_type(full_key: str, object_type: Any = None) -> Any:
 
 def _unknown_key_message(full_key: str, object_type: Any = None) -> str:
     parts = full_key.split(".")
+    if parts[0] == "hydra":  # Hydra's or a launcher's own config, which has no such key yet
+        return (
+            f"{full_key} is not a key of Hydra's config (or of the chosen launcher's); to add one, prefix it with "
+            f"+ (+{full_key}=...); a launcher's options: python -m cil hydra/launcher=<name> --cfg hydra"
+        )
     owner = _owner(parts, object_type)
     if owner is None:
         return f"{full_key} is not a setting of cil; {HELP}"

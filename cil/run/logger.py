@@ -10,7 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from cil.core.learner import MetricsLog
+from cil.errors import StorageError
+from cil.run.folder import write
 from cil.runfolder import METRICS
+
+HEADER = ["step", "task", "key", "value"]
 
 
 class RunLogger(MetricsLog):
@@ -24,18 +28,43 @@ class RunLogger(MetricsLog):
     ):
         self.wandb = wandb  # a started cil.run.wandb_log.WandbSink (the runner finishes it), or None
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write(self.out_dir, lambda p: p.mkdir(parents=True, exist_ok=True))
         self._path = self.out_dir / METRICS
         self._rows: list[list[Any]] = []  # written at each flush, the file opened only then: none is left open
-        if not (resume and self._path.exists()):
-            with open(self._path, "w", newline="") as f:
-                csv.writer(f).writerow(["step", "task", "key", "value"])
+        if not resume:
+            write(self._path, self._start)
+        else:  # a resumed run appends; a file lost or emptied since the checkpoint gets its header back first
+            write(self._path, self._header_back)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported only when asked for: it is slow to load
 
             # purge_step: a resumed run hides the events an interrupted attempt logged after its checkpoint
             self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=purge_step)
+
+    @staticmethod
+    def _start(path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerow(HEADER)
+
+    @classmethod
+    def _header_back(cls, path: Path) -> None:
+        header = ",".join(HEADER)
+        try:
+            with open(path, newline="") as f:
+                head = f.read(len(header) + 2)
+        except FileNotFoundError:
+            head = ""
+        if head.startswith((header + "\n", header + "\r\n")):
+            return
+        if header.startswith(head.rstrip("\r\n")):  # empty, or cut inside the header: the header alone
+            cls._start(path)
+            return
+        with open(path, newline="") as f:  # rows without a header above them (cut from the top): put it back
+            text = f.read()
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerow(HEADER)
+            f.write(text)
 
     def scalar(self, key: str, value: float, step: int, task: int | None = None) -> None:
         self._rows.append([step, "" if task is None else task, key, f"{value:.6g}"])
@@ -61,10 +90,16 @@ class RunLogger(MetricsLog):
         self._tb.add_image("acc_matrix", image, step, dataformats="HWC")
 
     def flush(self) -> None:
+        """Append the rows logged since the last flush; a full disk or a lost folder is a StorageError naming
+        metrics.csv (the rows are dropped: the run fails, and a resume rewrites them from its checkpoint)."""
         if self._rows:
-            with open(self._path, "a", newline="") as f:
-                csv.writer(f).writerows(self._rows)
-            self._rows.clear()
+            rows, self._rows = self._rows, []
+
+            def append(path: Path) -> None:
+                with open(path, "a", newline="") as f:
+                    csv.writer(f).writerows(rows)
+
+            write(self._path, append)
         if self._tb is not None:
             self._tb.flush()
 
@@ -78,10 +113,13 @@ def save_diagnostics(series: dict, out_dir: Path, plots: bool = True) -> list[Pa
     """Write diagnostics.json (cil.core.diagnostics.Diagnostics.series) and, with `plots`, its PNGs into the run
     folder; returns the files written."""
     path = Path(out_dir) / "diagnostics.json"
-    path.write_text(json.dumps(series))
+    write(path, lambda p: p.write_text(json.dumps(series)))
     written = [path]
     if plots:
         from cil.analysis.diagnostics_plots import plot_run  # matplotlib only when plotting
 
-        written += plot_run(series, Path(out_dir))
+        try:
+            written += plot_run(series, Path(out_dir))
+        except OSError as err:
+            raise StorageError(Path(err.filename or out_dir), err) from None
     return written

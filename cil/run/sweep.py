@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
+from cil.errors import CilError
 from cil.runfolder import FAILED, RESULTS, find_run_dirs, read_json, run_status, write_json_atomic
 
 log = logging.getLogger("cil")
@@ -58,32 +60,107 @@ def write_failure(run_dir: Path, err: BaseException, config: dict | None, overri
     return path
 
 
-def run_sweep_job(cfg: Any, out_dir: Path, resolved: dict, overrides: list[str], on_start: Any | None = None) -> dict:
-    """One job of a sweep: skip a complete folder, else run; any exception becomes failed.json and a return."""
+REFUSED_DIR = ".cil-refused"  # in a sweep folder: the jobs of a launch refused without touching their folders
+
+
+def run_sweep_job(
+    cfg: Any,
+    out_dir: Path,
+    resolved: dict,
+    overrides: list[str],
+    on_start: Any | None = None,
+    sweep_dir: Path | None = None,
+) -> dict:
+    """One job of a sweep: skip a folder that holds the complete run of this very config, else run; any exception
+    becomes failed.json and a return. A job refused before it may write its folder (another job holds it, or it
+    holds a complete run of other settings) writes nothing there: the refusal goes to the sweep folder's
+    `.cil-refused/`, which the sweep's summary reports (and counts as a failure)."""
     out_dir = Path(out_dir)
     name = ",".join(overrides) or str(out_dir)
-    if run_status(out_dir) == "complete":
-        log.info("skipping %s: %s is complete", name, out_dir / RESULTS)
-        print(f"skipped (already complete): {out_dir}")
-        return {"status": "skipped", "run_dir": str(out_dir)}
-    (out_dir / FAILED).unlink(missing_ok=True)  # a previous attempt's failure no longer describes this folder
+    from cil.run.checkpoint import config_differences
     from cil.run.experiment import run_experiment
+    from cil.run.folder import RunFolder
 
     try:
-        # with log.wandb each job is its own W&B run, grouped by its sweep folder
-        results = run_experiment(
-            cfg,
-            out_dir,
-            resolved_config=resolved,
-            on_start=on_start,
-            wandb_group="/".join(out_dir.resolve().parent.parts[-2:]),
-        )
-    except Exception as err:  # noqa: BLE001 - every failure is recorded; the sweep goes on
-        path = write_failure(out_dir, err, resolved, overrides)
-        log.error("run %s failed: %s: %s (details in %s)", name, type(err).__name__, err, path)
-        print(f"error in {name}: {type(err).__name__}: {err}\n  details: {path}", file=sys.stderr)
-        return {"status": "failed", "run_dir": str(out_dir), "error": f"{type(err).__name__}: {err}"}
-    return results
+        folder = RunFolder(out_dir).__enter__()
+    except CilError as err:  # another job of this or another launch holds it, or the path cannot be a folder
+        return refuse(out_dir, sweep_dir, name, err)
+    try:
+        if run_status(out_dir) == "complete":
+            previous = read_json(out_dir / RESULTS) or {}
+            diff = config_differences(previous.get("config") or {}, resolved)
+            if diff:
+                return refuse(
+                    out_dir,
+                    sweep_dir,
+                    name,
+                    CilError(
+                        f"{out_dir} holds a complete run of other settings ({'; '.join(diff[:5])}"
+                        f"{'; ...' if len(diff) > 5 else ''}), which this job would report as its own; it was left "
+                        "as it is: choose another hydra.sweep.dir, or move that folder away"
+                    ),
+                )
+            log.info("skipping %s: %s is complete", name, out_dir / RESULTS)
+            print(f"skipped (already complete): {out_dir}")
+            return {"status": "skipped", "run_dir": str(out_dir)}
+        (out_dir / FAILED).unlink(missing_ok=True)  # a previous attempt's failure no longer describes this folder
+        try:
+            # with log.wandb each job is its own W&B run, grouped by its sweep folder
+            return run_experiment(
+                cfg,
+                out_dir,
+                resolved_config=resolved,
+                on_start=on_start,
+                wandb_group="/".join(out_dir.resolve().parent.parts[-2:]),
+                folder=folder,
+            )
+        except Exception as err:  # noqa: BLE001 - every failure is recorded; the sweep goes on
+            try:
+                path = write_failure(out_dir, err, resolved, overrides)
+            except OSError as write_err:  # the folder cannot take it either: the sweep folder's record says it
+                return refuse(out_dir, sweep_dir, name, err, f" (and failed.json could not be written: {write_err})")
+            log.error("run %s failed: %s: %s (details in %s)", name, type(err).__name__, err, path)
+            print(f"error in {name}: {type(err).__name__}: {err}\n  details: {path}", file=sys.stderr)
+            return {"status": "failed", "run_dir": str(out_dir), "error": f"{type(err).__name__}: {err}"}
+    finally:
+        folder.__exit__(None, None, None)
+
+
+def refuse(out_dir: Path, sweep_dir: Path | None, name: str, err: BaseException, note: str = "") -> dict:
+    """A job that must not write its run folder: its error on stderr and in `<sweep dir>/.cil-refused/`."""
+    log.error("run %s refused: %s%s", name, err, note)
+    print(f"error in {name}: {err}{note}", file=sys.stderr)
+    record = {
+        "run_dir": str(out_dir),
+        "overrides": name,
+        "error": f"{err}{note}",
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if sweep_dir is not None:
+        folder = Path(sweep_dir) / REFUSED_DIR
+        key = hashlib.sha1(str(out_dir).encode()).hexdigest()[:16]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(folder / f"{key}-{os.getpid()}.json", record)
+        except OSError:
+            pass  # the message above is the record
+    return {"status": "failed", "run_dir": str(out_dir), "error": record["error"]}
+
+
+def refusals(sweep_dir: Path, started: float, pid: int) -> list[tuple[Path, dict]]:
+    """The refusals of the launch run by process `pid` (its own jobs, or its workers') since `started`."""
+    found = []
+    for path in sorted((Path(sweep_dir) / REFUSED_DIR).glob("*.json")):
+        record = read_json(path)
+        try:
+            recent = path.stat().st_mtime >= started
+        except OSError:
+            continue
+        if record is not None and recent and pid in (record.get("pid"), record.get("ppid")):
+            found.append((path, record))
+    return found
 
 
 SEARCH_METRIC = "final_avg_acc"  # what a hyperparameter search maximises (on the validation split)
@@ -100,8 +177,9 @@ def search_score(result: dict, run_dir: Path) -> Any:
     return float(result[SEARCH_METRIC])
 
 
-def sweep_report(sweep_dir: Path, started: float = 0.0) -> tuple[str, int]:
-    """The end-of-sweep summary of everything in `sweep_dir`: (text, number of failed runs)."""
+def sweep_report(sweep_dir: Path, started: float = 0.0, refused: list[dict] | None = None) -> tuple[str, int]:
+    """The end-of-sweep summary of everything in `sweep_dir`: (text, number of failed runs, the jobs of this launch
+    that were `refused` included)."""
     sweep_dir = Path(sweep_dir)
     runs = find_run_dirs(sweep_dir) if sweep_dir.is_dir() else []
     by_status: dict[str, list[Path]] = {"complete": [], "failed": [], "incomplete": []}
@@ -121,10 +199,12 @@ def sweep_report(sweep_dir: Path, started: float = 0.0) -> tuple[str, int]:
         )
     for d in by_status["incomplete"]:
         lines.append(f"  INCOMPLETE {d.relative_to(sweep_dir)} (killed, still running, or from another launch)")
-    if by_status["failed"] or by_status["incomplete"]:
+    for r in refused or []:
+        lines.append(f"  REFUSED {r.get('overrides') or r.get('run_dir')}: {r.get('error')} (its folder untouched)")
+    if by_status["failed"] or by_status["incomplete"] or refused:
         lines.append(f"  re-launch the same command with hydra.sweep.dir={sweep_dir} to run only these again")
     lines.append(f"  summary table: python -m cil report {sweep_dir}")
-    return "\n".join(lines), len(by_status["failed"])
+    return "\n".join(lines), len(by_status["failed"]) + len(refused or [])
 
 
 class SweepSummary:
@@ -138,7 +218,11 @@ class SweepSummary:
         self.started = time.time()
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        text, n_failed = sweep_report(Path(str(config.hydra.sweep.dir)), self.started)
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        refused = refusals(sweep_dir, self.started, os.getpid())
+        text, n_failed = sweep_report(sweep_dir, self.started, [r for _, r in refused])
+        for path, _ in refused:  # reported: the next launch starts without them
+            path.unlink(missing_ok=True)
         print(text, flush=True)
         if n_failed and self.fail_exit:
             sys.exit(1)  # SystemExit passes Hydra's callback guard: the command itself reports the failure

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from cil.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, os_error_text
 from cil.run.hydra_conf import CONF_DIR
 from cil.runfolder import RESULTS, read_json, write_json_atomic
 
@@ -54,14 +55,25 @@ def final_overrides(overrides: list[str], best_params: dict, method: str, seeds:
     return kept + [f"{k}={v}" for k, v in best_params.items()] + [f"seed={seeds}", f"hydra.sweep.dir={final_dir}"]
 
 
-def best_trial(search_dir: Path) -> tuple[dict, float, dict | None]:
-    """(best parameters, best validation score, a complete trial's results) of a finished search."""
+def best_trial(search_dir: Path, started: float = 0.0) -> tuple[dict, float, dict | None]:
+    """(best parameters, best validation score, a complete trial's results) of a search finished since `started`
+    (Optuna writes optimization_results.yaml at the end of a search: one older than `started` is an earlier
+    launch's)."""
     path = search_dir / "optimization_results.yaml"
     try:
+        if path.stat().st_mtime < started:
+            raise RuntimeError(
+                f"the search did not finish: {path} is from an earlier launch, so it says nothing of this one; "
+                "see its log above, then run the same command again"
+            )
         best = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
+        return dict(best["best_params"]), float(best["best_value"]), _complete_trial(search_dir)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as err:
         raise RuntimeError(f"the search left no readable {path} ({err}); see its log above") from None
-    trial = next(
+
+
+def _complete_trial(search_dir: Path) -> dict | None:
+    return next(
         (
             r
             for r in (read_json(p) for p in sorted(search_dir.glob(f"*/{RESULTS}")))
@@ -69,7 +81,6 @@ def best_trial(search_dir: Path) -> tuple[dict, float, dict | None]:
         ),
         None,
     )
-    return dict(best["best_params"]), float(best["best_value"]), trial
 
 
 def main(argv: list[str], run_hydra: Callable[[list[str]], int]) -> int:
@@ -106,8 +117,21 @@ def main(argv: list[str], run_hydra: Callable[[list[str]], int]) -> int:
             file=sys.stderr,
         )
         return 2
-    out = (args.dir or Path("tune") / time.strftime("%Y-%m-%d") / f"{time.strftime('%H-%M-%S')}_{search}").resolve()
+    try:
+        out = (args.dir or Path("tune") / time.strftime("%Y-%m-%d") / f"{time.strftime('%H-%M-%S')}_{search}").resolve()
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"error: cannot use the tune folder {os_error_text(err)} (--dir)", file=sys.stderr)
+        return 2
     search_dir, final_dir = out / SEARCH_DIR, out / FINAL_DIR
+    earlier = read_json(out / TUNE_FILE)
+    if earlier is not None and earlier.get("search") != search:
+        print(
+            f"error: {out} holds the tune of search={earlier.get('search')} ({out / TUNE_FILE}); a tune of "
+            f"search={search} there would mix their trials and final runs: choose another --dir",
+            file=sys.stderr,
+        )
+        return 2
     record: dict[str, Any] = {
         "command": "python -m cil tune " + " ".join(argv),
         "search": search,
@@ -115,26 +139,46 @@ def main(argv: list[str], run_hydra: Callable[[list[str]], int]) -> int:
         "final_dir": str(final_dir),
         "seeds": seeds,
         "metric": "final_avg_acc on eval.split=validation",
+        "status": "searching",
     }
-    out.mkdir(parents=True, exist_ok=True)
 
     search_args = ["-m", *overrides, f"hydra.sweep.dir={search_dir}"]
     if args.trials is not None:
         search_args.append(f"hydra.sweeper.n_trials={args.trials}")
     print(f"[cil tune] search: {' '.join(search_args)}", flush=True)
-    code = run_hydra(search_args)
+    started = time.time()
     try:
-        best_params, best_value, trial = best_trial(search_dir)
+        write_json_atomic(out / TUNE_FILE, record)  # from here the folder says the search has not finished
+    except OSError as err:
+        print(f"error: cannot write {os_error_text(err, out / TUNE_FILE)}", file=sys.stderr)
+        return 2
+    code = run_hydra(search_args)
+    if code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):  # stopped: the trials so far are kept, nothing runs on test
+        record.update(status="search stopped", search_exit=code)
+        _save(out, record)
+        print(
+            f"[cil tune] the search was stopped (exit code {code}) before all its trials ran: no final phase; the same "
+            "command continues it (finished trials are skipped)",
+            file=sys.stderr,
+        )
+        return code
+    try:
+        best_params, best_value, trial = best_trial(search_dir, started)
     except RuntimeError as err:
+        record.update(status="search failed", search_exit=code)
+        _save(out, record)
         print(f"error: {err}", file=sys.stderr)
         return code or 1
     if trial is None:
+        record.update(status="search failed", search_exit=code)
+        _save(out, record)
         print(
             f"error: no trial of the search in {search_dir} completed; nothing to run on the test set", file=sys.stderr
         )
         return code or 1
-    record.update(best_params=best_params, best_value=best_value, search_exit=code)
-    write_json_atomic(out / TUNE_FILE, record)
+    record.update(best_params=best_params, best_value=best_value, search_exit=code, status="final phase")
+    if not _save(out, record):
+        return 2
     print(f"[cil tune] best on validation: {best_value:.2f}% with {best_params}", flush=True)
 
     final_args = [
@@ -145,7 +189,26 @@ def main(argv: list[str], run_hydra: Callable[[list[str]], int]) -> int:
     ]
     print(f"[cil tune] final: {' '.join(final_args)}", flush=True)
     final_code = run_hydra(final_args)
-    record.update(final_command="python -m cil " + " ".join(final_args), final_exit=final_code)
-    write_json_atomic(out / TUNE_FILE, record)
+    stopped = final_code in (EXIT_PREEMPTED, EXIT_INTERRUPTED)
+    record.update(
+        final_command="python -m cil " + " ".join(final_args),
+        final_exit=final_code,
+        status="final phase stopped" if stopped else "complete",
+    )
+    if not _save(out, record):
+        return 2
+    if stopped:
+        print(f"[cil tune] the final phase was stopped (exit code {final_code}): the same command continues it")
+        return final_code
     print(f"[cil tune] done: python -m cil report {out}")
     return final_code or code
+
+
+def _save(out: Path, record: dict[str, Any]) -> bool:
+    """tune.json; False (and the error on stderr) when it cannot be written."""
+    try:
+        write_json_atomic(out / TUNE_FILE, record)
+        return True
+    except OSError as err:
+        print(f"error: cannot write {os_error_text(err, out / TUNE_FILE)}", file=sys.stderr)
+        return False

@@ -32,7 +32,6 @@ from cil.core.addons.base import Addon, AddonConfig, in_eval_mode, register
 from cil.core.augment import GSAAugment
 from cil.core.data.stream import Batch
 from cil.core.methods.base import Method, ReplayConfig
-from cil.core.methods.gsa import GSA
 from cil.core.objectives.distill import kd_loss
 from cil.errors import ConfigError, require
 
@@ -126,10 +125,9 @@ class CCLDC(Addon):
         self.batch = batch
         if not self.active:
             return
-        if isinstance(self.peer, GSA):  # task-free GSA: the peer follows the same pseudo-tasks from the same labels
-            self.peer.observe_labels(batch)
-        else:
-            self.peer.classes.mark_seen(batch.y, batch.y_host)
+        # the peer is stepped with `update` alone: what its `observe` does first (the seen classes; task-free GSA's
+        # pseudo-tasks from the same labels; PCR's augmented copy of this batch, not the previous one's)
+        self.peer.begin_batch(batch)
 
     def on_task_start(self, method: Method, task: int, classes: Tensor) -> None:
         if self.active:

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import torch
 
 from cil.core.data.dataset import ImageDataset
-from cil.core.data.stream import ClassIncrementalStream, Task
-from cil.errors import ConfigError, DataError
+from cil.core.data.stream import ClassIncrementalStream, Task, check_test_samples
+from cil.errors import ConfigError
 
 KINDS = ("iblurry", "siblurry")
 SI_BLURRY_DRAWS = 1000  # redraws of Si-Blurry's class split before giving up on a split with no empty task
@@ -150,11 +150,7 @@ class BlurryStream(ClassIncrementalStream):
                     f"task {t} (classes {home}) of the {kind} stream has no training samples in "
                     f"{dataset.name!r}; lower stream.blurry_sample_pct or raise stream.samples_per_class"
                 )
-            if len(test_idx) == 0:
-                raise DataError(
-                    f"task {t} (classes {home}) has no test samples in {dataset.name!r}, so its accuracy "
-                    "cannot be measured; give those classes test images"
-                )
+            check_test_samples(dataset, t, classes)
             self.tasks.append(
                 Task(t, classes.to(self.device), train_idx.to(self.device), train_idx, test_idx.to(self.device))
             )

@@ -7,7 +7,7 @@ labels (the head covers every class of the benchmark), so any class order works 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +44,24 @@ NUMPY_SEED_FIX = (
 )
 
 
+def integer_labels(order: object) -> list[int]:
+    """stream.class_order given as a list: its labels, integers only (int(0.9) would silently be class 0, "1" a
+    label given as text, True class 1); anything else is refused, naming the label."""
+    if isinstance(order, (str, bytes)) or not isinstance(order, Iterable):
+        raise ConfigError(
+            f"stream.class_order={order!r} is not allowed: use 'natural', 'random', 'numpy_shuffle' or a list of "
+            "class labels"
+        )
+    labels = list(order)
+    bad = [c for c in labels if isinstance(c, bool) or not isinstance(c, (int, np.integer))]
+    if bad:
+        raise ConfigError(
+            f"stream.class_order={labels!r} is not allowed: label {bad[0]!r} is a {type(bad[0]).__name__}, not an "
+            "integer; use a list of integer class labels, e.g. [0, 1, 2]"
+        )
+    return [int(c) for c in labels]
+
+
 def class_order(num_classes: int, order: str | Sequence[int], seed: int) -> list[int]:
     """'natural' -> 0..K-1, 'random' -> a torch permutation seeded by `seed`, 'numpy_shuffle' -> the order
     mkd_ocl, CCL-DC and PCR draw (numpy's legacy generator seeded by `seed` shuffles 0..K-1), or an explicit
@@ -63,18 +81,32 @@ def class_order(num_classes: int, order: str | Sequence[int], seed: int) -> list
         raise ConfigError(
             f"stream.class_order={order!r} is unknown: use 'natural', 'random', 'numpy_shuffle' or a list of labels"
         )
-    try:
-        order = [int(c) for c in order]
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"stream.class_order={order!r} is not allowed: use 'natural', 'random', 'numpy_shuffle' or a list of "
-            "class labels"
-        ) from None
+    order = integer_labels(order)
     if sorted(order) != list(range(num_classes)):
         raise ConfigError(
             f"stream.class_order={order} must be a permutation of the dataset's labels 0..{num_classes - 1}"
         )
     return order
+
+
+def check_test_samples(dataset: ImageDataset, task: int, classes: torch.Tensor) -> None:
+    """Refuse a task with a class that has no test sample: the task's accuracy would be measured on its other
+    classes only (or read 0 % for a task without any), and no number would say so."""
+    present = set(dataset.test_y[torch.isin(dataset.test_y, classes)].unique().tolist())
+    missing = [c for c in classes.tolist() if c not in present]
+    if not missing:
+        return
+    names = [dataset.class_names[c] for c in classes.tolist()]
+    fix = "give those classes test images (an image folder: test/<class>/<image>)"
+    if len(missing) == len(names):  # its accuracy would read 0 % and pull every average down
+        raise DataError(
+            f"task {task} (classes {names}) has no test samples in {dataset.name!r}, so its accuracy cannot be "
+            f"measured; {fix}"
+        )
+    raise DataError(
+        f"task {task} (classes {names}): class(es) {[dataset.class_names[c] for c in missing]} have no test "
+        f"samples in {dataset.name!r}, so the task's accuracy would be measured without them; {fix}"
+    )
 
 
 class ClassIncrementalStream:
@@ -115,13 +147,7 @@ class ClassIncrementalStream:
             test_idx = torch.nonzero(torch.isin(dataset.test_y, classes)).squeeze(1)
             if len(train_idx) == 0:
                 raise ConfigError(f"task {t} (classes {classes.tolist()}) has no training samples in {dataset.name!r}")
-            if len(test_idx) == 0:  # its accuracy would read 0 % and pull every average down
-                names = [dataset.class_names[c] for c in classes.tolist()]
-                raise DataError(
-                    f"task {t} (classes {names}) has no test samples in {dataset.name!r}, so its accuracy "
-                    "cannot be measured; give those classes test images (an image folder: "
-                    "test/<class>/<image>)"
-                )
+            check_test_samples(dataset, t, classes)
             self.tasks.append(
                 Task(t, classes.to(self.device), train_idx.to(self.device), train_idx, test_idx.to(self.device))
             )

@@ -107,6 +107,12 @@ class PCR(Method):
         finally:
             self._incoming_aug = None
 
+    def begin_batch(self, batch: Batch) -> None:
+        """A peer stepped with `update` alone (CCL-DC's) draws the augmented copy of each new batch, as `observe`
+        does, instead of reusing the previous batch's."""
+        self._incoming_aug = None
+        super().begin_batch(batch)
+
     def update(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(batch.y)
         mem = self.replay(self.cfg.replay_batch_size)
