@@ -31,7 +31,7 @@ lint: $(STAMP)
 # The whole suite (CI, and what a new user runs): two test workers with one thread each, as the tests start CLI
 # runs of their own on a 2-core machine.
 test: lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal $(PYTEST_ARGS)
 
 # While working: lint, types and the fast tests (those not marked slow), in under two minutes.
 check: lint

@@ -152,6 +152,9 @@ class RunConfig:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False  # torch.compile the model (opt-in)
+    # none | default | reduce-overhead: the ER / ER-ACE / GSA step compiled whole, reduce-overhead as CUDA graphs
+    # (cil.core.compiled_step; docs/performance.md, "The compiled step")
+    compile_step: str = "none"
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (1 per run in sweeps)
     deterministic: bool = False  # CUDA: deterministic kernels (cil.run.determinism); CPU runs are deterministic anyway
     experiment: str | None = None  # name of the protocol, set by conf/experiment/*

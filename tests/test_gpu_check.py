@@ -32,7 +32,10 @@ def test_without_cuda_one_line_and_exit_1(tmp_path):
 def test_dry_run_runs_the_whole_plan_and_reports_every_section(tmp_path):
     out = tmp_path / "report"
     proc = subprocess.run(
-        [sys.executable, "-m", "cil", "gpu-check", "--dry-run", "--budget", "180", "--out", str(out)],
+        [
+            *[sys.executable, "-m", "cil", "gpu-check", "--dry-run", "--budget", "180", "--out", str(out)],
+            *["--only", "correctness,sync,speed,graphs,fidelity"],  # graphs: only when named
+        ],
         capture_output=True,
         text=True,
         timeout=900,
@@ -59,6 +62,13 @@ def test_dry_run_runs_the_whole_plan_and_reports_every_section(tmp_path):
     ]
     speed = report["speed"]["training samples/s (CIFAR-10 JPEG copy, batch 10, M = 500, one process)"]
     assert len(speed) == 14 and all(isinstance(r["samples/s"], float) for r in speed)
+    # issue 31: eager vs graphed ms per step (the dry run captures with aot_eager), packed runs' samples/s
+    graphed = report["speed"]["ms per step, eager vs compile_step=reduce-overhead (fp32, batch 10, M = 500)"]
+    assert [(r["method"], r["captured"]) for r in graphed] == [("er", "yes"), ("gsa", "yes")]
+    assert all(isinstance(r["eager ms/step"], float) and isinstance(r["graphed ms/step"], float) for r in graphed)
+    packed = report["speed"]["ER runs packed on one device (cil.core.packed): aggregate samples/s"]
+    assert [(r["runs"], r["packed"]) for r in packed] == [(1, False), (1, True), (2, True)]
+    assert all(isinstance(r["samples/s"], float) for r in packed)
     runs = report["fidelity"]["Split CIFAR-10 (JPEG copy), full ResNet-18, whole stream, fp32"]
     # the dry run's toy plan: one memory of each kind (the real plan: M = 500, 200, 1000 of each)
     assert [r["run"] for r in runs] == ["gsa M=500", "gsa official M=500", "er_ace M=500"]

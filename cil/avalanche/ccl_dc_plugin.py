@@ -17,7 +17,6 @@ ConfigError that says so.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 
 from cil.core.addons.ccl_dc import CCLDC, CCLDCConfig
 from cil.core.methods import Method
+from cil.core.optim import optimizer_like
 from cil.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -36,24 +36,13 @@ CCL_DC_OPTIONS = {f.name for f in dataclasses.fields(CCLDCConfig)} - {"name"}
 
 def same_optimizer(optimizer: torch.optim.Optimizer, params) -> torch.optim.Optimizer:
     """A fresh optimizer of `optimizer`'s class and settings over `params` (our runner builds the peer's with the
-    run's optimizer settings). Settings in `defaults` that the class's constructor does not take are ones the class
-    sets itself (torch's AdamW records decoupled_weight_decay=True there, but takes no such argument): they are
-    left to it, and the copy must end with the same `defaults`."""
-    cls = type(optimizer)
+    run's optimizer settings; cil.core.optim.optimizer_like)."""
     fix = "pass peer_optimizer= built over peer_model.parameters()"
     try:
-        accepted = inspect.signature(cls).parameters
-        any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-        settings = {k: v for k, v in optimizer.defaults.items() if any_keyword or k in accepted}
-        fresh = cls(params, **settings)
+        return optimizer_like(optimizer, params)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"CCLDCPlugin cannot copy the strategy's optimizer ({cls.__name__}: {e}); {fix}") from e
-    if fresh.defaults != optimizer.defaults:
-        raise ConfigError(
-            f"CCLDCPlugin cannot copy the strategy's optimizer ({cls.__name__}): a copy made from its settings has "
-            f"defaults {fresh.defaults}, not {optimizer.defaults}; {fix}"
-        )
-    return fresh
+        name = type(optimizer).__name__
+        raise ConfigError(f"CCLDCPlugin cannot copy the strategy's optimizer ({name}: {e}); {fix}") from e
 
 
 class CCLDCPlugin(SupervisedPlugin):

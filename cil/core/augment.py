@@ -42,10 +42,16 @@ __all__ = [
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
-@functools.lru_cache(maxsize=64)
 def _constant(values: tuple[float | tuple[float, ...], ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A small constant tensor, made once: building it from a Python list costs as much as a small op (~5 us),
     and on CUDA a host-to-device copy. Never modified in place."""
+    if torch.compiler.is_compiling():  # a constant of the compiled graph (dynamo would trace past the cache anyway)
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _cached_constant(values, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant(values: tuple[float | tuple[float, ...], ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor(values, dtype=dtype, device=device)
 
 
@@ -179,9 +185,15 @@ def sample_crop_boxes(
     )
 
 
-@functools.lru_cache(maxsize=64)
 def _pixel_centres(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """0.5, 1.5, ..., n - 0.5 (output pixel centres), made once. Never modified in place."""
+    if torch.compiler.is_compiling():  # a constant of the compiled graph
+        return torch.arange(n, device=device, dtype=dtype) + 0.5
+    return _cached_pixel_centres(n, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_pixel_centres(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.arange(n, device=device, dtype=dtype) + 0.5
 
 

@@ -124,12 +124,26 @@ def validate(cfg: RunConfig) -> None:
     )
     require(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", cfg.optimizer.weight_decay, "use a value >= 0")
     require(cfg.precision in PRECISIONS, "precision", cfg.precision, f"choose one of {PRECISIONS}")
+    from cil.core.compiled_step import COMPILE_MODES
+
+    require(cfg.compile_step in COMPILE_MODES, "compile_step", cfg.compile_step, f"choose one of {COMPILE_MODES}")
+    require(
+        not (cfg.compile and cfg.compile_step != "none"),
+        "compile",
+        cfg.compile,
+        f"compile=true compiles the model alone, compile_step={cfg.compile_step} the whole step around it; "
+        "choose one (compile=false)",
+    )
     require(
         cfg.precision != "fp16" or not cfg.method.name.startswith("avalanche_"),
         "precision",
         cfg.precision,
         f"method={cfg.method.name} trains Avalanche's strategy in fp32 (no GradScaler there); use precision=fp32",
     )
+    if not isinstance(cfg.stream.class_order, str):  # a list of labels: integers only (the stream checks the rest)
+        from cil.core.data.stream import integer_labels
+
+        integer_labels(cfg.stream.class_order)
     if cfg.stream.class_order == "numpy_shuffle":
         from cil.core.data.stream import NUMPY_SEED_FIX, NUMPY_SEEDS
 

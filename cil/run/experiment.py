@@ -23,6 +23,7 @@ from torch import nn
 from cil import __version__
 from cil.core.addons import build_addons
 from cil.core.buffer import ReplayBuffer
+from cil.core.compiled_step import StepCompiler
 from cil.core.data import ImageDataset, holdout_validation, load_dataset
 from cil.core.data.blurry import BlurryStream
 from cil.core.data.stream import ClassIncrementalStream
@@ -30,12 +31,12 @@ from cil.core.diagnostics import Diagnostics
 from cil.core.learner import Learner
 from cil.core.methods import method_class
 from cil.core.models import build_model
-from cil.errors import ConfigError, Preempted, StorageError, TrainingError
+from cil.errors import CilError, ConfigError, Preempted, StorageError
 from cil.run.checkpoint import Checkpointer, config_differences
 from cil.run.config import uses_replay as method_uses_buffer
 from cil.run.config import validate
 from cil.run.determinism import enable_determinism
-from cil.run.folder import RunFolder
+from cil.run.folder import RunFolder, UnwritableFolder
 from cil.run.logger import RunLogger, save_diagnostics
 from cil.run.machine import machine_info
 from cil.runfolder import RESULTS, read_json
@@ -215,6 +216,8 @@ def build_learner(
                 "our methods' updates, which Avalanche peers do not use; set diagnostics.enabled=false"
             )
         method = build_peer(cfg, model, stream, device, lambda params: build_optimizer(cfg, params), normalize)
+        if cfg.compile_step != "none":
+            StepCompiler(cfg.compile_step).fall_back(f"{cfg.method.name} is Avalanche's own step")
     else:
         if cfg.realtime.enabled and cfg.realtime.delay is None:  # before the run's method exists: no state shared
             from cil.run.realtime import measure_delay
@@ -235,6 +238,8 @@ def build_learner(
         )
         if cfg.diagnostics.enabled:
             method.diagnostics = Diagnostics.for_stream(cfg.diagnostics.every, stream, model)
+        if cfg.compile_step != "none":  # after the add-ons and diagnostics, which rule it out
+            method.use_compiled_step(StepCompiler(cfg.compile_step, device_type=device.type))
     logger = RunLogger(
         out_dir,
         tensorboard=cfg.log.tensorboard,
@@ -331,39 +336,65 @@ def run_experiment(
     resolved_config: dict | None = None,
     on_start: Callable[[], None] | None = None,
     wandb_group: str | None = None,
+    folder: RunFolder | None = None,
 ) -> dict:
     """Run one experiment into `out_dir` and return (and write) its results.json content.
 
     With checkpoint.resume (the default) a checkpoint in `out_dir` is continued, and a run folder that already
-    holds a complete run of the same config just returns its results. The folder has one writer at a time
-    (cil.run.folder). Everything that can refuse the run (a complete run of other settings, a checkpoint of other
-    settings or other data) is checked before anything in the folder changes; then results.json says `running`
+    holds a complete run of the same config just returns its results (a read-only one too). The folder has one
+    writer at a time (cil.run.folder; `folder`: one the caller already holds, e.g. a sweep job). Everything that
+    can refuse the run (a complete run of other settings, a checkpoint of other settings or other data, a folder
+    where a run's file belongs) is checked before anything in the folder changes; then results.json says `running`
     and `on_start` is called (the CLI records the accepted config there). Raises Preempted (after writing a
-    checkpoint) when SIGTERM arrives, TrainingError when the loss becomes non-finite; both leave a results.json
-    whose status says so, never one that looks complete. With log.wandb the run is also a W&B run, started once
+    checkpoint) when SIGTERM or SIGINT arrives; a CilError (TrainingError when the loss becomes non-finite,
+    StorageError when a file cannot be written, which any OSError of the run's files becomes) leaves a results.json
+    that says `failed`, never one that looks complete. With log.wandb the run is also a W&B run, started once
     the folder is accepted, continued when the checkpoint is (`wandb_group` unless log.wandb_group is set)."""
     out_dir = Path(out_dir)
     validate(cfg)  # before looking at what the run folder holds
     config = resolved_config if resolved_config is not None else dataclasses.asdict(cfg)
-    with RunFolder(out_dir) as folder:
-        done = completed_results(out_dir, cfg, config)
-        if done is not None:
-            return done
-        peer = cfg.method.name.startswith("avalanche_")  # Avalanche peers keep state we cannot checkpoint
-        checkpointer = Checkpointer(out_dir, cfg, config, can_save=not peer)
-        # from here on SIGTERM means "checkpoint at the next batch, then stop"; wandb_exit ends a W&B run that stops
-        with checkpointer.stop_on_signals(), contextlib.ExitStack() as wandb_exit:
-            state = checkpointer.load()
-            dataset = load_run_dataset(cfg)
-            stream = build_stream(cfg, dataset)
-            checkpointer.check_data(state, dataset.fingerprint())
-            sink = None
-            if cfg.log.wandb:  # before the folder changes: a W&B that cannot start is one error, nothing lost
-                from cil.run.wandb_log import WandbSink
+    with contextlib.ExitStack() as holding:
+        if folder is None:
+            try:
+                folder = holding.enter_context(RunFolder(out_dir))
+            except UnwritableFolder:
+                done = completed_results(out_dir, cfg, config)  # read-only: a complete run can still be returned
+                if done is None:
+                    raise
+                return done
+        return _run_in_folder(cfg, out_dir, folder, config, on_start, wandb_group)
+    raise AssertionError("unreachable")  # mypy: the ExitStack could swallow an exception; it does not
 
-                sink = WandbSink.start(cfg, out_dir, config, resuming=state is not None, group=wandb_group)
-                wandb_exit.push(sink.__exit__)  # pre-empted or failed: the W&B run says so
-            folder.mark_running(config)  # from here on the folder changes
+
+def _run_in_folder(
+    cfg: RunConfig,
+    out_dir: Path,
+    folder: RunFolder,
+    config: dict,
+    on_start: Callable[[], None] | None,
+    wandb_group: str | None,
+) -> dict:
+    done = completed_results(out_dir, cfg, config)
+    if done is not None:
+        return done
+    folder.check_kinds()
+    peer = cfg.method.name.startswith("avalanche_")  # Avalanche peers keep state we cannot checkpoint
+    checkpointer = Checkpointer(out_dir, cfg, config, can_save=not peer)
+    # from here on SIGTERM means "checkpoint at the next batch, then stop"; wandb_exit ends a W&B run that stops
+    with checkpointer.stop_on_signals(), contextlib.ExitStack() as wandb_exit:
+        state = checkpointer.load()
+        dataset = load_run_dataset(cfg)
+        stream = build_stream(cfg, dataset)
+        checkpointer.check_data(state, dataset.fingerprint())
+        sink = None
+        if cfg.log.wandb:  # before the folder changes: a W&B that cannot start is one error, nothing lost
+            from cil.run.wandb_log import WandbSink
+
+            sink = WandbSink.start(cfg, out_dir, config, resuming=state is not None, group=wandb_group)
+            wandb_exit.push(sink.__exit__)  # pre-empted or failed: the W&B run says so
+        folder.mark_running(config)  # from here on the folder changes
+        learner: Learner | None = None
+        try:
             if on_start is not None:
                 on_start()
             checkpointer.discard_stale()
@@ -384,45 +415,62 @@ def run_experiment(
                 checkpointer.restore(learner, state)
             try:
                 results = learner.run()
-            except (Preempted, TrainingError, StorageError) as err:
-                try:
-                    folder.write_results(
-                        {
-                            "status": "preempted" if isinstance(err, Preempted) else "failed",
-                            "error": str(err),
-                            "step": learner.step,
-                            "stream_batches": len(learner.stream),
-                            "checkpoint": str(checkpointer.path) if checkpointer.path.exists() else None,
-                            "config": config,
-                        }
-                    )
-                except StorageError:
-                    if not isinstance(err, StorageError):
-                        raise
-                raise
             finally:
                 learner.logger.close()
             if learner.diagnostics is not None:
                 save_diagnostics(learner.diagnostics.series(), out_dir, plots=cfg.diagnostics.plots)
-            results = {
-                "status": "complete",
-                "config": config,
-                **results,
-                "wall_time_s": checkpointer.wall_time(),
-                "versions": {"cil": __version__, "torch": torch.__version__, "python": platform.python_version()},
-                "device": str(learner.device),
-                "machine": machine_info(),
-                "precision": learner.method.precision,  # what ran (precision=auto picks per machine)
-            }
+        except (Preempted, CilError, OSError) as caught:
+            err: BaseException = caught
+            if isinstance(caught, OSError) and not isinstance(caught, CilError):  # a file of the run, or of W&B
+                err = StorageError(Path(caught.filename or out_dir), caught)
+            step = learner.step if learner is not None else 0 if state is None else state["learner"]["step"]
             try:
-                folder.write_results(results)
+                folder.write_results(
+                    {
+                        "status": "preempted" if isinstance(err, Preempted) else "failed",
+                        "error": str(err),
+                        "step": step,
+                        "stream_batches": len(stream),
+                        "checkpoint": str(checkpointer.path) if checkpointer.path.exists() else None,
+                        "config": config,
+                    }
+                )
             except StorageError:
-                # The numbers must not be lost with the file: they go to the job's output, the checkpoint stays.
-                print(json.dumps({k: v for k, v in results.items() if k != "confusion"}), file=sys.stderr)
+                if not isinstance(err, StorageError):
+                    raise
+            if err is caught:
                 raise
-            checkpointer.finish()
-            if sink is not None:
-                sink.complete(results, out_dir)
+            raise err from None
+        results = {
+            "status": "complete",
+            "config": config,
+            **results,
+            "wall_time_s": checkpointer.wall_time(),
+            "versions": {"cil": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "device": str(learner.device),
+            "machine": machine_info(),
+            "precision": learner.method.precision,  # what ran (precision=auto picks per machine)
+        }
+        try:
+            folder.write_results(results)
+        except StorageError as err:
+            # The numbers must not be lost with the file: they go to the job's output, the checkpoint stays.
+            print(json.dumps({k: v for k, v in results.items() if k != "confusion"}), file=sys.stderr)
+            with contextlib.suppress(StorageError):  # a short record may still fit where the results did not
+                folder.write_results(
+                    {
+                        "status": "failed",
+                        "error": f"{err} (the results were printed to stderr)",
+                        "step": learner.step,
+                        "stream_batches": len(stream),
+                        "checkpoint": str(checkpointer.path) if checkpointer.path.exists() else None,
+                        "config": config,
+                    }
+                )
+            raise
+        checkpointer.finish()
+        if sink is not None:
+            sink.complete(results, out_dir)
     return results
 
 

@@ -66,6 +66,10 @@ class Plan:
         self.fidelity_memories = (500,) if dry_run else (500, 200, 1000)  # the dry run: one run of each kind
         self.nf = {"reduced_resnet18": 4 if dry_run else None, "resnet18": 4 if dry_run else None}
         self.max_parallel = 3 if dry_run else 6
+        # graphs (issue 31): warm-up and timed steps; compile_step's backend (the dry run: capture without codegen)
+        self.graph_steps = (3, 2) if dry_run else (30, 60)
+        self.compile_backend = "aot_eager" if dry_run else "inductor"
+        self.packed_ks = (1, 2) if dry_run else (1, 4, 8, 16)
 
     def common(self) -> list[str]:
         # fp32: the figures this check records (the paper protocols' own fp16 is a choice of its own)
@@ -274,6 +278,27 @@ def speed(plan: Plan, dataset, report: Report, deadline: float) -> dict:
     return step_time
 
 
+# -- 3b. graphed steps and packed runs (issue 31; `--only graphs`, not in the default) -----------------------------
+def graphs(plan: Plan, dataset, report: Report, deadline: float) -> None:
+    """ms per step eager vs CUDA graphs (ER, GSA; ResNet-18, fp32, batch 10) and K packed ER runs' samples/s, in the
+    speed section (cil.run.step_speed)."""
+    from cil.run.config import default_config
+    from cil.run.step_speed import graphed_row, packed_rows
+
+    model = "mlp" if plan.dry_run else "resnet18"  # the dry run: the toy check of the path, quick to capture
+    rows: list[dict] = []
+    for method in ("er", "gsa"):
+        if time.time() > deadline:
+            rows.append({"method": method, "model": model, "eager ms/step": "skipped: out of time"})
+        else:
+            cfg = _config(plan, default_config(method), model)
+            rows.append(graphed_row(method, cfg, dataset, *plan.graph_steps, backend=plan.compile_backend))
+        report.put("speed", "ms per step, eager vs compile_step=reduce-overhead (fp32, batch 10, M = 500)", rows)
+    cfg = _config(plan, default_config("er"), model)
+    packed = packed_rows(cfg, dataset, plan.speed_batches, plan.packed_ks, deadline)
+    report.put("speed", "ER runs packed on one device (cil.core.packed): aggregate samples/s", packed)
+
+
 # -- 4. fidelity --------------------------------------------------------------------------------------------------
 def fidelity_queue(plan: Plan) -> list[tuple[str, str, list[str]]]:
     """(label, kind, overrides) in priority order."""
@@ -380,7 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=os.environ.get("CIL_DATA_ROOT"), help="folder holding cifar10-jpeg/")
     p.add_argument("--max-parallel", type=int, default=None, help="fidelity runs at once (default 6; dry run 3)")
     p.add_argument(
-        "--only", default="correctness,sync,speed,fidelity", help="comma-separated sections to run (default: all)"
+        "--only",
+        default="correctness,sync,speed,fidelity",
+        help="comma-separated sections to run (default: these four; `graphs`, issue 31's graphed steps and packed "
+        "runs, only when named)",
     )
     args = p.parse_args(argv)
     start = time.time()
@@ -426,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     if "sync" in only:
         section("sync", sync_check, plan, dataset, report)
     step_time = section("speed", speed, plan, dataset, report, start + 0.45 * args.budget) if "speed" in only else {}
+    if "graphs" in only:  # before fidelity, with its share up to 70 % of the budget when fidelity follows
+        section("graphs", graphs, plan, dataset, report, start + 0.7 * args.budget if "fidelity" in only else deadline)
     if "fidelity" in only:
         section("fidelity", fidelity, plan, work / "fidelity", report, step_time or {}, deadline)
     report.put("plan", "total s", round(time.time() - start, 1))

@@ -17,7 +17,7 @@ every registered method as a `method=<name>` option with the config's fields as 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar, Unpack, cast
@@ -26,10 +26,13 @@ import torch
 from torch import nn
 
 from cil.core.buffer import ReplayBuffer, SampleFilters
+from cil.core.compiled_step import StepCompiler
 from cil.core.data.stream import Batch
 from cil.core.metrics import ScalarLog
 from cil.core.models import Backbone
 from cil.errors import require
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -275,6 +278,8 @@ class Method:
         # them. Each has begin_observe / main_pass / extra_loss / after_step / on_task_start, state_dict and
         # eval_logits / eval_heads (duck-typed, see cil.core.addons.base.Addon).
         self.addons: Sequence[AddonHooks] = []
+        # compile_step: runs the step's tensor function compiled (cil.core.compiled_step); None: eagerly
+        self.compiler: StepCompiler | None = None
 
     @classmethod
     def boundaries_needed(cls, cfg: MethodConfig) -> bool:
@@ -326,6 +331,12 @@ class Method:
         """One optimizer step. Returns (loss, logits of the incoming batch)."""
         raise NotImplementedError
 
+    def begin_batch(self, batch: Batch) -> None:
+        """What `observe` does with an incoming batch before its updates, for a learner that is stepped with
+        `update` alone (CCL-DC's peer): the batch's labels become seen, and a method that keeps anything per
+        batch (PCR's augmented copy, task-free GSA's pseudo-task) starts it afresh."""
+        self.classes.mark_seen(batch.y, batch.y_host)
+
     def remember(self, batch: Batch, out: StepOutput) -> None:
         """After the step: offer the incoming batch to the buffer (with the extras the method keeps)."""
         if self.uses_buffer and self.buffer is not None:
@@ -355,6 +366,41 @@ class Method:
         rows (`raw`). Called by a method's `update` before `step`; a no-op without add-ons."""
         for addon in self.addons:
             addon.main_pass(self, inputs, logits, raw)
+
+    # -- the compiled step (cil.core.compiled_step) -----------------------------------------------------------
+    def use_compiled_step(self, compiler: StepCompiler) -> None:
+        """Run the step's tensor function through `compiler` from now on, or say (once) why this run cannot."""
+        reason = self.compile_blocker()
+        if reason is not None:
+            compiler.fall_back(reason)
+            return
+        self.compiler = compiler
+
+    def compile_blocker(self) -> str | None:
+        """Why this run's step cannot be compiled, or None. A method with a compiled step overrides this and
+        calls `hooks_blocker` for what it shares with every method."""
+        return f"method {self.name} has no compiled step (ER, ER-ACE and GSA have one)"
+
+    def hooks_blocker(self) -> str | None:
+        """What stops any method's compiled step: add-ons and diagnostics read the step's intermediate tensors,
+        fp16's GradScaler reads a flag back every step."""
+        if self.addons:
+            return f"add-ons ({', '.join(a.name for a in self.addons)}) hook into the step's passes"
+        if self.diagnostics is not None:
+            return "diagnostics read every loss term of the step"
+        if self.scaler is not None:
+            return "precision=fp16 reads the GradScaler's inf/nan flag back every step"
+        return None
+
+    def run_step(self, fn: Callable[..., T], *args: Any, once: bool = False) -> T:
+        """`fn(*args)`: the step's tensor function, compiled when the run asks for it (compile_step). `once`: a form
+        of the step that a run meets once (the first step, before the buffer holds a row) runs eagerly: a graph of
+        its own would cost a compilation for one step."""
+        return fn(*args) if self.compiler is None or once else cast(T, self.compiler(fn, *args))
+
+    def first_step(self) -> bool:
+        """The buffer exists and is still empty: the run's first step (`run_step`'s `once`)."""
+        return self.buffer is not None and len(self.buffer) == 0
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def autocast(self) -> AbstractContextManager[object]:

@@ -36,15 +36,33 @@ class ER(Method):
     cfg: ERConfig
 
     def update(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y, n = batch.x, batch.y, len(batch.y)
+        n = len(batch.y)
         mem = self.replay(self.cfg.replay_batch_size)
-        if mem is not None:
-            x, y = torch.cat([x, mem[0]]), torch.cat([y, mem[1]])
-        inputs = self.to_input(x)
-        logits = self.forward_float(inputs)
-        loss = er_loss(logits, y, self.seen)
+        x_mem, y_mem = (None, None) if mem is None else (mem[0], mem[1])
+        loss, logits, inputs, y = self.run_step(
+            self.step_loss, batch.x, batch.y, x_mem, y_mem, self.seen, once=self.first_step()
+        )
         self.distill_pass(inputs, logits)
         self.report("new", logits, y, self.seen, scale=n / len(y), rows=slice(None, n))
         self.report("replay", logits, y, self.seen, scale=1 - n / len(y), rows=slice(n, None))
         self.step(loss)
         return loss, logits[:n]
+
+    def step_loss(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        x_mem: torch.Tensor | None,
+        y_mem: torch.Tensor | None,
+        seen: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's tensor work (compiled with compile_step): [incoming; replayed] rows -> (loss, logits, model
+        inputs, labels)."""
+        if x_mem is not None and y_mem is not None:
+            x, y = torch.cat([x, x_mem]), torch.cat([y, y_mem])
+        inputs = self.to_input(x)
+        logits = self.forward_float(inputs)
+        return er_loss(logits, y, seen), logits, inputs, y
+
+    def compile_blocker(self) -> str | None:
+        return self.hooks_blocker()

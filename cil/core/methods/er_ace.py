@@ -77,28 +77,54 @@ class ERACE(Method):
     def update(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rule is not None or self.augment is not None:
             return self._update_balanced(batch)
-        n = len(batch.y)
         mem = self.replay(self.cfg.replay_batch_size)
-        y_buf = batch.y[:0] if mem is None else mem[1]
-        inputs = self.to_input(batch.x if mem is None else torch.cat([batch.x, mem[0]]))
-        if self.cfg.separate_passes:
-            logits_new = self.forward_float(inputs[:n])
-            logits_buf = logits_new[:0] if mem is None else self.forward_float(inputs[n:])
-            logits = torch.cat([logits_new, logits_buf]) if self.addons else None  # only add-ons read it
-        else:
-            logits = self.forward_float(inputs)
-            logits_new, logits_buf = logits[:n], logits[n:]
-        if mem is not None and not self.cfg.separate_passes:  # the same loss in fewer ops (cil.core.objectives)
-            assert logits is not None  # the one pass's
-            loss = er_ace_loss_joint(logits, batch.y, y_buf, self._unseen())
-        else:
-            loss = er_ace_loss(logits_new, batch.y, logits_buf, y_buf, self.seen)
+        x_mem, y_mem = (None, None) if mem is None else (mem[0], mem[1])
+        # the complement of the seen mask, only for the joint loss (kept between steps)
+        unseen = self._unseen() if mem is not None and not self.cfg.separate_passes else None
+        loss, logits_new, logits_buf, logits, inputs, y_buf = self.run_step(
+            self.step_loss, batch.x, batch.y, x_mem, y_mem, self.seen, unseen, once=self.first_step()
+        )
         if logits is not None:  # None: two passes and no add-on to read them (distill_pass is then a no-op)
             self.distill_pass(inputs, logits)
         self.report("new", logits_new, batch.y, "present")
         self.report("replay", logits_buf, y_buf, self.seen)
         self.step(loss)
         return loss, logits_new
+
+    def step_loss(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        x_mem: torch.Tensor | None,
+        y_mem: torch.Tensor | None,
+        seen: torch.Tensor,
+        unseen: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """The step's tensor work (compiled with compile_step): incoming and replayed rows -> (loss, logits of the
+        incoming rows, of the replayed rows, of all rows or None, model inputs, replayed labels). `unseen`: the
+        complement of `seen` when the one-pass joint loss applies."""
+        n = len(y)
+        y_buf = y[:0] if y_mem is None else y_mem
+        inputs = self.to_input(x if x_mem is None else torch.cat([x, x_mem]))
+        logits: torch.Tensor | None
+        if self.cfg.separate_passes:
+            logits_new = self.forward_float(inputs[:n])
+            logits_buf = logits_new[:0] if x_mem is None else self.forward_float(inputs[n:])
+            logits = torch.cat([logits_new, logits_buf]) if self.addons else None  # only add-ons read it
+        else:
+            logits = self.forward_float(inputs)
+            logits_new, logits_buf = logits[:n], logits[n:]
+        if unseen is not None:  # the same loss in fewer ops (cil.core.objectives)
+            assert logits is not None  # the one pass's
+            loss = er_ace_loss_joint(logits, y, y_buf, unseen)
+        else:
+            loss = er_ace_loss(logits_new, y, logits_buf, y_buf, seen)
+        return loss, logits_new, logits_buf, logits, inputs, y_buf
+
+    def compile_blocker(self) -> str | None:
+        if self.rule is not None or self.augment is not None:
+            return "ER-ACE with method.balance other than constant or with method.augment has no compiled step"
+        return self.hooks_blocker()
 
     def _update_balanced(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The step with a balancing rule and/or the augmented views: the two terms computed apart."""

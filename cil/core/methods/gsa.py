@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Unpack
+from typing import Any, NamedTuple, Unpack
 
 import torch
 from torch import Tensor
@@ -200,6 +200,23 @@ class PseudoTasks:
             self.recent.append((set(held), torch.tensor(held, dtype=torch.long, device=device)))
 
 
+def _call(fn: Callable[..., Any], *args: Any, once: bool = False) -> Any:
+    return fn(*args)
+
+
+class GSAPlan(NamedTuple):
+    """One GSA step's host decisions (`GSAStep.plan`), the input of its tensor work (`GSAStep.step_loss`)."""
+
+    xc: Tensor  # step 1: Xc, the incoming rows then buffer rows of the current task (classes), as stored
+    yc: Tensor
+    n: int  # the incoming rows
+    mixed: bool  # step 3: a mixed replay batch (the buffer holds rows)
+    drawn: tuple[Tensor, Tensor] | None  # its buffer rows (`draw_mixed`), or None
+    n_cur: int  # the rows of Xc that join them
+    aug: PreDrawn | None  # every augmentation draw of the step
+    warm: Tensor  # bool []: the replay weights are fixed at 1 (warm-up)
+
+
 class GSAStep:
     """Spec steps 1-7 for one incoming batch: returns the loss; no optimizer step, no buffer update.
 
@@ -238,6 +255,9 @@ class GSAStep:
         self.last_weights = torch.ones(classes.num_classes, device=device)  # w_c of the last step (1: warm-up)
         # Task-free: pseudo-tasks and current classes from the labels (the caller calls `pseudo.observe`)
         self.pseudo = PseudoTasks(classes, cfg.current_classes, cfg.current_window) if cfg.task_free else None
+        self.warm_flags = (torch.tensor(False, device=device), torch.tensor(True, device=device))
+        # runs `step_loss`; the GSA method hands in its own (compiled with compile_step)
+        self.run_step: Callable[..., Any] = _call
 
     @property
     def stats(self) -> GradientStats:
@@ -288,28 +308,50 @@ class GSAStep:
 
     def loss(self, forward: Forward, x: Tensor, y: Tensor, task: int, step_in_task: int) -> tuple[Tensor, Tensor]:
         """Steps 1-7 on the incoming batch (x as stored, y its labels): returns (L, logits of the incoming rows,
-        detached). `forward` maps model input to float logits over the head."""
-        cfg, classes, rule = self.cfg, self.classes, self.rule
-        n = len(y)
-        rule.start(task)  # task_reset: a new task's first step restarts the statistics
+        detached). `forward` maps model input to float logits over the head. The host decisions come first
+        (`plan`), then the tensor work (`step_loss`, through `run_step`: compiled with compile_step)."""
+        plan = self.plan(x, y, task, step_in_task)
+        # the first step (an empty buffer) runs eagerly: a graph for one step is not worth its compilation
+        first = self.buffer is not None and not plan.mixed
+        loss, logits_new, weights = self.run_step(self.step_loss, forward, plan, once=first)
+        if weights is not None:
+            self.last_weights = weights
+        return loss, logits_new
 
-        # 1. Xc: the incoming batch plus up to `current_task_replay` buffer samples of the current task
-        # (converted to model input once, after the concatenation).
+    def plan(self, x: Tensor, y: Tensor, task: int, step_in_task: int) -> GSAPlan:
+        """The step's host decisions: the buffer draws (host generator), the mixed batch's share, the warm-up and
+        the augmentation draws (the device generator), in the order the step has always made them."""
+        cfg = self.cfg
+        self.rule.start(task)  # task_reset: a new task's first step restarts the statistics
+        # 1. Xc: the incoming batch plus up to `current_task_replay` buffer samples of the current task.
         if self.pseudo is None:
             cur = self._sample(cfg.current_task_replay, task=task)
         else:  # task-free: buffer rows of the current classes
             cur = self._sample(cfg.current_task_replay, classes=self.pseudo.current())
-        xc, yc = (x, y) if cur is None else (torch.cat([x, cur[0]]), torch.cat([y, cur[1]]))
-        xc = self.to_input(xc)
-
-        # 3 (composed first, so the step's augmentations can be drawn at once). The balanced mixed replay batch,
+        # without buffer rows, copies: views of the stream's tensors would cost a compiled step one more graph
+        xc, yc = (x.clone(), y.clone()) if cur is None else (torch.cat([x, cur[0]]), torch.cat([y, cur[1]]))
+        # 3 (drawn first, so the step's augmentations can be drawn at once). The balanced mixed replay batch,
         # skipped on the very first batch: the buffer is empty.
+        mixed = self.buffer is not None and len(self.buffer) > 0
+        drawn, n_cur = self.draw_mixed(task) if mixed else (None, 0)
+        n_cur = min(n_cur, len(yc))  # Xc's rows that exist (the slice's own bound, said once for a compiled graph)
+        n_replay = (0 if drawn is None else len(drawn[1])) + n_cur if mixed else 0
+        aug = self.draw_augmentations(xc, n_replay)
+        # the warm-up as a device flag: one graph for both phases, no copy per step
+        warm = self.warm_flags[int(step_in_task < cfg.warmup_batches)]
+        return GSAPlan(xc, yc, len(y), mixed, drawn, n_cur, aug, warm)
+
+    def step_loss(self, forward: Forward, plan: GSAPlan) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Steps 1-7's tensor work on a `plan`: (L, logits of the incoming rows, detached, the replay weights
+        used or None without a replay batch)."""
+        cfg, classes, rule = self.cfg, self.classes, self.rule
+        yc, n, aug = plan.yc, plan.n, plan.aug
+        xc = self.to_input(plan.xc)  # converted once, after the concatenation
         xm: Tensor | None = None
         ym: Tensor | None = None
         old: Tensor | None = None
-        if self.buffer is not None and len(self.buffer) > 0:
-            xm, ym, old = self.mixed_replay_batch(xc, yc, task)
-        aug = self.draw_augmentations(xc, 0 if xm is None else len(xm))
+        if plan.mixed:
+            xm, ym, old = self.compose_mixed(xc, yc, plan.drawn, plan.n_cur)
         if cfg.bn_extra_passes:  # the official step's contrastive pass over Xc and an augmented copy
             self.statistics_pass(forward, xc, aug)
 
@@ -324,6 +366,7 @@ class GSAStep:
         if not (rule.scales_terms and xm is not None):  # magnitude: reported with its scale below
             self.report("new", logits_new, yv, new_mask)
 
+        weights: Tensor | None = None
         if xm is not None:
             if cfg.bn_extra_passes:  # the official step's feature passes between the two branches
                 n_cur = len(xm) - (0 if old is None else len(old))
@@ -337,23 +380,20 @@ class GSAStep:
             assert ym is not None  # composed with xm
             ym = self.repeat_labels(ym)
             rule.update(logits_m, ym, classes.seen)
-            warm = step_in_task < cfg.warmup_batches
-            if rule.adaptive and not warm:
-                self.last_weights = rule.weights()
-            else:
-                self.last_weights = torch.ones_like(self.last_weights)
+            ones = torch.ones_like(self.last_weights)
+            weights = torch.where(plan.warm, ones, rule.weights()) if rule.adaptive else ones
             if rule.scales_terms:  # magnitude: detached scales a, b from the closed-form logit-gradient norms
                 assert isinstance(rule, Magnitude)  # the one rule that scales the terms
                 bw = cfg.buffer_loss_weight
                 a, b = rule.term_scales(
                     logit_grad_norm(logits_new, yv, new_mask), bw * logit_grad_norm(logits_m, ym, classes.seen)
                 )
-                loss = (b * bw) * gsa_replay_loss(logits_m, ym, self.last_weights, classes.seen) + a * loss
-                self.report("new", logits_new, yv, new_mask, 1.0, a * torch.ones_like(self.last_weights))
-                self.report("replay", logits_m, ym, classes.seen, bw, b * self.last_weights)
+                loss = (b * bw) * gsa_replay_loss(logits_m, ym, weights, classes.seen) + a * loss
+                self.report("new", logits_new, yv, new_mask, 1.0, a * torch.ones_like(weights))
+                self.report("replay", logits_m, ym, classes.seen, bw, b * weights)
             else:
-                loss = cfg.buffer_loss_weight * gsa_replay_loss(logits_m, ym, self.last_weights, classes.seen) + loss
-                self.report("replay", logits_m, ym, classes.seen, cfg.buffer_loss_weight, self.last_weights)
+                loss = cfg.buffer_loss_weight * gsa_replay_loss(logits_m, ym, weights, classes.seen) + loss
+                self.report("replay", logits_m, ym, classes.seen, cfg.buffer_loss_weight, weights)
             if self.distill is not None:
                 self.distill(vm, logits_m)
             if cfg.bn_extra_passes:
@@ -362,29 +402,41 @@ class GSAStep:
             self.statistics_pass(forward, xc[:n])
         assert aug is None or aug.left == 0, "draw_augmentations drew more rows than the step used"
 
-        return loss, logits_new[:n].detach()
+        return loss, logits_new[:n].detach(), weights
 
     def mixed_replay_batch(self, xc: Tensor, yc: Tensor, task: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """floor(R(1-r)) samples of other tasks + the first floor(R r) items of Xc, r = seen current / seen.
         Returns (x, y, the other tasks' rows as model input or None)."""
+        drawn, n_cur = self.draw_mixed(task)
+        return self.compose_mixed(xc, yc, drawn, n_cur)
+
+    def draw_mixed(self, task: int) -> tuple[tuple[Tensor, Tensor] | None, int]:
+        """The mixed replay batch's buffer draw: (the other tasks' rows, or the uniform draw without
+        `balanced_replay`, or None; floor(R r), the number of Xc's rows that join them)."""
         r_batch = self.cfg.replay_batch_size
         if not self.cfg.balanced_replay:
-            mem = self._sample(r_batch)
-            if mem is None:  # R = 0: an empty replay batch, as the balanced one is then
-                return xc[:0], yc[:0], None
-            x, y = mem
-            return self.to_input(x), y, None
+            return self._sample(r_batch), 0
         r = self.classes.current_share()
         n_old, n_cur = int(r_batch * (1 - r)), int(r_batch * r)
         if self.pseudo is None:
-            old = self._sample(n_old, exclude_task=task)
-        else:  # task-free: buffer rows of the seen classes outside the current ones
-            old = self._sample(n_old, classes=self.pseudo.others())
-        if old is None:
+            return self._sample(n_old, exclude_task=task), n_cur
+        # task-free: buffer rows of the seen classes outside the current ones
+        return self._sample(n_old, classes=self.pseudo.others()), n_cur
+
+    def compose_mixed(
+        self, xc: Tensor, yc: Tensor, drawn: tuple[Tensor, Tensor] | None, n_cur: int
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The mixed replay batch from its draw (`draw_mixed`) and Xc as model input: (x, y, the other tasks' rows
+        as model input or None)."""
+        if not self.cfg.balanced_replay:
+            if drawn is None:  # R = 0: an empty replay batch, as the balanced one is then
+                return xc[:0], yc[:0], None
+            return self.to_input(drawn[0]), drawn[1], None
+        if drawn is None:
             return xc[:n_cur], yc[:n_cur], None
         # Row order does not matter to a mean loss or to batch norm, so the spec's shuffle is left out.
-        x_old = self.to_input(old[0])
-        return torch.cat([x_old, xc[:n_cur]]), torch.cat([old[1], yc[:n_cur]]), x_old
+        x_old = self.to_input(drawn[0])
+        return torch.cat([x_old, xc[:n_cur]]), torch.cat([drawn[1], yc[:n_cur]]), x_old
 
     @torch.no_grad()
     def statistics_pass(self, forward: Forward, x: Tensor, aug: PreDrawn | None = None, *more: Tensor) -> None:
@@ -447,6 +499,7 @@ class GSA(Method):
         self.gsa = GSAStep(
             self.cfg, self.buffer, self.classes, self.generator, size, self.to_input, self.report, self.distill_pass
         )
+        self.gsa.run_step = self.run_step  # compiled with compile_step
         self.pseudo_step = (-1, 0)  # task-free: (pseudo-task, batches since its start) of the incoming batch
 
     def on_task_start(self, task: int, classes: torch.Tensor) -> None:
@@ -468,7 +521,7 @@ class GSA(Method):
             self.refresh_head_rows(sorted(self.classes.task_labels), generator)
         return super().observe(batch)
 
-    def observe_labels(self, batch: Batch) -> None:
+    def begin_batch(self, batch: Batch) -> None:
         """What `observe` does with the batch's labels before its updates: the task-free pseudo-task, then the
         seen classes. For a learner that steps without observing (CCL-DC's peer, stepped by the add-on)."""
         if self.cfg.task_free:
@@ -476,9 +529,17 @@ class GSA(Method):
             self.pseudo_step = self.gsa.pseudo.observe(batch.y, batch.y_host)
         self.classes.mark_seen(batch.y, batch.y_host)
 
+    def compile_blocker(self) -> str | None:
+        if self.gsa.rule.name in ("window", "magnitude"):
+            return f"GSA with method.balance={self.gsa.rule.name} keeps a host counter in the step (no compiled step)"
+        return self.hooks_blocker()
+
     def update(self, batch: Batch) -> tuple[Tensor, Tensor]:
         if not self.cfg.train_without_replay and (self.buffer is None or len(self.buffer) == 0):
             return self.skip_update(batch)
+        if self.compiler is not None:  # the statistics change inside the step: CUDA graphs need them at fixed places
+            torch._dynamo.mark_static_address(self.gsa.stats.positive)
+            torch._dynamo.mark_static_address(self.gsa.stats.negative)
         task, step_in_task = self.pseudo_step if self.cfg.task_free else (batch.task, batch.step_in_task)
         assert task is not None and step_in_task is not None  # pseudo-tasks, or the boundaries GSA needs
         loss, logits_new = self.gsa.loss(self.forward_float, batch.x, batch.y, task, step_in_task)

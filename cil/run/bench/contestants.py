@@ -44,6 +44,13 @@ AVALANCHE_CLASSIC = ("avalanche_er", "avalanche_er_ace", "avalanche_naive")
 AVALANCHE_TENSORS = tuple(f"{n}_tensors" for n in AVALANCHE_CLASSIC)
 AVALANCHE = AVALANCHE_CLASSIC + AVALANCHE_TENSORS
 CONTESTANTS = OURS + ("floor",) + AVALANCHE
+PACKED = "packed"  # packed<K>: K ER runs of the workload (seeds seed..seed+K-1) stepped together (cil.core.packed)
+
+
+def packed_runs(name: str) -> int:
+    """K of a `packed<K>` contestant, else 0."""
+    k = name[len(PACKED) :]
+    return int(k) if name.startswith(PACKED) and k.isdigit() and int(k) >= 1 else 0
 
 
 def _sync(device: torch.device) -> None:
@@ -219,6 +226,46 @@ def run_ours(cfg: RunConfig, dataset, batches_per_task, breakdown: bool = False)
         out["breakdown"] = totals
     out.update(final_accuracy(learner.method.model, learner.stream, logits=_evaluation_logits(learner.method)))
     return out
+
+
+def run_packed(cfg: RunConfig, dataset, batches_per_task, k: int) -> dict:
+    """`packed<K>`: K ER runs of the workload, seeds seed..seed+K-1, trained together by `cil.core.packed.PackedRuns`;
+    samples, times and accuracy are the K runs' together (accuracy: their mean). Evaluations are timed apart in CPU
+    time, as for one run."""
+    import copy
+
+    from cil.core.packed import PackedRuns
+    from cil.run.bench.workloads import shorten_stream
+    from cil.run.experiment import build_learner
+
+    with tempfile.TemporaryDirectory(prefix="cil-bench-") as tmp:
+        learners = []
+        for i in range(k):
+            run_cfg = copy.deepcopy(cfg)
+            run_cfg.seed = cfg.seed + i
+            learner = build_learner(run_cfg, Path(tmp) / str(i), dataset)
+            shorten_stream(learner.stream, batches_per_task)
+            learners.append(learner)
+        eval_cpu: dict[str, float] = {"s": 0.0}
+        for learner in learners:  # the evaluations' CPU time, taken out of the training's
+            learner._task_end = _cpu_timed(learner._task_end, eval_cpu, {})  # type: ignore[method-assign]
+        packed = PackedRuns(learners)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        results = packed.run()
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        for learner in learners:
+            learner.logger.close()
+    eval_wall = sum(r["eval_time_s"] for r in results)
+    finals = [final_accuracy(ln.method.model, ln.stream, logits=_evaluation_logits(ln.method)) for ln in learners]
+    return {
+        "train_time_s": wall - eval_wall,
+        "train_cpu_s": cpu - eval_cpu["s"],
+        "eval_time_s": eval_wall,
+        "samples": sum(ln.stream.n_samples for ln in learners),
+        "packed_runs": k,
+        "acc_matrices": [r["acc_matrix"] for r in results],
+        "final_acc": sum(f["final_acc"] for f in finals) / k,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ floor

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cil.run.bench.contestants import CONTESTANTS, OURS
+from cil.run.bench.contestants import CONTESTANTS, OURS, packed_runs
 from cil.run.machine import machine_info
 
 DEFAULT_BATCHES = {"mnist": 0, "cifar": 20}  # per task; 0 = the whole stream
@@ -51,7 +51,7 @@ def run_one(spec: dict) -> dict:
     import torch
 
     from cil.core.data.stream import ClassIncrementalStream
-    from cil.run.bench.contestants import run_avalanche, run_floor, run_ours
+    from cil.run.bench.contestants import run_avalanche, run_floor, run_ours, run_packed
     from cil.run.bench.workloads import shorten_stream, subsample_test, workload_config, workload_dataset
     from cil.run.experiment import resolve_device
 
@@ -64,6 +64,8 @@ def run_one(spec: dict) -> dict:
     rss_data = _rss_mb()
     if name in OURS:
         out = run_ours(cfg, dataset, spec["batches_per_task"], breakdown=spec.get("timers", False))
+    elif packed_runs(name):
+        out = run_packed(cfg, dataset, spec["batches_per_task"], packed_runs(name))
     else:
         device = resolve_device(cfg.device)
         stream = ClassIncrementalStream(
@@ -140,7 +142,7 @@ def summarise(runs: list[dict]) -> dict:
                 s["eval_time_s"] = statistics.median(v["eval_time_s"] for v in vals)
             if any("peak_cuda_mb" in v for v in vals):
                 s["peak_cuda_mb"] = statistics.median(v.get("peak_cuda_mb", 0.0) for v in vals)
-            for ref in ("floor", "avalanche_er"):
+            for ref in ("floor", "avalanche_er", "er"):  # vs_er: packed<K> against one run
                 for metric, suffix in (("samples_per_s", ""), ("samples_per_cpu_s", "_cpu")):
                     pairs = [reps[k][metric] / by[ref][k][metric] for k in reps if ref in by and k in by[ref]]
                     if pairs and name != ref:
@@ -204,6 +206,9 @@ def print_table(summary: dict) -> None:
                 f"{ratio(s, 'vs_avalanche_er_cpu'):>9}{s['final_acc']:>7.1f}{s['peak_rss_mb']:>12.0f}{ov:>9}{slow:>9}"
                 f"  {s['samples_per_s_all']}"
             )
+        for name, s in rows.items():
+            if packed_runs(name) and "vs_er" in s:
+                print(f"{name}: {s['vs_er']:.2f}x one ER run's samples/s, {s['vs_er_cpu']:.2f}x per CPU-s (all K runs)")
         timed = {name: s for name, s in rows.items() if "task_us_per_sample_cpu" in s}
         if timed:
             print("per task, CPU us per sample (median over runs):")
@@ -250,7 +255,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--contestants",
         default="floor,er,er_ace,gsa,avalanche_er,avalanche_er_ace",
-        help=f"comma list from {', '.join(CONTESTANTS)}",
+        help=f"comma list from {', '.join(CONTESTANTS)}, packed<K> (K ER runs, seeds seed..seed+K-1, stepped together)",
     )
     p.add_argument(
         "--batches-per-task",
@@ -305,7 +310,7 @@ def main(argv=None) -> int:
         return 0
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     contestants = [c.strip() for c in args.contestants.split(",") if c.strip()]
-    unknown = [c for c in contestants if c not in CONTESTANTS]
+    unknown = [c for c in contestants if c not in CONTESTANTS and not packed_runs(c)]
     if unknown:
         print(f"bench: unknown contestant(s) {unknown}; choose from {', '.join(CONTESTANTS)}", file=sys.stderr)
         return 2

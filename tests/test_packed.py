@@ -1,0 +1,119 @@
+"""Packed runs (cil/core/packed.py): K ER runs stepped together by one vmapped step give the results of K separate
+runs. Not bit for bit: batched matrix products sum in another order than one run's (about 1e-7 per step); on the
+MLP with SGD that stays at 1e-7 over a whole stream and the accuracy matrices are equal. A batch-norm ResNet at
+lr 0.1 and batch 10 is chaotic (weights scaled by 1 + 1e-7 before a run differ by 0.1 after five steps), so
+there the first steps are compared, within 1e-4."""
+
+import pytest
+import torch
+
+from cil.core.packed import PackedRuns
+from cil.errors import ConfigError
+from cil.run.config import default_config
+from cil.run.experiment import build_learner, load_run_dataset
+from cil.schema import DatasetConfig
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_run_dataset(default_config("er", dataset=DatasetConfig(name="digits")))
+
+
+def config(method="er", **keys):
+    cfg = default_config(method, dataset=DatasetConfig(name="digits"))
+    cfg.log.progress, cfg.eval.anytime_every = False, 0
+    for key, value in keys.items():
+        obj, *path = [cfg, *key.split(".")]
+        for part in path[:-1]:
+            obj = getattr(obj, part)
+        setattr(obj, path[-1], value)
+    return cfg
+
+
+def separate_and_packed(tmp_path, digits, configs):
+    separate = [build_learner(cfg, tmp_path / f"s{k}", digits) for k, cfg in enumerate(configs)]
+    results = [learner.run() for learner in separate]
+    packed = [build_learner(cfg, tmp_path / f"p{k}", digits) for k, cfg in enumerate(configs)]
+    return separate, results, packed, PackedRuns(packed).run()
+
+
+def assert_models_close(a, b, atol):
+    for (name, x), y in zip(a.method.model.state_dict().items(), b.method.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=atol, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "sweep",
+    [
+        [{"buffer.size": m} for m in (50, 100, 200)],  # a memory sweep: the same stream, steps of equal shape
+        # seeds under random class orders: tasks end at other steps (short batches apart, streams of 145 and 146)
+        [{"seed": s, "stream.class_order": "random"} for s in (0, 1, 2)],
+    ],
+    ids=["memory", "seeds"],
+)
+def test_packed_mlp_runs_equal_separate_runs(tmp_path, digits, sweep):
+    """Whole Split digits streams, MLP and SGD: every run's accuracy matrix as its separate run's, weights within
+    1e-6 (measured: 1e-7)."""
+    separate, a, packed, b = separate_and_packed(tmp_path, digits, [config(**keys) for keys in sweep])
+    assert {len(learner.stream) for learner in separate} == ({146} if "buffer.size" in sweep[0] else {145, 146})
+    for k in range(len(sweep)):
+        assert a[k]["acc_matrix"] == b[k]["acc_matrix"], k
+        assert packed[k].step == separate[k].step
+        assert_models_close(separate[k], packed[k], atol=1e-6)
+    assert a[0]["acc_matrix"] != a[1]["acc_matrix"]  # the runs are different runs
+
+
+def test_packed_batch_norm_runs_equal_separate_runs_first_steps(tmp_path, digits):
+    """A reduced ResNet (batch norm: running statistics stacked and updated under vmap), two memory sizes, five
+    steps: weights and running statistics within 1e-4 of the separate runs'."""
+    keys = {"model.name": "reduced_resnet18", "model.nf": 4, "stream.samples_per_class": 5}
+    configs = [config(**keys, **{"buffer.size": m}) for m in (20, 40)]
+    separate, _, packed, _ = separate_and_packed(tmp_path, digits, configs)
+    for k in range(2):
+        assert packed[k].step == 5
+        assert_models_close(separate[k], packed[k], atol=1e-4)
+        bn = packed[k].method.model.bn1
+        assert int(bn.num_batches_tracked) == 5 and not torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+
+
+def test_what_cannot_be_packed_is_refused(tmp_path, digits):
+    with pytest.raises(ConfigError, match="only ER"):
+        PackedRuns([build_learner(config("er_ace"), tmp_path / "a", digits)])
+    er = build_learner(config(), tmp_path / "b", digits)
+    wide = build_learner(config(**{"model.hidden": [64]}), tmp_path / "c", digits)
+    with pytest.raises(ConfigError, match="model differs"):
+        PackedRuns([er, wide])
+    adam = build_learner(config(**{"optimizer.name": "adam"}), tmp_path / "d", digits)
+    with pytest.raises(ConfigError, match="optimizer differs"):
+        PackedRuns([er, adam])
+
+
+@pytest.mark.slow
+def test_bench_packed_contestant_trains_k_runs_as_their_separate_runs():
+    """`cil bench --contestants packed<K>`: K ER runs (seeds seed..seed+K-1) counted together; each run's accuracy
+    matrix is its own ordinary run's (the figures of docs/performance.md rest on this)."""
+    from cil.run.bench.contestants import packed_runs, run_ours, run_packed
+    from cil.run.bench.workloads import workload_config, workload_dataset
+
+    assert [packed_runs(n) for n in ("packed4", "packed", "packed0", "er")] == [4, 0, 0, 0]
+    cfg = workload_config("digits")
+    ds = workload_dataset("digits", cfg)
+    res = run_packed(cfg, ds, 3, 2)
+    assert res["packed_runs"] == 2 and res["samples"] == 2 * 150 and res["train_time_s"] > 0
+    for seed, matrix in enumerate(res["acc_matrices"]):
+        cfg.seed = seed
+        assert matrix == run_ours(cfg, ds, 3)["acc_matrix"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_the_packed_optimizer_has_the_runs_class_and_settings(tmp_path, digits, optimizer):
+    """AdamW records a setting its constructor does not take (decoupled_weight_decay): the copy still builds."""
+    from cil.schema import OptimizerConfig
+
+    cfg = config()
+    cfg.optimizer = OptimizerConfig(name=optimizer, lr=0.01, weight_decay=1e-4)
+    learners = [build_learner(cfg, tmp_path / f"p{k}", digits) for k in range(2)]
+    packed = PackedRuns(learners)
+    assert type(packed.optimizer) is type(learners[0].method.optimizer)
+    assert packed.optimizer.defaults == learners[0].method.optimizer.defaults
