@@ -24,16 +24,27 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch._functorch.config as functorch_config
-from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit, Unsupported
-from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 log = logging.getLogger("cil")
 
 COMPILE_MODES = ("none", "default", "reduce-overhead")
 RECOMPILE_LIMIT = 32  # GSA's step meets a few dozen shapes per run; past the symbolic recompile, guards on 0/1 sizes
-CAPTURE_ERRORS = (Unsupported, BackendCompilerFailed, FailOnRecompileLimitHit)
+
+
+# torch._dynamo is imported when a step is first compiled, not with the methods: it takes ~1.4 s, which every
+# process that never compiles (a refused run, a report) would pay
+def capture_errors() -> tuple[type[Exception], ...]:
+    """What dynamo and inductor raise while tracing or compiling, before the step has run."""
+    from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit, Unsupported
+
+    return (Unsupported, BackendCompilerFailed, FailOnRecompileLimitHit)
+
+
+def cudagraph_skips() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 class StepCompiler:
@@ -46,7 +57,7 @@ class StepCompiler:
         self.mode, self.backend = mode, backend
         self.compiled: dict[Callable[..., Any], Callable[..., Any]] = {}  # by function
         self.eager_reason: str | None = None  # set when the step falls back to eager
-        self.skips_seen, self.said_skips = counters["inductor"]["cudagraph_skips"], False
+        self.skips_seen, self.said_skips = (cudagraph_skips() if mode != "none" else 0), False
         self.device_type = device_type  # the run's device: "cpu" never has CUDA graphs
 
     @property
@@ -79,6 +90,8 @@ class StepCompiler:
             # the backward graph compiled with the forward one, so a failure is raised below, before the step ran
             # (lazily it would come from loss.backward(), after the forward pass had moved batch norm's statistics).
             # Process-wide: a context manager around every call costs ~50 us, a tenth of a graphed step.
+            import torch._functorch.config as functorch_config
+
             functorch_config.force_non_lazy_backward_lowering = True
         # views (the stream's label slices) as copies: a slice at offset 0, a task's first batch, costs its own graph
         args = tuple(a.clone() if isinstance(a, torch.Tensor) and a._base is not None else a for a in args)
@@ -86,7 +99,7 @@ class StepCompiler:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
         try:
             out = compiled(*args)
-        except CAPTURE_ERRORS as err:  # raised while tracing or compiling, before the step ran: nothing happened
+        except capture_errors() as err:  # raised while tracing or compiling, before the step ran: nothing happened
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             self.fall_back(f"{getattr(fn, '__qualname__', fn)} cannot be compiled whole ({first})")
             return fn(*args)
@@ -97,7 +110,7 @@ class StepCompiler:
 
     def _say_skips(self) -> None:
         """Say once when inductor compiled a graph of the step without CUDA graphs (on a CPU always)."""
-        skips = counters["inductor"]["cudagraph_skips"]
+        skips = cudagraph_skips()
         if skips > self.skips_seen and not self.said_skips:
             self.said_skips = True
             log.warning(
