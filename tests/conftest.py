@@ -82,3 +82,9 @@ def cli_in_process(capsys, monkeypatch):
         return subprocess.CompletedProcess(list(args), code, out, err)
 
     return run
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (each module's in its order): two workers then end on short tests, not one of them idle
+    while the other runs a minute-long test collected last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
