@@ -7,7 +7,7 @@ STAMP := $(VENV)/.cil-installed
 CIL_DATA_ROOT ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),$(CURDIR)/data)
 export CIL_DATA_ROOT
 
-.PHONY: demo test check lint bench gpu-check gpu-queue env clean-env
+.PHONY: demo test check lint bench gpu-check gpu-queue gpu-bundle env clean-env
 
 env: $(STAMP)
 
@@ -60,6 +60,15 @@ gpu-check:
 # --dry-run, --list, --only TABLES).
 gpu-queue:
 	$(if $(wildcard $(PY)),$(PY),python3) -m cil gpu-queue $(if $(OUT),--out $(OUT)) $(GPU_QUEUE_ARGS)
+
+# What a lent GPU machine (offline, its own Python and PyTorch) needs beside the checkout, in .gpu/ (git-ignored;
+# carried with the tree): the pure-Python wheels the command line needs and the CIFAR-10 JPEG copy (19 MB). Then
+# OUT=... experiments/gpu_session.sh there (docs/gpu-check.md, "A lent GPU in one command").
+gpu-bundle:
+	rm -rf .gpu && mkdir -p .gpu/whl
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/whl hydra-core==1.3.8 omegaconf==2.3.1
+	python3 -m pip wheel --quiet --no-deps -w .gpu/whl antlr4-python3-runtime==4.9.3
+	tar -C $(CIL_DATA_ROOT) -czf .gpu/cifar10-jpeg.tar.gz cifar10-jpeg
 
 clean-env:
 	rm -rf $(VENV)
