@@ -81,14 +81,16 @@ def stop_session(signum, _frame):
 
 
 def wait_for(what, check, timeout: float, launch=None, step: float = 0.2):
-    """Polls `check()` until it returns something true; fails after `timeout` seconds or when `launch` ended."""
+    """Polls `check()` until it returns something true; fails after `timeout` seconds or when `launch` (a Popen
+    whose output goes to the file `launch.log_path`) ended, with the end of that output."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         found = check()
         if found:
             return found
         if launch is not None and launch.poll() is not None:
-            pytest.fail(f"the sweep command ended (exit {launch.returncode}) while waiting for {what}")
+            out = Path(launch.log_path).read_text()[-4000:]
+            pytest.fail(f"the sweep command ended (exit {launch.returncode}) while waiting for {what}:\n{out}")
         time.sleep(step)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
@@ -162,6 +164,7 @@ def test_sweep_on_slurm_preempted_jobs_resume_failed_job_is_reported(cluster, tm
     launch_log = tmp_path / "launch.log"
     with open(launch_log, "w") as log:
         launch = subprocess.Popen(launch_cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    launch.log_path = launch_log
     # the uninterrupted runs, meanwhile, outside SLURM (CPU, one thread: bit for bit the same computation)
     reference = tmp_path / "reference"
     ref_cmd = [sys.executable, "-m", "cil", "-m", f"hydra.sweep.dir={reference}", *RUN, "stream.n_tasks=5,2"]
@@ -169,12 +172,19 @@ def test_sweep_on_slurm_preempted_jobs_resume_failed_job_is_reported(cluster, tm
     with open(ref_log, "w") as log:
         ref = subprocess.Popen(ref_cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
+        # Both interrupted jobs are seen running with a checkpoint before either is signalled: a job signalled after
+        # the other's requeue could otherwise have finished its whole stream in the meantime.
+        preempted, preempted_id = started_job(cluster, sweep, "stream.n_tasks=5", launch)
+        timed_out, timed_out_id = started_job(cluster, sweep, "stream.n_tasks=2", launch)
+        assert re.fullmatch(r"\d+_0", preempted_id), preempted_id  # task 0 of the sweep's sbatch array
         # Pre-emption: SLURM sends SIGTERM (the run finishes its batch, writes its checkpoint and stops) and puts
         # the job back in the queue, as `scontrol requeue` does.
-        preempted, preempted_id = started_job(cluster, sweep, "stream.n_tasks=5", launch)
-        assert re.fullmatch(r"\d+_0", preempted_id), preempted_id  # task 0 of the sweep's sbatch array
         requeue = cluster.client("scontrol", "requeue", preempted_id)
         assert requeue.returncode == 0, requeue.stderr
+        # The time limit: SLURM sends USR2 signal_delay_s before it (submitit's --signal); submitit requeues the
+        # job (max_num_timeout) and exits it; the run continues from its last checkpoint (checkpoint.every).
+        usr2 = cluster.client("scancel", "--signal=USR2", timed_out_id)
+        assert usr2.returncode == 0, usr2.stderr
         stopped = wait_for(
             "the pre-empted run's results.json",
             lambda: (r := read_json(preempted / "results.json")) is not None and r["status"] == "preempted" and r,
@@ -184,12 +194,6 @@ def test_sweep_on_slurm_preempted_jobs_resume_failed_job_is_reported(cluster, tm
         assert 0 < stopped["step"] < stopped["stream_batches"], stopped  # stopped in the middle of the stream
         assert stopped["checkpoint"] == str(preempted / "checkpoint.pt") and (preempted / "checkpoint.pt").exists()
         release(cluster, preempted_id)
-
-        # The time limit: SLURM sends USR2 signal_delay_s before it (submitit's --signal); submitit requeues the
-        # job (max_num_timeout) and exits it; the run continues from its last checkpoint (checkpoint.every).
-        timed_out, timed_out_id = started_job(cluster, sweep, "stream.n_tasks=2", launch)
-        usr2 = cluster.client("scancel", "--signal=USR2", timed_out_id)
-        assert usr2.returncode == 0, usr2.stderr
         release(cluster, timed_out_id)
 
         launch.wait(timeout=300)
@@ -231,6 +235,8 @@ def test_sweep_on_slurm_preempted_jobs_resume_failed_job_is_reported(cluster, tm
             assert "stream.n_tasks=3: ConfigError" in logs[n_tasks], logs[n_tasks][-3000:]
         else:
             assert slurm_job_id(one(sweep, f"stream.n_tasks={n_tasks}")) == task
+        # the launcher may read a job's result before the controller has recorded the job's end
+        wait_for(f"job {task} recorded as completed", lambda t=task: job_info(cluster, t)["JobState"] != "RUNNING", 60)
         info = job_info(cluster, task)
         assert info["JobState"] == "COMPLETED" and info["ArrayJobId"] == array, info
         assert info["Restarts"] == ("0" if n_tasks == "3" else "1"), info
