@@ -162,7 +162,9 @@ def test_the_budget_stops_a_run_midway_and_the_call_ends_in_time(tmp_path):
     long_run = {**TOY["runs"][1], "label": "long"}
     long_run["overrides"] = [*long_run["overrides"], "stream.batch_size=2"]
     queue, out = queue_file(tmp_path, {"runs": [long_run, TOY["runs"][0]]}), tmp_path / "out"
-    budget = 12.0
+    # the dry run's step-time measurement needs 5 s before the stop (budget - 4 s): 16 s leaves the set-up (3.5 s
+    # on a 2-core Xeon, 2026-12-07) room to spare; the long run then gets about 100 of its 700 batches
+    budget = 16.0
     started = time.time()
     proc = subprocess.run(
         command(queue, out, "--budget", str(budget), "--max-parallel", "1", "--partial"),

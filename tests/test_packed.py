@@ -4,11 +4,15 @@ MLP with SGD that stays at 1e-7 over a whole stream and the accuracy matrices ar
 lr 0.1 and batch 10 is chaotic (weights scaled by 1 + 1e-7 before a run differ by 0.1 after five steps), so
 there the first steps are compared, within 1e-4."""
 
+import os
+import signal
+
 import pytest
 import torch
 
 from cil.core.packed import PackedRuns
-from cil.errors import ConfigError
+from cil.errors import ConfigError, TrainingError
+from cil.run.checkpoint import Checkpointer
 from cil.run.config import default_config
 from cil.run.experiment import build_learner, load_run_dataset
 from cil.schema import DatasetConfig
@@ -82,10 +86,10 @@ def test_what_cannot_be_packed_is_refused(tmp_path, digits):
         PackedRuns([build_learner(config("er_ace"), tmp_path / "a", digits)])
     er = build_learner(config(), tmp_path / "b", digits)
     wide = build_learner(config(**{"model.hidden": [64]}), tmp_path / "c", digits)
-    with pytest.raises(ConfigError, match="model differs"):
+    with pytest.raises(ConfigError, match=r"its model \(model\.\*\) differs"):
         PackedRuns([er, wide])
     adam = build_learner(config(**{"optimizer.name": "adam"}), tmp_path / "d", digits)
-    with pytest.raises(ConfigError, match="optimizer differs"):
+    with pytest.raises(ConfigError, match=r"its optimizer \(optimizer\.\*\) differs"):
         PackedRuns([er, adam])
 
 
@@ -117,3 +121,52 @@ def test_the_packed_optimizer_has_the_runs_class_and_settings(tmp_path, digits, 
     packed = PackedRuns(learners)
     assert type(packed.optimizer) is type(learners[0].method.optimizer)
     assert packed.optimizer.defaults == learners[0].method.optimizer.defaults
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_leaves_the_pack_and_the_others_go_on(tmp_path, digits):
+    """Run 1 raises at stream batch 20 (as a non-finite loss does): its outcome is that error, its model keeps the
+    weights it had then (with momentum, a slice left in the stack would still move), and runs 0 and 2 end as their
+    separate runs."""
+    configs = [config(seed=s, **{"optimizer.momentum": 0.9, "optimizer.lr": 0.01}) for s in (0, 1, 2)]
+    separate = [build_learner(cfg, tmp_path / f"s{k}", digits) for k, cfg in enumerate(configs)]
+    expected = [learner.run() for learner in separate]
+    packed = [build_learner(cfg, tmp_path / f"p{k}", digits) for k, cfg in enumerate(configs)]
+    broken, kept = packed[1], {}
+    after_batch = broken._after_batch
+
+    def failing_after_batch(batch, bar, tick):
+        if broken.step == 20:
+            kept.update({k: v.clone() for k, v in broken.method.model.state_dict().items()})
+            raise TrainingError("non-finite loss at stream batch 20")
+        return after_batch(batch, bar, tick)
+
+    broken._after_batch = failing_after_batch
+    outcomes = PackedRuns(packed).run_each()
+    assert isinstance(outcomes[1], TrainingError) and broken.step == 20
+    for name, value in broken.method.model.state_dict().items():
+        assert torch.equal(value, kept[name]), name
+    for k in (0, 2):
+        assert outcomes[k]["acc_matrix"] == expected[k]["acc_matrix"], k
+        assert_models_close(separate[k], packed[k], atol=1e-5)
+
+
+def test_one_signal_asks_every_run_of_a_pack_to_stop_and_the_handlers_come_back(tmp_path):
+    """The runs of a pack are all flagged by one SIGTERM, and the process's handler is back once the last run's
+    loop is over, whichever ends first."""
+    cfg = config()
+    before = signal.getsignal(signal.SIGTERM)
+    runs = [Checkpointer(tmp_path / str(k), cfg, {}) for k in range(3)]
+    loops = [run.stop_on_signals() for run in runs]
+    for loop in loops:
+        loop.__enter__()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert [run.stop_signal for run in runs] == [signal.SIGTERM] * 3
+    for loop in (loops[1], loops[0]):
+        loop.__exit__(None, None, None)
+        assert signal.getsignal(signal.SIGTERM) is not before  # a run is still in its loop
+    late = Checkpointer(tmp_path / "late", cfg, {})
+    with late.stop_on_signals():  # set up after the signal, while a run of its pack was still stopping
+        assert late.stop_signal == signal.SIGTERM
+    loops[2].__exit__(None, None, None)
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -21,9 +21,9 @@ import copy
 import functools
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -61,9 +61,39 @@ def packing_blocker(method: Method) -> str | None:
         return "add-ons, diagnostics or compile_step"
     if method.scaler is not None:
         return "precision=fp16 (a GradScaler per run)"
-    if len(method.optimizer.param_groups) != 1 or method.optimizer.state:
-        return "an optimizer with several parameter groups or with state (a resumed run)"
+    if len(method.optimizer.param_groups) != 1:
+        return "an optimizer with several parameter groups"
     return None
+
+
+def pack_key(learner: Learner) -> tuple[object, ...] | None:
+    """Learners with equal keys can be trained in one pack; None: this one is trained alone."""
+    if packing_blocker(learner.method) is not None or learner.delay != 1:
+        return None
+    return tuple(_pack_parts(learner).values())
+
+
+def _pack_parts(learner: Learner) -> dict[str, object]:
+    """What runs of one pack share: the kind of method and model, the optimizer's kind, settings and step, the
+    input pipeline and the device."""
+    method = learner.method
+    optimizer = method.optimizer
+    # a resumed run's optimizer: its step count must match
+    first: dict[str, Any] = next(iter(optimizer.state.values()), {})
+    return {
+        "method": type(method),
+        "model (model.*)": tuple((name, tuple(t.shape), t.dtype) for name, t in method.model.state_dict().items()),
+        "optimizer (optimizer.*)": (type(optimizer), repr(sorted(optimizer.defaults.items()))),
+        "optimizer step (a resumed run)": tuple(
+            sorted((k, float(v)) for k, v in first.items() if not torch.is_tensor(v) or v.dim() == 0)
+        ),
+        "device": str(method.device),
+        "input pipeline (precision, channels_last, normalisation)": (
+            method.precision,
+            method.channels_last,
+            None if method.normalize is None else tuple(tuple(t.flatten().tolist()) for t in method.normalize),
+        ),
+    }
 
 
 class PackedRuns:
@@ -80,29 +110,63 @@ class PackedRuns:
                 reason = "the real-time mode"
             if reason is not None:
                 raise ConfigError(f"run {k} cannot be packed: {reason}")
-        first = methods[0]
-        shapes = {name: t.shape for name, t in first.model.state_dict().items()}
-        for k, method in enumerate(methods[1:], start=1):
-            if {name: t.shape for name, t in method.model.state_dict().items()} != shapes:
-                raise ConfigError(f"run {k} cannot be packed with run 0: its model differs (model.*)")
-            opt, opt0 = method.optimizer, first.optimizer
-            if type(opt) is not type(opt0) or opt.defaults != opt0.defaults:
-                raise ConfigError(f"run {k} cannot be packed with run 0: its optimizer differs (optimizer.*)")
+        parts = _pack_parts(self.learners[0])
+        for k, learner in enumerate(self.learners[1:], start=1):
+            differs = [name for name, value in _pack_parts(learner).items() if value != parts[name]]
+            if differs:
+                raise ConfigError(f"run {k} cannot be packed with run 0: its {', '.join(differs)} differs")
         models = [method.model for method in methods]
         self.params, self.buffers = stack_module_state(models)
+        self.names = {name: [model.get_parameter(name) for model in models] for name in self.params}
         for k, model in enumerate(models):  # each run's model reads its slice: evaluations see the current weights
             for name, p in model.named_parameters():
                 p.data = self.params[name].data[k]
             for name, module in model.named_modules():
-                for key, value in module._buffers.items():
+                for key_, value in module._buffers.items():
                     if value is not None:
-                        module._buffers[key] = self.buffers[f"{name}.{key}" if name else key][k]
+                        module._buffers[key_] = self.buffers[f"{name}.{key_}" if name else key_][k]
         self.base = copy.deepcopy(models[0]).to("meta")  # the architecture, called with each run's slice
-        self.optimizer = optimizer_like(first.optimizer, list(self.params.values()))
+        self.optimizer = optimizer_like(methods[0].optimizer, list(self.params.values()))
+        self._stack_optimizer_state([method.optimizer for method in methods])
+        self.checkpoints: list[_SlicedCheckpoints | None] = [None] * len(self.learners)
+        for k, learner in enumerate(self.learners):  # a run's checkpoint holds its slice of the optimizer's state
+            if learner.checkpointer is not None:
+                self.checkpoints[k] = _SlicedCheckpoints(self, k, learner.checkpointer)
+                learner.checkpointer = self.checkpoints[k]
+        self.ended = [False] * len(self.learners)
         self.queue: list[_Queued] = []
         self._loss = vmap(self._run_loss)
         for k, method in enumerate(methods):  # the learner's own loop calls it: the step itself waits for all K
             method.observe = functools.partial(self._observe, k)  # type: ignore[method-assign]
+
+    # -- the optimizer's state: stacked from the runs (resumed runs), sliced back for their checkpoints -----------
+    def _stack_optimizer_state(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """The runs' optimizer states (resumed runs have them) as the packed optimizer's: per-parameter tensors
+        stacked, step counts (equal: pack_key) taken once."""
+        if not any(opt.state for opt in optimizers):
+            return
+        for name, stacked in self.params.items():
+            states = [opt.state[p] for opt, p in zip(optimizers, self.names[name], strict=True)]
+            self.optimizer.state[stacked] = {
+                key: torch.stack([st[key] for st in states])
+                if torch.is_tensor(value) and value.dim() > 0
+                else (value.clone() if torch.is_tensor(value) else value)
+                for key, value in states[0].items()
+            }
+
+    def slice_optimizer_state(self, run: int) -> None:
+        """Run `run`'s optimizer gets its slice of the packed optimizer's state (copies), as its own would hold."""
+        opt = self.learners[run].method.optimizer
+        opt.state.clear()
+        for name, stacked in self.params.items():
+            state = self.optimizer.state.get(stacked)
+            if state:
+                opt.state[self.names[name][run]] = {
+                    key: (value[run] if value.shape == stacked.shape else value).clone()
+                    if torch.is_tensor(value)
+                    else value
+                    for key, value in state.items()
+                }
 
     # -- one step of every run ---------------------------------------------------------------------------------
     def _observe(self, run: int, batch: Batch) -> StepOutput:
@@ -165,36 +229,123 @@ class PackedRuns:
 
     # -- the runs ----------------------------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
-        """Every run's whole stream in lockstep (`Learner.run`'s loop, one packed step per stream position); each
-        run's results as its own `Learner.run` returns them, taken when its stream ends."""
+        """Every run's whole stream in lockstep; each run's results as its own `Learner.run` returns them. The first
+        error of any run is raised once every run has ended (`run_each` keeps them apart)."""
+        outcomes = self.run_each()
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return cast(list[dict[str, Any]], outcomes)
+
+    def run_each(self) -> list[dict[str, Any] | BaseException]:
+        """Every run's whole stream in lockstep (`Learner.run`'s loop, one packed step per stream position); for
+        each run, its results as its own `Learner.run` returns them (taken when its stream ends), or what stopped
+        it: a run that raises (a non-finite loss, a file it cannot write, pre-emption after its checkpoint) leaves
+        the pack and the others go on."""
         learners = self.learners
         bars = [tqdm(total=len(ln.stream), initial=ln.step, disable=not ln.progress, leave=False) for ln in learners]
-        results: list[dict[str, Any] | None] = [None] * len(learners)
+        outcomes: list[dict[str, Any] | BaseException | None] = [None] * len(learners)
         ticks = [time.perf_counter()] * len(learners)
         streams = [ln.stream.batches(start=ln.step) for ln in learners]
-        for batches in itertools.zip_longest(*streams):
-            for k, batch in enumerate(batches):  # a run whose stream ended: finished before the others step on
-                if batch is None and results[k] is None:
-                    results[k] = self._finish(k, ticks[k], bars[k])
-            active = [k for k, batch in enumerate(batches) if batch is not None]
-            for k in active:
-                learners[k].train_batch(batches[k])
-            self.step()
-            for k in active:
-                # the learner's own per-batch work (read-backs, evaluations, task ends)
-                ticks[k] = learners[k]._after_batch(batches[k], bars[k], ticks[k])
-        return [self._finish(k, ticks[k], bars[k]) if r is None else r for k, r in enumerate(results)]
 
-    def _finish(self, k: int, tick: float, bar: tqdm[Any]) -> dict[str, Any]:
-        """Run k's results; its model gets weights of its own, which the others' later steps leave alone."""
-        learner = self.learners[k]
-        learner.train_time_s += time.perf_counter() - tick
+        def each(runs: list[int], work: Callable[[int], object]) -> list[int]:
+            """`work(k)` for every run k; the runs it raised for leave the pack. Returns the runs still in."""
+            kept = []
+            for k in runs:
+                try:
+                    work(k)
+                    kept.append(k)
+                except BaseException as err:  # noqa: BLE001 - the run's own outcome; the stages record it
+                    outcomes[k] = err
+                    self._leave(k, bars[k])
+            return kept
+
+        def finish(k: int) -> None:
+            outcomes[k] = self._finish(k, ticks[k], bars[k])
+
+        batches: tuple[Batch | None, ...] = ()  # this round's batch of every run (None: its stream has ended)
+
+        def train(k: int) -> None:
+            batch = batches[k]
+            assert batch is not None  # only runs with a batch train
+            learners[k].train_batch(batch)
+
+        def after(k: int) -> None:  # the learner's own per-batch work (read-backs, evaluations, task ends)
+            batch = batches[k]
+            assert batch is not None
+            ticks[k] = learners[k]._after_batch(batch, bars[k], ticks[k])
+
+        for batches in itertools.zip_longest(*streams):
+            # a run whose stream ended: finished before the others step on
+            each([k for k, b in enumerate(batches) if b is None and not self.ended[k]], finish)
+            active = [k for k, b in enumerate(batches) if b is not None and not self.ended[k]]
+            if not active:
+                if all(self.ended):  # the runs that left the pack still have batches: not to be read
+                    break
+                continue
+            active = each(active, train)
+            try:
+                self.step()
+            except BaseException as err:  # noqa: BLE001 - the shared step failed: every run in it stops with it
+                for k in active:
+                    outcomes[k] = err
+                    self._leave(k, bars[k])
+                break
+            active = each(active, after)
+            # a stop signal, taken here between rounds: every run checkpoints at this batch, so they resume as a pack
+            if any(c.stopping() for k in active if (c := self.checkpoints[k]) is not None):
+                each([k for k in active if self.checkpoints[k] is not None], self._stop)
+        each([k for k in range(len(learners)) if not self.ended[k]], finish)
+        return cast(list[dict[str, Any] | BaseException], outcomes)
+
+    def _detach(self, k: int, bar: tqdm[Any]) -> None:
+        """Run k leaves the pack: its model gets weights of its own, which the others' later steps leave alone."""
+        self.ended[k] = True
         bar.close()
-        model = learner.method.model
+        model = self.learners[k].method.model
         for p in model.parameters():
             p.data = p.data.clone()
         for module in model.modules():
             for key, value in module._buffers.items():
                 if value is not None:
                     module._buffers[key] = value.clone()
+
+    def _stop(self, k: int) -> None:
+        checkpoints = self.checkpoints[k]
+        assert checkpoints is not None  # only runs with a checkpointer are stopped
+        checkpoints.stop(self.learners[k])
+
+    def _leave(self, k: int, bar: tqdm[Any]) -> None:
+        self.queue = [q for q in self.queue if q.run != k]
+        self._detach(k, bar)
+
+    def _finish(self, k: int, tick: float, bar: tqdm[Any]) -> dict[str, Any]:
+        """Run k's results, taken as its stream ends."""
+        learner = self.learners[k]
+        learner.train_time_s += time.perf_counter() - tick
+        self._detach(k, bar)
         return learner.results()
+
+
+class _SlicedCheckpoints:
+    """A packed run's checkpointer (the learner's CheckpointHook over the runner's Checkpointer): its checkpoints
+    hold the run's slice of the packed optimizer's state, and a stop signal is left to the pack, which takes it
+    between rounds (`PackedRuns._stop`) so that one signal stops every run at the same batch."""
+
+    def __init__(self, pack: PackedRuns, run: int, inner: Any) -> None:
+        self.pack, self.run, self.inner = pack, run, inner
+
+    def due(self, step: int, task_ends: bool) -> bool:
+        return bool(self.inner.scheduled(step, task_ends))
+
+    def checkpoint(self, learner: Learner) -> None:
+        self.pack.slice_optimizer_state(self.run)
+        self.inner.save(learner)
+
+    def stopping(self) -> bool:
+        return self.inner.stop_signal is not None
+
+    def stop(self, learner: Learner) -> None:
+        """Checkpoint, then raise Preempted (the runner's Checkpointer.checkpoint)."""
+        self.pack.slice_optimizer_state(self.run)
+        self.inner.checkpoint(learner)

@@ -152,6 +152,12 @@ def check_finite(learner: Learner) -> None:
         )
 
 
+def _own_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors that are views into a larger one (a packed run's slice of the stacked models) copied out: torch.save
+    writes a view's whole storage."""
+    return {k: v.clone() if v.untyped_storage().nbytes() > v.nbytes else v for k, v in state.items()}
+
+
 def _rng_state() -> dict:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     return {"torch": torch.get_rng_state(), "cuda": cuda}
@@ -255,12 +261,12 @@ class Checkpointer:
 
     # -- writing -----------------------------------------------------------------------------------------------
     def due(self, step: int, task_ends: bool) -> bool:
-        if not self.can_save:
-            return self.stop_signal is not None
-        return (
-            self.stop_signal is not None
-            or (self.cfg.every > 0 and step % self.cfg.every == 0)
-            or (task_ends and self.cfg.at_task_end)
+        return self.stop_signal is not None or self.scheduled(step, task_ends)
+
+    def scheduled(self, step: int, task_ends: bool) -> bool:
+        """A checkpoint the settings ask for at this batch (checkpoint.every, checkpoint.at_task_end)."""
+        return self.can_save and (
+            (self.cfg.every > 0 and step % self.cfg.every == 0) or (task_ends and self.cfg.at_task_end)
         )
 
     def save(self, learner: Learner) -> None:
@@ -271,7 +277,7 @@ class Checkpointer:
         state = {
             "format": FORMAT_VERSION,
             "config": self.config,
-            "model": method.model.state_dict(),
+            "model": _own_storage(method.model.state_dict()),
             "optimizer": method.optimizer.state_dict(),
             "method": method.state_dict(),
             "buffer": method.buffer.state_dict() if method.buffer is not None else None,
@@ -305,19 +311,32 @@ class Checkpointer:
     @contextlib.contextmanager
     def stop_on_signals(self, signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
         """While the loop runs, SIGTERM or SIGINT (Ctrl-C) only sets a flag; the loop then checkpoints and raises
-        Preempted (exit code 75, or 130 for Ctrl-C). Outside it, Ctrl-C stops at once (KeyboardInterrupt)."""
+        Preempted (exit code 75, or 130 for Ctrl-C). Outside it, Ctrl-C stops at once (KeyboardInterrupt). Runs
+        trained together in one process (a pack) are all asked to stop by one signal."""
         if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
             yield
             return
-
-        def request_stop(signum, _frame):
-            self.stop_signal = signum
-
-        if PENDING_STOP:  # the signal came while the run was being set up
-            self.stop_signal = PENDING_STOP[0]
-        previous = {s: signal.signal(s, request_stop) for s in signums}
+        stopping = [c.stop_signal for c in _STOPPABLE if c.stop_signal is not None]
+        if PENDING_STOP or stopping:  # the signal came while the run was being set up
+            self.stop_signal = (PENDING_STOP or stopping)[0]
+        if not _STOPPABLE:  # the first run in: the process's handlers are kept and given back after the last
+            _PREVIOUS_HANDLERS.update({s: signal.signal(s, _request_stop) for s in signums})
+        _STOPPABLE.append(self)
         try:
             yield
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            _STOPPABLE.remove(self)
+            if not _STOPPABLE:
+                for s, handler in _PREVIOUS_HANDLERS.items():
+                    signal.signal(s, handler)
+                _PREVIOUS_HANDLERS.clear()
+
+
+# The runs of this process whose loops are in progress (one, or a pack's), and the handlers they replaced.
+_STOPPABLE: list[Checkpointer] = []
+_PREVIOUS_HANDLERS: dict[int, Any] = {}
+
+
+def _request_stop(signum: int, _frame=None) -> None:
+    for checkpointer in _STOPPABLE:
+        checkpointer.stop_signal = signum

@@ -13,7 +13,7 @@ import math
 import os
 import platform
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, cast
 
@@ -350,6 +350,51 @@ def run_experiment(
     StorageError when a file cannot be written, which any OSError of the run's files becomes) leaves a results.json
     that says `failed`, never one that looks complete. With log.wandb the run is also a W&B run, started once
     the folder is accepted, continued when the checkpoint is (`wandb_group` unless log.wandb_group is set)."""
+    return drive(experiment_stages(cfg, out_dir, resolved_config, on_start, wandb_group, folder))
+
+
+RunStages = Generator[Learner, dict[str, Any], dict]
+
+
+def drive(stages: RunStages, train: Callable[[Learner], dict[str, Any]] = Learner.run) -> dict:
+    """Runs a run's stages (`experiment_stages`) to their end: `train` trains the learner they yield and returns
+    its `Learner.run()` results; what `train` raises goes back into the stages, which record it and raise it."""
+    try:
+        learner = next(stages)
+    except StopIteration as done:  # nothing to train: a complete run's results
+        return done.value
+    try:
+        results = train(learner)
+    except BaseException as err:  # noqa: BLE001 - the stages record it and raise it again
+        return finish_stages(stages, err)
+    return finish_stages(stages, results)
+
+
+def finish_stages(stages: RunStages, outcome: dict[str, Any] | BaseException) -> dict:
+    """The stages after training: `outcome` is the learner's results, or what stopped its training (recorded in
+    the run folder, then raised here unless the stages turn it into a return)."""
+    try:
+        if isinstance(outcome, BaseException):
+            stages.throw(outcome)
+        else:
+            stages.send(outcome)
+    except StopIteration as done:
+        return done.value
+    raise AssertionError("a run's stages yield one learner")
+
+
+def experiment_stages(
+    cfg: RunConfig,
+    out_dir: str | os.PathLike,
+    resolved_config: dict | None = None,
+    on_start: Callable[[], None] | None = None,
+    wandb_group: str | None = None,
+    folder: RunFolder | None = None,
+) -> RunStages:
+    """`run_experiment` as a generator: everything before training (checks, folder, checkpoint, the learner), then
+    it yields the learner and waits for its `Learner.run()` results (`send`) or what stopped it (`throw`), then
+    everything after (results.json, the checkpoint's removal); returns the results. A caller can so train several
+    runs' learners together (cil.run.packed_sweep) and each still writes its own folder as a lone run does."""
     out_dir = Path(out_dir)
     validate(cfg)  # before looking at what the run folder holds
     config = resolved_config if resolved_config is not None else dataclasses.asdict(cfg)
@@ -362,18 +407,18 @@ def run_experiment(
                 if done is None:
                     raise
                 return done
-        return _run_in_folder(cfg, out_dir, folder, config, on_start, wandb_group)
+        return (yield from _stages_in_folder(cfg, out_dir, folder, config, on_start, wandb_group))
     raise AssertionError("unreachable")  # mypy: the ExitStack could swallow an exception; it does not
 
 
-def _run_in_folder(
+def _stages_in_folder(
     cfg: RunConfig,
     out_dir: Path,
     folder: RunFolder,
     config: dict,
     on_start: Callable[[], None] | None,
     wandb_group: str | None,
-) -> dict:
+) -> RunStages:
     done = completed_results(out_dir, cfg, config)
     if done is not None:
         return done
@@ -414,7 +459,7 @@ def _run_in_folder(
             if state is not None:
                 checkpointer.restore(learner, state)
             try:
-                results = learner.run()
+                results = yield learner  # trained by the caller (`drive`)
             finally:
                 learner.logger.close()
             if learner.diagnostics is not None:

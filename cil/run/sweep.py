@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,30 @@ def run_sweep_job(
     """One job of a sweep: skip a folder that holds the complete run of this very config, else run; any exception
     becomes failed.json and a return. A job refused before it may write its folder (another job holds it, or it
     holds a complete run of other settings) writes nothing there: the refusal goes to the sweep folder's
-    `.cil-refused/`, which the sweep's summary reports (and counts as a failure)."""
+    `.cil-refused/`, which the sweep's summary reports (and counts as a failure). Inside a pack
+    (cil.run.packed_sweep, `hydra/launcher=packed`) the job is set up here and trained later with the pack's
+    other jobs."""
+    from cil.run.experiment import drive
+    from cil.run.packed_sweep import current_pack
+
+    stages = sweep_job_stages(cfg, out_dir, resolved, overrides, on_start, sweep_dir)
+    pack = current_pack()
+    return drive(stages) if pack is None else pack.add(stages, ",".join(overrides) or str(out_dir), str(out_dir))
+
+
+def sweep_job_stages(
+    cfg: Any,
+    out_dir: Path,
+    resolved: dict,
+    overrides: list[str],
+    on_start: Any | None = None,
+    sweep_dir: Path | None = None,
+) -> Generator[Any, dict, dict]:
+    """`run_sweep_job` as a run's stages (cil.run.experiment.experiment_stages): yields the learner to train."""
     out_dir = Path(out_dir)
     name = ",".join(overrides) or str(out_dir)
     from cil.run.checkpoint import config_differences
-    from cil.run.experiment import run_experiment
+    from cil.run.experiment import experiment_stages
     from cil.run.folder import RunFolder
 
     try:
@@ -106,13 +126,15 @@ def run_sweep_job(
         (out_dir / FAILED).unlink(missing_ok=True)  # a previous attempt's failure no longer describes this folder
         try:
             # with log.wandb each job is its own W&B run, grouped by its sweep folder
-            return run_experiment(
-                cfg,
-                out_dir,
-                resolved_config=resolved,
-                on_start=on_start,
-                wandb_group="/".join(out_dir.resolve().parent.parts[-2:]),
-                folder=folder,
+            return (
+                yield from experiment_stages(
+                    cfg,
+                    out_dir,
+                    resolved_config=resolved,
+                    on_start=on_start,
+                    wandb_group="/".join(out_dir.resolve().parent.parts[-2:]),
+                    folder=folder,
+                )
             )
         except Exception as err:  # noqa: BLE001 - every failure is recorded; the sweep goes on
             try:

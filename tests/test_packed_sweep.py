@@ -1,0 +1,88 @@
+"""`hydra/launcher=packed` (hydra_plugins/cil_packed_launcher, cil/run/packed_sweep.py): a sweep's ER jobs trained
+as one pack in one process end as the basic launcher's separate runs end; a job that cannot be packed runs alone in
+the same launch; SIGTERM makes every run of the pack write its checkpoint, and the same command resumes the pack
+(optimizer state included) to the same results."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# Adam: the resumed pack must get back each run's slice of the stacked optimizer state
+RUN = [
+    "dataset=digits",
+    "log.progress=false",
+    "eval.anytime_every=20",
+    "checkpoint.every=10",
+    "optimizer=adam",
+    "optimizer.lr=0.001",
+    "method=er,er_ace",
+    "seed=0,1",
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def sweep_cmd(sweep: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cil", "-m", f"hydra.sweep.dir={sweep}", *RUN, *extra]
+
+
+def results(sweep: Path) -> dict[str, dict]:
+    return {d.name: json.loads((d / "results.json").read_text()) for d in sweep.glob("*=*") if d.is_dir()}
+
+
+@pytest.mark.slow
+def test_packed_sweep_equals_the_basic_launcher_and_resumes_after_sigterm(tmp_path):
+    basic = subprocess.run(sweep_cmd(tmp_path / "basic"), cwd=tmp_path, capture_output=True, text=True, env=ENV)
+    assert basic.returncode == 0, basic.stderr[-3000:]
+
+    # The packed sweep, stopped by SIGTERM once the ER pack has written its first checkpoints.
+    sweep = tmp_path / "packed"
+    log = tmp_path / "packed.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            sweep_cmd(sweep, "hydra/launcher=packed"), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=ENV
+        )
+    deadline = time.monotonic() + 120
+    while not list(sweep.glob("*method=er,*/checkpoint.pt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75, log.read_text()[-3000:]
+    text = log.read_text()
+    # the two ER jobs share the pack's step; ER-ACE is not packed (only ER is) and waits for its turn alone
+    assert "training 2 runs packed" in text and text.count("method=er,") >= 2
+    stopped = results(sweep)
+    assert len(stopped) == 4 and {r["status"] for r in stopped.values()} == {"preempted"}
+    er = {name: r for name, r in stopped.items() if "method=er," in name}
+    assert len(er) == 2 and len({r["step"] for r in er.values()}) == 1  # one signal, one batch: both stopped there
+    for r in er.values():
+        assert 0 < r["step"] < r["stream_batches"] and Path(r["checkpoint"]).exists()
+    for name, r in stopped.items():  # set up for the launch, never trained: nothing lost, nothing to resume from
+        if "method=er_ace" in name:
+            assert r["step"] == 0 and r["checkpoint"] is None
+
+    resumed = subprocess.run(
+        sweep_cmd(sweep, "hydra/launcher=packed"), cwd=tmp_path, capture_output=True, text=True, env=ENV
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("resumed from") == 2 and "training 2 runs packed" in resumed.stdout
+    done, expected = results(sweep), results(tmp_path / "basic")
+    assert sorted(done) == sorted(expected)
+    for name, r in done.items():
+        assert r["status"] == "complete" and len(r["acc_matrix"]) == 5
+        assert r["acc_matrix"] == expected[name]["acc_matrix"], name
+        assert r["anytime_acc"] == expected[name]["anytime_acc"], name
+        assert not (sweep / name / "checkpoint.pt").exists()
+    assert len({json.dumps(r["acc_matrix"]) for r in done.values()}) == 4  # four different runs
+
+
+def test_runs_per_pack_below_one_is_refused():
+    from cil.errors import ConfigError
+    from hydra_plugins.cil_packed_launcher.packed_launcher import CilPackedLauncher
+
+    with pytest.raises(ConfigError, match="runs_per_pack"):
+        CilPackedLauncher(runs_per_pack=0)
