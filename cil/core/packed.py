@@ -1,11 +1,13 @@
-"""Several runs of one sweep packed on one device (docs/performance.md, "Packed runs"): K ER runs (seeds, memory
-sizes, any settings that keep the model and the optimizer's kind) step together, so a GPU that one run at batch 10
-leaves waiting on the host gets K runs' arithmetic per launch.
+"""Several runs of one sweep packed on one device (docs/performance.md, "Packed runs"): K runs of ER or ER-ACE
+(seeds, memory sizes, any settings that keep the method's, the model's and the optimizer's kind) step together, so
+a GPU that one run at batch 10 leaves waiting on the host gets K runs' arithmetic per launch.
 
 Each run keeps everything of its own, in its own `Learner`: stream, buffer and its host draws, seen classes,
 evaluations, metrics. Only the model arithmetic is shared: the K models' parameters and batch-norm statistics are
 stacked (`torch.func.stack_module_state`; each run's model then holds views of its slice, so its evaluations read
-the current weights), every step runs one `vmap` of the ER step over the runs, and one optimizer of the same kind
+the current weights), every step runs the method's host work per run (`step_args`: replay draws, masks) and one
+`vmap` of its tensor function (`step_loss`, the one the compiled step compiles) over the runs, with the model called
+on each run's slice of the stacked weights, then one backward pass; one optimizer of the same kind
 and settings steps the stacked parameters (its updates are elementwise, so each slice moves as its run's own
 optimizer would move it). Runs whose batches differ in size at a step (a task ending earlier under another class
 order) are stepped in groups of equal size, still with one backward pass and one optimizer step; a run whose stream
@@ -18,6 +20,7 @@ sum in another order than one run's kernels (tests/test_packed.py bounds the dif
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import itertools
 import time
@@ -26,41 +29,40 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm import tqdm
 
 from cil.core.data.stream import Batch
 from cil.core.learner import Learner
 from cil.core.methods.base import Method, StepOutput
-from cil.core.methods.er import ER
-from cil.core.objectives.er import er_loss
 from cil.core.optim import optimizer_like
 from cil.errors import ConfigError
 
 
 @dataclass
 class _Queued:
-    """One run's share of a packed step: its [incoming; replayed] rows, labels, seen mask, and the output the
-    learner already holds (filled in place once the step has run)."""
+    """One run's share of a packed step: the arguments of its method's tensor function (`step_args`) and the
+    output the learner already holds (filled in place once the step has run)."""
 
     run: int
-    x: Tensor
-    y: Tensor
-    seen: Tensor
+    args: tuple[Tensor | None, ...]
     out: StepOutput
 
 
 def packing_blocker(method: Method) -> str | None:
     """Why a run's method cannot be packed, or None."""
-    if type(method) is not ER:
-        return f"method {method.name}: only ER runs are packed so far"
+    if type(method).step_args is Method.step_args:
+        return f"method {method.name} has no packable step (ER and ER-ACE have one)"
+    reason = method.compile_blocker()  # add-ons, diagnostics, fp16, ER-ACE's balancing or augmentation
+    if reason is not None:
+        return reason
     if method.cfg.iters != 1:
         return "method.iters > 1"
-    if method.addons or method.diagnostics is not None or method.compiler is not None:
-        return "add-ons, diagnostics or compile_step"
-    if method.scaler is not None:
-        return "precision=fp16 (a GradScaler per run)"
+    if method.compiler is not None:
+        return "compile_step (the packed step is not compiled yet)"
+    if len(method.owned):
+        return "modules trained beside the model"
     if len(method.optimizer.param_groups) != 1:
         return "an optimizer with several parameter groups"
     return None
@@ -80,8 +82,12 @@ def _pack_parts(learner: Learner) -> dict[str, object]:
     optimizer = method.optimizer
     # a resumed run's optimizer: its step count must match
     first: dict[str, Any] = next(iter(optimizer.state.values()), {})
+    settings = method.cfg
+    if hasattr(settings, "replay_batch_size"):  # a host-side draw: runs of other replay batch sizes share a step
+        settings = dataclasses.replace(cast(Any, settings), replay_batch_size=0)
     return {
         "method": type(method),
+        "method settings (method.*)": repr(settings),
         "model (model.*)": tuple((name, tuple(t.shape), t.dtype) for name, t in method.model.state_dict().items()),
         "optimizer (optimizer.*)": (type(optimizer), repr(sorted(optimizer.defaults.items()))),
         "optimizer step (a resumed run)": tuple(
@@ -135,7 +141,6 @@ class PackedRuns:
                 learner.checkpointer = self.checkpoints[k]
         self.ended = [False] * len(self.learners)
         self.queue: list[_Queued] = []
-        self._loss = vmap(self._run_loss)
         for k, method in enumerate(methods):  # the learner's own loop calls it: the step itself waits for all K
             method.observe = functools.partial(self._observe, k)  # type: ignore[method-assign]
 
@@ -170,56 +175,64 @@ class PackedRuns:
 
     # -- one step of every run ---------------------------------------------------------------------------------
     def _observe(self, run: int, batch: Batch) -> StepOutput:
-        """ER's `observe` up to the arithmetic: the seen classes and the replay draw (host); the rows are queued for
-        the packed step, and the learner gets the output it will hold, filled when the step runs."""
+        """The method's `observe` up to the arithmetic: the seen classes and the step's host work (`step_args`: the
+        replay draw, the masks); the arguments are queued for the packed step, and the learner gets the output it
+        will hold, filled when the step runs."""
         method = self.learners[run].method
-        assert isinstance(method, ER)  # checked in __init__
         method.classes.mark_seen(batch.y, batch.y_host)
-        mem = method.replay(method.cfg.replay_batch_size)
-        x, y = (batch.x, batch.y) if mem is None else (torch.cat([batch.x, mem[0]]), torch.cat([batch.y, mem[1]]))
+        args = method.step_args(batch)
+        assert args is not None  # packing_blocker
         device = batch.x.device
         out = StepOutput(torch.empty((), device=device), torch.empty(len(batch.y), method.num_classes, device=device))
-        self.queue.append(_Queued(run, x, y, method.seen, out))
+        self.queue.append(_Queued(run, args, out))
         return out
 
     def _run_loss(
-        self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, y: Tensor, seen: Tensor
+        self, params: dict[str, Tensor], buffers: dict[str, Tensor], *args: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """One run's ER loss and logits on its slice of the stacked model (vmapped over the runs)."""
-        method = self.learners[0].method
-        inputs = method.to_input(x)
-        with method.autocast():
-            logits = functional_call(self.base, (params, buffers), (inputs,)).float()
-        return er_loss(logits, y, seen), logits
+        """One run's loss and incoming rows' logits: its method's own tensor function (`step_loss`) with the model
+        called on the run's slice of the stacked weights (vmapped over the runs)."""
+        method = self.learners[0].method  # every run's method has the same settings (pack_key)
+        model = method.model
+        method.model = cast(nn.Module, functools.partial(functional_call, self.base, (params, buffers)))
+        try:
+            outputs = cast(Any, method).step_loss(*args)  # step_args' counterpart (packing_blocker)
+        finally:
+            method.model = model
+        return method.packed_outputs(args, outputs)
 
     def step(self) -> None:
-        """The queued runs' ER step: one vmapped forward pass per group of equal batch shapes, one backward pass,
+        """The queued runs' step: one vmapped forward pass per group of equal argument shapes, one backward pass,
         one optimizer step; fills each run's output."""
         queued, self.queue = self.queue, []
-        groups: dict[tuple[int, ...], list[_Queued]] = {}
+        groups: dict[tuple[object, ...], list[_Queued]] = {}
         for q in queued:
-            groups.setdefault(tuple(q.x.shape), []).append(q)
+            groups.setdefault(tuple(None if a is None else tuple(a.shape) for a in q.args), []).append(q)
         total: Tensor | None = None
         everyone = len(queued) == len(self.learners)
         for group in groups.values():
-            xs, ys = torch.stack([q.x for q in group]), torch.stack([q.y for q in group])
-            seen = torch.stack([q.seen for q in group])
+            first = group[0].args
+            args: list[Tensor | None] = [
+                None if a is None else torch.stack([cast(Tensor, q.args[i]) for q in group])
+                for i, a in enumerate(first)
+            ]
+            loss = vmap(self._run_loss, in_dims=(0, 0, *(None if a is None else 0 for a in first)))
             if everyone and len(groups) == 1:  # the usual step: the stacked tensors themselves
-                losses, logits = self._loss(self.params, self.buffers, xs, ys, seen)
+                losses, logits = loss(self.params, self.buffers, *args)
             else:  # a subset of the runs: their slices, and their batch-norm statistics written back
                 idx = torch.tensor([q.run for q in group])
-                if xs.device.type == "cuda":  # pinned, so the copy is queued rather than waited for
-                    idx = idx.pin_memory().to(xs.device, non_blocking=True)
-                idx = idx.to(xs.device)
+                if first[0] is not None and first[0].device.type == "cuda":  # pinned: the copy is queued, not waited
+                    idx = idx.pin_memory().to(first[0].device, non_blocking=True)
+                idx = idx.to(self.optimizer.param_groups[0]["params"][0].device)
                 bufs = {name: t[idx] for name, t in self.buffers.items()}
-                losses, logits = self._loss({n: p[idx] for n, p in self.params.items()}, bufs, xs, ys, seen)
+                losses, logits = loss({n: p[idx] for n, p in self.params.items()}, bufs, *args)
                 with torch.no_grad():
                     for name, t in self.buffers.items():
                         t.index_copy_(0, idx, bufs[name])
             with torch.no_grad():
                 for i, q in enumerate(group):
                     q.out.loss.copy_(losses[i])
-                    q.out.logits.copy_(logits[i, : len(q.out.logits)])
+                    q.out.logits.copy_(logits[i])
             total = losses.sum() if total is None else total + losses.sum()
         if total is None:
             return

@@ -381,6 +381,17 @@ class Method:
         calls `hooks_blocker` for what it shares with every method."""
         return f"method {self.name} has no compiled step (ER, ER-ACE and GSA have one)"
 
+    def step_args(self, batch: Batch) -> tuple[torch.Tensor | None, ...] | None:
+        """The host work of one update of a method with a packable step (cil.core.packed): the replay draw, the
+        masks; returns the arguments of its tensor function `step_loss`. None: the method has no such split."""
+        return None
+
+    def packed_outputs(
+        self, args: tuple[torch.Tensor | None, ...], outputs: tuple[torch.Tensor | None, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits of the incoming rows) of `step_loss(*args)`'s outputs (what a packed step keeps)."""
+        raise NotImplementedError(f"method {self.name} has no packable step")
+
     def hooks_blocker(self) -> str | None:
         """What stops any method's compiled step: add-ons and diagnostics read the step's intermediate tensors,
         fp16's GradScaler reads a flag back every step."""

@@ -37,16 +37,25 @@ class ER(Method):
 
     def update(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(batch.y)
-        mem = self.replay(self.cfg.replay_batch_size)
-        x_mem, y_mem = (None, None) if mem is None else (mem[0], mem[1])
-        loss, logits, inputs, y = self.run_step(
-            self.step_loss, batch.x, batch.y, x_mem, y_mem, self.seen, once=self.first_step()
-        )
+        loss, logits, inputs, y = self.run_step(self.step_loss, *self.step_args(batch), once=self.first_step())
         self.distill_pass(inputs, logits)
         self.report("new", logits, y, self.seen, scale=n / len(y), rows=slice(None, n))
         self.report("replay", logits, y, self.seen, scale=1 - n / len(y), rows=slice(n, None))
         self.step(loss)
         return loss, logits[:n]
+
+    def step_args(self, batch: Batch) -> tuple[torch.Tensor | None, ...]:
+        """The replay draw: (x, y, x_mem, y_mem, seen), `step_loss`'s arguments."""
+        mem = self.replay(self.cfg.replay_batch_size)
+        x_mem, y_mem = (None, None) if mem is None else (mem[0], mem[1])
+        return batch.x, batch.y, x_mem, y_mem, self.seen
+
+    def packed_outputs(
+        self, args: tuple[torch.Tensor | None, ...], outputs: tuple[torch.Tensor | None, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, logits, x = outputs[0], outputs[1], args[0]
+        assert loss is not None and logits is not None and x is not None
+        return loss, logits[: len(x)]
 
     def step_loss(
         self,

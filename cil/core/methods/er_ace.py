@@ -77,18 +77,29 @@ class ERACE(Method):
     def update(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rule is not None or self.augment is not None:
             return self._update_balanced(batch)
-        mem = self.replay(self.cfg.replay_batch_size)
-        x_mem, y_mem = (None, None) if mem is None else (mem[0], mem[1])
-        # the complement of the seen mask, only for the joint loss (kept between steps)
-        unseen = self._unseen() if mem is not None and not self.cfg.separate_passes else None
         loss, logits_new, logits_buf, logits, inputs, y_buf = self.run_step(
-            self.step_loss, batch.x, batch.y, x_mem, y_mem, self.seen, unseen, once=self.first_step()
+            self.step_loss, *self.step_args(batch), once=self.first_step()
         )
         if logits is not None:  # None: two passes and no add-on to read them (distill_pass is then a no-op)
             self.distill_pass(inputs, logits)
         self.report("new", logits_new, batch.y, "present")
         self.report("replay", logits_buf, y_buf, self.seen)
         self.step(loss)
+        return loss, logits_new
+
+    def step_args(self, batch: Batch) -> tuple[torch.Tensor | None, ...]:
+        """The replay draw and the masks: (x, y, x_mem, y_mem, seen, unseen), `step_loss`'s arguments."""
+        mem = self.replay(self.cfg.replay_batch_size)
+        x_mem, y_mem = (None, None) if mem is None else (mem[0], mem[1])
+        # the complement of the seen mask, only for the joint loss (kept between steps)
+        unseen = self._unseen() if mem is not None and not self.cfg.separate_passes else None
+        return batch.x, batch.y, x_mem, y_mem, self.seen, unseen
+
+    def packed_outputs(
+        self, args: tuple[torch.Tensor | None, ...], outputs: tuple[torch.Tensor | None, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, logits_new = outputs[0], outputs[1]
+        assert loss is not None and logits_new is not None
         return loss, logits_new
 
     def step_loss(

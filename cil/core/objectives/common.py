@@ -30,10 +30,11 @@ def mask_logits(logits: Tensor, mask: Tensor) -> Tensor:
 
 def classes_mask(labels: Tensor, num_classes: int) -> Tensor:
     """Bool mask [num_classes] of the classes present in ``labels`` (a 1-D long tensor), built on
-    ``labels.device`` with ``index_fill`` (no host/device synchronisation). Labels must lie in
-    [0, num_classes); an empty ``labels`` gives an all-False mask."""
+    ``labels.device`` with ``index_fill`` (no host/device synchronisation; out of place, so that it also runs
+    under vmap, for packed runs). Labels must lie in [0, num_classes); an empty ``labels`` gives an all-False
+    mask."""
     mask = torch.zeros(num_classes, dtype=torch.bool, device=labels.device)
-    return mask.index_fill_(0, labels.reshape(-1), True)
+    return mask.index_fill(0, labels.reshape(-1), True)
 
 
 def zero_loss(logits: Tensor) -> Tensor:

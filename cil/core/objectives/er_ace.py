@@ -51,8 +51,8 @@ def er_ace_loss_joint(logits: Tensor, y_new: Tensor, y_buf: Tensor, unseen: Tens
     Log-softmax works row by row and the NLL means reduce the same rows as two separate cross-entropies, so the
     loss and the gradients equal `er_ace_loss` on ``logits[:B]``, ``logits[B:]`` exactly."""
     n, c = len(y_new), logits.shape[1]
-    blocked = torch.ones(len(logits), c, dtype=torch.bool, device=logits.device)
-    blocked[:n].index_fill_(1, y_new, False)
-    blocked[n:] = unseen
+    # built out of place, so that it also runs under vmap (packed runs)
+    blocked_new = torch.ones(n, c, dtype=torch.bool, device=logits.device).index_fill(1, y_new, False)
+    blocked = torch.cat([blocked_new, unseen.expand(len(logits) - n, c)])
     logp = F.log_softmax(logits.masked_fill(blocked, float("-inf")), dim=1)
     return F.nll_loss(logp[:n], y_new) + F.nll_loss(logp[n:], y_buf)
