@@ -69,6 +69,7 @@ def test_dry_run_runs_the_whole_plan_and_reports_every_section(tmp_path):
     packed = report["speed"]["ER runs packed on one device (cil.core.packed): aggregate samples/s"]
     assert [(r["runs"], r["packed"]) for r in packed] == [(1, False), (1, True), (2, True)]
     assert all(isinstance(r["samples/s"], float) for r in packed)
+    assert [r["seed's accuracy matrix as the ordinary run's"] for r in packed[1:]] == ["yes", "yes"]  # MLP: equal
     runs = report["fidelity"]["Split CIFAR-10 (JPEG copy), full ResNet-18, whole stream, fp32"]
     # the dry run's toy plan: one memory of each kind (the real plan: M = 500, 200, 1000 of each)
     assert [r["run"] for r in runs] == ["gsa M=500", "gsa official M=500", "er_ace M=500"]

@@ -59,7 +59,7 @@ class Plan:
         self.device = "cpu" if dry_run else "cuda"
         self.data_root = data_root
         self.dataset = "digits" if dry_run else "cifar10_jpeg"
-        self.quick_per_class = 20 if dry_run else 100  # correctness runs: samples per class (10 classes, batch 10)
+        self.quick_per_class = 10 if dry_run else 100  # correctness runs: samples per class (10 classes, batch 10)
         self.speed_batches = 1 if dry_run else 40  # speed: batches per task
         self.sync_steps = (3, 2) if dry_run else (30, 20)  # sync check: warm-up steps, checked steps
         self.fidelity_per_class = 6 if dry_run else None  # None: the whole stream
