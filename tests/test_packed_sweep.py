@@ -49,7 +49,7 @@ def sweep_here(sweep: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def results(sweep: Path) -> dict[str, dict]:
-    return {d.name: json.loads((d / "results.json").read_text()) for d in sweep.glob("*=*") if d.is_dir()}
+    return {d.name: json.loads(r.read_text()) for d in sweep.glob("*=*") if (r := d / "results.json").exists()}
 
 
 @pytest.mark.slow
@@ -102,3 +102,29 @@ def test_runs_per_pack_below_one_is_refused():
 
     with pytest.raises(ConfigError, match="runs_per_pack"):
         CilPackedLauncher(runs_per_pack=0)
+
+
+def test_a_job_refused_while_set_up_is_recorded_and_the_pack_trains_the_others(tmp_path):
+    """A job whose config cannot run (3 tasks of 10 classes) fails while the pack is set up: failed.json, the
+    summary names it and the command exits 1; the two other jobs train as a pack and complete."""
+    sweep = tmp_path / "sweep"
+    from cil.run.cli import run_hydra
+
+    out, sigterm = io.StringIO(), signal.getsignal(signal.SIGTERM)
+    args = ["dataset=digits", "stream.samples_per_class=20", "log.progress=false", "eval.anytime_every=0"]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            code = run_hydra(["-m", f"hydra.sweep.dir={sweep}", *args, "stream.n_tasks=5,3,2", "hydra/launcher=packed"])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    text = out.getvalue()
+    assert code == 1, text[-3000:]
+    assert "3 run folder(s): 2 complete" in text and "1 failed" in text and "training 2 runs packed" in text
+    done = results(sweep)
+    assert {name.split("stream.n_tasks=")[1].split(",")[0]: r["status"] for name, r in done.items()} == {
+        "5": "complete",
+        "2": "complete",
+    }
+    (failed,) = list(sweep.glob("*stream.n_tasks=3*"))
+    record = json.loads((failed / "failed.json").read_text())
+    assert record["error_type"] == "ConfigError" and "stream.n_tasks=3" in record["error"]
