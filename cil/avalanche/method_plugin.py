@@ -45,6 +45,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 
+from cil.avalanche.eval_swap import EvalHeadSwap
 from cil.avalanche.plugin import GSAPlugin, has_boundaries
 from cil.core.addons.base import Addon
 from cil.core.buffer import POLICIES, ReplayBuffer
@@ -79,7 +80,7 @@ class EvalHead(nn.Module):
         return self.host[0].logits(x)
 
 
-class MethodPlugin(SupervisedPlugin):
+class MethodPlugin(EvalHeadSwap, SupervisedPlugin):
     """Our method `method` (a `method=<name>` of the runner: derpp, pcr, ocm, onpro, er, er_ace, naive, gsa) as an
     Avalanche plugin. Use it with `Naive`: it replaces the strategy's loss with the method's.
 
@@ -140,7 +141,6 @@ class MethodPlugin(SupervisedPlugin):
         self._width = 0  # head units (set when the method is built)
         self._loss: Tensor | None = None  # the loss the method's step handed over (see _capture)
         self._last: tuple[Batch, Any] | None = None  # (batch, StepOutput) of the current iteration
-        self._swap: tuple[nn.Module, nn.Module] | None = None  # (model, eval head) while Avalanche evaluates
         self._checked_range = False
         self._init_rng = torch.get_rng_state()  # see _build
 
@@ -238,7 +238,7 @@ class MethodPlugin(SupervisedPlugin):
 
     # -- the task ----------------------------------------------------------------------------------------------
     def before_training(self, strategy, **kwargs):
-        self._restore(strategy)
+        self.restore(strategy)
         hosts = [p for p in strategy.plugins if isinstance(p, (MethodPlugin, GSAPlugin))]
         if len(hosts) > 1:
             raise ConfigError(
@@ -247,7 +247,7 @@ class MethodPlugin(SupervisedPlugin):
             )
 
     def before_training_exp(self, strategy, **kwargs):
-        self._restore(strategy)
+        self.restore(strategy)
         if self.method is None:
             self._build(strategy)
         assert self.method is not None  # built above
@@ -363,31 +363,11 @@ class MethodPlugin(SupervisedPlugin):
             method.owned.train(was)
         return mask_logits(out, method.seen) if self.eval_classes == "seen" else out
 
-    def before_eval(self, strategy, **kwargs):
-        self._restore(strategy)
-
     def before_eval_exp(self, strategy, **kwargs):
         # after Avalanche's model adaptation for this experience (_before_eval_exp): swap the head in
-        self._restore(strategy)
+        self.restore(strategy)
         if self.owns_eval_head():
-            head = EvalHead(self)
-            self._swap = (strategy.model, head)
-            strategy.model = head
-
-    def after_eval_exp(self, strategy, **kwargs):
-        self._restore(strategy)
-
-    def after_eval(self, strategy, **kwargs):
-        self._restore(strategy)
-
-    def _restore(self, strategy) -> None:
-        """Put the model back as strategy.model (Avalanche calls no plugin when evaluation raises: the next
-        train() or eval() does it first)."""
-        if self._swap is not None:
-            model, head = self._swap
-            self._swap = None
-            if strategy.model is head:
-                strategy.model = model
+            self.swap_in(strategy, EvalHead(self))
 
     def __getstate__(self) -> dict:
         raise ConfigError(

@@ -34,6 +34,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models.utils import avalanche_forward
 from torch import Tensor, nn
 
+from cil.avalanche.eval_swap import EvalHeadSwap
 from cil.avalanche.mkd_options import MKD_NOT_OPTIONS as NOT_OPTIONS  # the block form's knobs and raw_pass, with why
 from cil.core.addons.mkd import EXTRA_HEADS, MKDConfig, average_parameters, ema_update, make_teacher
 from cil.core.objectives.distill import kd_loss
@@ -42,7 +43,7 @@ from cil.errors import ConfigError
 MKD_OPTIONS = {f.name for f in fields(MKDConfig)} - {"name"} - set(NOT_OPTIONS)
 
 
-class MKDPlugin(SupervisedPlugin):
+class MKDPlugin(EvalHeadSwap, SupervisedPlugin):
     """MKD as an Avalanche plugin. Keywords: the knobs of `cil.core.addons.mkd.MKDConfig` with its defaults
     (weight=1, kd_lambda=5.5, temperature=4, n_teachers=1, alpha_min=alpha_max=0.01, correction_step=10,
     eval_head='average', seen_only=True, report_heads=True)."""
@@ -66,7 +67,6 @@ class MKDPlugin(SupervisedPlugin):
         self.seen: Tensor | None = None  # bool [width]: labels seen in mb_y so far
         self.last: dict[str, Tensor] = {}  # the last KD term (detached)
         self._average: tuple[tuple, nn.Module] | None = None  # ((updates, shapes), model) for eval_head=average
-        self._swap: tuple[nn.Module, nn.Module, bool] | None = None  # (student, head, head's mode) in eval
 
     @property
     def active(self) -> bool:
@@ -151,10 +151,10 @@ class MKDPlugin(SupervisedPlugin):
 
     # -- training --------------------------------------------------------------------------------------------
     def before_training(self, strategy, **kwargs):
-        self._restore(strategy)
+        self.restore(strategy)
 
     def before_training_exp(self, strategy, **kwargs):
-        self._restore(strategy)
+        self.restore(strategy)
         if not self.teachers:  # after Avalanche's model adaptation of this experience
             self.teachers = [make_teacher(strategy.model, a, self.cfg.correction_step) for a in self.alphas]
         else:
@@ -198,35 +198,14 @@ class MKDPlugin(SupervisedPlugin):
             self.updates += 1
 
     # -- evaluation: the eval head is strategy.model while Avalanche evaluates -----------------------------------
-    def before_eval(self, strategy, **kwargs):
-        self._restore(strategy)
-
     def before_eval_exp(self, strategy, **kwargs):
         # Avalanche has just adapted the student to this experience (_before_eval_exp): swap the head in after it.
-        self._restore(strategy)
+        self.restore(strategy)
         if self.teachers:
             self._follow_structure(strategy.model)
         head = self.head_module(strategy)
         if head is not strategy.model:
-            self._swap = (strategy.model, head, head.training)
-            head.eval()
-            strategy.model = head
-
-    def after_eval_exp(self, strategy, **kwargs):
-        self._restore(strategy)
-
-    def after_eval(self, strategy, **kwargs):
-        self._restore(strategy)
-
-    def _restore(self, strategy) -> None:
-        """Put the student back as strategy.model. Avalanche calls no plugin when evaluation raises: the next
-        train() or eval() call (its first callback) restores the student before anything runs on the model."""
-        if self._swap is not None:
-            student, head, mode = self._swap
-            self._swap = None
-            head.train(mode)
-            if strategy.model is head:
-                strategy.model = student
+            self.swap_in(strategy, head)
 
     # -- what a run reports ----------------------------------------------------------------------------------
     def log_values(self) -> dict[str, float]:
