@@ -606,6 +606,46 @@ def test_mkd_plugin_adds_to_a_method_plugin_loss():
     assert kd > 0 and with_kd == pytest.approx(plain + 5.5 * kd, rel=1e-6)  # kd_lambda 5.5
 
 
+class FailingEvaluation(SupervisedPlugin):
+    """Raises at the first evaluation forward pass (after the plugins have swapped their heads in)."""
+
+    def before_eval_forward(self, strategy, **kwargs):
+        self.model_then = strategy.model
+        raise RuntimeError("evaluation failed")
+
+
+@pytest.mark.parametrize("kind", ["pcr", "mkd"])
+def test_an_evaluation_that_raises_gets_the_model_back_at_the_next_call(kind):
+    """Avalanche calls no plugin when evaluation raises: the head stays strategy.model until the next train() or
+    eval(), whose first callback puts the trained model (and the head's mode) back before anything runs."""
+    cfg = api.config(run_config("pcr" if kind == "pcr" else "derpp"))
+    model = fresh_model(cfg)
+    if kind == "pcr":  # PCR evaluates with its proxies (MethodPlugin's EvalHead)
+        plugin: SupervisedPlugin = PCRPlugin(mem_size=MEM, replay_batch_size=8)
+        plugins = [plugin]
+    else:  # MKD evaluates with its teacher
+        plugin = MKDPlugin()
+        plugins = [DERPPPlugin(mem_size=MEM, replay_batch_size=8), plugin]
+    failing = FailingEvaluation()
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        train_mb_size=8,
+        eval_mb_size=8,
+        plugins=[*plugins, failing],
+    )
+    experience = next(iter(split_online_stream([tiny_experience()], 8)))
+    strategy.train(experience)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        strategy.eval([experience])
+    head = failing.model_then
+    assert head is not model and strategy.model is head and not head.training  # left swapped in by the failure
+    before = [p.detach().clone() for p in model.parameters()]
+    strategy.train(experience)
+    assert strategy.model is model
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # it trained
+
+
 def python_blocks(path: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
 
