@@ -38,15 +38,20 @@ class Preempted(BaseException):
     (like KeyboardInterrupt): it is a request to stop, so `except Exception` handlers (a sweep recording failed
     jobs and going on) must not catch it."""
 
-    def __init__(self, step: int, path: Path | None, signum: int):
+    def __init__(
+        self,
+        step: int,
+        path: Path | None,
+        signum: int,
+        no_checkpoint: str = "this run cannot write a checkpoint (Avalanche's strategies keep state we cannot save)",
+    ):
         self.step, self.path, self.signum = step, path, signum
         self.exit_code = stop_exit_code(signum)
         name = signal.Signals(signum).name
         why = "interrupted" if self.exit_code == EXIT_INTERRUPTED else "pre-empted"
         if path is None:
             super().__init__(
-                f"{name} received at stream batch {step}; this run cannot write a checkpoint "
-                "(Avalanche's strategies keep state we cannot save): the same command starts it over "
+                f"{name} received at stream batch {step}; {no_checkpoint}: the same command starts it over "
                 f"(exit code {self.exit_code}: {why})"
             )
             return

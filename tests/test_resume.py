@@ -2,6 +2,7 @@
 metrics.csv, timings aside), bit for bit on CPU; two runs of one seed agree."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -246,3 +247,51 @@ def test_a_recorded_onpro_config_without_the_row_gate_ran_the_batch_only_gate():
     assert config_differences(recorded, current) == ["method.mixup_row_gate: False -> True"]
     current["method"]["mixup_row_gate"] = False
     assert config_differences(recorded, current) == []
+
+
+def test_a_slurm_requeue_that_kills_its_own_scontrol_stops_the_run_as_preempted(tmp_path, monkeypatch):
+    """submitit's time-limit handler runs `scontrol requeue` inside the job; the requeue's SIGTERM reaches every
+    process of the job and can end that very command first, so its CalledProcessError surfaces in the training
+    loop (seen on the test cluster under load). The run stops as pre-empted from its last checkpoint, in a sweep
+    too (no failed.json, no result a launcher would take as the job's end), and the requeued job resumes it."""
+    from cil.core.methods.base import Method
+    from cil.errors import Preempted
+    from cil.run.config import default_config
+    from cil.run.experiment import run_experiment
+    from cil.run.sweep import run_sweep_job
+
+    def cfg():
+        c = default_config("er")
+        c.dataset.name, c.log.progress, c.checkpoint.every = "digits", False, 10
+        return c
+
+    ref = run_experiment(cfg(), tmp_path / "ref")
+    observe, calls = Method.observe, []
+
+    def requeued_observe(self, batch):
+        calls.append(1)
+        if len(calls) == 25:  # in the middle of the batch, as a signal handler raises
+            raise subprocess.CalledProcessError(-15, ["scontrol", "requeue", "7_1"])
+        return observe(self, batch)
+
+    run_dir = tmp_path / "sweep" / "seed=0"
+    monkeypatch.setattr(Method, "observe", requeued_observe)
+    with pytest.raises(Preempted) as stop:
+        run_sweep_job(cfg(), run_dir, dataclasses.asdict(cfg()), ["seed=0"])
+    assert stop.value.exit_code == EXIT_PREEMPTED and stop.value.step == 20 and stop.value.path is not None
+    stopped = json.loads((run_dir / "results.json").read_text())
+    assert stopped["status"] == "preempted" and stopped["checkpoint"] == str(run_dir / "checkpoint.pt")
+    assert not (run_dir / "failed.json").exists() and checkpoint_step(run_dir) == 20
+
+    calls.clear()  # another scontrol failure is an error like any other
+    monkeypatch.setattr(
+        Method,
+        "observe",
+        lambda self, batch: (_ for _ in ()).throw(subprocess.CalledProcessError(1, ["scontrol", "show", "job"])),
+    )
+    failed = run_sweep_job(cfg(), tmp_path / "other", dataclasses.asdict(cfg()), ["seed=0"])
+    assert failed["status"] == "failed" and "CalledProcessError" in failed["error"]
+
+    monkeypatch.setattr(Method, "observe", observe)
+    resumed = run_sweep_job(cfg(), run_dir, dataclasses.asdict(cfg()), ["seed=0"])
+    assert {k: v for k, v in resumed.items() if k not in TIMINGS} == {k: v for k, v in ref.items() if k not in TIMINGS}

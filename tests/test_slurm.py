@@ -243,7 +243,10 @@ def test_sweep_on_slurm_preempted_jobs_resume_failed_job_is_reported(cluster, tm
         if MODE == "1":
             assert info["NodeList"] == "localhost", info
     assert "Preempted: SIGTERM received: checkpoint written at stream batch" in logs["5"], logs["5"][-3000:]
-    assert "Caught signal SIGUSR2" in logs["2"] and f"Requeued job {timed_out_id}" in logs["2"], logs["2"][-3000:]
+    # submitit requeues the job itself; its `scontrol requeue` may be ended by the requeue's own SIGTERM before it
+    # returns (seen under load), and the run then stops as pre-empted (Checkpointer.requeued): requeued either way
+    requeued = (f"Requeued job {timed_out_id}", "SLURM is requeueing this job")
+    assert "Caught signal SIGUSR2" in logs["2"] and any(r in logs["2"] for r in requeued), logs["2"][-3000:]
     for n_tasks in ("5", "2"):
         assert "resumed from" in logs[n_tasks], logs[n_tasks][-3000:]
     if MODE == "1":  # the controller's job-completion log: each interrupted task ends once requeued, once done

@@ -26,6 +26,7 @@ import io
 import logging
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -152,6 +153,11 @@ def check_finite(learner: Learner) -> None:
         )
 
 
+def slurm_requeue(err: BaseException) -> bool:
+    """Whether `err` is `scontrol requeue` failing inside this job (see Checkpointer.requeued)."""
+    return isinstance(err, subprocess.CalledProcessError) and [str(c) for c in err.cmd[:2]] == ["scontrol", "requeue"]
+
+
 def _own_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Tensors that are views into a larger one (a packed run's slice of the stacked models) copied out: torch.save
     writes a view's whole storage."""
@@ -180,6 +186,7 @@ class Checkpointer:
         self.can_save = can_save  # False: a run whose state cannot be saved (Avalanche peers) only stops on signals
         self.data: str | None = None  # the dataset's fingerprint, stored to refuse resuming on other data
         self.stop_signal: int | None = None  # set by the signal handler; the loop checks it after each batch
+        self.saved_step: int | None = None  # the stream batch of the checkpoint this attempt last wrote
         self.started = time.time()
         self.wall_time_before = 0.0  # wall time spent in earlier attempts of this run (up to their checkpoint)
 
@@ -291,6 +298,16 @@ class Checkpointer:
         data = io.BytesIO()  # serialised first: a failed write is then an OSError, not torch's zip-writer error
         torch.save(state, data)
         write(self.path, lambda p: atomic_write(p, lambda f: f.write(data.getbuffer())))
+        self.saved_step = learner.step
+
+    def requeued(self, step: int) -> Preempted:
+        """SLURM is requeueing this job while it trains (submitit's time-limit handler ran `scontrol requeue`, and
+        the requeue's SIGTERM, which reaches every process of the job, ended that very command before it returned):
+        the run stops as pre-empted, from its last checkpoint, instead of failing."""
+        log.warning("SLURM is requeueing this job (scontrol requeue ended by the requeue's own SIGTERM): stopping")
+        if self.can_save and self.saved_step is not None and self.path.exists():
+            return Preempted(self.saved_step, self.path, signal.SIGTERM)
+        return Preempted(step, None, signal.SIGTERM, "no checkpoint was written yet")
 
     def checkpoint(self, learner: Learner) -> None:
         """Called by the learner when `due`: write the checkpoint, then stop if a signal asked for it."""

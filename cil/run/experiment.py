@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import platform
+import subprocess
 import sys
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -32,7 +33,7 @@ from cil.core.learner import Learner
 from cil.core.methods import method_class
 from cil.core.models import build_model
 from cil.errors import CilError, ConfigError, Preempted, StorageError
-from cil.run.checkpoint import Checkpointer, config_differences
+from cil.run.checkpoint import Checkpointer, config_differences, slurm_requeue
 from cil.run.config import uses_replay as method_uses_buffer
 from cil.run.config import validate
 from cil.run.determinism import enable_determinism
@@ -460,6 +461,10 @@ def _stages_in_folder(
                 checkpointer.restore(learner, state)
             try:
                 results = yield learner  # trained by the caller (`drive`)
+            except subprocess.CalledProcessError as failed:  # raised by a signal handler: SLURM requeueing the job
+                if not slurm_requeue(failed):
+                    raise
+                raise checkpointer.requeued(learner.step) from failed
             finally:
                 learner.logger.close()
             if learner.diagnostics is not None:
