@@ -22,7 +22,7 @@ from cil.run.gpu_plan import finish_times, fits
 
 REPO = Path(__file__).resolve().parents[1]
 A = "buffer.size=100,method=er,seed=0"
-B = "buffer.size=100,dataset=digits,method=gsa,model=reduced_resnet18,seed=0,stream.samples_per_class=60"
+B = "buffer.size=100,dataset=digits,method=gsa,model=reduced_resnet18,seed=0,stream.samples_per_class=140"
 C = "buffer.size=100,method=er_ace,seed=0"
 TOY = {
     "common": ["log.progress=false"],
@@ -35,7 +35,7 @@ TOY = {
                 "dataset=digits",
                 "method=gsa",
                 "model=reduced_resnet18",
-                "stream.samples_per_class=60",
+                "stream.samples_per_class=140",
                 "checkpoint.every=10",
                 "buffer.size=100",
                 "seed=0",
@@ -129,7 +129,7 @@ def test_stopped_midway_then_resumed_skipped_and_finished(tmp_path):
     assert first.returncode == 75, stderr.decode()[-3000:]
     one = rows(out)
     assert one["A"]["status"] == "complete" and one["A"]["folder"] == str(runs / A)
-    assert one["B"]["status"] == "pre-empted" and one["B"]["stream batch"] >= 10 and one["B"]["of"] == 60
+    assert one["B"]["status"] == "pre-empted" and one["B"]["stream batch"] >= 10 and one["B"]["of"] == 140
     assert "checkpoint" in one["B"]["why"] and (runs / B / "checkpoint.pt").exists()
     assert one["C"]["status"] in ("not started", "pre-empted"), one["C"]  # the stop came when A ended
     with tarfile.open(out / "first.tar.gz") as tar:  # what comes back from a lent machine: the complete run
@@ -160,11 +160,7 @@ def test_the_budget_stops_a_run_midway_and_the_call_ends_in_time(tmp_path):
     """A run too long for the budget, started with --partial, is pre-empted at its end; the run behind it is not
     started (one run at a time); the call ends within the budget plus the stated margin."""
     long_run = {**TOY["runs"][1], "label": "long"}
-    long_run["overrides"] = [
-        *(o for o in long_run["overrides"] if not o.startswith("stream.samples_per_class=")),
-        "stream.samples_per_class=140",
-        "stream.batch_size=2",
-    ]
+    long_run["overrides"] = [*long_run["overrides"], "stream.batch_size=2"]
     queue, out = queue_file(tmp_path, {"runs": [long_run, TOY["runs"][0]]}), tmp_path / "out"
     # the dry run's step-time measurement needs 5 s before the stop (budget - 4 s): 16 s leaves the set-up (3.5 s
     # on a 2-core Xeon, 2026-12-07) room to spare; the long run then gets about 100 of its 700 batches
