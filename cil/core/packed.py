@@ -221,9 +221,9 @@ class PackedRuns:
                 losses, logits = loss(self.params, self.buffers, *args)
             else:  # a subset of the runs: their slices, and their batch-norm statistics written back
                 idx = torch.tensor([q.run for q in group])
-                if first[0] is not None and first[0].device.type == "cuda":  # pinned: the copy is queued, not waited
-                    idx = idx.pin_memory().to(first[0].device, non_blocking=True)
-                idx = idx.to(self.optimizer.param_groups[0]["params"][0].device)
+                device = next(iter(self.params.values())).device
+                # pinned, so that the copy to a GPU is queued rather than waited for
+                idx = idx.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else idx
                 bufs = {name: t[idx] for name, t in self.buffers.items()}
                 losses, logits = loss({n: p[idx] for n, p in self.params.items()}, bufs, *args)
                 with torch.no_grad():

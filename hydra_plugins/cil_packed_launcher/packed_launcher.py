@@ -85,7 +85,7 @@ class CilPackedLauncher(Launcher):
                     )
             pack.run()  # raises Preempted once every run of the pack has recorded it
             for ret in returns:  # the placeholders of the jobs set up for the pack: their final results
-                value = ret._return_value if ret.status == JobStatus.COMPLETED else None
+                value = ret.return_value if ret.status == JobStatus.COMPLETED else None
                 if isinstance(value, dict) and value.get("status") == "packed":
                     result = pack.results[value["pack_index"]] or {}
                     ret.return_value = search_score(result, Path(value["run_dir"])) if searching else result
