@@ -1,17 +1,18 @@
-"""Several runs of one sweep packed on one device (docs/performance.md, "Packed runs"): K runs of ER or ER-ACE
-(seeds, memory sizes, any settings that keep the method's, the model's and the optimizer's kind) step together, so
-a GPU that one run at batch 10 leaves waiting on the host gets K runs' arithmetic per launch.
+"""Several runs of one sweep packed on one device (docs/performance.md, "Packed runs"): K runs of ER, ER-ACE or GSA
+(seeds, memory sizes, optimizers: any settings that keep the method's, the model's and the input pipeline's kind)
+step together, so a GPU that one run at batch 10 leaves waiting on the host gets K runs' arithmetic per launch.
 
 Each run keeps everything of its own, in its own `Learner`: stream, buffer and its host draws, seen classes,
-evaluations, metrics. Only the model arithmetic is shared: the K models' parameters and batch-norm statistics are
-stacked (`torch.func.stack_module_state`; each run's model then holds views of its slice, so its evaluations read
-the current weights), every step runs the method's host work per run (`step_args`: replay draws, masks) and one
-`vmap` of its tensor function (`step_loss`, the one the compiled step compiles) over the runs, with the model called
-on each run's slice of the stacked weights, then one backward pass; one optimizer of the same kind
-and settings steps the stacked parameters (its updates are elementwise, so each slice moves as its run's own
-optimizer would move it). Runs whose batches differ in size at a step (a task ending earlier under another class
-order) are stepped in groups of equal size, still with one backward pass and one optimizer step; a run whose stream
-has ended is left out of the steps that follow.
+evaluations, metrics, optimizer (and fp16's GradScaler). Only the model arithmetic is shared: the K models'
+parameters and batch-norm statistics are stacked (`torch.func.stack_module_state`; each run's model then holds
+views of its slice, so its evaluations read the current weights and its optimizer moves them), every step runs the
+method's host work per run (`step_args`: replay draws, masks, augmentation draws) and one `vmap` of its tensor
+function (`step_loss`, the one the compiled step compiles) over the runs, with the model called on each run's slice
+of the stacked weights, then one backward pass of the runs' (scaled) losses; each run's optimizer then steps its
+own slice with its slice of the gradient (under fp16 its scaler unscales it and skips the step on inf, run by run).
+Runs whose batches differ in size at a step (a task ending earlier under another class order, a replay draw of
+another size while the buffers fill) are stepped in groups of equal shape, still with one backward pass; a run whose
+stream has ended is left out of the steps that follow.
 
 The arithmetic is the same up to float rounding, not bit for bit: batched matrix products and grouped convolutions
 sum in another order than one run's kernels (tests/test_packed.py bounds the difference).
@@ -20,7 +21,6 @@ sum in another order than one run's kernels (tests/test_packed.py bounds the dif
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import itertools
 import time
@@ -36,7 +36,6 @@ from tqdm import tqdm
 from cil.core.data.stream import Batch
 from cil.core.learner import Learner
 from cil.core.methods.base import Method, StepOutput
-from cil.core.optim import optimizer_like
 from cil.errors import ConfigError
 
 
@@ -46,15 +45,15 @@ class _Queued:
     output the learner already holds (filled in place once the step has run)."""
 
     run: int
-    args: tuple[Tensor | None, ...]
+    args: tuple[object, ...]
     out: StepOutput
 
 
 def packing_blocker(method: Method) -> str | None:
     """Why a run's method cannot be packed, or None."""
     if type(method).step_args is Method.step_args:
-        return f"method {method.name} has no packable step (ER and ER-ACE have one)"
-    reason = method.compile_blocker()  # add-ons, diagnostics, fp16, ER-ACE's balancing or augmentation
+        return f"method {method.name} has no packable step (ER, ER-ACE and GSA have one)"
+    reason = method.split_blocker()  # add-ons, diagnostics, ER-ACE's balancing or augmentation, GSA's host rules
     if reason is not None:
         return reason
     if method.cfg.iters != 1:
@@ -63,8 +62,6 @@ def packing_blocker(method: Method) -> str | None:
         return "compile_step (the packed step is not compiled yet)"
     if len(method.owned):
         return "modules trained beside the model"
-    if len(method.optimizer.param_groups) != 1:
-        return "an optimizer with several parameter groups"
     return None
 
 
@@ -76,23 +73,13 @@ def pack_key(learner: Learner) -> tuple[object, ...] | None:
 
 
 def _pack_parts(learner: Learner) -> dict[str, object]:
-    """What runs of one pack share: the kind of method and model, the optimizer's kind, settings and step, the
-    input pipeline and the device."""
+    """What runs of one pack share: the kind of method and model, the input pipeline and the device (each run keeps
+    its own optimizer)."""
     method = learner.method
-    optimizer = method.optimizer
-    # a resumed run's optimizer: its step count must match
-    first: dict[str, Any] = next(iter(optimizer.state.values()), {})
-    settings = method.cfg
-    if hasattr(settings, "replay_batch_size"):  # a host-side draw: runs of other replay batch sizes share a step
-        settings = dataclasses.replace(cast(Any, settings), replay_batch_size=0)
     return {
         "method": type(method),
-        "method settings (method.*)": repr(settings),
+        "method settings (method.*)": repr(method.pack_settings()),
         "model (model.*)": tuple((name, tuple(t.shape), t.dtype) for name, t in method.model.state_dict().items()),
-        "optimizer (optimizer.*)": (type(optimizer), repr(sorted(optimizer.defaults.items()))),
-        "optimizer step (a resumed run)": tuple(
-            sorted((k, float(v)) for k, v in first.items() if not torch.is_tensor(v) or v.dim() == 0)
-        ),
         "device": str(method.device),
         "input pipeline (precision, channels_last, normalisation)": (
             method.precision,
@@ -132,54 +119,24 @@ class PackedRuns:
                     if value is not None:
                         module._buffers[key_] = self.buffers[f"{name}.{key_}" if name else key_][k]
         self.base = copy.deepcopy(models[0]).to("meta")  # the architecture, called with each run's slice
-        self.optimizer = optimizer_like(methods[0].optimizer, list(self.params.values()))
-        self._stack_optimizer_state([method.optimizer for method in methods])
-        self.checkpoints: list[_SlicedCheckpoints | None] = [None] * len(self.learners)
-        for k, learner in enumerate(self.learners):  # a run's checkpoint holds its slice of the optimizer's state
+        self.checkpoints: list[_PackCheckpoints | None] = [None] * len(self.learners)
+        for k, learner in enumerate(self.learners):  # a stop signal is taken by the pack, between rounds
             if learner.checkpointer is not None:
-                self.checkpoints[k] = _SlicedCheckpoints(self, k, learner.checkpointer)
+                self.checkpoints[k] = _PackCheckpoints(learner.checkpointer)
                 learner.checkpointer = self.checkpoints[k]
         self.ended = [False] * len(self.learners)
         self.queue: list[_Queued] = []
         for k, method in enumerate(methods):  # the learner's own loop calls it: the step itself waits for all K
             method.observe = functools.partial(self._observe, k)  # type: ignore[method-assign]
 
-    # -- the optimizer's state: stacked from the runs (resumed runs), sliced back for their checkpoints -----------
-    def _stack_optimizer_state(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        """The runs' optimizer states (resumed runs have them) as the packed optimizer's: per-parameter tensors
-        stacked, step counts (equal: pack_key) taken once."""
-        if not any(opt.state for opt in optimizers):
-            return
-        for name, stacked in self.params.items():
-            states = [opt.state[p] for opt, p in zip(optimizers, self.names[name], strict=True)]
-            self.optimizer.state[stacked] = {
-                key: torch.stack([st[key] for st in states])
-                if torch.is_tensor(value) and value.dim() > 0
-                else (value.clone() if torch.is_tensor(value) else value)
-                for key, value in states[0].items()
-            }
-
-    def slice_optimizer_state(self, run: int) -> None:
-        """Run `run`'s optimizer gets its slice of the packed optimizer's state (copies), as its own would hold."""
-        opt = self.learners[run].method.optimizer
-        opt.state.clear()
-        for name, stacked in self.params.items():
-            state = self.optimizer.state.get(stacked)
-            if state:
-                opt.state[self.names[name][run]] = {
-                    key: (value[run] if value.shape == stacked.shape else value).clone()
-                    if torch.is_tensor(value)
-                    else value
-                    for key, value in state.items()
-                }
-
     # -- one step of every run ---------------------------------------------------------------------------------
     def _observe(self, run: int, batch: Batch) -> StepOutput:
-        """The method's `observe` up to the arithmetic: the seen classes and the step's host work (`step_args`: the
-        replay draw, the masks); the arguments are queued for the packed step, and the learner gets the output it
-        will hold, filled when the step runs."""
+        """The method's `observe` up to the arithmetic: what it does with the batch first (`begin_batch`: the seen
+        classes) and the step's host work (`step_args`: the replay draw, the masks, the augmentation draws); the
+        arguments are queued for the packed step, and the learner gets the output it will hold, filled when the
+        step runs."""
         method = self.learners[run].method
-        method.classes.mark_seen(batch.y, batch.y_host)
+        method.begin_batch(batch)
         args = method.step_args(batch)
         assert args is not None  # packing_blocker
         device = batch.x.device
@@ -187,11 +144,10 @@ class PackedRuns:
         self.queue.append(_Queued(run, args, out))
         return out
 
-    def _run_loss(
-        self, params: dict[str, Tensor], buffers: dict[str, Tensor], *args: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        """One run's loss and incoming rows' logits: its method's own tensor function (`step_loss`) with the model
-        called on the run's slice of the stacked weights (vmapped over the runs)."""
+    def _run_loss(self, params: dict[str, Tensor], buffers: dict[str, Tensor], *args: object) -> tuple[Tensor, ...]:
+        """One run's loss, incoming rows' logits and the state its method takes back (`packed_outputs`): its
+        method's own tensor function (`step_loss`) with the model called on the run's slice of the stacked weights
+        (vmapped over the runs)."""
         method = self.learners[0].method  # every run's method has the same settings (pack_key)
         model = method.model
         method.model = cast(nn.Module, functools.partial(functional_call, self.base, (params, buffers)))
@@ -203,29 +159,29 @@ class PackedRuns:
 
     def step(self) -> None:
         """The queued runs' step: one vmapped forward pass per group of equal argument shapes, one backward pass,
-        one optimizer step; fills each run's output."""
+        then each run's optimizer on its slice; fills each run's output."""
         queued, self.queue = self.queue, []
         groups: dict[tuple[object, ...], list[_Queued]] = {}
-        for q in queued:
-            groups.setdefault(tuple(None if a is None else tuple(a.shape) for a in q.args), []).append(q)
-        total: Tensor | None = None
+        for q in queued:  # tensors by shape, host values (a step's sizes) by value
+            groups.setdefault(tuple(_shape_or_value(a) for a in q.args), []).append(q)
+        losses_of: list[Tensor] = []
         everyone = len(queued) == len(self.learners)
         for group in groups.values():
             first = group[0].args
-            args: list[Tensor | None] = [
-                None if a is None else torch.stack([cast(Tensor, q.args[i]) for q in group])
+            args = [
+                torch.stack([cast(Tensor, q.args[i]) for q in group]) if isinstance(a, Tensor) else a
                 for i, a in enumerate(first)
             ]
-            loss = vmap(self._run_loss, in_dims=(0, 0, *(None if a is None else 0 for a in first)))
+            loss = vmap(self._run_loss, in_dims=(0, 0, *(0 if isinstance(a, Tensor) else None for a in first)))
             if everyone and len(groups) == 1:  # the usual step: the stacked tensors themselves
-                losses, logits = loss(self.params, self.buffers, *args)
+                losses, logits, *kept = loss(self.params, self.buffers, *args)
             else:  # a subset of the runs: their slices, and their batch-norm statistics written back
                 idx = torch.tensor([q.run for q in group])
                 device = next(iter(self.params.values())).device
                 # pinned, so that the copy to a GPU is queued rather than waited for
                 idx = idx.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else idx
                 bufs = {name: t[idx] for name, t in self.buffers.items()}
-                losses, logits = loss({n: p[idx] for n, p in self.params.items()}, bufs, *args)
+                losses, logits, *kept = loss({n: p[idx] for n, p in self.params.items()}, bufs, *args)
                 with torch.no_grad():
                     for name, t in self.buffers.items():
                         t.index_copy_(0, idx, bufs[name])
@@ -233,12 +189,26 @@ class PackedRuns:
                 for i, q in enumerate(group):
                     q.out.loss.copy_(losses[i])
                     q.out.logits.copy_(logits[i])
-            total = losses.sum() if total is None else total + losses.sum()
-        if total is None:
+                    self.learners[q.run].method.packed_commit(tuple(t[i] for t in kept))
+            if self.learners[0].method.scaler is None:
+                losses_of.append(losses.sum())
+            else:  # fp16: each run's loss times its own scale
+                losses_of.extend(self.learners[q.run].method.scaled(losses[i]) for i, q in enumerate(group))
+        if not losses_of:
             return
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        for p in self.params.values():
+            p.grad = None
+        torch.stack(losses_of).sum().backward()
+        for q in queued:
+            self._optimizer_step(q.run)
+
+    def _optimizer_step(self, run: int) -> None:
+        """Run `run`'s own optimizer (and fp16 scaler) steps its slice of the weights on its slice of the gradient;
+        a parameter the run does not train (requires_grad off: a frozen head) gets none."""
+        for name, stacked in self.params.items():
+            own = self.names[name][run]
+            own.grad = stacked.grad[run] if stacked.grad is not None and own.requires_grad else None
+        self.learners[run].method.optimizer_step()
 
     # -- the runs ----------------------------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
@@ -340,19 +310,18 @@ class PackedRuns:
         return learner.results()
 
 
-class _SlicedCheckpoints:
-    """A packed run's checkpointer (the learner's CheckpointHook over the runner's Checkpointer): its checkpoints
-    hold the run's slice of the packed optimizer's state, and a stop signal is left to the pack, which takes it
-    between rounds (`PackedRuns._stop`) so that one signal stops every run at the same batch."""
+class _PackCheckpoints:
+    """A packed run's checkpointer (the learner's CheckpointHook over the runner's Checkpointer): a stop signal is
+    left to the pack, which takes it between rounds (`PackedRuns._stop`) so that one signal stops every run at the
+    same batch."""
 
-    def __init__(self, pack: PackedRuns, run: int, inner: Any) -> None:
-        self.pack, self.run, self.inner = pack, run, inner
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
 
     def due(self, step: int, task_ends: bool) -> bool:
         return bool(self.inner.scheduled(step, task_ends))
 
     def checkpoint(self, learner: Learner) -> None:
-        self.pack.slice_optimizer_state(self.run)
         self.inner.save(learner)
 
     def stopping(self) -> bool:
@@ -360,5 +329,9 @@ class _SlicedCheckpoints:
 
     def stop(self, learner: Learner) -> None:
         """Checkpoint, then raise Preempted (the runner's Checkpointer.checkpoint)."""
-        self.pack.slice_optimizer_state(self.run)
         self.inner.checkpoint(learner)
+
+
+def _shape_or_value(arg: object) -> object:
+    """A step argument's part of its group's key: a tensor's shape, a host value itself."""
+    return ("tensor", tuple(arg.shape)) if isinstance(arg, Tensor) else arg

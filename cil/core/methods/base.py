@@ -17,6 +17,7 @@ every registered method as a `method=<name>` option with the config's fields as 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -317,7 +318,7 @@ class Method:
 
     # -- one incoming batch ----------------------------------------------------------------------------------
     def observe(self, batch: Batch) -> StepOutput:
-        self.classes.mark_seen(batch.y, batch.y_host)
+        self.begin_batch(batch)
         for addon in self.addons:
             addon.begin_observe(self, batch)
         first = None
@@ -332,9 +333,9 @@ class Method:
         raise NotImplementedError
 
     def begin_batch(self, batch: Batch) -> None:
-        """What `observe` does with an incoming batch before its updates, for a learner that is stepped with
-        `update` alone (CCL-DC's peer): the batch's labels become seen, and a method that keeps anything per
-        batch (PCR's augmented copy, task-free GSA's pseudo-task) starts it afresh."""
+        """What `observe` does with an incoming batch before its updates, also for a learner that is stepped with
+        `update` alone (CCL-DC's peer) or by a pack (cil.core.packed): the batch's labels become seen, and a method
+        that keeps anything per batch (PCR's augmented copy, task-free GSA's pseudo-task) starts it afresh."""
         self.classes.mark_seen(batch.y, batch.y_host)
 
     def remember(self, batch: Batch, out: StepOutput) -> None:
@@ -377,30 +378,46 @@ class Method:
         self.compiler = compiler
 
     def compile_blocker(self) -> str | None:
-        """Why this run's step cannot be compiled, or None. A method with a compiled step overrides this and
-        calls `hooks_blocker` for what it shares with every method."""
+        """Why this run's step cannot be compiled, or None: what stops splitting it (`split_blocker`), or fp16's
+        GradScaler, which reads a flag back every step."""
+        reason = self.split_blocker()
+        if reason is None and self.scaler is not None:
+            reason = "precision=fp16 reads the GradScaler's inf/nan flag back every step"
+        return reason
+
+    def split_blocker(self) -> str | None:
+        """Why this run's step cannot be split into host work and one tensor function (`step_args` / `step_loss`,
+        what the compiled and the packed steps run), or None. A method with such a split overrides this and calls
+        `hooks_blocker` for what it shares with every method."""
         return f"method {self.name} has no compiled step (ER, ER-ACE and GSA have one)"
 
-    def step_args(self, batch: Batch) -> tuple[torch.Tensor | None, ...] | None:
+    def step_args(self, batch: Batch) -> tuple[object, ...] | None:
         """The host work of one update of a method with a packable step (cil.core.packed): the replay draw, the
-        masks; returns the arguments of its tensor function `step_loss`. None: the method has no such split."""
+        masks; returns the arguments of its tensor function `step_loss` (tensors, None, or host values that fix the
+        step's shapes). None: the method has no such split."""
         return None
 
-    def packed_outputs(
-        self, args: tuple[torch.Tensor | None, ...], outputs: tuple[torch.Tensor | None, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, logits of the incoming rows) of `step_loss(*args)`'s outputs (what a packed step keeps)."""
+    def packed_outputs(self, args: tuple[object, ...], outputs: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
+        """(loss, logits of the incoming rows, then whatever `packed_commit` takes back) of `step_loss(*args)`'s
+        outputs: what a packed step keeps of one run's step."""
         raise NotImplementedError(f"method {self.name} has no packable step")
 
+    def packed_commit(self, kept: tuple[torch.Tensor, ...]) -> None:
+        """Take back this run's share of a packed step's outputs beyond the loss and logits (`packed_outputs`): the
+        state its tensor function updates (GSA's gradient statistics)."""
+
+    def pack_settings(self) -> MethodConfig:
+        """The method settings that runs of one pack share: all but the host draws' sizes (`buffer_draws`), which
+        only change the shapes of a step's arguments."""
+        draws: dict[str, Any] = {key.removeprefix("method."): 0 for key in self.cfg.buffer_draws()}
+        return dataclasses.replace(self.cfg, **draws)
+
     def hooks_blocker(self) -> str | None:
-        """What stops any method's compiled step: add-ons and diagnostics read the step's intermediate tensors,
-        fp16's GradScaler reads a flag back every step."""
+        """What stops any method's split step: add-ons and diagnostics read the step's intermediate tensors."""
         if self.addons:
             return f"add-ons ({', '.join(a.name for a in self.addons)}) hook into the step's passes"
         if self.diagnostics is not None:
             return "diagnostics read every loss term of the step"
-        if self.scaler is not None:
-            return "precision=fp16 reads the GradScaler's inf/nan flag back every step"
         return None
 
     def run_step(self, fn: Callable[..., T], *args: Any, once: bool = False) -> T:
@@ -476,16 +493,23 @@ class Method:
         if self.diagnostics is not None:
             self.diagnostics.before_backward(loss)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is None:
-            loss.backward()
-            self.optimizer.step()
-        else:
-            self.scaler.scale(loss).backward()
-            # unscales, then steps unless a gradient is inf/nan: reads that flag back (the one host sync of fp16)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()  # halves the scale after a skipped step, doubles it after growth_interval good ones
+        self.scaled(loss).backward()
+        self.optimizer_step()
         for addon in self.addons:  # e.g. the EMA teachers follow the updated model
             addon.after_step(self)
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to differentiate: under fp16 multiplied by the GradScaler's scale."""
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def optimizer_step(self) -> None:
+        """Step the optimizer on the gradients of `scaled(loss)`: under fp16 the scaler unscales them, then steps
+        unless one is inf/nan (reading that flag back: the one host sync of fp16), and adapts its scale."""
+        if self.scaler is None:
+            self.optimizer.step()
+            return
+        self.scaler.step(self.optimizer)
+        self.scaler.update()  # halves the scale after a skipped step, doubles it after growth_interval good ones
 
     @property
     def head(self) -> nn.Linear:

@@ -3,6 +3,7 @@ one cross-entropy over all seen classes, in one forward pass. A fresh replay sam
 `iters` updates."""
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -44,18 +45,16 @@ class ER(Method):
         self.step(loss)
         return loss, logits[:n]
 
-    def step_args(self, batch: Batch) -> tuple[torch.Tensor | None, ...]:
+    def step_args(self, batch: Batch) -> tuple[object, ...]:
         """The replay draw: (x, y, x_mem, y_mem, seen), `step_loss`'s arguments."""
         mem = self.replay(self.cfg.replay_batch_size)
         x_mem, y_mem = (None, None) if mem is None else (mem[0], mem[1])
         return batch.x, batch.y, x_mem, y_mem, self.seen
 
-    def packed_outputs(
-        self, args: tuple[torch.Tensor | None, ...], outputs: tuple[torch.Tensor | None, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, logits, x = outputs[0], outputs[1], args[0]
-        assert loss is not None and logits is not None and x is not None
-        return loss, logits[: len(x)]
+    def packed_outputs(self, args: tuple[object, ...], outputs: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
+        x = args[0]
+        assert isinstance(x, torch.Tensor)  # the incoming rows (step_args)
+        return outputs[0], outputs[1][: len(x)]
 
     def step_loss(
         self,
@@ -73,5 +72,5 @@ class ER(Method):
         logits = self.forward_float(inputs)
         return er_loss(logits, y, seen), logits, inputs, y
 
-    def compile_blocker(self) -> str | None:
+    def split_blocker(self) -> str | None:
         return self.hooks_blocker()

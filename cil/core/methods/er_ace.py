@@ -87,7 +87,7 @@ class ERACE(Method):
         self.step(loss)
         return loss, logits_new
 
-    def step_args(self, batch: Batch) -> tuple[torch.Tensor | None, ...]:
+    def step_args(self, batch: Batch) -> tuple[object, ...]:
         """The replay draw and the masks: (x, y, x_mem, y_mem, seen, unseen), `step_loss`'s arguments."""
         mem = self.replay(self.cfg.replay_batch_size)
         x_mem, y_mem = (None, None) if mem is None else (mem[0], mem[1])
@@ -95,9 +95,7 @@ class ERACE(Method):
         unseen = self._unseen() if mem is not None and not self.cfg.separate_passes else None
         return batch.x, batch.y, x_mem, y_mem, self.seen, unseen
 
-    def packed_outputs(
-        self, args: tuple[torch.Tensor | None, ...], outputs: tuple[torch.Tensor | None, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def packed_outputs(self, args: tuple[object, ...], outputs: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
         loss, logits_new = outputs[0], outputs[1]
         assert loss is not None and logits_new is not None
         return loss, logits_new
@@ -132,7 +130,7 @@ class ERACE(Method):
             loss = er_ace_loss(logits_new, y, logits_buf, y_buf, seen)
         return loss, logits_new, logits_buf, logits, inputs, y_buf
 
-    def compile_blocker(self) -> str | None:
+    def split_blocker(self) -> str | None:
         if self.rule is not None or self.augment is not None:
             return "ER-ACE with method.balance other than constant or with method.augment has no compiled step"
         return self.hooks_blocker()

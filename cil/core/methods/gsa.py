@@ -529,7 +529,7 @@ class GSA(Method):
             self.pseudo_step = self.gsa.pseudo.observe(batch.y, batch.y_host)
         self.classes.mark_seen(batch.y, batch.y_host)
 
-    def compile_blocker(self) -> str | None:
+    def split_blocker(self) -> str | None:
         if self.gsa.rule.name in ("window", "magnitude"):
             return f"GSA with method.balance={self.gsa.rule.name} keeps a host counter in the step (no compiled step)"
         return self.hooks_blocker()
