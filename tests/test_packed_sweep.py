@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-# Adam: the resumed pack must get back each run's slice of the stacked optimizer state
+# Adam: each resumed run must get back its own optimizer state
 RUN = [
     "dataset=digits",
     "stream.samples_per_class=60",  # 60 batches a run: short, still checkpointed and stopped midway

@@ -1,8 +1,8 @@
 """`python -m cil -m ... hydra/launcher=packed`: the sweep's jobs, `runs_per_pack` at a time, trained together in
-this process (cil.run.packed_sweep): ER or ER-ACE runs that differ only in settings the packed step allows (seeds,
-memory sizes, replay batch sizes, class orders) share one vmapped step on the device (cil.core.packed), so a GPU
-that one batch-10 run leaves waiting on the host does K runs' arithmetic per launch. Runs of other optimizer
-settings (a learning-rate search) are packed apart: one optimizer steps a pack. Jobs that cannot be packed
+this process (cil.run.packed_sweep): runs of a method with a packable step that differ only in settings the packed
+step allows (seeds, memory sizes, replay batch sizes, class orders, optimizer settings) share one vmapped step on the
+device (cil.core.packed), so a GPU that one batch-10 run leaves waiting on the host does K runs' arithmetic per
+launch; each run's own optimizer steps its slice. Jobs that cannot be packed
 (other methods, add-ons, compile_step, the real-time mode...) run one after another, as with the basic launcher.
 
 Each job keeps its own folder and files, as with the other launchers: a complete one is skipped, a failed one
