@@ -453,6 +453,15 @@ class PreDrawn:
         self.grid: Tensor | None = None
         self.used = 0
 
+    @classmethod
+    def of(cls, augment: GSAAugment, gray: Tensor, boxes: Tensor, height: int, width: int) -> PreDrawn:
+        """The draws another PreDrawn made (its ``gray`` and ``boxes``), none applied yet: a packed step rebuilds
+        each run's from the tensors it was handed (cil.core.packed)."""
+        pre = cls.__new__(cls)
+        pre.augment, pre.height, pre.width = augment, height, width
+        pre.gray, pre.boxes, pre.grid, pre.used = gray, boxes, None, 0
+        return pre
+
     @property
     def left(self) -> int:
         """Rows not applied yet."""

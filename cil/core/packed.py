@@ -53,7 +53,8 @@ def packing_blocker(method: Method) -> str | None:
     """Why a run's method cannot be packed, or None."""
     if type(method).step_args is Method.step_args:
         return f"method {method.name} has no packable step (ER, ER-ACE and GSA have one)"
-    reason = method.split_blocker()  # add-ons, diagnostics, ER-ACE's balancing or augmentation, GSA's host rules
+    # add-ons, diagnostics, ER-ACE's balancing or augmentation, GSA's host rules and skipped steps
+    reason = method.split_blocker() or method.pack_blocker()
     if reason is not None:
         return reason
     if method.cfg.iters != 1:

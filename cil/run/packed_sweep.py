@@ -3,9 +3,9 @@
 The launcher sets up each job of a pack as any sweep job is set up (its folder, its checks, its config record, a
 checkpoint resumed: cil.run.sweep.sweep_job_stages) up to the learner it would train; `Pack.run` then trains the
 pack's learners, those that can share a step packed together (cil.core.packed: seeds, memory sizes, optimizer
-settings, any settings that keep the method's and the model's kind), the others one after another, and each job's stages write its
-folder as a lone run's would: results.json, failed.json, or a checkpoint and `preempted` when SIGTERM stopped the
-pack (every run in it checkpoints; the same command resumes them, packed again).
+settings, any settings that keep the method's and the model's kind), the others one after another, and each job's
+stages write its folder as a lone run's would: results.json, failed.json, or a checkpoint and `preempted` when
+SIGTERM stopped the pack (every run in it checkpoints; the same command resumes them, packed again).
 """
 
 from __future__ import annotations

@@ -397,6 +397,10 @@ class Method:
         step's shapes). None: the method has no such split."""
         return None
 
+    def pack_blocker(self) -> str | None:
+        """Why this run's split step cannot run in a pack beyond what `split_blocker` says, or None."""
+        return None
+
     def packed_outputs(self, args: tuple[object, ...], outputs: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
         """(loss, logits of the incoming rows, then whatever `packed_commit` takes back) of `step_loss(*args)`'s
         outputs: what a packed step keeps of one run's step."""

@@ -501,6 +501,7 @@ class GSA(Method):
         )
         self.gsa.run_step = self.run_step  # compiled with compile_step
         self.pseudo_step = (-1, 0)  # task-free: (pseudo-task, batches since its start) of the incoming batch
+        self.packed_mixed = False  # a packed step's plan had a mixed replay batch (its weights are kept)
 
     def on_task_start(self, task: int, classes: torch.Tensor) -> None:
         if self.cfg.task_free:  # a disjoint stream still announces tasks: GSA ignores them, add-ons keep theirs
@@ -511,28 +512,89 @@ class GSA(Method):
         if self.cfg.freeze_head_after_first_task and task >= 1:  # the optimizer no longer reaches the head
             self.head.requires_grad_(False)
 
-    def observe(self, batch: Batch) -> StepOutput:
-        if self.cfg.task_free:  # before the base class marks the batch's labels seen
+    def begin_batch(self, batch: Batch) -> None:
+        """What `observe` does with a batch before its updates (also for a learner stepped without observing:
+        CCL-DC's peer, a pack): the task-free pseudo-task (novelty is judged before the labels are marked seen),
+        the official head's fresh rows when a task starts, then the seen classes."""
+        if self.cfg.task_free:
             assert self.gsa.pseudo is not None  # made when task_free
             self.pseudo_step = self.gsa.pseudo.observe(batch.y, batch.y_host)
         # a task starts (not a resume)
         if self.cfg.fresh_head_rows and batch.task is not None and batch.task >= 1 and batch.step_in_task == 0:
             generator = torch.Generator().manual_seed(self.seed * 1000 + batch.task)
             self.refresh_head_rows(sorted(self.classes.task_labels), generator)
-        return super().observe(batch)
-
-    def begin_batch(self, batch: Batch) -> None:
-        """What `observe` does with the batch's labels before its updates: the task-free pseudo-task, then the
-        seen classes. For a learner that steps without observing (CCL-DC's peer, stepped by the add-on)."""
-        if self.cfg.task_free:
-            assert self.gsa.pseudo is not None  # made when task_free
-            self.pseudo_step = self.gsa.pseudo.observe(batch.y, batch.y_host)
         self.classes.mark_seen(batch.y, batch.y_host)
 
     def split_blocker(self) -> str | None:
         if self.gsa.rule.name in ("window", "magnitude"):
             return f"GSA with method.balance={self.gsa.rule.name} keeps a host counter in the step (no compiled step)"
         return self.hooks_blocker()
+
+    def pack_blocker(self) -> str | None:
+        if not self.cfg.train_without_replay:
+            return "method.train_without_replay=false (a step skipped while the buffer is empty)"
+        return None
+
+    # -- the packed step (cil.core.packed): the plan's tensors and sizes, and the state the step updates --------
+    def step_args(self, batch: Batch) -> tuple[object, ...]:
+        """The step's host work (`GSAStep.plan`: buffer and augmentation draws, the warm-up), then what its tensor
+        work reads: (Xc, its labels, the mixed batch's buffer rows and labels, the augmentation draws, the warm-up
+        flag, the task and seen masks, G+, G-, and the sizes that fix the step's shapes: incoming rows, mixed,
+        Xc's rows in the mixed batch)."""
+        task, step_in_task = self.pseudo_step if self.cfg.task_free else (batch.task, batch.step_in_task)
+        assert task is not None and step_in_task is not None  # pseudo-tasks, or the boundaries GSA needs
+        plan = self.gsa.plan(batch.x, batch.y, task, step_in_task)  # rule.start first: task_reset zeroes G+, G-
+        x_old, y_old = (None, None) if plan.drawn is None else plan.drawn
+        gray, boxes = (None, None) if plan.aug is None else (plan.aug.gray, plan.aug.boxes)
+        self.packed_mixed = plan.mixed
+        stats, classes = self.gsa.stats, self.classes
+        state = (classes.task_mask, classes.seen, stats.positive, stats.negative)
+        return (plan.xc, plan.yc, x_old, y_old, gray, boxes, plan.warm, *state, plan.n, plan.mixed, plan.n_cur)
+
+    def step_loss(
+        self,
+        xc: Tensor,
+        yc: Tensor,
+        x_old: Tensor | None,
+        y_old: Tensor | None,
+        gray: Tensor | None,
+        boxes: Tensor | None,
+        warm: Tensor,
+        task_mask: Tensor,
+        seen: Tensor,
+        positive: Tensor,
+        negative: Tensor,
+        n: int,
+        mixed: bool,
+        n_cur: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """`GSAStep.step_loss` on `step_args`' tensors, with the masks and statistics it reads taken from them
+        (and G+, G- updated in them): (L, logits of the incoming rows, the replay weights used or ones, G+, G-)."""
+        gsa, classes, stats = self.gsa, self.classes, self.gsa.stats
+        aug = None  # the step's augmentation draws, made by `plan` on this run's generator
+        if boxes is not None and gray is not None and gsa.augment is not None:
+            aug = PreDrawn.of(gsa.augment, gray, boxes, *xc.shape[-2:])
+        drawn = None if x_old is None or y_old is None else (x_old, y_old)
+        plan = GSAPlan(xc, yc, n, mixed, drawn, n_cur, aug, warm)
+        held = classes.task_mask, classes.seen, stats.positive, stats.negative
+        classes.task_mask, classes.seen, stats.positive, stats.negative = task_mask, seen, positive, negative
+        try:
+            loss, logits_new, weights = gsa.step_loss(self.forward_float, plan)
+            positive, negative = stats.positive, stats.negative
+        finally:
+            classes.task_mask, classes.seen, stats.positive, stats.negative = held
+        return loss, logits_new, torch.ones_like(gsa.last_weights) if weights is None else weights, positive, negative
+
+    def packed_outputs(self, args: tuple[object, ...], outputs: tuple[Any, ...]) -> tuple[Tensor, ...]:
+        return outputs
+
+    def packed_commit(self, kept: tuple[Tensor, ...]) -> None:
+        weights, positive, negative = kept
+        stats = self.gsa.stats
+        stats.positive.copy_(positive)  # in place: where the compiled step's graphs read them
+        stats.negative.copy_(negative)
+        if self.packed_mixed:
+            self.gsa.last_weights = weights.clone()
 
     def update(self, batch: Batch) -> tuple[Tensor, Tensor]:
         if not self.cfg.train_without_replay and (self.buffer is None or len(self.buffer) == 0):

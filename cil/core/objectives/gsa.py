@@ -49,7 +49,8 @@ def batch_gradient_stats(
     if mask is not None:
         z = mask_logits(z, mask)
     p = torch.softmax(z, dim=1)
-    onehot = torch.zeros_like(p).scatter_(1, targets.reshape(-1, 1), 1.0)
+    # a comparison, not scatter_: the same 0 / 1 values, and it runs under vmap (packed runs) without a fallback
+    onehot = (targets.reshape(-1, 1) == torch.arange(p.shape[1], device=p.device)).to(dtype)
     pos = (1.0 - p) * onehot
     if mask is not None:
         pos = pos * mask.to(dtype)
