@@ -186,6 +186,75 @@ def test_the_budget_stops_a_run_midway_and_the_call_ends_in_time(tmp_path):
     assert got["A"]["status"] == "not started" and got["A"]["why"] == "out of time"
 
 
+PACKABLE = {
+    "common": ["log.progress=false"],
+    "runs": [
+        {
+            "label": f"{method}{m}s{seed}",
+            "table": "toy",
+            "overrides": [f"method={method}", *keys, f"buffer.size={m}", f"seed={seed}"],
+        }
+        for method, keys, m, seed in [
+            ("gsa", ["method.replay_batch_size=10"], 50, 0),
+            ("gsa", ["method.replay_batch_size=10"], 100, 0),
+            ("derpp", ["method.replay_batch_size=10"], 50, 0),
+            ("gsa", ["method.replay_batch_size=10"], 50, 1),
+            ("derpp", ["method.replay_batch_size=10"], 50, 1),
+        ]
+    ],
+}
+
+
+@pytest.mark.slow
+def test_runs_of_one_kind_train_as_one_pack_with_the_ordinary_runs_results(tmp_path):
+    """--runs-per-pack: the GSA runs (seeds, memories) train in one process as one pack (cil.run.queue_pack); DER++
+    has no packable step, so its pack's measurement says why and its runs go alone. Each packed folder holds the
+    command line's record of its run, and the results of the same run made by the command line's own path."""
+    from cil import api
+
+    queue, out = queue_file(tmp_path, PACKABLE), tmp_path / "packed"
+    proc = subprocess.run(
+        command(queue, out, "--budget", "300", "--runs-per-pack", "4"), cwd=REPO, env=env(), capture_output=True
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    got = rows(out)
+    assert {r["status"] for r in got.values()} == {"complete"}
+    assert got["gsa50s0"]["note"] == "packed with runs 2, 4 (pack-1.json)"
+    assert not got["derpp50s0"].get("note") and not got["derpp50s1"].get("note")  # alone
+    times = next(iter(json.loads((out / "report.json").read_text())["sections"]["step times"].values()))
+    assert any(r["runs"] == "3 packed" and "ms/step" in r for r in times)
+    assert any(r["runs"] == "2 packed" and "derpp has no packable step" in r["error"] for r in times)
+    for label in ("gsa50s0", "gsa100s0", "gsa50s1"):
+        folder = Path(got[label]["folder"])
+        overrides = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text())
+        reference = tmp_path / "reference" / label
+        expected = api.run([*overrides, "threads=1"], out_dir=reference)
+        packed = json.loads((folder / "results.json").read_text())
+        assert packed["acc_matrix"] == expected["acc_matrix"], label
+        assert {**packed["config"], "threads": 1} == expected["config"], label  # the queue's env: OMP_NUM_THREADS=1
+
+
+def test_a_pack_that_fails_as_a_whole_sends_its_runs_alone(tmp_path):
+    """When every run of a pack failed with its process (packing itself broke: a device's vmap, a spec), the kind
+    goes alone from then on and its runs are queued again."""
+    from cil.run.gpu_plan import Ended, Report
+
+    args = dataclasses.make_dataclass("Args", ["budget", "runs_per_pack", "out", "dry_run"])(100.0, 4, tmp_path, True)
+    entries = [gpu_queue.Entry(i, f"r{i}", "toy", [], kind="k", run_dir=tmp_path / f"r{i}") for i in (1, 2)]
+    queue = gpu_queue.Queue(args, entries, Report(tmp_path), gpu_queue.Timing.for_run(True), time.time())
+    for e in entries:
+        e.run_dir.mkdir()
+        (e.run_dir / "failed.json").write_text(json.dumps({"error": "vmap: no batching rule"}))
+    assert queue.pack_group(entries[0], entries) == entries
+    queue.ended(
+        Ended("pack 1, 2", entries[0].run_dir, 1, 3.0, "Traceback...\nRuntimeError: vmap", {"entries": entries})
+    )
+    assert queue.requeue == entries and "k" in queue.unpackable
+    assert [e.row["status"] for e in entries] == ["queued", "queued"]
+    assert entries[0].row["note"] == "its pack failed (exit 1: RuntimeError: vmap): it runs alone"
+    assert queue.pack_group(entries[0], entries) == [entries[0]]
+
+
 @pytest.mark.slow
 def test_the_repository_queue_runs_its_protocols_on_the_jpeg_copy(tmp_path):
     """Every run of experiments/queue.yaml composes; each CIFAR-10 protocol runs on the JPEG copy with its own

@@ -199,9 +199,13 @@ class RunPool:
         self.env = env
         self.running: dict[str, Launched] = {}
 
-    def start(self, key: str, overrides: list[str], run_dir: Path, info: dict | None = None) -> Launched:
+    def start(
+        self, key: str, overrides: list[str], run_dir: Path, info: dict | None = None, command: list[str] | None = None
+    ) -> Launched:
+        """`python -m cil <overrides>` into `run_dir`, or `command` (whose progress `run_dir` shows)."""
         stderr = tempfile.TemporaryFile()  # noqa: SIM115 - the run writes it; closed when it ends
-        proc = subprocess.Popen(cli_command(overrides, run_dir), stdout=subprocess.DEVNULL, stderr=stderr, env=self.env)
+        argv = command or cli_command(overrides, run_dir)
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=self.env)
         launched = Launched(key, run_dir, proc, time.time(), stderr, info or {})
         self.running[key] = launched
         return launched

@@ -34,6 +34,7 @@ import contextlib
 import copy
 import dataclasses
 import io
+import json
 import os
 import re
 import signal
@@ -352,6 +353,8 @@ class Planner:
         self.timing = timing
         self.datasets = datasets
         self.times: dict[str, dict[str, Any]] = {}  # kind -> {"s/step", "eval s", "runs beside"} or {"error"}
+        # (kind, runs): one step of that many runs packed, and one run's task-end evaluations; or {"error"}
+        self.pack_times: dict[tuple[str, int], dict[str, Any]] = {}
         self.warm = False
 
     def dataset(self, e: Entry) -> Any:
@@ -375,6 +378,46 @@ class Planner:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         self.times[e.kind] = m
+
+    def measure_pack(self, e: Entry, runs: int, beside: int) -> dict[str, Any]:
+        """The step time of `runs` runs of e's kind packed (cil.run.bench.contestants.run_packed: seeds seed..,
+        the first batches of every task), or {"error"}: what stops them from being packed."""
+        key = (e.kind, runs)
+        if key in self.pack_times:
+            return self.pack_times[key]
+        from cil.run.bench.contestants import run_packed
+
+        cfg = dataclasses.replace(e.cfg, log=dataclasses.replace(e.cfg.log, progress=False))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                if cfg.device != "cpu":  # this pack's shapes: compiled kernels and the allocator's blocks, untimed
+                    run_packed(cfg, self.dataset(e), 1, runs)
+                res = run_packed(cfg, self.dataset(e), self.timing.measure_batches, runs)
+            steps = res["samples"] / runs / cfg.stream.batch_size
+            m: dict[str, Any] = {"s/step": res["train_time_s"] / steps, "eval s": res["eval_time_s"] / runs}
+            m["runs beside"] = beside
+        except Exception as err:  # noqa: BLE001 - not packable (or failing): the runs go alone, as before
+            m = {"error": f"{type(err).__name__}: {err}"}
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        self.pack_times[key] = m
+        return m
+
+    def pack_alone(self, group: list[Entry], from_step: int | None = None, started: float | None = None) -> float:
+        """Seconds a pack of `group` needs on the GPU alone from stream batch `from_step`: its runs step together,
+        so the longest of them sets the training; each run does its own evaluations."""
+        m = self.pack_times[(group[0].kind, len(group))]
+        startup = self.timing.startup
+        if started is not None:
+            startup = max(0.0, startup - (time.time() - started)) if from_step is None else 0.0
+        train = evals = 0.0
+        for e in group:
+            step = e.start_step if from_step is None else max(from_step, e.start_step)
+            left = max(0, e.steps - step) / max(1, e.steps)
+            train = max(train, e.steps * left * m["s/step"])
+            evals += left * eval_seconds(e.cfg, e.steps, self.dataset(e), m["eval s"])
+        return startup + SAFETY * (train + evals)
 
     def alone(self, e: Entry, from_step: int | None = None, started: float | None = None) -> float:
         """Seconds the run needs alone from stream batch `from_step` (default: where it starts), start-up
@@ -421,6 +464,8 @@ class Queue:
         self.stop_signal: int | None = None  # SIGTERM or SIGINT to the queue itself
         self.completed: list[Entry] = []
         self.planner: Planner | None = None
+        self.unpackable: dict[str, str] = {}  # kind -> why its runs go alone
+        self.requeue: list[Entry] = []  # runs of a pack that failed as a whole: they go again, alone
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")  # each run one intra-op thread: many runs share the host's cores
         if not args.dry_run:  # fewer cached-but-unused blocks per process: more runs fit beside each other
@@ -455,6 +500,9 @@ class Queue:
             ended = self.pool.reap()
             for run in ended:
                 self.ended(run)
+            if self.requeue:
+                pending = sorted([*pending, *self.requeue], key=lambda e: e.index)
+                self.requeue.clear()
             # what fits changes when a run ends, and slowly as runs go faster or slower than estimated
             if ended or time.time() - checked > 5.0:
                 checked = time.time()
@@ -504,12 +552,68 @@ class Queue:
                         "measured beside": f"{m['runs beside']} run(s)" if m["runs beside"] else "alone",
                     }
                 )
+        for (kind, k), m in self.planner.pack_times.items():
+            if "error" in m:
+                rows.append({"kind": kind, "runs": f"{k} packed", "error": m["error"]})
+            else:
+                rows.append(
+                    {
+                        "kind": kind,
+                        "runs": f"{k} packed",
+                        "ms/step": round(1e3 * m["s/step"], 2),
+                        "task-end evaluations s": round(m["eval s"], 2),
+                        "measured beside": f"{m['runs beside']} run(s)" if m["runs beside"] else "alone",
+                    }
+                )
         self.report.put("step times", "one process, this call's measurements (gpu_plan.measure_step_time)", rows)
 
     def still_needs(self, run: Launched) -> float:
         assert self.planner is not None
+        if "entries" in run.info:
+            return self.planner.pack_alone(run.info["entries"], last_step(run.run_dir), started=run.started)
         e: Entry = run.info["entry"]
         return self.planner.alone(e, from_step=last_step(run.run_dir), started=run.started)
+
+    def pack_group(self, e: Entry, pending: list[Entry]) -> list[Entry]:
+        """e and the next pending runs of its kind (they differ in seed and memory only), up to --runs-per-pack."""
+        if self.args.runs_per_pack <= 1 or e.kind in self.unpackable:
+            return [e]
+        same = [x for x in pending if x is not e and x.kind == e.kind]
+        return [e, *same[: self.args.runs_per_pack - 1]]
+
+    def admit_pack(self, group: list[Entry], going: list[float]) -> float | None:
+        """Start `group` as one pack if it can be packed and fits; returns what it needs alone, else None."""
+        assert self.planner is not None
+        m = self.planner.measure_pack(group[0], len(group), beside=len(self.pool.running))
+        self.report_times()
+        if "error" in m:
+            self.unpackable[group[0].kind] = m["error"]
+            return None
+        need = self.planner.pack_alone(group)
+        left = self.stop_at - time.time()
+        partial = not fits(going, need, left)
+        if partial and not (self.args.partial and not going):
+            return None  # its first run is weighed alone instead
+        self.start_pack(group, need, partial)
+        return need
+
+    def start_pack(self, group: list[Entry], need: float, partial: bool) -> None:
+        folder = self.args.out / "packs"
+        folder.mkdir(parents=True, exist_ok=True)
+        spec = folder / f"pack-{group[0].index}.json"
+        runs = [{"overrides": e.overrides, "run_dir": str(e.run_dir)} for e in group]
+        spec.write_text(json.dumps({"runs": runs}, indent=1))
+        command = [sys.executable, "-m", "cil.run.queue_pack", str(spec)]
+        key = "pack " + ", ".join(str(e.index) for e in group)
+        self.pool.start(key, [], group[0].run_dir, {"entries": group}, command=command)
+        for e in group:
+            self.set(
+                e,
+                status="running",
+                why="",
+                note=f"packed with runs {', '.join(str(x.index) for x in group if x is not e)} ({spec.name})",
+                **{"estimate s alone": round(need), "expected to end in this call": not partial},
+            )
 
     def admit(self, pending: list[Entry]) -> bool:
         """Start what fits, in priority order; True when something started."""
@@ -519,6 +623,8 @@ class Queue:
         for e in list(pending):
             if len(self.pool.running) >= self.args.max_parallel or self.stopping():
                 break
+            if e not in pending:  # started in a pack with an earlier run
+                continue
             left = self.stop_at - time.time()
             if e.kind not in self.planner.times:
                 if left < self.timing.measure_max:
@@ -532,6 +638,15 @@ class Queue:
                 pending.remove(e)
                 self.set(e, status="failed", why=f"could not be built to measure its step time: {m['error']}")
                 continue
+            group = self.pack_group(e, pending)
+            if len(group) > 1:
+                packed = self.admit_pack(group, going)
+                if packed is not None:
+                    for x in group:
+                        pending.remove(x)
+                    going.append(packed)
+                    started = True
+                    continue
             need = self.planner.alone(e)
             if fits(going, need, left):
                 ok, partial = True, False
@@ -566,7 +681,22 @@ class Queue:
         return started
 
     def ended(self, ended: Ended) -> None:
-        e: Entry = ended.info["entry"]
+        entries: list[Entry] | None = ended.info.get("entries")
+        if entries is None:
+            self.ended_run(ended.info["entry"], ended)
+            return
+        for e in entries:
+            self.ended_run(e, ended)
+        if ended.code not in (0, EXIT_PREEMPTED) and all(e.row["status"] == "failed" for e in entries):
+            # the pack itself failed (every run of it): its kind goes alone from now on, these runs again
+            tail = [ln for ln in ended.stderr_tail.splitlines() if ln.strip()][-1:]
+            why = f"exit {ended.code}: {' / '.join(tail)}"
+            self.unpackable[entries[0].kind] = f"a pack of it failed ({why})"
+            for e in entries:
+                self.set(e, status="queued", why="", note=f"its pack failed ({why}): it runs alone")
+            self.requeue.extend(entries)
+
+    def ended_run(self, e: Entry, ended: Ended) -> None:
         res = read_json(e.run_dir / RESULTS) or {}
         status = res.get("status")
         row: dict[str, Any] = {"wall s": round(ended.seconds, 1)}
@@ -669,10 +799,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=os.environ.get("CIL_DATA_ROOT"), help="folder holding cifar10-jpeg/")
     p.add_argument("--partial", action="store_true", help="start runs that cannot end in this budget too")
     p.add_argument("--pack", type=Path, default=None, help="tar.gz of the run folders completed in this call")
+    p.add_argument(
+        "--runs-per-pack",
+        type=int,
+        default=1,
+        help="runs of one kind (seeds, memories) trained together in one process (cil.core.packed); default 1",
+    )
     p.add_argument("--list", action="store_true", help="print each run's state and folder; run nothing")
     args = p.parse_args(argv)
     if args.budget <= 0:
         p.error("--budget must be positive")
+    if args.runs_per_pack < 1:
+        p.error(f"--runs-per-pack must be at least 1, got {args.runs_per_pack}")
     if not (args.dry_run or args.list or torch.cuda.is_available()):
         print(
             "gpu-queue: no CUDA device here (torch.cuda.is_available() is False); --dry-run rehearses the queue "
@@ -732,6 +870,7 @@ def _call(args: argparse.Namespace, only: set[str] | None, start: float, stop: l
             "max parallel": args.max_parallel,
             "GPU share (k runs at once each at share / k)": GPU_SHARE,
             "partial": args.partial,
+            "runs per pack": args.runs_per_pack,
             "runs root": str(args.runs_root),
             "setup s (queue, configs, data)": round(time.time() - start, 1),
         },
