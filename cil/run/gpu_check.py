@@ -280,8 +280,8 @@ def speed(plan: Plan, dataset, report: Report, deadline: float) -> dict:
 
 # -- 3b. graphed steps and packed runs (issue 31; `--only graphs`, not in the default) -----------------------------
 def graphs(plan: Plan, dataset, report: Report, deadline: float) -> None:
-    """ms per step eager vs CUDA graphs (ER, GSA; ResNet-18, fp32, batch 10) and K packed ER runs' samples/s, in the
-    speed section (cil.run.step_speed)."""
+    """ms per step eager vs CUDA graphs (ER, GSA; ResNet-18, fp32, batch 10) and K packed ER and GSA runs'
+    samples/s, in the speed section (cil.run.step_speed)."""
     from cil.run.config import default_config
     from cil.run.step_speed import graphed_row, packed_rows
 
@@ -294,9 +294,11 @@ def graphs(plan: Plan, dataset, report: Report, deadline: float) -> None:
             cfg = _config(plan, default_config(method), model)
             rows.append(graphed_row(method, cfg, dataset, *plan.graph_steps, backend=plan.compile_backend))
         report.put("speed", "ms per step, eager vs compile_step=reduce-overhead (fp32, batch 10, M = 500)", rows)
-    cfg = _config(plan, default_config("er"), model)
-    packed = packed_rows(cfg, dataset, plan.speed_batches, plan.packed_ks, deadline)
-    report.put("speed", "ER runs packed on one device (cil.core.packed): aggregate samples/s", packed)
+    packed: list[dict] = []
+    for method in ("er", "gsa"):
+        cfg = _config(plan, default_config(method), model)
+        packed += packed_rows(cfg, dataset, plan.speed_batches, plan.packed_ks, deadline)
+        report.put("speed", "runs packed on one device (cil.core.packed): aggregate samples/s", packed)
 
 
 # -- 4. fidelity --------------------------------------------------------------------------------------------------

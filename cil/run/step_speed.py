@@ -86,20 +86,23 @@ def graphed_row(
 
 
 def packed_rows(cfg: RunConfig, dataset, batches_per_task: int, ks: Sequence[int], deadline: float) -> list[dict]:
-    """One ordinary ER run, then K packed ER runs (seeds seed..seed+K-1) for each K: aggregate samples/s, and whether
-    the packed run of the ordinary run's seed ended on its accuracy matrix."""
+    """One ordinary run of `cfg`, then K packed runs (seeds seed..seed+K-1) for each K: aggregate samples/s, and
+    whether the packed run of the ordinary run's seed ended on its accuracy matrix."""
     from cil.run.bench.contestants import run_ours, run_packed
 
     rows: list[dict] = []
     ordinary: list[list[float]] = []
     for k in [0, *ks]:  # 0: the ordinary run
         if time.time() > deadline:
-            rows.append({"runs": k or 1, "packed": k > 0, "samples/s": "skipped: out of time"})
+            rows.append(
+                {"method": cfg.method.name, "runs": k or 1, "packed": k > 0, "samples/s": "skipped: out of time"}
+            )
             continue
         res = run_packed(cfg, dataset, batches_per_task, k) if k else run_ours(cfg, dataset, batches_per_task)
         if not k:
             ordinary = res["acc_matrix"]
         row = {
+            "method": cfg.method.name,
             "runs": k or 1,
             "packed": k > 0,
             "samples/s": round(res["samples"] / res["train_time_s"], 1),
