@@ -51,7 +51,8 @@ def main() -> None:
     for k, m in enumerate(memories):
 
         def gap(x: dict, y: dict) -> float:
-            return max(abs(u - v) for r, s in zip(x["acc_matrix"], y["acc_matrix"], strict=True) for u, v in zip(r, s))
+            rows = zip(x["acc_matrix"], y["acc_matrix"], strict=True)
+            return max(abs(u - v) for r, s in rows for u, v in zip(r, s, strict=True))
 
         row = {
             "method": args.method,
