@@ -187,29 +187,23 @@ def test_the_budget_stops_a_run_midway_and_the_call_ends_in_time(tmp_path):
 
 
 PACKABLE = {
-    "common": ["log.progress=false"],
+    "common": ["log.progress=false", "method.replay_batch_size=10"],
     "runs": [
         {
             "label": f"{method}{m}s{seed}",
             "table": "toy",
-            "overrides": [f"method={method}", *keys, f"buffer.size={m}", f"seed={seed}"],
+            "overrides": [f"method={method}", f"buffer.size={m}", f"seed={seed}"],
         }
-        for method, keys, m, seed in [
-            ("gsa", ["method.replay_batch_size=10"], 50, 0),
-            ("gsa", ["method.replay_batch_size=10"], 100, 0),
-            ("derpp", ["method.replay_batch_size=10"], 50, 0),
-            ("gsa", ["method.replay_batch_size=10"], 50, 1),
-            ("derpp", ["method.replay_batch_size=10"], 50, 1),
-        ]
+        for method, m, seed in [("gsa", 50, 0), ("er_ace", 50, 0), ("gsa", 100, 0), ("gsa", 50, 1)]
     ],
 }
 
 
 @pytest.mark.slow
 def test_runs_of_one_kind_train_as_one_pack_with_the_ordinary_runs_results(tmp_path):
-    """--runs-per-pack: the GSA runs (seeds, memories) train in one process as one pack (cil.run.queue_pack); DER++
-    has no packable step, so its pack's measurement says why and its runs go alone. Each packed folder holds the
-    command line's record of its run, and the results of the same run made by the command line's own path."""
+    """--runs-per-pack: the GSA runs (seeds, memories) train in one process as one pack (cil.run.queue_pack); the
+    ER-ACE run, the only one of its kind, alone. Each packed folder holds the command line's record of its run and
+    the results of the same run made by the command line's own path."""
     from cil import api
 
     queue, out = queue_file(tmp_path, PACKABLE), tmp_path / "packed"
@@ -219,19 +213,33 @@ def test_runs_of_one_kind_train_as_one_pack_with_the_ordinary_runs_results(tmp_p
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     got = rows(out)
     assert {r["status"] for r in got.values()} == {"complete"}
-    assert got["gsa50s0"]["note"] == "packed with runs 2, 4 (pack-1.json)"
-    assert not got["derpp50s0"].get("note") and not got["derpp50s1"].get("note")  # alone
+    assert got["gsa50s0"]["note"] == "packed with runs 3, 4 (pack-1.json)"
+    assert not got["er_ace50s0"].get("note")  # alone
     times = next(iter(json.loads((out / "report.json").read_text())["sections"]["step times"].values()))
     assert any(r["runs"] == "3 packed" and "ms/step" in r for r in times)
-    assert any(r["runs"] == "2 packed" and "derpp has no packable step" in r["error"] for r in times)
-    for label in ("gsa50s0", "gsa100s0", "gsa50s1"):
+    for label in ("gsa50s1",):  # the pack's last run: another seed and memory than its first
         folder = Path(got[label]["folder"])
         overrides = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text())
-        reference = tmp_path / "reference" / label
-        expected = api.run([*overrides, "threads=1"], out_dir=reference)
+        expected = api.run([*overrides, "threads=1"], out_dir=tmp_path / "reference" / label)
         packed = json.loads((folder / "results.json").read_text())
         assert packed["acc_matrix"] == expected["acc_matrix"], label
         assert {**packed["config"], "threads": 1} == expected["config"], label  # the queue's env: OMP_NUM_THREADS=1
+
+
+def test_a_kind_that_cannot_be_packed_is_measured_as_such():
+    """The planner's packed measurement of a method without a packable step is the reason (its runs go alone)."""
+    from cil.run.config import default_config
+    from cil.run.experiment import load_run_dataset
+    from cil.schema import DatasetConfig
+
+    cfg = default_config("derpp", dataset=DatasetConfig(name="digits"))
+    cfg.stream.samples_per_class = 6
+    derpp = gpu_queue.Entry(1, "derpp", "toy", [], kind="derpp", cfg=cfg)
+    planner = gpu_queue.Planner(gpu_queue.Timing.for_run(True), {gpu_queue.dataset_key(cfg): load_run_dataset(cfg)})
+    m = planner.measure_pack(derpp, 2, beside=0)
+    assert m == {
+        "error": "ConfigError: run 0 cannot be packed: method derpp has no packable step (ER, ER-ACE and GSA have one)"
+    }
 
 
 def test_a_pack_that_fails_as_a_whole_sends_its_runs_alone(tmp_path):

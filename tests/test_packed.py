@@ -168,6 +168,21 @@ def test_packed_gsa_statistics_passes_move_each_runs_batch_norm_statistics(tmp_p
         torch.testing.assert_close(mine.running_var, theirs.running_var, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["er", "gsa"])
+def test_a_packed_runs_flops_are_its_share_of_the_packed_step(tmp_path, digits, method):
+    """compute.flops: a learner counts FLOPs around `observe`, which in a pack only queues the step, so the pack
+    counts the step itself and gives each run stepped its share. Two runs of other memories (steps of equal shape):
+    each run's FLOPs per step and counted steps as its separate run's (vmap's batched kernels count as the runs'
+    own; GSA's groups of other shapes each count their own forward pass)."""
+    keys = {"compute.flops_every": 10, "method.replay_batch_size": 10, "stream.samples_per_class": 40}
+    configs = [config(method, **keys, **{"buffer.size": m}) for m in (50, 100)]
+    _, a, _, b = separate_and_packed(tmp_path, digits, configs)
+    for k in range(2):
+        mine, theirs = b[k]["flops"], a[k]["flops"]
+        assert mine["measured_steps"] == theirs["measured_steps"] > 1
+        assert mine["per_step"] == pytest.approx(theirs["per_step"], rel=1e-3) and mine["per_step"] > 0, k
+
+
 def test_what_cannot_be_packed_is_refused(tmp_path, digits):
     with pytest.raises(ConfigError, match="method derpp has no packable step"):
         PackedRuns([build_learner(config("derpp"), tmp_path / "a", digits)])

@@ -20,6 +20,7 @@ sum in another order than one run's kernels (tests/test_packed.py bounds the dif
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import itertools
@@ -31,8 +32,10 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from cil.core import compute
 from cil.core.data.stream import Batch
 from cil.core.learner import Learner
 from cil.core.methods.base import Method, StepOutput
@@ -127,6 +130,10 @@ class PackedRuns:
                 learner.checkpointer = self.checkpoints[k]
         self.ended = [False] * len(self.learners)
         self.queue: list[_Queued] = []
+        # a learner counts a step's FLOPs around `observe`, which only queues it here: the pack counts the step
+        self.flops = [_PackedFlops(learner.flops) for learner in self.learners]
+        for learner, meter in zip(self.learners, self.flops, strict=True):
+            learner.flops = cast(compute.FlopMeter, meter)
         for k, method in enumerate(methods):  # the learner's own loop calls it: the step itself waits for all K
             method.observe = functools.partial(self._observe, k)  # type: ignore[method-assign]
 
@@ -160,37 +167,20 @@ class PackedRuns:
 
     def step(self) -> None:
         """The queued runs' step: one vmapped forward pass per group of equal argument shapes, one backward pass,
-        then each run's optimizer on its slice; fills each run's output."""
+        then each run's optimizer on its slice; fills each run's output. When a run's learner asked for its step's
+        FLOPs (`_PackedFlops`), the step is counted: each group's forward pass apart, the backward pass shared among
+        the groups by their forward FLOPs, a group's count among its runs equally (equal shapes, equal work)."""
         queued, self.queue = self.queue, []
+        counting = any(self.flops[q.run].asked for q in queued)
         groups: dict[tuple[object, ...], list[_Queued]] = {}
         for q in queued:  # tensors by shape, host values (a step's sizes) by value
             groups.setdefault(tuple(_shape_or_value(a) for a in q.args), []).append(q)
         losses_of: list[Tensor] = []
-        everyone = len(queued) == len(self.learners)
+        forward_flops: list[int] = []
         for group in groups.values():
-            first = group[0].args
-            args = [
-                torch.stack([cast(Tensor, q.args[i]) for q in group]) if isinstance(a, Tensor) else a
-                for i, a in enumerate(first)
-            ]
-            loss = vmap(self._run_loss, in_dims=(0, 0, *(0 if isinstance(a, Tensor) else None for a in first)))
-            if everyone and len(groups) == 1:  # the usual step: the stacked tensors themselves
-                losses, logits, *kept = loss(self.params, self.buffers, *args)
-            else:  # a subset of the runs: their slices, and their batch-norm statistics written back
-                idx = torch.tensor([q.run for q in group])
-                device = next(iter(self.params.values())).device
-                # pinned, so that the copy to a GPU is queued rather than waited for
-                idx = idx.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else idx
-                bufs = {name: t[idx] for name, t in self.buffers.items()}
-                losses, logits, *kept = loss({n: p[idx] for n, p in self.params.items()}, bufs, *args)
-                with torch.no_grad():
-                    for name, t in self.buffers.items():
-                        t.index_copy_(0, idx, bufs[name])
-            with torch.no_grad():
-                for i, q in enumerate(group):
-                    q.out.loss.copy_(losses[i])
-                    q.out.logits.copy_(logits[i])
-                    self.learners[q.run].method.packed_commit(tuple(t[i] for t in kept))
+            with FlopCounterMode(display=False) if counting else contextlib.nullcontext() as counter:
+                losses = self._group_forward(group, everyone=len(groups) == 1 and len(queued) == len(self.learners))
+            forward_flops.append(int(counter.get_total_flops()) if counter is not None else 0)
             if self.learners[0].method.scaler is None:
                 losses_of.append(losses.sum())
             else:  # fp16: each run's loss times its own scale
@@ -199,9 +189,47 @@ class PackedRuns:
             return
         for p in self.params.values():
             p.grad = None
-        torch.stack(losses_of).sum().backward()
+        with FlopCounterMode(display=False) if counting else contextlib.nullcontext() as counter:
+            torch.stack(losses_of).sum().backward()
+        if counting:
+            backward = int(counter.get_total_flops()) if counter is not None else 0
+            total_forward = max(1, sum(forward_flops))
+            for group, forward in zip(groups.values(), forward_flops, strict=True):
+                share = (forward + backward * forward / total_forward) / len(group)
+                for q in group:
+                    if self.flops[q.run].asked:
+                        self.flops[q.run].asked = False
+                        self.flops[q.run].samples.append(round(share))
         for q in queued:
             self._optimizer_step(q.run)
+
+    def _group_forward(self, group: list[_Queued], everyone: bool) -> Tensor:
+        """The vmapped tensor function of the runs of one group (equal argument shapes): fills their outputs, hands
+        their methods what they take back, returns their losses."""
+        first = group[0].args
+        args = [
+            torch.stack([cast(Tensor, q.args[i]) for q in group]) if isinstance(a, Tensor) else a
+            for i, a in enumerate(first)
+        ]
+        loss = vmap(self._run_loss, in_dims=(0, 0, *(0 if isinstance(a, Tensor) else None for a in first)))
+        if everyone:  # the usual step: the stacked tensors themselves
+            losses, logits, *kept = loss(self.params, self.buffers, *args)
+        else:  # a subset of the runs: their slices, and their batch-norm statistics written back
+            idx = torch.tensor([q.run for q in group])
+            device = next(iter(self.params.values())).device
+            # pinned, so that the copy to a GPU is queued rather than waited for
+            idx = idx.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else idx
+            bufs = {name: t[idx] for name, t in self.buffers.items()}
+            losses, logits, *kept = loss({n: p[idx] for n, p in self.params.items()}, bufs, *args)
+            with torch.no_grad():
+                for name, t in self.buffers.items():
+                    t.index_copy_(0, idx, bufs[name])
+        with torch.no_grad():
+            for i, q in enumerate(group):
+                q.out.loss.copy_(losses[i])
+                q.out.logits.copy_(logits[i])
+                self.learners[q.run].method.packed_commit(tuple(t[i] for t in kept))
+        return losses
 
     def _optimizer_step(self, run: int) -> None:
         """Run `run`'s own optimizer (and fp16 scaler) steps its slice of the weights on its slice of the gradient;
@@ -309,6 +337,30 @@ class PackedRuns:
         learner.train_time_s += time.perf_counter() - tick
         self._detach(k, bar)
         return learner.results()
+
+
+class _PackedFlops:
+    """A packed run's FLOP meter (the learner's `flops`): asked whether to count a step, it says no (the learner's
+    `observe` only queues the step) and remembers the answer, so that the pack counts the step itself."""
+
+    def __init__(self, meter: compute.FlopMeter) -> None:
+        self.meter = meter
+        self.asked = False
+
+    @property
+    def samples(self) -> list[int]:
+        return self.meter.samples
+
+    @samples.setter
+    def samples(self, value: list[int]) -> None:
+        self.meter.samples = value
+
+    def due(self, trained_index: int) -> bool:
+        self.asked = self.meter.due(trained_index)
+        return False
+
+    def summary(self, trained_batches: int, stream_samples: int) -> dict[str, float | int | str | None] | None:
+        return self.meter.summary(trained_batches, stream_samples)
 
 
 class _PackCheckpoints:
