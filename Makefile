@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml setup.py constraints-cpu.txt
 	@if ! $(PY) -c "import sys" 2>/dev/null; then \
 	  echo "creating $(VENV) with $(PYTHON)"; rm -rf $(VENV); \
 	  $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV); fi
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints-cpu.txt -e '.[dev,avalanche,tune,ray,wandb]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -c constraints-cpu.txt \
+	  -e '.[dev,avalanche,tune,ray,wandb]'
+	@# the bytecode pip would write, on every core (pip compiles on one; a few third-party files that are not
+	@# Python 3 fail here as they fail silently in pip: nothing to report)
+	@$(PY) -m compileall -j 0 -q $(VENV)/lib > /dev/null || true
 	@touch $(STAMP)
 
 demo: $(STAMP)
