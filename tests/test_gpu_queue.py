@@ -208,7 +208,10 @@ def test_runs_of_one_kind_train_as_one_pack_with_the_ordinary_runs_results(tmp_p
 
     queue, out = queue_file(tmp_path, PACKABLE), tmp_path / "packed"
     proc = subprocess.run(
-        command(queue, out, "--budget", "300", "--runs-per-pack", "4"), cwd=REPO, env=env(), capture_output=True
+        command(queue, out, "--budget", "300", "--runs-per-pack", "4", "--max-parallel", "4"),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
     )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     got = rows(out)
@@ -261,6 +264,11 @@ def test_a_pack_that_fails_as_a_whole_sends_its_runs_alone(tmp_path):
     assert [e.row["status"] for e in entries] == ["queued", "queued"]
     assert entries[0].row["note"] == "its pack failed (exit 1: RuntimeError: vmap): it runs alone"
     assert queue.pack_group(entries[0], entries) == [entries[0]]
+    # --max-parallel bounds runs: a pack going counts each of its runs
+    from types import SimpleNamespace
+
+    queue.pool.running = {"pack": SimpleNamespace(info={"entries": entries}), "one": SimpleNamespace(info={})}
+    assert queue.runs_going() == 3
 
 
 @pytest.mark.slow

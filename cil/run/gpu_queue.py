@@ -574,6 +574,10 @@ class Queue:
         e: Entry = run.info["entry"]
         return self.planner.alone(e, from_step=last_step(run.run_dir), started=run.started)
 
+    def runs_going(self) -> int:
+        """Runs in training now: a pack's each count (--max-parallel bounds runs, for the GPU's memory)."""
+        return sum(len(r.info.get("entries", [r])) for r in self.pool.running.values())
+
     def pack_group(self, e: Entry, pending: list[Entry]) -> list[Entry]:
         """e and the next pending runs of its kind (they differ in seed and memory only), up to --runs-per-pack."""
         if self.args.runs_per_pack <= 1 or e.kind in self.unpackable:
@@ -621,7 +625,8 @@ class Queue:
         started = False
         going = [self.still_needs(r) for r in self.pool.running.values()]
         for e in list(pending):
-            if len(self.pool.running) >= self.args.max_parallel or self.stopping():
+            slots = self.args.max_parallel - self.runs_going()  # a pack's runs count one by one (its memory)
+            if slots <= 0 or self.stopping():
                 break
             if e not in pending:  # started in a pack with an earlier run
                 continue
@@ -638,7 +643,7 @@ class Queue:
                 pending.remove(e)
                 self.set(e, status="failed", why=f"could not be built to measure its step time: {m['error']}")
                 continue
-            group = self.pack_group(e, pending)
+            group = self.pack_group(e, pending)[:slots]
             if len(group) > 1:
                 packed = self.admit_pack(group, going)
                 if packed is not None:
@@ -792,7 +797,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue", type=Path, default=QUEUE, help="the queue (default experiments/queue.yaml)")
     p.add_argument("--only", default=None, help="comma-separated tables: only their runs")
     p.add_argument("--budget", type=float, default=540.0, help="seconds for the whole call (default 540)")
-    p.add_argument("--max-parallel", type=int, default=None, help="runs at once (default: 1 per 12 GiB of GPU, <= 10)")
+    p.add_argument(
+        "--max-parallel",
+        type=int,
+        default=None,
+        help="runs at once, a pack's runs each counted (default: 1 per 12 GiB of GPU, <= 10)",
+    )
     p.add_argument("--dry-run", action="store_true", help="rehearse on the CPU at toy size, into <out>/runs")
     p.add_argument("--out", type=Path, default=None, help="report folder (default gpu-queue-<date>-<time>)")
     p.add_argument("--runs-root", type=Path, default=None, help="where tables' folders go (default experiments/runs)")
