@@ -114,7 +114,8 @@ class PackedRuns:
                 raise ConfigError(f"run {k} cannot be packed with run 0: its {', '.join(differs)} differs")
         models = [method.model for method in methods]
         self.params, self.buffers = stack_module_state(models)
-        self.names = {name: [model.get_parameter(name) for model in models] for name in self.params}
+        # each run's own parameters beside their stacked tensors: its optimizer steps them with its gradient slice
+        self.own = [[(model.get_parameter(name), stacked) for name, stacked in self.params.items()] for model in models]
         for k, model in enumerate(models):  # each run's model reads its slice: evaluations see the current weights
             for name, p in model.named_parameters():
                 p.data = self.params[name].data[k]
@@ -234,8 +235,7 @@ class PackedRuns:
     def _optimizer_step(self, run: int) -> None:
         """Run `run`'s own optimizer (and fp16 scaler) steps its slice of the weights on its slice of the gradient;
         a parameter the run does not train (requires_grad off: a frozen head) gets none."""
-        for name, stacked in self.params.items():
-            own = self.names[name][run]
+        for own, stacked in self.own[run]:
             own.grad = stacked.grad[run] if stacked.grad is not None and own.requires_grad else None
         self.learners[run].method.optimizer_step()
 

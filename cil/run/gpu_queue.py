@@ -537,9 +537,12 @@ class Queue:
 
     def report_times(self) -> None:
         assert self.planner is not None
+        measured: list[tuple[str, object, dict[str, Any]]] = [
+            (kind, sum(e.kind == kind for e in self.entries), m) for kind, m in self.planner.times.items()
+        ]
+        measured += [(kind, f"{k} packed", m) for (kind, k), m in self.planner.pack_times.items()]
         rows = []
-        for kind, m in self.planner.times.items():
-            runs = sum(e.kind == kind for e in self.entries)
+        for kind, runs, m in measured:
             if "error" in m:
                 rows.append({"kind": kind, "runs": runs, "error": m["error"]})
             else:
@@ -547,19 +550,6 @@ class Queue:
                     {
                         "kind": kind,
                         "runs": runs,
-                        "ms/step": round(1e3 * m["s/step"], 2),
-                        "task-end evaluations s": round(m["eval s"], 2),
-                        "measured beside": f"{m['runs beside']} run(s)" if m["runs beside"] else "alone",
-                    }
-                )
-        for (kind, k), m in self.planner.pack_times.items():
-            if "error" in m:
-                rows.append({"kind": kind, "runs": f"{k} packed", "error": m["error"]})
-            else:
-                rows.append(
-                    {
-                        "kind": kind,
-                        "runs": f"{k} packed",
                         "ms/step": round(1e3 * m["s/step"], 2),
                         "task-end evaluations s": round(m["eval s"], 2),
                         "measured beside": f"{m['runs beside']} run(s)" if m["runs beside"] else "alone",
